@@ -1,0 +1,4 @@
+DROP TABLE outbox_control;
+DROP TABLE processed_events;
+DROP TABLE failed_jobs;
+DROP TABLE outbox_events;

@@ -1,0 +1,90 @@
+-- The outbox's own tables. Domain tables belong to the service that links
+-- the library; these three (and the control row) are all the library owns.
+
+-- Every domain event, written in the same transaction as the domain change
+-- that caused it, plus the relay's bookkeeping for publishing it.
+CREATE TABLE outbox_events (
+    -- Commit-ordered within an aggregate: writers lock the aggregate row
+    -- before recording, so a later event of one aggregate gets a larger seq.
+    seq              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- UUIDv7; the AMQP message_id and every consumer's dedup key.
+    event_id         UUID        NOT NULL UNIQUE,
+    event_type       TEXT        NOT NULL CHECK (event_type ~ '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$' AND length(event_type) <= 255),
+    aggregate_type   TEXT        NOT NULL CHECK (length(aggregate_type) BETWEEN 1 AND 255),
+    aggregate_id     TEXT        NOT NULL CHECK (length(aggregate_id) BETWEEN 1 AND 255),
+    tenant_id        TEXT        NULL CHECK (length(tenant_id) <= 255),
+    occurred_at      TIMESTAMPTZ NOT NULL,
+    -- NULL means a system action.
+    actor            TEXT        NULL CHECK (length(actor) <= 255),
+    correlation_id   TEXT        NULL CHECK (length(correlation_id) <= 255),
+    causation_id     TEXT        NULL CHECK (length(causation_id) <= 255),
+    -- W3C trace context, version-traceid-parentid-flags.
+    traceparent      TEXT        NULL CHECK (length(traceparent) <= 55),
+    schema_version   INTEGER     NOT NULL DEFAULT 1 CHECK (schema_version >= 1),
+    -- Backstop only: the library rejects payloads over its configured cap
+    -- (default 256 KiB, at most 512 KiB) before any SQL runs. The text form
+    -- of jsonb is a little longer than compact JSON, hence the headroom.
+    payload          JSONB       NOT NULL CONSTRAINT outbox_events_payload_size CHECK (octet_length(payload::text) <= 1048576),
+    recorded_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+
+    -- Relay state.
+    published_at     TIMESTAMPTZ NULL,
+    attempts         INTEGER     NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    last_error       TEXT        NULL CHECK (length(last_error) <= 4096),
+    next_attempt_at  TIMESTAMPTZ NULL,
+    lease_owner      TEXT        NULL,
+    lease_expires_at TIMESTAMPTZ NULL,
+    -- Set when a row exhausted its publish attempts; its aggregate waits
+    -- behind it until an operator retries or skips it.
+    failed_at        TIMESTAMPTZ NULL
+);
+
+-- The relay's claim query walks unpublished rows per aggregate in seq order.
+-- Partial, so it only holds the (small) backlog and not the retained history.
+CREATE INDEX outbox_events_unpublished_by_aggregate
+    ON outbox_events (aggregate_type, aggregate_id, seq)
+    WHERE published_at IS NULL;
+
+-- Pruning published rows and replaying by time.
+CREATE INDEX outbox_events_occurred_at ON outbox_events (occurred_at);
+
+-- Final listener failures, modelled on Laravel's failed_jobs.
+CREATE TABLE failed_jobs (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    uuid        UUID        NOT NULL UNIQUE,
+    queue       TEXT        NOT NULL,
+    listener    TEXT        NOT NULL,
+    -- NULL when the message could not even be decoded far enough to find it.
+    event_id    UUID        NULL,
+    event_type  TEXT        NULL,
+    -- The full envelope as received (or the raw body, wrapped, if malformed).
+    payload     JSONB       NOT NULL,
+    exception   TEXT        NOT NULL CHECK (length(exception) <= 65536),
+    attempts    INTEGER     NOT NULL CHECK (attempts >= 0),
+    -- [{"attempt": 1, "at": "...", "error": "..."}, ...]
+    errors      JSONB       NOT NULL DEFAULT '[]'::jsonb CHECK (jsonb_typeof(errors) = 'array'),
+    failed_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE INDEX failed_jobs_failed_at ON failed_jobs (failed_at DESC);
+CREATE INDEX failed_jobs_listener ON failed_jobs (listener, failed_at DESC);
+CREATE INDEX failed_jobs_event_id ON failed_jobs (event_id);
+
+-- The inbox: a listener's effect and this row commit together, so a
+-- duplicate delivery finds the row and has no second effect.
+CREATE TABLE processed_events (
+    listener     TEXT        NOT NULL,
+    event_id     UUID        NOT NULL,
+    processed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (listener, event_id)
+);
+
+-- Switches every relay obeys (the seed's "disable events" rollback).
+CREATE TABLE outbox_control (
+    -- Exactly one row.
+    id         BOOLEAN     PRIMARY KEY DEFAULT TRUE CHECK (id),
+    paused     BOOLEAN     NOT NULL DEFAULT FALSE,
+    paused_by  TEXT        NULL,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+INSERT INTO outbox_control (id) VALUES (TRUE);

@@ -1,0 +1,110 @@
+//! Connecting to Postgres: single connections, r2d2 pools, and URLs made
+//! safe to print.
+
+use std::time::Duration;
+
+use diesel::Connection;
+use diesel::pg::PgConnection;
+use diesel::r2d2::{ConnectionManager, Pool};
+
+use crate::error::{Error, Result};
+
+/// Where the outbox looks for Postgres when `DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/outbox";
+
+/// An r2d2 pool of diesel Postgres connections.
+pub type PgPool = Pool<ConnectionManager<PgConnection>>;
+
+/// Opens one connection. The error names the URL with its password
+/// redacted.
+pub fn connect(url: &str) -> Result<PgConnection> {
+    PgConnection::establish(url).map_err(|source| Error::Connect {
+        url: redact_url(url),
+        source,
+    })
+}
+
+/// Builds a pool of at most `max_size` connections and checks that one can
+/// be opened within `connect_timeout`.
+pub fn pool(url: &str, max_size: u32, connect_timeout: Duration) -> Result<PgPool> {
+    if max_size == 0 {
+        return Err(Error::Config("pool size must be at least 1".into()));
+    }
+    // Fail fast with libpq's own reason rather than r2d2's generic timeout.
+    drop(connect(url)?);
+    Pool::builder()
+        .max_size(max_size)
+        .connection_timeout(connect_timeout)
+        .build(ConnectionManager::<PgConnection>::new(url))
+        .map_err(Error::Pool)
+}
+
+/// `url` with any password replaced by `***`, for logs and errors. Works
+/// for URLs of any scheme (`postgres://`, `amqp://`) and for key=value
+/// connection strings (`password=...`). Unparsable input is replaced whole
+/// rather than risk printing a secret.
+pub fn redact_url(url: &str) -> String {
+    if !url.contains("://") {
+        return redact_key_value(url);
+    }
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
+                return "<unprintable url>".to_owned();
+            }
+            let query: Vec<(String, String)> = parsed
+                .query_pairs()
+                .map(|(k, v)| {
+                    let secret = k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
+                    (
+                        k.into_owned(),
+                        if secret { "***".to_owned() } else { v.into_owned() },
+                    )
+                })
+                .collect();
+            if !query.is_empty() {
+                parsed.query_pairs_mut().clear().extend_pairs(query);
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparsable url>".to_owned(),
+    }
+}
+
+fn redact_key_value(conninfo: &str) -> String {
+    conninfo
+        .split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/outbox"),
+            "postgres://app:***@db:5432/outbox"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://db/outbox?user=app&password=s3cret"),
+            "postgres://db/outbox?user=app&password=***"
+        );
+        assert_eq!(
+            redact_url("host=db password=s3cret user=app"),
+            "host=db password=*** user=app"
+        );
+        assert_eq!(redact_url("postgres://[bad"), "<unparsable url>");
+        assert!(!redact_url("postgres://app:p%40ss@db/x").contains("p%40ss"));
+    }
+}

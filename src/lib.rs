@@ -1,0 +1,76 @@
+//! # outbox
+//!
+//! A transactional outbox for diesel services: domain events are recorded
+//! in the same Postgres transaction as the domain write, so they exist if
+//! and only if that write commits; a relay then publishes them to RabbitMQ.
+//!
+//! ## Map of the crate
+//!
+//! | concern | module | main items |
+//! | --- | --- | --- |
+//! | what an event is | [`event`] | [`DomainEvent`], [`Metadata`] |
+//! | the checked, serialized event | [`envelope`] | [`EventEnvelope`] |
+//! | writing events in the caller's transaction | [`record`](mod@record) | [`record()`], [`record_with`], [`record_batch`] |
+//! | a configured recorder, after-commit hooks | [`outbox`](mod@outbox), [`transaction`] | [`Outbox`], [`OutboxTx`] |
+//! | event type → listener mapping | [`registry`] | [`Registry`], [`SyncListener`] |
+//! | asserting on recorded events in tests | [`fake`] | [`EventFake`] |
+//! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
+//! | connections and safe-to-print URLs | [`database`] | [`connect`], [`pool`], [`redact_url`] |
+//! | per-test databases (feature `testing`) | `testing` | `TestDatabase` |
+//! | errors | [`error`] | [`Error`] |
+//!
+//! ## Recording an event
+//!
+//! ```no_run
+//! use diesel::prelude::*;
+//! use outbox::{DomainEvent, Metadata};
+//! use serde::Serialize;
+//!
+//! #[derive(Serialize)]
+//! struct SiteCreated { site_id: i64, domain: String }
+//!
+//! impl DomainEvent for SiteCreated {
+//!     fn event_type(&self) -> &'static str { "site.created" }
+//!     fn aggregate_type(&self) -> &'static str { "site" }
+//!     fn aggregate_id(&self) -> String { self.site_id.to_string() }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut conn = outbox::connect("postgres://postgres@127.0.0.1:5432/outbox")?;
+//! conn.transaction::<_, Box<dyn std::error::Error>, _>(|conn| {
+//!     // ... INSERT INTO sites ... (the domain write)
+//!     let event = SiteCreated { site_id: 7, domain: "example.com".into() };
+//!     outbox::record_with(conn, &event, &Metadata::by("user:42"))?;
+//!     Ok(())
+//! })?; // the site and its event commit together, or neither does
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod database;
+pub mod envelope;
+pub mod error;
+pub mod event;
+pub mod fake;
+pub mod migrate;
+pub mod outbox;
+pub mod record;
+pub mod registry;
+pub mod schema;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod transaction;
+
+pub use database::{DEFAULT_DATABASE_URL, PgPool, connect, pool, redact_url};
+pub use envelope::{DEFAULT_MAX_PAYLOAD_BYTES, EventEnvelope, JsonPayload, MAX_PAYLOAD_BYTES_LIMIT};
+pub use error::{Error, Result};
+pub use event::{DomainEvent, Metadata};
+pub use fake::EventFake;
+pub use migrate::{MIGRATIONS, migrate};
+pub use outbox::{Outbox, OutboxBuilder};
+pub use record::{record, record_batch, record_with};
+pub use registry::{BoxError, Registry, SyncListener};
+#[cfg(feature = "testing")]
+pub use testing::TestDatabase;
+pub use transaction::OutboxTx;

@@ -1,0 +1,64 @@
+//! Diesel table definitions for the library's own tables (see `migrations/`).
+
+#![allow(missing_docs)]
+
+diesel::table! {
+    outbox_events (seq) {
+        seq -> Int8,
+        event_id -> Uuid,
+        event_type -> Text,
+        aggregate_type -> Text,
+        aggregate_id -> Text,
+        tenant_id -> Nullable<Text>,
+        occurred_at -> Timestamptz,
+        actor -> Nullable<Text>,
+        correlation_id -> Nullable<Text>,
+        causation_id -> Nullable<Text>,
+        traceparent -> Nullable<Text>,
+        schema_version -> Int4,
+        payload -> Jsonb,
+        recorded_at -> Timestamptz,
+        published_at -> Nullable<Timestamptz>,
+        attempts -> Int4,
+        last_error -> Nullable<Text>,
+        next_attempt_at -> Nullable<Timestamptz>,
+        lease_owner -> Nullable<Text>,
+        lease_expires_at -> Nullable<Timestamptz>,
+        failed_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    failed_jobs (id) {
+        id -> Int8,
+        uuid -> Uuid,
+        queue -> Text,
+        listener -> Text,
+        event_id -> Nullable<Uuid>,
+        event_type -> Nullable<Text>,
+        payload -> Jsonb,
+        exception -> Text,
+        attempts -> Int4,
+        errors -> Jsonb,
+        failed_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    processed_events (listener, event_id) {
+        listener -> Text,
+        event_id -> Uuid,
+        processed_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    outbox_control (id) {
+        id -> Bool,
+        paused -> Bool,
+        paused_by -> Nullable<Text>,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(outbox_events, failed_jobs, processed_events, outbox_control);
