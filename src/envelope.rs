@@ -154,12 +154,12 @@ impl EventEnvelope {
                 check_identifier(name, value)?;
             }
         }
-        if let Some(traceparent) = &self.traceparent {
-            if !is_valid_traceparent(traceparent) {
-                return Err(Error::InvalidEvent(format!(
-                    "traceparent {traceparent:?} is not W3C trace context (00-<32 hex>-<16 hex>-<2 hex>)"
-                )));
-            }
+        if let Some(traceparent) = &self.traceparent
+            && !is_valid_traceparent(traceparent)
+        {
+            return Err(Error::InvalidEvent(format!(
+                "traceparent {traceparent:?} is not W3C trace context (00-<32 hex>-<16 hex>-<2 hex>)"
+            )));
         }
         if self.schema_version < 1 {
             return Err(Error::InvalidEvent(format!(
