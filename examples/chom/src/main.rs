@@ -1,1 +1,598 @@
-fn main() {}
+//! `chom`: the CHOM platform's command line. Every write goes through the
+//! services in the `chom` library, so each change and its domain event
+//! commit together in `outbox_events`.
+//!
+//! Commands that create something print the new id alone on stdout;
+//! commands that change something print the recorded event's id; `--json`
+//! prints JSON instead. Errors go to stderr with exit status 1 (usage
+//! errors: 2).
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use chom::services::{backups, sites, tenants};
+use chom::simulate::{SimulateConfig, SimulateReport};
+use chom::{ChomError, Recorded, Site};
+use clap::{Args, Parser, Subcommand};
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+use outbox::{Metadata, Outbox, redact_url};
+use serde::Serialize;
+
+/// CHOM's database when `DATABASE_URL` is not set.
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/chom";
+
+/// The CHOM hosting platform: tenants, sites and backups, with every change
+/// recorded as a domain event in the transactional outbox.
+#[derive(Debug, Parser)]
+#[command(name = "chom", version)]
+struct Cli {
+    /// Postgres URL of CHOM's database.
+    // hide_env_values: --help must not print a password taken from the
+    // environment.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        hide_env_values = true,
+        global = true
+    )]
+    database_url: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the database if it is missing, then run the outbox's and
+    /// CHOM's migrations.
+    Migrate,
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage users (the recipients of notifications).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage sites.
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Manage backups.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Drive whole site lifecycles from concurrent writers and check that
+    /// the outbox holds every event the services recorded.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Create a tenant; prints its id.
+    Create {
+        /// The tenant's name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Create a user of a tenant; prints its id.
+    Create {
+        /// The tenant's id.
+        #[arg(long)]
+        tenant: i64,
+        /// Email address (unique).
+        #[arg(long)]
+        email: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SiteCommand {
+    /// Create a site (site.created); prints its id.
+    Create {
+        /// The owning tenant's id.
+        #[arg(long)]
+        tenant: i64,
+        /// The site's domain name.
+        #[arg(long)]
+        domain: String,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Finish provisioning a site (simulated): site.provisioned, or
+    /// site.provisioning_failed with --fail; prints the event id.
+    Provision {
+        /// The site's id.
+        id: i64,
+        /// Fail the provisioning with this error text.
+        #[arg(long, value_name = "ERROR")]
+        fail: Option<String>,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Soft-delete a site (site.deleted); prints the event id.
+    Delete {
+        /// The site's id.
+        id: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List live sites.
+    List {
+        /// Only this tenant's sites.
+        #[arg(long)]
+        tenant: Option<i64>,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Start a backup of an active site (backup.created); prints its id.
+    Create {
+        /// The site's id.
+        #[arg(long)]
+        site: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Complete a running backup (backup.completed); prints the event id.
+    Complete {
+        /// The backup's id.
+        id: i64,
+        /// Size of the backup in bytes.
+        #[arg(long)]
+        size_bytes: i64,
+        /// How long the backup took, in milliseconds.
+        #[arg(long)]
+        duration_ms: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Fail a running backup (backup.failed); prints the event id.
+    Fail {
+        /// The backup's id.
+        id: i64,
+        /// What went wrong.
+        #[arg(long)]
+        error: String,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// Tenants to create, each with one user.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    tenants: u32,
+    /// Site lifecycles to run.
+    #[arg(long)]
+    sites: u64,
+    /// Cap on transactions per second over all writers (0: no cap).
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<f64>,
+    /// Concurrent writers, each with its own connection.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    writers: u32,
+    /// Probability that a provisioning or a backup fails.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_probability)]
+    failure_rate: f64,
+    /// Seed of the lifecycle mix, for a reproducible run (default: random).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    output: Output,
+}
+
+/// Who performs an action.
+#[derive(Debug, Args)]
+struct Actor {
+    /// Who performs the action (`user:42`); without it, a system action.
+    #[arg(long, value_parser = parse_actor)]
+    actor: Option<String>,
+}
+
+impl Actor {
+    fn metadata(&self) -> Metadata {
+        match &self.actor {
+            Some(actor) => Metadata::by(actor.clone()),
+            None => Metadata::system(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct Output {
+    /// Print JSON instead of plain text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_actor(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || value.len() > 255 {
+        return Err("must be 1 to 255 bytes, such as user:42".into());
+    }
+    Ok(value.to_owned())
+}
+
+fn parse_rate(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 0.0 => Ok(rate),
+        _ => Err("must be a non-negative number of transactions per second".into()),
+    }
+}
+
+fn parse_probability(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err("must be a number between 0 and 1".into()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            if let Some(hint) = hint(&error) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let url = cli.database_url.as_str();
+    let outbox = Outbox::new();
+    match cli.command {
+        Command::Migrate => migrate(url),
+        Command::Tenant(TenantCommand::Create { name, output }) => {
+            let tenant = tenants::create_tenant(&mut connect(url)?, &name).context("creating tenant")?;
+            print_id(&output, tenant.id, &tenant)
+        }
+        Command::User(UserCommand::Create {
+            tenant,
+            email,
+            name,
+            output,
+        }) => {
+            let user =
+                tenants::create_user(&mut connect(url)?, tenant, &email, &name).context("creating user")?;
+            print_id(&output, user.id, &user)
+        }
+        Command::Site(command) => site(url, &outbox, command),
+        Command::Backup(command) => backup(url, &outbox, command),
+        Command::Simulate(args) => simulate(url, &outbox, args),
+    }
+}
+
+fn site(url: &str, outbox: &Outbox, command: SiteCommand) -> Result<()> {
+    match command {
+        SiteCommand::Create {
+            tenant,
+            domain,
+            actor,
+            output,
+        } => {
+            let created = sites::create_site(outbox, &mut connect(url)?, actor.metadata(), tenant, &domain)
+                .context("creating site")?;
+            print_id(&output, created.value.id, &created)
+        }
+        SiteCommand::Provision {
+            id,
+            fail,
+            actor,
+            output,
+        } => {
+            let outcome = fail.map_or(Ok(()), Err);
+            let recorded = sites::provision_site(outbox, &mut connect(url)?, actor.metadata(), id, outcome)
+                .with_context(|| format!("provisioning site {id}"))?;
+            print_event(&output, &recorded)
+        }
+        SiteCommand::Delete { id, actor, output } => {
+            let recorded = sites::delete_site(outbox, &mut connect(url)?, actor.metadata(), id)
+                .with_context(|| format!("deleting site {id}"))?;
+            print_event(&output, &recorded)
+        }
+        SiteCommand::List { tenant, output } => {
+            let list = sites::list_sites(&mut connect(url)?, tenant).context("listing sites")?;
+            if output.json {
+                print_json(&list)
+            } else {
+                print_site_table(&list)
+            }
+        }
+    }
+}
+
+fn backup(url: &str, outbox: &Outbox, command: BackupCommand) -> Result<()> {
+    match command {
+        BackupCommand::Create { site, actor, output } => {
+            let created = backups::create_backup(outbox, &mut connect(url)?, actor.metadata(), site)
+                .with_context(|| format!("starting a backup of site {site}"))?;
+            print_id(&output, created.value.id, &created)
+        }
+        BackupCommand::Complete {
+            id,
+            size_bytes,
+            duration_ms,
+            actor,
+            output,
+        } => {
+            let recorded = backups::complete_backup(
+                outbox,
+                &mut connect(url)?,
+                actor.metadata(),
+                id,
+                size_bytes,
+                duration_ms,
+            )
+            .with_context(|| format!("completing backup {id}"))?;
+            print_event(&output, &recorded)
+        }
+        BackupCommand::Fail {
+            id,
+            error,
+            actor,
+            output,
+        } => {
+            let recorded = backups::fail_backup(outbox, &mut connect(url)?, actor.metadata(), id, &error)
+                .with_context(|| format!("failing backup {id}"))?;
+            print_event(&output, &recorded)
+        }
+    }
+}
+
+fn simulate(url: &str, outbox: &Outbox, args: SimulateArgs) -> Result<()> {
+    let config = SimulateConfig {
+        tenants: args.tenants,
+        sites: args.sites,
+        writers: args.writers,
+        rate: args.rate,
+        failure_rate: args.failure_rate,
+        seed: args.seed.unwrap_or_else(rand::random),
+    };
+    let pool = outbox::pool(url, config.writers, Duration::from_secs(30))?;
+    let report = chom::simulate::run(&pool, outbox, &config).context("simulation failed")?;
+    if args.output.json {
+        print_json(&report)?;
+    } else {
+        print_report(&report)?;
+    }
+    if !report.verified {
+        bail!(
+            "outbox_events does not match what the services recorded ({} event(s) missing)",
+            report.missing_events
+        );
+    }
+    Ok(())
+}
+
+/// Creates the database if it is missing, then migrates it.
+fn migrate(url: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if let Some(name) = create_database_if_missing(url)? {
+        writeln!(stdout, "created database {name}")?;
+    }
+    let mut conn = connect(url)?;
+    let applied = chom::migrate(&mut conn).context("running migrations")?;
+    if applied.is_empty() {
+        writeln!(stdout, "schema of {} is up to date", redact_url(url))?;
+    }
+    for version in applied {
+        writeln!(stdout, "applied {version}")?;
+    }
+    Ok(())
+}
+
+/// If `url` cannot be connected to, connects to the `postgres` database of
+/// the same server and creates the database `url` names. Returns the name
+/// when it created it.
+fn create_database_if_missing(url: &str) -> Result<Option<String>> {
+    if outbox::connect(url).is_ok() {
+        return Ok(None);
+    }
+    // Not a URL (key=value form) or no database named: let the connection
+    // attempt that follows report the problem.
+    let Ok(mut admin_url) = url::Url::parse(url) else {
+        return Ok(None);
+    };
+    let name = percent_decode(admin_url.path().trim_start_matches('/'));
+    if name.is_empty() || name == "postgres" {
+        return Ok(None);
+    }
+    admin_url.set_path("/postgres");
+    let mut admin = outbox::connect(admin_url.as_str())
+        .with_context(|| format!("connecting to the server to create database {name}"))?;
+    if database_exists(&mut admin, &name)? {
+        return Ok(None);
+    }
+    let create =
+        diesel::sql_query(format!("CREATE DATABASE {}", quote_identifier(&name))).execute(&mut admin);
+    match create {
+        Ok(_) => Ok(Some(name)),
+        // Another `chom migrate` may have created it in the meantime.
+        Err(_) if database_exists(&mut admin, &name)? => Ok(None),
+        Err(error) => Err(error).with_context(|| format!("creating database {name}")),
+    }
+}
+
+fn database_exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        exists: bool,
+    }
+    let found: Found =
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS exists")
+            .bind::<Text, _>(name)
+            .get_result(conn)
+            .context("looking up the database")?;
+    Ok(found.exists)
+}
+
+/// A Postgres identifier in double quotes, inner quotes doubled.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Decodes `%XX` escapes of a URL path segment; malformed escapes stay as
+/// they are.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| text.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn connect(url: &str) -> Result<PgConnection> {
+    Ok(outbox::connect(url)?)
+}
+
+/// A next step for errors users commonly hit.
+fn hint(error: &anyhow::Error) -> Option<&'static str> {
+    error.chain().find_map(|cause| {
+        let text = cause.to_string();
+        if text.contains("relation") && text.contains("does not exist") {
+            Some("run `chom migrate` to create CHOM's tables")
+        } else if let Some(ChomError::NotFound { what: "site", .. }) = cause.downcast_ref::<ChomError>() {
+            Some("`chom site list` shows the live sites; deleted sites are not found")
+        } else {
+            None
+        }
+    })
+}
+
+fn print_id<T: Serialize>(output: &Output, id: i64, value: &T) -> Result<()> {
+    if output.json {
+        print_json(value)
+    } else {
+        writeln!(std::io::stdout(), "{id}")?;
+        Ok(())
+    }
+}
+
+fn print_event<T: Serialize>(output: &Output, recorded: &Recorded<T>) -> Result<()> {
+    if output.json {
+        print_json(recorded)
+    } else {
+        writeln!(std::io::stdout(), "{}", recorded.event_id)?;
+        Ok(())
+    }
+}
+
+fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut stdout, value).context("writing JSON")?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+fn print_site_table(list: &[Site]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:>8}  {:>8}  {:<40}  {:<12}  {:>14}  created",
+        "id", "tenant", "domain", "status", "storage_bytes"
+    )?;
+    for site in list {
+        writeln!(
+            out,
+            "{:>8}  {:>8}  {:<40}  {:<12}  {:>14}  {}",
+            site.id,
+            site.tenant_id,
+            site.domain,
+            site.status,
+            site.storage_bytes,
+            site.created_at.format("%Y-%m-%d %H:%M:%S")
+        )?;
+    }
+    Ok(())
+}
+
+fn print_report(report: &SimulateReport) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<26} {:>10} {:>10}", "event type", "recorded", "in outbox")?;
+    for event_type in chom::events::EVENT_TYPES {
+        let recorded = report.events.get(event_type).copied().unwrap_or(0);
+        let stored = report.database_events.get(event_type).copied().unwrap_or(0);
+        writeln!(out, "{event_type:<26} {recorded:>10} {stored:>10}")?;
+    }
+    writeln!(
+        out,
+        "{:<26} {:>10} {:>10}",
+        "total",
+        report.events.values().sum::<u64>(),
+        report.database_events.values().sum::<u64>()
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{} transactions in {:.2} s: {:.1} transactions/s ({} writers, {} tenants, {} sites, seed {})",
+        report.transactions,
+        report.elapsed_seconds,
+        report.transactions_per_second,
+        report.writers,
+        report.tenants,
+        report.sites,
+        report.seed
+    )?;
+    if report.verified {
+        writeln!(
+            out,
+            "verified: every recorded event is in outbox_events exactly once"
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! # chom
+//!
+//! The CHOM hosting platform as a write-path service on the [`outbox`]:
+//! tenants own sites, sites have backups, and every change to a site or a
+//! backup records one of the seed's seven domain events in the same
+//! Postgres transaction as the change.
+//!
+//! ## Map of the crate
+//!
+//! | concern | module | main items |
+//! | --- | --- | --- |
+//! | the database schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
+//! | rows as Rust values | [`models`] | [`Site`], [`Backup`], [`Tenant`], [`User`] |
+//! | the seven domain events | [`events`] | [`SiteCreated`](events::SiteCreated), ..., [`EVENT_TYPES`](events::EVENT_TYPES) |
+//! | the write path | [`services`] | [`services::sites`], [`services::backups`], [`services::tenants`] |
+//! | a load generator | [`simulate`] | [`simulate::run`] |
+//! | errors | [`error`] | [`ChomError`] |
+//!
+//! ## Creating a site
+//!
+//! ```no_run
+//! use outbox::{Metadata, Outbox};
+//! use chom::services::{sites, tenants};
+//!
+//! # fn main() -> Result<(), chom::ChomError> {
+//! let mut conn = outbox::connect("postgres://postgres@127.0.0.1:5432/chom")?;
+//! chom::migrate(&mut conn)?;
+//! let outbox = Outbox::new();
+//! let tenant = tenants::create_tenant(&mut conn, "Acme")?;
+//! // The site row and its site.created event commit together.
+//! let created = sites::create_site(&outbox, &mut conn, Metadata::by("user:1"), tenant.id, "acme.test")?;
+//! // Simulated provisioning: the outcome is an argument.
+//! sites::provision_site(&outbox, &mut conn, Metadata::system(), created.value.id, Ok(()))?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod events;
+pub mod migrate;
+pub mod models;
+pub mod schema;
+pub mod services;
+pub mod simulate;
+
+pub use error::{ChomError, Result};
+pub use migrate::{MIGRATIONS, migrate};
+pub use models::{Backup, BackupStatus, Site, SiteStatus, Tenant, User};
+pub use services::Recorded;
