@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use diesel::Connection;
 use diesel::pg::PgConnection;
 use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::{Connection, RunQueryDsl};
 
 use crate::error::{Error, Result};
 
@@ -37,6 +37,53 @@ pub fn pool(url: &str, max_size: u32, connect_timeout: Duration) -> Result<PgPoo
         .connection_timeout(connect_timeout)
         .build(ConnectionManager::<PgConnection>::new(url))
         .map_err(Error::Pool)
+}
+
+/// Creates the database `url` names if it does not exist yet, connecting
+/// to the server's `postgres` database to do so. Returns whether it created
+/// it. The name is quoted, so any name Postgres accepts works.
+pub fn create_database_if_missing(url: &str) -> Result<bool> {
+    let parsed =
+        url::Url::parse(url).map_err(|e| Error::Config(format!("database URL {}: {e}", redact_url(url))))?;
+    let name = parsed.path().trim_start_matches('/');
+    let name = percent_decode(name);
+    if name.is_empty() {
+        return Err(Error::Config(format!(
+            "database URL {} names no database",
+            redact_url(url)
+        )));
+    }
+    let mut admin_url = parsed.clone();
+    admin_url.set_path("/postgres");
+    let mut admin = connect(admin_url.as_str())?;
+    #[derive(diesel::QueryableByName)]
+    struct Exists {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        exists: bool,
+    }
+    let exists = diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS exists")
+        .bind::<diesel::sql_types::Text, _>(&name)
+        .get_result::<Exists>(&mut admin)?
+        .exists;
+    if exists {
+        return Ok(false);
+    }
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    match diesel::sql_query(format!("CREATE DATABASE {quoted}")).execute(&mut admin) {
+        Ok(_) => Ok(true),
+        // Another process created it between our check and our CREATE.
+        Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)) => {
+            Ok(false)
+        }
+        Err(e) if e.to_string().contains("already exists") => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn percent_decode(value: &str) -> String {
+    percent_encoding::percent_decode_str(value)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// `url` with any password replaced by `***`, for logs and errors. Works

@@ -8,7 +8,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything the library can fail with.
 ///
 /// Connection errors carry the database URL with its password redacted;
-/// no variant ever holds a password.
+/// no variant ever holds a password. As the API guidelines ask, `Display`
+/// describes this layer only; the cause is in [`std::error::Error::source`]
+/// (`{:#}` with anyhow prints the whole chain).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -24,7 +26,7 @@ pub enum Error {
         limit: usize,
     },
     /// The payload could not be serialized to JSON.
-    #[error("cannot serialize payload of {event_type} event: {source}")]
+    #[error("cannot serialize payload of {event_type} event")]
     Serialize {
         /// The event's type name.
         event_type: String,
@@ -44,10 +46,10 @@ pub enum Error {
     )]
     NoTransaction,
     /// A query failed.
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[from] diesel::result::Error),
     /// Connecting to Postgres failed.
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}")]
     Connect {
         /// The URL with any password replaced by `***`.
         url: String,
@@ -56,7 +58,7 @@ pub enum Error {
         source: ConnectionError,
     },
     /// The connection pool could not hand out a connection.
-    #[error("database pool: {0}")]
+    #[error("database pool")]
     Pool(#[from] r2d2::Error),
     /// Running the embedded migrations failed.
     #[error("migration failed: {0}")]

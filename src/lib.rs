@@ -62,7 +62,7 @@ pub mod schema;
 pub mod testing;
 pub mod transaction;
 
-pub use database::{DEFAULT_DATABASE_URL, PgPool, connect, pool, redact_url};
+pub use database::{DEFAULT_DATABASE_URL, PgPool, connect, create_database_if_missing, pool, redact_url};
 pub use envelope::{DEFAULT_MAX_PAYLOAD_BYTES, EventEnvelope, JsonPayload, MAX_PAYLOAD_BYTES_LIMIT};
 pub use error::{Error, Result};
 pub use event::{DomainEvent, Metadata};
