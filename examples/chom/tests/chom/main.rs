@@ -1,0 +1,15 @@
+//! chom's integration tests, one binary: each test creates its own
+//! database on the local Postgres (`TEST_DATABASE_URL`, else
+//! `DATABASE_URL`, else postgres://postgres@127.0.0.1:5432), runs
+//! `chom::migrate`, and drops the database when done, so tests run in
+//! parallel and leave nothing behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod backups;
+mod cli;
+mod fake;
+mod simulate;
+mod sites;
+mod support;
+mod tenants;

@@ -1,0 +1,99 @@
+//! Shared setup and read-back helpers.
+
+use chom::{Tenant, User};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use outbox::TestDatabase;
+use outbox::schema::outbox_events;
+use uuid::Uuid;
+
+/// A fresh, migrated database and a connection to it. Keep the
+/// `TestDatabase` alive for the test: dropping it drops the database.
+pub fn setup() -> (TestDatabase, PgConnection) {
+    let db = TestDatabase::create_empty().expect("create test database");
+    let mut conn = db.connect().expect("connect to test database");
+    chom::migrate(&mut conn).expect("run chom migrations");
+    (db, conn)
+}
+
+/// A tenant with one user.
+pub fn tenant_with_user(conn: &mut PgConnection, name: &str) -> (Tenant, User) {
+    let tenant = chom::services::tenants::create_tenant(conn, name).unwrap();
+    let email = format!("owner@{}.test", name.to_lowercase().replace(' ', "-"));
+    let user = chom::services::tenants::create_user(conn, tenant.id, &email, "Owner").unwrap();
+    (tenant, user)
+}
+
+/// One row of `outbox_events`, the columns the tests check.
+#[derive(Debug, Queryable)]
+#[allow(dead_code)] // every field is printed on failure, not all are asserted
+pub struct EventRow {
+    pub seq: i64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub tenant_id: Option<String>,
+    pub actor: Option<String>,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    pub schema_version: i32,
+    pub payload: serde_json::Value,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// Every row of `outbox_events`, in seq order.
+pub fn events(conn: &mut PgConnection) -> Vec<EventRow> {
+    use outbox::schema::outbox_events::dsl::*;
+    outbox_events
+        .order(seq)
+        .select((
+            seq,
+            event_id,
+            event_type,
+            aggregate_type,
+            aggregate_id,
+            tenant_id,
+            actor,
+            correlation_id,
+            causation_id,
+            schema_version,
+            payload,
+            occurred_at,
+        ))
+        .load(conn)
+        .unwrap()
+}
+
+/// The single event row, failing the test if there is not exactly one.
+pub fn only_event(conn: &mut PgConnection) -> EventRow {
+    let mut rows = events(conn);
+    assert_eq!(rows.len(), 1, "expected exactly one event: {rows:#?}");
+    rows.remove(0)
+}
+
+/// Number of rows in `outbox_events`.
+pub fn event_count(conn: &mut PgConnection) -> i64 {
+    outbox_events::table.count().get_result(conn).unwrap()
+}
+
+/// Checks the envelope fields every CHOM event shares.
+#[track_caller]
+pub fn assert_envelope(
+    row: &EventRow,
+    event_id: Uuid,
+    event_type: &str,
+    aggregate_type: &str,
+    aggregate_id: i64,
+    tenant_id: i64,
+    actor: Option<&str>,
+) {
+    assert_eq!(row.event_id, event_id, "event id returned by the service");
+    assert_eq!(row.event_id.get_version_num(), 7, "event ids are UUIDv7");
+    assert_eq!(row.event_type, event_type);
+    assert_eq!(row.aggregate_type, aggregate_type);
+    assert_eq!(row.aggregate_id, aggregate_id.to_string());
+    assert_eq!(row.tenant_id.as_deref(), Some(tenant_id.to_string().as_str()));
+    assert_eq!(row.actor.as_deref(), actor, "actor (NULL for a system action)");
+    assert_eq!(row.schema_version, 1);
+}
