@@ -17,7 +17,6 @@ use chom::simulate::{SimulateConfig, SimulateReport};
 use chom::{ChomError, Recorded, Site};
 use clap::{Args, Parser, Subcommand};
 use diesel::prelude::*;
-use diesel::sql_types::Text;
 use outbox::{Metadata, Outbox, redact_url};
 use serde::Serialize;
 
@@ -49,7 +48,7 @@ struct Cli {
 enum Command {
     /// Create the database if it is missing, then run the outbox's and
     /// CHOM's migrations.
-    Migrate,
+    Migrate(MigrateArgs),
     /// Manage tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -65,6 +64,13 @@ enum Command {
     /// Drive whole site lifecycles from concurrent writers and check that
     /// the outbox holds every event the services recorded.
     Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    /// Fail instead of creating the database when it does not exist.
+    #[arg(long)]
+    no_create_database: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,7 +286,7 @@ fn run(cli: Cli) -> Result<()> {
     let url = cli.database_url.as_str();
     let outbox = Outbox::new();
     match cli.command {
-        Command::Migrate => migrate(url),
+        Command::Migrate(args) => migrate(url, &args),
         Command::Tenant(TenantCommand::Create { name, output }) => {
             let tenant = tenants::create_tenant(&mut connect(url)?, &name).context("creating tenant")?;
             print_id(&output, tenant.id, &tenant)
@@ -403,97 +409,26 @@ fn simulate(url: &str, outbox: &Outbox, args: SimulateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Creates the database if it is missing, then migrates it.
-fn migrate(url: &str) -> Result<()> {
+/// Creates the database if it is missing (unless told not to), then runs
+/// the outbox's and CHOM's migrations.
+fn migrate(url: &str, args: &MigrateArgs) -> Result<()> {
+    let shown = redact_url(url);
     let mut stdout = std::io::stdout().lock();
-    if let Some(name) = create_database_if_missing(url)? {
-        writeln!(stdout, "created database {name}")?;
+    if !args.no_create_database
+        && outbox::create_database_if_missing(url)
+            .with_context(|| format!("cannot create the database of {shown}"))?
+    {
+        writeln!(stdout, "created the database of {shown}")?;
     }
     let mut conn = connect(url)?;
-    let applied = chom::migrate(&mut conn).context("running migrations")?;
+    let applied = chom::migrate(&mut conn).with_context(|| format!("cannot migrate {shown}"))?;
     if applied.is_empty() {
-        writeln!(stdout, "schema of {} is up to date", redact_url(url))?;
+        writeln!(stdout, "schema of {shown} is up to date")?;
     }
     for version in applied {
         writeln!(stdout, "applied {version}")?;
     }
     Ok(())
-}
-
-/// If `url` cannot be connected to, connects to the `postgres` database of
-/// the same server and creates the database `url` names. Returns the name
-/// when it created it.
-fn create_database_if_missing(url: &str) -> Result<Option<String>> {
-    if outbox::connect(url).is_ok() {
-        return Ok(None);
-    }
-    // Not a URL (key=value form) or no database named: let the connection
-    // attempt that follows report the problem.
-    let Ok(mut admin_url) = url::Url::parse(url) else {
-        return Ok(None);
-    };
-    let name = percent_decode(admin_url.path().trim_start_matches('/'));
-    if name.is_empty() || name == "postgres" {
-        return Ok(None);
-    }
-    admin_url.set_path("/postgres");
-    let mut admin = outbox::connect(admin_url.as_str())
-        .with_context(|| format!("connecting to the server to create database {name}"))?;
-    if database_exists(&mut admin, &name)? {
-        return Ok(None);
-    }
-    let create =
-        diesel::sql_query(format!("CREATE DATABASE {}", quote_identifier(&name))).execute(&mut admin);
-    match create {
-        Ok(_) => Ok(Some(name)),
-        // Another `chom migrate` may have created it in the meantime.
-        Err(_) if database_exists(&mut admin, &name)? => Ok(None),
-        Err(error) => Err(error).with_context(|| format!("creating database {name}")),
-    }
-}
-
-fn database_exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
-    #[derive(QueryableByName)]
-    struct Found {
-        #[diesel(sql_type = diesel::sql_types::Bool)]
-        exists: bool,
-    }
-    let found: Found =
-        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS exists")
-            .bind::<Text, _>(name)
-            .get_result(conn)
-            .context("looking up the database")?;
-    Ok(found.exists)
-}
-
-/// A Postgres identifier in double quotes, inner quotes doubled.
-fn quote_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Decodes `%XX` escapes of a URL path segment; malformed escapes stay as
-/// they are.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| text.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn connect(url: &str) -> Result<PgConnection> {
