@@ -43,6 +43,11 @@ pub fn pool(url: &str, max_size: u32, connect_timeout: Duration) -> Result<PgPoo
 /// to the server's `postgres` database to do so. Returns whether it created
 /// it. The name is quoted, so any name Postgres accepts works.
 pub fn create_database_if_missing(url: &str) -> Result<bool> {
+    // A user allowed into their own database but not into `postgres` needs
+    // nothing created.
+    if connect(url).is_ok() {
+        return Ok(false);
+    }
     let parsed =
         url::Url::parse(url).map_err(|e| Error::Config(format!("database URL {}: {e}", redact_url(url))))?;
     let name = parsed.path().trim_start_matches('/');

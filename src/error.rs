@@ -60,6 +60,15 @@ pub enum Error {
     /// The connection pool could not hand out a connection.
     #[error("database pool")]
     Pool(#[from] r2d2::Error),
+    /// A broker operation failed.
+    #[error("{context}")]
+    Broker {
+        /// What was being done, with any URL redacted.
+        context: String,
+        /// What lapin reported.
+        #[source]
+        source: lapin::Error,
+    },
     /// Running the embedded migrations failed.
     #[error("migration failed: {0}")]
     Migration(String),

@@ -16,6 +16,11 @@
 //! | asserting on recorded events in tests | [`fake`] | [`EventFake`] |
 //! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
 //! | connections and safe-to-print URLs | [`database`] | [`connect`], [`pool`], [`redact_url`] |
+//! | RabbitMQ connection, exchange | [`amqp`] | [`DEFAULT_AMQP_URL`], [`DEFAULT_EXCHANGE`] |
+//! | the wire format | [`cloudevents`] | [`cloudevents::encode_body`] |
+//! | publishing committed events | [`relay`] | [`Relay`], [`RelayConfig`] |
+//! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |
+//! | metric names, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`] |
 //! | per-test databases (feature `testing`) | `testing` | `TestDatabase` |
 //! | errors | [`error`] | [`Error`] |
 //!
@@ -48,20 +53,26 @@
 
 #![warn(missing_docs)]
 
+pub mod amqp;
+pub mod cloudevents;
+pub mod control;
 pub mod database;
 pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod fake;
+pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod record;
 pub mod registry;
+pub mod relay;
 pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transaction;
 
+pub use amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE};
 pub use database::{DEFAULT_DATABASE_URL, PgPool, connect, create_database_if_missing, pool, redact_url};
 pub use envelope::{DEFAULT_MAX_PAYLOAD_BYTES, EventEnvelope, JsonPayload, MAX_PAYLOAD_BYTES_LIMIT};
 pub use error::{Error, Result};
@@ -71,6 +82,7 @@ pub use migrate::{MIGRATIONS, migrate};
 pub use outbox::{Outbox, OutboxBuilder};
 pub use record::{record, record_batch, record_with};
 pub use registry::{BoxError, Registry, SyncListener};
+pub use relay::{Relay, RelayConfig};
 #[cfg(feature = "testing")]
 pub use testing::TestDatabase;
 pub use transaction::OutboxTx;

@@ -39,14 +39,15 @@ CREATE TABLE outbox_events (
     failed_at        TIMESTAMPTZ NULL
 );
 
--- The relay's claim query walks unpublished rows per aggregate in seq order.
--- Partial, so it only holds the (small) backlog and not the retained history.
+-- The relay's claim query reads the backlog in seq order, then walks each
+-- aggregate's unpublished rows in seq order. Both indexes are partial, so
+-- they hold only the (small) backlog, never the retained history.
+CREATE INDEX outbox_events_unpublished_by_seq
+    ON outbox_events (seq)
+    WHERE published_at IS NULL;
 CREATE INDEX outbox_events_unpublished_by_aggregate
     ON outbox_events (aggregate_type, aggregate_id, seq)
     WHERE published_at IS NULL;
-
--- Pruning published rows and replaying by time.
-CREATE INDEX outbox_events_occurred_at ON outbox_events (occurred_at);
 
 -- Final listener failures, modelled on Laravel's failed_jobs.
 CREATE TABLE failed_jobs (

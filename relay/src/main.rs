@@ -2,8 +2,11 @@
 //!
 //! Exit status: 0 on success, 1 on failure, 2 on bad usage.
 
+mod duration;
 mod logging;
 mod migrate;
+mod pause;
+mod relay_cmd;
 
 use std::process::ExitCode;
 
@@ -41,6 +44,21 @@ enum Command {
     ///
     /// Example: outbox migrate --database-url postgres://postgres@127.0.0.1:5432/shop
     Migrate(migrate::MigrateArgs),
+    /// Publish committed events to RabbitMQ until SIGINT or SIGTERM.
+    ///
+    /// Any number of relays may run against one database; they share the
+    /// work through row leases and keep each aggregate's events in order.
+    ///
+    /// Example: AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f outbox relay --batch-size 1000
+    Relay(Box<relay_cmd::RelayArgs>),
+    /// Stop every relay on this database from claiming (rows in flight finish).
+    ///
+    /// Example: outbox pause --reason "incident 42"
+    Pause(pause::PauseArgs),
+    /// Let relays claim again after `outbox pause`.
+    ///
+    /// Example: outbox resume
+    Resume,
 }
 
 fn main() -> ExitCode {
@@ -48,6 +66,9 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let outcome = match cli.command {
         Command::Migrate(args) => migrate::run(&cli.database_url, &args),
+        Command::Relay(args) => relay_cmd::run(&cli.database_url, &args),
+        Command::Pause(args) => pause::pause(&cli.database_url, &args),
+        Command::Resume => pause::resume(&cli.database_url),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

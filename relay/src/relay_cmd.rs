@@ -1,0 +1,159 @@
+//! `outbox relay`: publish committed events to RabbitMQ until SIGINT or
+//! SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use outbox::RelayConfig;
+
+use crate::duration::parse_duration;
+
+/// Options of `outbox relay`; defaults are the library's.
+#[derive(Debug, clap::Args)]
+pub struct RelayArgs {
+    /// RabbitMQ URL (amqp:// or amqps://).
+    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// Topic exchange to publish to; declared durable if missing.
+    #[arg(long, env = "OUTBOX_EXCHANGE", default_value = outbox::DEFAULT_EXCHANGE)]
+    exchange: String,
+    /// Rows claimed per query.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 500)]
+    batch_size: usize,
+    /// Rows held at once (publishing or waiting behind their aggregate).
+    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = 2000)]
+    max_in_flight: usize,
+    /// How long a claim is exclusive to this relay (at least twice the confirm timeout).
+    #[arg(long, env = "OUTBOX_LEASE", default_value = "30s", value_parser = parse_duration)]
+    lease: Duration,
+    /// How long to wait for the broker's confirm of a message.
+    #[arg(long, env = "OUTBOX_CONFIRM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    confirm_timeout: Duration,
+    /// Shortest wait between claims while rows keep coming.
+    #[arg(long, env = "OUTBOX_POLL_MIN", default_value = "5ms", value_parser = parse_duration)]
+    poll_min: Duration,
+    /// Longest wait between claims when idle.
+    #[arg(long, env = "OUTBOX_POLL_MAX", default_value = "100ms", value_parser = parse_duration)]
+    poll_max: Duration,
+    /// Failed attempts after which a row is marked failed.
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 20)]
+    max_attempts: u32,
+    /// First retry delay after a failed publish.
+    #[arg(long, env = "OUTBOX_RETRY_INITIAL", default_value = "1s", value_parser = parse_duration)]
+    retry_initial: Duration,
+    /// Longest retry delay.
+    #[arg(long, env = "OUTBOX_RETRY_MAX", default_value = "5m", value_parser = parse_duration)]
+    retry_max: Duration,
+    /// Keep published rows this long (for replay); 0 deletes them on publish.
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    retention: Duration,
+    /// How often to prune published rows past retention.
+    #[arg(long, env = "OUTBOX_PRUNE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    prune_interval: Duration,
+    /// How long shutdown waits for outstanding confirms.
+    #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
+    /// Lease owner name; must be unique among running relays [default: <host>-<pid>-<random>].
+    #[arg(long, env = "OUTBOX_RELAY_ID")]
+    relay_id: Option<String>,
+    /// CloudEvents `source` attribute of published events.
+    #[arg(long, env = "OUTBOX_SOURCE", default_value = "/outbox")]
+    source: String,
+    /// Address for GET /metrics and /health; "off" disables it.
+    #[arg(long, env = "OUTBOX_METRICS_ADDR", default_value = "127.0.0.1:9187")]
+    metrics_addr: String,
+}
+
+impl RelayArgs {
+    fn config(&self, database_url: &str) -> RelayConfig {
+        let defaults = RelayConfig::default();
+        RelayConfig {
+            database_url: database_url.to_owned(),
+            amqp_url: self.amqp_url.clone(),
+            exchange: self.exchange.clone(),
+            relay_id: self.relay_id.clone().unwrap_or(defaults.relay_id.clone()),
+            batch_size: self.batch_size,
+            max_in_flight: self.max_in_flight,
+            lease: self.lease,
+            confirm_timeout: self.confirm_timeout,
+            poll_min: self.poll_min,
+            poll_max: self.poll_max,
+            max_attempts: self.max_attempts,
+            retry_initial: self.retry_initial,
+            retry_max: self.retry_max,
+            retention: self.retention,
+            prune_interval: self.prune_interval,
+            shutdown_timeout: self.shutdown_timeout,
+            source: self.source.clone(),
+            ..defaults
+        }
+    }
+}
+
+/// Runs the relay until a signal asks it to stop.
+pub fn run(database_url: &str, args: &RelayArgs) -> anyhow::Result<()> {
+    let config = args.config(database_url);
+    let metrics_addr: Option<SocketAddr> = match args.metrics_addr.as_str() {
+        "off" | "" => None,
+        addr => Some(addr.parse().with_context(|| {
+            format!("--metrics-addr {addr:?} is not host:port (e.g. 127.0.0.1:9187) or off")
+        })?),
+    };
+    let relay = outbox::Relay::new(config).context("invalid relay configuration")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(addr) = metrics_addr {
+            let handle = outbox::metrics::install_recorder()?;
+            let health = relay.health();
+            let check: outbox::metrics::HealthCheck = Arc::new(move || {
+                let body = format!(
+                    "{{\"broker\":{},\"database\":{}}}",
+                    health.broker_ok(),
+                    health.database_ok()
+                );
+                (health.is_healthy(), body)
+            });
+            let mut stop = stop_rx.clone();
+            let (bound, _task) = outbox::metrics::serve(addr, handle, check, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .context("cannot serve metrics")?;
+            tracing::info!(addr = %bound, "serving /metrics and /health");
+        }
+        let outcome = relay.run(shutdown_signal()).await;
+        let _ = stop_tx.send(true);
+        outcome.context("relay failed")
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,80 @@
+//! Connecting to RabbitMQ and declaring the outbox's exchange.
+
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::database::redact_url;
+use crate::error::{Error, Result};
+
+/// Where the outbox looks for RabbitMQ when `AMQP_URL` is not set.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The topic exchange events are published to unless configured otherwise.
+pub const DEFAULT_EXCHANGE: &str = "outbox.events";
+
+/// Opens an AMQP connection named `connection_name` (shown in the broker's
+/// management UI). Errors name the URL with its password redacted.
+pub async fn connect(url: &str, connection_name: &str) -> Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+    Connection::connect(url, properties)
+        .await
+        .map_err(|source| Error::Broker {
+            context: format!("cannot connect to {}", redact_url(url)),
+            source,
+        })
+}
+
+/// Declares `exchange` as a durable topic exchange; idempotent.
+pub async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<()> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| Error::Broker {
+            context: format!("cannot declare exchange {exchange}"),
+            source,
+        })
+}
+
+/// Checks an exchange or queue name: AMQP allows at most 255 bytes of
+/// letters, digits, `-`, `_`, `.` and `:`. Anything else (quotes,
+/// semicolons, spaces) is refused up front rather than sent to the broker.
+pub fn validate_amqp_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{kind} name {name:?} must be 1 to 255 characters of letters, digits, '-', '_', '.' or ':'"
+        )))
+    }
+}
+
+/// Checks that `url` is an `amqp://` or `amqps://` URL, without echoing a
+/// password.
+pub fn validate_amqp_url(url: &str) -> Result<()> {
+    match url::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "amqp" | "amqps") && parsed.host().is_some() => Ok(()),
+        Ok(parsed) => Err(Error::Config(format!(
+            "AMQP URL {} must start with amqp:// or amqps:// and name a host (scheme was {:?})",
+            redact_url(url),
+            parsed.scheme()
+        ))),
+        Err(e) => Err(Error::Config(format!(
+            "AMQP URL {} does not parse: {e}",
+            redact_url(url)
+        ))),
+    }
+}

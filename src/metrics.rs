@@ -1,0 +1,180 @@
+//! Metric names (Prometheus conventions: `outbox_` prefix, base units,
+//! `_total` counters, `_seconds` histograms) and the `/metrics` + `/health`
+//! HTTP endpoint.
+//!
+//! The library records through the `metrics` facade; nothing is exported
+//! until a binary installs a recorder with [`install_recorder`] and serves
+//! it with [`serve`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::error::{Error, Result};
+
+/// Events marked published.
+pub const PUBLISHED_TOTAL: &str = "outbox_published_total";
+/// Failed publish attempts, by `reason` (nack, unroutable, timeout,
+/// connection, encode).
+pub const PUBLISH_FAILURES_TOTAL: &str = "outbox_publish_failures_total";
+/// Time from an event's recording to the broker's confirm.
+pub const PUBLISH_LATENCY_SECONDS: &str = "outbox_publish_latency_seconds";
+/// Rows claimed by this relay.
+pub const CLAIMED_TOTAL: &str = "outbox_claimed_total";
+/// Rows this relay held (publishing or queued behind their aggregate).
+pub const IN_FLIGHT: &str = "outbox_in_flight";
+/// Confirmed rows that could not be marked because the lease had run out.
+pub const LEASES_LOST_TOTAL: &str = "outbox_leases_lost_total";
+/// Broker sessions lost and reconnected.
+pub const BROKER_RECONNECTS_TOTAL: &str = "outbox_broker_reconnects_total";
+/// Unpublished rows.
+pub const BACKLOG: &str = "outbox_backlog";
+/// Age of the oldest unpublished row.
+pub const OLDEST_UNPUBLISHED_AGE_SECONDS: &str = "outbox_oldest_unpublished_age_seconds";
+/// Rows that exhausted their publish attempts.
+pub const FAILED_EVENTS: &str = "outbox_failed_events";
+/// 1 while relays are paused.
+pub const PAUSED: &str = "outbox_paused";
+/// Published rows deleted past retention.
+pub const PRUNED_TOTAL: &str = "outbox_pruned_total";
+
+/// Registers descriptions and units (idempotent).
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        PUBLISHED_TOTAL,
+        "Events marked published after the broker's confirm"
+    );
+    describe_counter!(PUBLISH_FAILURES_TOTAL, "Failed publish attempts by reason");
+    describe_histogram!(
+        PUBLISH_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Recording to broker confirm"
+    );
+    describe_counter!(CLAIMED_TOTAL, "Rows claimed");
+    describe_gauge!(IN_FLIGHT, "Rows held by this relay");
+    describe_counter!(
+        LEASES_LOST_TOTAL,
+        "Confirmed rows not marked because the lease ran out"
+    );
+    describe_counter!(BROKER_RECONNECTS_TOTAL, "Broker connections lost");
+    describe_gauge!(BACKLOG, "Unpublished rows");
+    describe_gauge!(
+        OLDEST_UNPUBLISHED_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest unpublished row"
+    );
+    describe_gauge!(FAILED_EVENTS, "Rows that exhausted their publish attempts");
+    describe_gauge!(PAUSED, "1 while relays are paused");
+    describe_counter!(PRUNED_TOTAL, "Published rows pruned");
+}
+
+/// Latency buckets from 0.5 ms to 60 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return
+/// the same handle).
+pub fn install_recorder() -> Result<PrometheusHandle> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .map_err(|e| Error::Config(format!("metrics buckets: {e}")))?
+        .build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        // Another recorder was installed first (by the embedding service):
+        // serve what this one sees, which is nothing of ours.
+        tracing::warn!("a metrics recorder was already installed; /metrics shows only this handle's view");
+    }
+    let _ = HANDLE.set(handle.clone());
+    describe();
+    Ok(HANDLE.get().cloned().unwrap_or(handle))
+}
+
+/// Answers `/health`: healthy or not, and a short JSON body.
+pub type HealthCheck = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
+
+/// Serves `GET /metrics` (Prometheus text) and `GET /health` (200 or 503
+/// with a JSON body) on `addr` until `shutdown` resolves. Returns the bound
+/// address (use port 0 to pick a free one) once listening.
+pub async fn serve(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    health: HealthCheck,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("cannot read the bound address: {e}")))?;
+    let task = tokio::spawn(async move {
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let handle = handle.clone();
+            let health = Arc::clone(&health);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let response = respond(&request, &handle, &health);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok((bound, task))
+}
+
+fn respond(
+    request: &Request<Incoming>,
+    handle: &PrometheusHandle,
+    health: &HealthCheck,
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if let Ok(value) = content_type.parse() {
+            response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+        }
+        response
+    };
+    if request.method() != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
+    }
+    match request.uri().path() {
+        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
+        "/health" => {
+            let (ok, body) = health();
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            reply(status, "application/json", body)
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics or /health\n".into(),
+        ),
+    }
+}

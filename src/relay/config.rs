@@ -1,0 +1,328 @@
+//! The relay's settings, each with its default beside it, checked before
+//! the relay starts.
+
+use std::time::Duration;
+
+use crate::amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE, validate_amqp_name, validate_amqp_url};
+use crate::database::{DEFAULT_DATABASE_URL, redact_url};
+use crate::error::{Error, Result};
+
+/// How a relay connects, claims, publishes, retries and prunes.
+#[derive(Clone)]
+pub struct RelayConfig {
+    /// Postgres holding `outbox_events`. Default [`DEFAULT_DATABASE_URL`].
+    pub database_url: String,
+    /// RabbitMQ. Default [`DEFAULT_AMQP_URL`].
+    pub amqp_url: String,
+    /// Durable topic exchange to publish to (declared by the relay).
+    /// Default `outbox.events`.
+    pub exchange: String,
+    /// This instance's lease owner name. Default `<host>-<pid>-<random>`;
+    /// must be unique among running relays.
+    pub relay_id: String,
+    /// Rows claimed per query. Default 500.
+    pub batch_size: usize,
+    /// Claimed rows held at once (publishing or waiting behind an earlier
+    /// event of their aggregate); bounds memory. Default 4 x `batch_size`.
+    pub max_in_flight: usize,
+    /// How long a claim is exclusive. A relay that has not published and
+    /// marked its rows by then loses them to another relay (and can no
+    /// longer mark them). At least twice `confirm_timeout`. Default 30 s.
+    pub lease: Duration,
+    /// How long to wait for the broker's confirm of one message before
+    /// counting a failed attempt. Default 10 s.
+    pub confirm_timeout: Duration,
+    /// Shortest wait between claims when rows keep coming. Default 5 ms.
+    pub poll_min: Duration,
+    /// Longest wait between claims when idle; the wait doubles from
+    /// `poll_min` up to this while claims come back empty. Default 100 ms.
+    pub poll_max: Duration,
+    /// Failed attempts after which a row is marked failed and its
+    /// aggregate waits for an operator. Default 20.
+    pub max_attempts: u32,
+    /// First retry delay after a failed attempt. Default 1 s.
+    pub retry_initial: Duration,
+    /// Longest retry delay (exponential backoff up to this). Default 5 min.
+    pub retry_max: Duration,
+    /// How long published rows are kept (for replay) before pruning; zero
+    /// deletes rows as soon as they are published. Default 7 days.
+    pub retention: Duration,
+    /// How often the pruner runs. Default 60 s.
+    pub prune_interval: Duration,
+    /// Rows deleted per prune statement. Default 5,000.
+    pub prune_batch: usize,
+    /// Longest wait between reconnect attempts to the broker or database.
+    /// Default 30 s.
+    pub reconnect_max: Duration,
+    /// How long shutdown waits for outstanding confirms. Default 10 s.
+    pub shutdown_timeout: Duration,
+    /// How often backlog gauges are refreshed. Default 5 s.
+    pub stats_interval: Duration,
+    /// CloudEvents `source` of published events. Default `/outbox`.
+    pub source: String,
+    /// AMQP `app_id` property. Default `outbox-relay`.
+    pub app_id: String,
+}
+
+impl std::fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayConfig")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("exchange", &self.exchange)
+            .field("relay_id", &self.relay_id)
+            .field("batch_size", &self.batch_size)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("lease", &self.lease)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("poll_min", &self.poll_min)
+            .field("poll_max", &self.poll_max)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry_initial", &self.retry_initial)
+            .field("retry_max", &self.retry_max)
+            .field("retention", &self.retention)
+            .field("prune_interval", &self.prune_interval)
+            .field("prune_batch", &self.prune_batch)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            amqp_url: DEFAULT_AMQP_URL.to_owned(),
+            exchange: DEFAULT_EXCHANGE.to_owned(),
+            relay_id: default_relay_id(),
+            batch_size: 500,
+            max_in_flight: 2000,
+            lease: Duration::from_secs(30),
+            confirm_timeout: Duration::from_secs(10),
+            poll_min: Duration::from_millis(5),
+            poll_max: Duration::from_millis(100),
+            max_attempts: 20,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            prune_batch: 5000,
+            reconnect_max: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+            stats_interval: Duration::from_secs(5),
+            source: "/outbox".to_owned(),
+            app_id: "outbox-relay".to_owned(),
+        }
+    }
+}
+
+/// `<hostname>-<pid>-<8 hex>`: readable in `lease_owner`, unique per start.
+pub fn default_relay_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".to_owned());
+    let random = uuid::Uuid::now_v7().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &random[24..])
+}
+
+impl RelayConfig {
+    /// Checks every setting; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |message: String| Err(Error::Config(message));
+        if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
+            return bad(format!(
+                "database URL {} must start with postgres:// or postgresql://",
+                redact_url(&self.database_url)
+            ));
+        }
+        if let Err(e) = url::Url::parse(&self.database_url) {
+            return bad(format!(
+                "database URL {} does not parse: {e}",
+                redact_url(&self.database_url)
+            ));
+        }
+        validate_amqp_url(&self.amqp_url)?;
+        validate_amqp_name("exchange", &self.exchange)?;
+        if self.exchange.starts_with("amq.") {
+            return bad(format!(
+                "exchange {:?}: names starting with amq. are reserved",
+                self.exchange
+            ));
+        }
+        if self.relay_id.is_empty() || self.relay_id.len() > 200 {
+            return bad("relay id must be 1 to 200 characters".into());
+        }
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return bad(format!(
+                "batch size must be between 1 and 10000, not {}",
+                self.batch_size
+            ));
+        }
+        if self.max_in_flight < self.batch_size {
+            return bad(format!(
+                "max in flight ({}) must be at least the batch size ({})",
+                self.max_in_flight, self.batch_size
+            ));
+        }
+        if self.confirm_timeout.is_zero() {
+            return bad("confirm timeout must be positive".into());
+        }
+        if self.lease < self.confirm_timeout * 2 {
+            return bad(format!(
+                "lease ({:?}) must be at least twice the confirm timeout ({:?}): a row is only published while its lease outlasts a whole confirm wait, or another relay could take it over mid-confirm",
+                self.lease, self.confirm_timeout
+            ));
+        }
+        if self.poll_min.is_zero() || self.poll_max < self.poll_min {
+            return bad(format!(
+                "poll bounds must satisfy 0 < min <= max (min {:?}, max {:?})",
+                self.poll_min, self.poll_max
+            ));
+        }
+        if self.max_attempts == 0 || self.max_attempts > 1000 {
+            return bad(format!(
+                "max attempts must be between 1 and 1000, not {}",
+                self.max_attempts
+            ));
+        }
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+            return bad(format!(
+                "retry delays must satisfy 0 < initial <= max (initial {:?}, max {:?})",
+                self.retry_initial, self.retry_max
+            ));
+        }
+        if self.prune_batch == 0 || self.prune_interval.is_zero() {
+            return bad("prune batch and prune interval must be positive".into());
+        }
+        if self.reconnect_max.is_zero() || self.stats_interval.is_zero() {
+            return bad("reconnect max and stats interval must be positive".into());
+        }
+        if self.source.is_empty() {
+            return bad("CloudEvents source must not be empty".into());
+        }
+        if self.app_id.is_empty() || self.app_id.len() > 255 {
+            return bad("app id must be 1 to 255 characters".into());
+        }
+        Ok(())
+    }
+
+    /// Delay before attempt `attempt + 1` after `attempt` failures: an
+    /// exponential backoff (factor 2, +-20% jitter) from `retry_initial`
+    /// capped at `retry_max`.
+    pub fn retry_delay(&self, attempts_so_far: u32) -> Duration {
+        use backoff::backoff::Backoff;
+        let mut schedule = backoff::ExponentialBackoff {
+            initial_interval: self.retry_initial,
+            current_interval: self.retry_initial,
+            randomization_factor: 0.2,
+            multiplier: 2.0,
+            max_interval: self.retry_max,
+            max_elapsed_time: None,
+            ..backoff::ExponentialBackoff::default()
+        };
+        let mut delay = self.retry_initial;
+        for _ in 0..=attempts_so_far.min(64) {
+            match schedule.next_backoff() {
+                Some(next) => delay = next,
+                None => break,
+            }
+        }
+        delay.min(self.retry_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        RelayConfig::default()
+            .validate()
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let cases: Vec<(RelayConfig, &str)> = vec![
+            (
+                RelayConfig {
+                    batch_size: 0,
+                    ..RelayConfig::default()
+                },
+                "batch size",
+            ),
+            (
+                RelayConfig {
+                    lease: Duration::from_secs(5),
+                    confirm_timeout: Duration::from_secs(5),
+                    ..RelayConfig::default()
+                },
+                "lease",
+            ),
+            (
+                RelayConfig {
+                    exchange: "x\";drop".into(),
+                    ..RelayConfig::default()
+                },
+                "exchange",
+            ),
+            (
+                RelayConfig {
+                    amqp_url: "http://h".into(),
+                    ..RelayConfig::default()
+                },
+                "AMQP URL",
+            ),
+            (
+                RelayConfig {
+                    database_url: "mysql://h/db".into(),
+                    ..RelayConfig::default()
+                },
+                "database URL",
+            ),
+            (
+                RelayConfig {
+                    poll_min: Duration::ZERO,
+                    ..RelayConfig::default()
+                },
+                "poll",
+            ),
+        ];
+        for (config, word) in cases {
+            let message = config.validate().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains(word), "{word}: {message}");
+        }
+    }
+
+    #[test]
+    fn password_never_in_config_errors_or_debug() {
+        let config = RelayConfig {
+            database_url: "mysql://u:hunter2@h/db".into(),
+            amqp_url: "amqp://u:hunter2@h/%2f".into(),
+            ..RelayConfig::default()
+        };
+        let message = config.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(!message.contains("hunter2"), "{message}");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn retry_delays_grow_and_are_capped() {
+        let config = RelayConfig {
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(2),
+            ..RelayConfig::default()
+        };
+        let first = config.retry_delay(0);
+        assert!(
+            first >= Duration::from_millis(80) && first <= Duration::from_millis(250),
+            "{first:?}"
+        );
+        assert!(config.retry_delay(3) > first);
+        assert!(config.retry_delay(30) <= Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,600 @@
+//! The relay's event loop for one broker session: claim rows, publish each
+//! aggregate's rows one at a time in seq order, await confirms (many
+//! aggregates in flight at once), mark acked rows, record failures.
+//!
+//! All database work goes through one "lane" on the blocking pool: a job
+//! first flushes what is pending (marks, failures, released leases) and
+//! then, if it is time, claims the next batch. Serializing flushes before
+//! claims means a claim never sees a lease this relay has already given
+//! up, which is what keeps a failed aggregate's later rows from being
+//! published ahead of it.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use lapin::Confirmation;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::metrics as m;
+use crate::relay::Shared;
+use crate::relay::publisher::{PublishError, Publisher};
+use crate::relay::store::{self, ClaimedEvent, PublishFailure};
+
+/// An aggregate: (aggregate_type, aggregate_id).
+type AggregateKey = (String, String);
+
+/// How a session ended.
+pub(crate) enum SessionEnd {
+    /// Shutdown was requested and the session drained.
+    Shutdown,
+    /// The broker connection was lost; reconnect and start a new session.
+    BrokerLost(String),
+}
+
+struct HeldRow {
+    row: ClaimedEvent,
+    /// Local instant before which the lease is certainly still ours (taken
+    /// before the claim query ran, so it errs early).
+    lease_deadline: Instant,
+}
+
+/// An aggregate's claimed rows, oldest first; only the head is ever in
+/// flight.
+struct Chain {
+    rows: VecDeque<HeldRow>,
+    head_in_flight: bool,
+}
+
+struct Confirmed {
+    key: AggregateKey,
+    seq: i64,
+    outcome: std::result::Result<lapin::Result<Confirmation>, tokio::time::error::Elapsed>,
+}
+
+type ConfirmFuture = Pin<Box<dyn Future<Output = Confirmed> + Send>>;
+
+/// Database work waiting for the next lane job.
+#[derive(Default)]
+struct Pending {
+    to_mark: Vec<i64>,
+    failures: Vec<PublishFailure>,
+    releases: Vec<i64>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.to_mark.is_empty() && self.failures.is_empty() && self.releases.is_empty()
+    }
+
+    fn absorb(&mut self, mut other: Pending) {
+        self.to_mark.append(&mut other.to_mark);
+        self.failures.append(&mut other.failures);
+        self.releases.append(&mut other.releases);
+    }
+}
+
+struct LaneResult {
+    /// Handed back when the job failed, to be retried.
+    unflushed: Option<Pending>,
+    attempted_marks: usize,
+    marked: usize,
+    newly_failed: usize,
+    claimed: Option<(u64, Instant, Vec<ClaimedEvent>)>,
+    error: Option<Error>,
+}
+
+pub(crate) struct Session<'a> {
+    shared: &'a Shared,
+    publisher: Publisher,
+    chains: HashMap<AggregateKey, Chain>,
+    in_flight: FuturesUnordered<ConfirmFuture>,
+    /// Rows held in chains (in flight or waiting).
+    held: usize,
+    pending: Pending,
+    lane: Option<JoinHandle<LaneResult>>,
+    /// Incremented when a claim starts.
+    generation: u64,
+    /// Aggregates cut (failed or released) while the claim of the given
+    /// generation could still see their old leases.
+    blocked: HashMap<AggregateKey, u64>,
+    next_poll: Instant,
+    idle_delay: Duration,
+    db_backoff: Duration,
+    stopping: bool,
+}
+
+impl<'a> Session<'a> {
+    pub(crate) fn new(shared: &'a Shared, publisher: Publisher) -> Self {
+        Self {
+            shared,
+            publisher,
+            chains: HashMap::new(),
+            in_flight: FuturesUnordered::new(),
+            held: 0,
+            pending: Pending::default(),
+            lane: None,
+            generation: 0,
+            blocked: HashMap::new(),
+            next_poll: Instant::now(),
+            idle_delay: shared.config.poll_min,
+            db_backoff: shared.config.poll_min,
+            stopping: false,
+        }
+    }
+
+    /// Runs until `shutdown` resolves (then drains) or the broker is lost.
+    pub(crate) async fn run<F: Future<Output = ()>>(mut self, shutdown: Pin<&mut F>) -> SessionEnd {
+        let end = self.pump(shutdown).await;
+        self.finish(&end).await;
+        self.publisher.close().await;
+        end
+    }
+
+    async fn pump<F: Future<Output = ()>>(&mut self, mut shutdown: Pin<&mut F>) -> SessionEnd {
+        let config = Arc::clone(&self.shared.config);
+        let mut stop_deadline = tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365);
+        loop {
+            if !self.publisher.is_connected() {
+                return SessionEnd::BrokerLost("connection closed".into());
+            }
+            self.maybe_start_lane();
+            if self.stopping && self.in_flight.is_empty() && self.lane.is_none() && self.pending.is_empty() {
+                return SessionEnd::Shutdown;
+            }
+            let can_claim = !self.stopping && self.held + config.batch_size <= config.max_in_flight;
+            let poll_at = tokio::time::Instant::from_std(self.next_poll);
+            tokio::select! {
+                () = &mut shutdown, if !self.stopping => {
+                    tracing::info!(relay_id = %config.relay_id, in_flight = self.in_flight.len(), "relay stopping: no new claims, draining confirms");
+                    self.stopping = true;
+                    stop_deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+                    self.cut_waiting_rows();
+                }
+                () = tokio::time::sleep_until(stop_deadline), if self.stopping => {
+                    tracing::warn!(unconfirmed = self.in_flight.len(), "shutdown timeout: leaving unconfirmed rows to be republished");
+                    return SessionEnd::Shutdown;
+                }
+                Some(confirmed) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if let Err(reason) = self.on_confirm(confirmed).await {
+                        return SessionEnd::BrokerLost(reason);
+                    }
+                }
+                joined = wait_lane(&mut self.lane), if self.lane.is_some() => {
+                    self.lane = None;
+                    if let Err(reason) = self.on_lane_done(joined).await {
+                        return SessionEnd::BrokerLost(reason);
+                    }
+                }
+                () = tokio::time::sleep_until(poll_at), if self.lane.is_none() && can_claim => {}
+                // Wake up regularly to notice a dead connection while idle.
+                () = tokio::time::sleep(config.poll_max) => {}
+            }
+        }
+    }
+
+    /// Starts a lane job if none runs and there is something to do.
+    fn maybe_start_lane(&mut self) {
+        if self.lane.is_some() {
+            return;
+        }
+        let config = &self.shared.config;
+        let now = Instant::now();
+        let claim =
+            !self.stopping && now >= self.next_poll && self.held + config.batch_size <= config.max_in_flight;
+        if !claim && self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let claim_generation = if claim {
+            self.generation += 1;
+            // Cuts recorded before this claim are flushed by this very job
+            // before it claims, so they no longer need guarding.
+            let current = self.generation;
+            self.blocked.retain(|_, generation| *generation >= current);
+            Some(current)
+        } else {
+            None
+        };
+        let shared = self.shared.clone_for_lane();
+        self.lane = Some(tokio::task::spawn_blocking(move || {
+            run_lane_job(&shared, pending, claim_generation)
+        }));
+    }
+
+    async fn on_lane_done(
+        &mut self,
+        joined: std::result::Result<LaneResult, tokio::task::JoinError>,
+    ) -> std::result::Result<(), String> {
+        let config = Arc::clone(&self.shared.config);
+        let result = match joined {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::error!(error = %e, "relay database job panicked");
+                self.next_poll = Instant::now() + self.db_backoff;
+                return Ok(());
+            }
+        };
+        if let Some(unflushed) = result.unflushed {
+            // Keep the work for the next job; order within each list does
+            // not matter.
+            let mut again = unflushed;
+            again.absorb(std::mem::take(&mut self.pending));
+            self.pending = again;
+        }
+        if let Some(error) = result.error {
+            self.shared.health.set_database_ok(false);
+            tracing::warn!(error = %error_chain(&error), retry_in = ?self.db_backoff, "relay database work failed");
+            self.next_poll = Instant::now() + self.db_backoff;
+            self.db_backoff = (self.db_backoff * 2).min(config.reconnect_max);
+            return Ok(());
+        }
+        self.shared.health.set_database_ok(true);
+        self.db_backoff = config.poll_min;
+        if result.marked > 0 {
+            metrics::counter!(m::PUBLISHED_TOTAL).increment(result.marked as u64);
+        }
+        if result.attempted_marks > result.marked {
+            let lost = result.attempted_marks - result.marked;
+            metrics::counter!(m::LEASES_LOST_TOTAL).increment(lost as u64);
+            tracing::warn!(
+                rows = lost,
+                "lease ran out before marking: rows will be published again by whoever holds them now"
+            );
+        }
+        if result.newly_failed > 0 {
+            tracing::error!(
+                rows = result.newly_failed,
+                "rows exhausted their publish attempts and are marked failed; their aggregates wait"
+            );
+        }
+        if let Some((generation, claim_started, rows)) = result.claimed {
+            let claimed = rows.len();
+            metrics::counter!(m::CLAIMED_TOTAL).increment(claimed as u64);
+            let now = Instant::now();
+            self.next_poll = if claimed >= config.batch_size {
+                now
+            } else if claimed > 0 {
+                self.idle_delay = config.poll_min;
+                now + config.poll_min
+            } else {
+                self.idle_delay = (self.idle_delay * 2).min(config.poll_max);
+                now + self.idle_delay
+            };
+            self.accept_claimed(generation, claim_started, rows).await?;
+        }
+        Ok(())
+    }
+
+    /// Appends claimed rows to their aggregates' chains and publishes new
+    /// heads.
+    async fn accept_claimed(
+        &mut self,
+        generation: u64,
+        claim_started: Instant,
+        rows: Vec<ClaimedEvent>,
+    ) -> std::result::Result<(), String> {
+        let lease_deadline = claim_started + self.shared.config.lease;
+        let mut new_heads = Vec::new();
+        for row in rows {
+            let key = (row.aggregate_type.clone(), row.aggregate_id.clone());
+            if self.stopping || self.blocked.get(&key).is_some_and(|g| *g >= generation) {
+                self.pending.releases.push(row.seq);
+                continue;
+            }
+            self.held += 1;
+            let chain = self.chains.entry(key.clone()).or_insert_with(|| Chain {
+                rows: VecDeque::new(),
+                head_in_flight: false,
+            });
+            if chain.rows.is_empty() {
+                new_heads.push(key);
+            }
+            chain.rows.push_back(HeldRow { row, lease_deadline });
+        }
+        for key in new_heads {
+            self.publish_head(key).await?;
+        }
+        metrics::gauge!(m::IN_FLIGHT).set(self.held as f64);
+        Ok(())
+    }
+
+    /// Publishes the head of `key`'s chain, unless its lease would run out
+    /// before a confirm could arrive (then the chain is given back).
+    async fn publish_head(&mut self, key: AggregateKey) -> std::result::Result<(), String> {
+        let confirm_timeout = self.shared.config.confirm_timeout;
+        let (seq, lease_ok) = match self.chains.get(&key) {
+            Some(chain) if !chain.head_in_flight => match chain.rows.front() {
+                Some(head) => (
+                    head.row.seq,
+                    Instant::now() + confirm_timeout < head.lease_deadline,
+                ),
+                None => {
+                    self.chains.remove(&key);
+                    return Ok(());
+                }
+            },
+            _ => return Ok(()),
+        };
+        if self.stopping || !lease_ok {
+            self.cut_chain(&key, 0);
+            return Ok(());
+        }
+        let sent = match self.chains.get(&key).and_then(|c| c.rows.front()) {
+            Some(head) => self.publisher.publish(&head.row).await,
+            None => return Ok(()),
+        };
+        match sent {
+            Ok(confirm) => {
+                if let Some(chain) = self.chains.get_mut(&key) {
+                    chain.head_in_flight = true;
+                }
+                self.in_flight.push(Box::pin(async move {
+                    let outcome = tokio::time::timeout(confirm_timeout, confirm).await;
+                    Confirmed { key, seq, outcome }
+                }));
+                Ok(())
+            }
+            Err(PublishError::Encode(reason)) => {
+                metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "reason" => "encode").increment(1);
+                tracing::error!(seq, %reason, "cannot encode event");
+                self.fail_head(&key, format!("cannot encode: {reason}"));
+                Ok(())
+            }
+            Err(PublishError::Broker(error)) => Err(format!("publish failed: {error}")),
+        }
+    }
+
+    async fn on_confirm(&mut self, confirmed: Confirmed) -> std::result::Result<(), String> {
+        let Confirmed { key, seq, outcome } = confirmed;
+        let failure = match outcome {
+            Ok(Ok(Confirmation::Ack(None))) => None,
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => Some((
+                "unroutable",
+                format!(
+                    "returned by the broker: {} {} (no queue is bound for routing key {})",
+                    returned.reply_code, returned.reply_text, returned.delivery.routing_key
+                ),
+            )),
+            Ok(Ok(Confirmation::Nack(_))) => {
+                Some(("nack", "negatively acknowledged by the broker".to_owned()))
+            }
+            Ok(Ok(Confirmation::NotRequested)) => Some(("nack", "broker did not confirm".to_owned())),
+            Ok(Err(error)) => {
+                metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "reason" => "connection").increment(1);
+                return Err(format!("confirm lost: {error}"));
+            }
+            Err(_) => Some((
+                "timeout",
+                format!("no confirm within {:?}", self.shared.config.confirm_timeout),
+            )),
+        };
+        if self
+            .chains
+            .get(&key)
+            .and_then(|c| c.rows.front())
+            .map(|h| h.row.seq)
+            != Some(seq)
+        {
+            // The chain was given back meanwhile (shutdown); nothing to do.
+            return Ok(());
+        }
+        match failure {
+            None => {
+                let mut chain_done = false;
+                if let Some(chain) = self.chains.get_mut(&key) {
+                    chain.head_in_flight = false;
+                    if let Some(done) = chain.rows.pop_front() {
+                        self.held -= 1;
+                        let latency = (chrono::Utc::now() - done.row.recorded_at)
+                            .num_microseconds()
+                            .unwrap_or(0);
+                        metrics::histogram!(m::PUBLISH_LATENCY_SECONDS).record(latency.max(0) as f64 / 1e6);
+                        tracing::debug!(seq, event_id = %done.row.event_id, event_type = %done.row.event_type, "published");
+                        self.pending.to_mark.push(seq);
+                    }
+                    chain_done = chain.rows.is_empty();
+                }
+                if chain_done {
+                    self.chains.remove(&key);
+                } else {
+                    self.publish_head(key).await?;
+                }
+            }
+            Some((reason, error)) => {
+                metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "reason" => reason).increment(1);
+                tracing::warn!(seq, %error, "publish failed");
+                self.fail_head(&key, error);
+            }
+        }
+        metrics::gauge!(m::IN_FLIGHT).set(self.held as f64);
+        Ok(())
+    }
+
+    /// Records a failed attempt for the chain's head and gives back the
+    /// rest of the chain: the aggregate waits for the head's retry.
+    fn fail_head(&mut self, key: &AggregateKey, error: String) {
+        if let Some(chain) = self.chains.get_mut(key)
+            && let Some(head) = chain.rows.pop_front()
+        {
+            self.held -= 1;
+            let attempts = u32::try_from(head.row.attempts).unwrap_or(0);
+            self.pending.failures.push(PublishFailure {
+                seq: head.row.seq,
+                error,
+                retry_in: self.shared.config.retry_delay(attempts),
+            });
+        }
+        self.cut_chain(key, 0);
+    }
+
+    /// Gives back the leases of `key`'s rows from index `from` on and
+    /// forgets them; guards against a running claim re-adding them.
+    fn cut_chain(&mut self, key: &AggregateKey, from: usize) {
+        if let Some(chain) = self.chains.get_mut(key) {
+            let cut: Vec<HeldRow> = chain.rows.drain(from..).collect();
+            self.held -= cut.len();
+            self.pending.releases.extend(cut.iter().map(|h| h.row.seq));
+            if chain.rows.is_empty() {
+                self.chains.remove(key);
+            }
+        }
+        self.blocked.insert(key.clone(), self.generation);
+    }
+
+    /// At shutdown: keep only the in-flight heads, give back the rest.
+    fn cut_waiting_rows(&mut self) {
+        let keys: Vec<(AggregateKey, bool)> = self
+            .chains
+            .iter()
+            .map(|(k, c)| (k.clone(), c.head_in_flight))
+            .collect();
+        for (key, head_in_flight) in keys {
+            self.cut_chain(&key, usize::from(head_in_flight));
+        }
+    }
+
+    /// After the loop: settle everything with the database. In-flight rows
+    /// of a lost connection count a failed attempt; everything else held is
+    /// given back. Best effort: leases expire anyway if this fails.
+    async fn finish(&mut self, end: &SessionEnd) {
+        if let Some(lane) = self.lane.take() {
+            let joined = lane.await;
+            if let Ok(result) = joined
+                && let Some(unflushed) = result.unflushed
+            {
+                self.pending.absorb(unflushed);
+            }
+        }
+        let keys: Vec<AggregateKey> = self.chains.keys().cloned().collect();
+        for key in keys {
+            let in_flight = self.chains.get(&key).is_some_and(|c| c.head_in_flight);
+            if in_flight && let SessionEnd::BrokerLost(reason) = end {
+                self.fail_head(&key, format!("connection lost before confirm: {reason}"));
+            } else {
+                self.cut_chain(&key, 0);
+            }
+        }
+        self.in_flight.clear();
+        self.held = 0;
+        metrics::gauge!(m::IN_FLIGHT).set(0.0);
+        let pending = std::mem::take(&mut self.pending);
+        let shared = self.shared.clone_for_lane();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let result = run_lane_job(&shared, pending, None);
+            if result.error.is_none() {
+                // Nothing of ours should stay leased after this session.
+                let released = shared
+                    .pool
+                    .get()
+                    .map_err(Error::from)
+                    .and_then(|mut conn| store::release_all_leases(&mut conn, &shared.config.relay_id));
+                if let Err(e) = released {
+                    tracing::warn!(error = %error_chain(&e), "could not release leases; they expire on their own");
+                }
+            }
+            result
+        })
+        .await;
+        match outcome {
+            Ok(result) => {
+                if result.marked > 0 {
+                    metrics::counter!(m::PUBLISHED_TOTAL).increment(result.marked as u64);
+                }
+                if let Some(error) = result.error {
+                    tracing::warn!(error = %error_chain(&error), "could not settle rows with the database; their leases expire on their own");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "relay settle job panicked"),
+        }
+    }
+}
+
+async fn wait_lane(
+    lane: &mut Option<JoinHandle<LaneResult>>,
+) -> std::result::Result<LaneResult, tokio::task::JoinError> {
+    match lane {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a lane job needs, owned, for the blocking pool.
+pub(crate) struct LaneContext {
+    pub(crate) config: Arc<crate::relay::RelayConfig>,
+    pub(crate) pool: crate::database::PgPool,
+}
+
+/// Flushes `pending`, then claims if `claim_generation` is set. Runs on the
+/// blocking pool.
+fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u64>) -> LaneResult {
+    let config = &ctx.config;
+    let mut result = LaneResult {
+        unflushed: None,
+        attempted_marks: pending.to_mark.len(),
+        marked: 0,
+        newly_failed: 0,
+        claimed: None,
+        error: None,
+    };
+    let mut conn = match ctx.pool.get() {
+        Ok(conn) => conn,
+        Err(e) => {
+            result.unflushed = Some(pending);
+            result.attempted_marks = 0;
+            result.error = Some(Error::from(e));
+            return result;
+        }
+    };
+    let delete = config.retention.is_zero();
+    let flushed = (|| -> Result<(usize, usize)> {
+        let marked = store::mark_published(&mut conn, &config.relay_id, &pending.to_mark, delete)?.len();
+        let failed = store::record_failures(
+            &mut conn,
+            &config.relay_id,
+            &pending.failures,
+            i32::try_from(config.max_attempts).unwrap_or(i32::MAX),
+        )?;
+        store::release_leases(&mut conn, &config.relay_id, &pending.releases)?;
+        Ok((marked, failed))
+    })();
+    match flushed {
+        Ok((marked, failed)) => {
+            result.marked = marked;
+            result.newly_failed = failed;
+        }
+        Err(e) => {
+            // Marks are idempotent (guarded by the lease), so retrying the
+            // whole set later is safe.
+            result.unflushed = Some(pending);
+            result.attempted_marks = 0;
+            result.error = Some(e);
+            return result;
+        }
+    }
+    if let Some(generation) = claim_generation {
+        let started = Instant::now();
+        let batch = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
+        match store::claim_batch(&mut conn, &config.relay_id, batch, config.lease.as_secs_f64()) {
+            Ok(rows) => result.claimed = Some((generation, started, rows)),
+            Err(e) => result.error = Some(e),
+        }
+    }
+    result
+}
+
+/// `error: cause: cause`, for log fields.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

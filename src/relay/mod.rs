@@ -1,0 +1,302 @@
+//! The relay: committed events from `outbox_events` to RabbitMQ, at least
+//! once, in per-aggregate order, with any number of instances.
+//!
+//! [`Relay::run`] connects to the broker, runs the claim/publish/confirm
+//! loop ([`engine`]), reconnects with backoff when the broker goes away
+//! (holding nothing in memory meanwhile), and runs two small maintenance
+//! services beside it: the pruner (deletes published rows past retention)
+//! and the backlog gauges.
+//!
+//! ## Failure policy
+//!
+//! A publish that is nacked, returned as unroutable, not confirmed in time,
+//! or cut off by a lost connection leaves the row unpublished: its
+//! `attempts` grows, `last_error` says why, and `next_attempt_at` is set by
+//! an exponential backoff. After `max_attempts` the row is marked failed.
+//! Later events of the same aggregate wait behind a retrying or failed row
+//! (order over progress); `outbox status` shows failed rows and
+//! [`retry_failed_events`](crate::control::retry_failed_events) puts them
+//! back in line.
+
+pub mod config;
+mod engine;
+mod publisher;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use diesel::PgConnection;
+use diesel::r2d2::{ConnectionManager, Pool};
+
+use crate::database::PgPool;
+use crate::error::Result;
+use crate::metrics as m;
+
+pub use config::RelayConfig;
+use engine::{LaneContext, Session, SessionEnd, error_chain};
+
+/// Liveness as `/health` reports it.
+#[derive(Debug, Default)]
+pub struct Health {
+    broker: AtomicBool,
+    database: AtomicBool,
+}
+
+impl Health {
+    /// Whether the relay is connected to the broker and its last database
+    /// work succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.broker_ok() && self.database_ok()
+    }
+
+    /// Whether the broker connection is up.
+    pub fn broker_ok(&self) -> bool {
+        self.broker.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last database work succeeded.
+    pub fn database_ok(&self) -> bool {
+        self.database.load(Ordering::Relaxed)
+    }
+
+    fn set_broker_ok(&self, ok: bool) {
+        self.broker.store(ok, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_database_ok(&self, ok: bool) {
+        self.database.store(ok, Ordering::Relaxed);
+    }
+}
+
+/// What the engine and the maintenance services share.
+pub(crate) struct Shared {
+    pub(crate) config: Arc<RelayConfig>,
+    pub(crate) pool: PgPool,
+    pub(crate) health: Arc<Health>,
+}
+
+impl Shared {
+    pub(crate) fn clone_for_lane(&self) -> LaneContext {
+        LaneContext {
+            config: Arc::clone(&self.config),
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+/// A relay instance. Cheap to keep around; [`Relay::run`] does the work.
+pub struct Relay {
+    shared: Shared,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Checks `config` and prepares a connection pool (connections are
+    /// opened lazily, so a database that is still starting is retried by
+    /// [`Relay::run`] rather than failing here).
+    pub fn new(config: RelayConfig) -> Result<Self> {
+        config.validate()?;
+        let pool = Pool::builder()
+            .max_size(3)
+            .min_idle(Some(0))
+            .connection_timeout(Duration::from_secs(5))
+            .build_unchecked(ConnectionManager::<PgConnection>::new(&config.database_url));
+        Ok(Self {
+            shared: Shared {
+                config: Arc::new(config),
+                pool,
+                health: Arc::new(Health::default()),
+            },
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &RelayConfig {
+        &self.shared.config
+    }
+
+    /// Health flags, for `/health`.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.shared.health)
+    }
+
+    /// Relays until `shutdown` resolves, then stops claiming, waits for
+    /// outstanding confirms (up to `shutdown_timeout`), marks what was
+    /// confirmed and gives back every lease it holds.
+    pub async fn run<F: Future<Output = ()>>(&self, shutdown: F) -> Result<()> {
+        let config = Arc::clone(&self.shared.config);
+        m::describe();
+        tracing::info!(relay_id = %config.relay_id, exchange = %config.exchange, "relay starting");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let maintenance = [
+            tokio::spawn(run_pruner(self.shared.clone_for_lane(), stop_rx.clone())),
+            tokio::spawn(run_backlog_gauges(self.shared.clone_for_lane(), stop_rx.clone())),
+        ];
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut reconnect = ReconnectDelay::new(config.reconnect_max);
+        loop {
+            let opened = tokio::select! {
+                () = &mut shutdown => break,
+                opened = publisher::Publisher::open(&config) => opened,
+            };
+            match opened {
+                Ok(publisher) => {
+                    reconnect.reset();
+                    self.shared.health.set_broker_ok(true);
+                    tracing::info!(relay_id = %config.relay_id, "connected to the broker");
+                    let end = Session::new(&self.shared, publisher).run(shutdown.as_mut()).await;
+                    self.shared.health.set_broker_ok(false);
+                    match end {
+                        SessionEnd::Shutdown => break,
+                        SessionEnd::BrokerLost(reason) => {
+                            metrics::counter!(m::BROKER_RECONNECTS_TOTAL).increment(1);
+                            tracing::warn!(%reason, "broker connection lost; claiming stops until it is back");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), retry_in = ?reconnect.peek(), "cannot reach the broker");
+                }
+            }
+            let delay = reconnect.next();
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        let _ = stop_tx.send(true);
+        for task in maintenance {
+            let _ = task.await;
+        }
+        tracing::info!(relay_id = %config.relay_id, "relay stopped");
+        Ok(())
+    }
+}
+
+/// Exponential reconnect delays (100 ms doubling, +-20% jitter) up to a cap.
+struct ReconnectDelay {
+    schedule: backoff::ExponentialBackoff,
+    upcoming: Duration,
+}
+
+impl ReconnectDelay {
+    fn new(max: Duration) -> Self {
+        let schedule = backoff::ExponentialBackoff {
+            initial_interval: Duration::from_millis(100),
+            current_interval: Duration::from_millis(100),
+            randomization_factor: 0.2,
+            multiplier: 2.0,
+            max_interval: max,
+            max_elapsed_time: None,
+            ..backoff::ExponentialBackoff::default()
+        };
+        Self {
+            schedule,
+            upcoming: Duration::from_millis(100),
+        }
+    }
+
+    fn peek(&self) -> Duration {
+        self.upcoming
+    }
+
+    fn next(&mut self) -> Duration {
+        use backoff::backoff::Backoff;
+        let delay = self.upcoming;
+        self.upcoming = self.schedule.next_backoff().unwrap_or(self.schedule.max_interval);
+        delay
+    }
+
+    fn reset(&mut self) {
+        use backoff::backoff::Backoff;
+        self.schedule.reset();
+        self.upcoming = Duration::from_millis(100);
+    }
+}
+
+/// Runs `work` with a pooled connection on the blocking pool.
+async fn with_connection<T: Send + 'static>(
+    ctx: &LaneContext,
+    work: impl FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let pool = ctx.pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = pool.get()?;
+        work(&mut conn)
+    })
+    .await
+    .unwrap_or_else(|e| Err(crate::Error::Config(format!("blocking task failed: {e}"))))
+}
+
+/// Waits `period`, or returns false when asked to stop.
+async fn wait_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, period: Duration) -> bool {
+    if *stop.borrow() {
+        return false;
+    }
+    tokio::select! {
+        _ = stop.changed() => false,
+        () = tokio::time::sleep(period) => !*stop.borrow(),
+    }
+}
+
+/// The pruner: deletes published rows older than the retention, in bounded
+/// batches, so the table does not grow without bound.
+async fn run_pruner(ctx: LaneContext, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let config = Arc::clone(&ctx.config);
+    if config.retention.is_zero() {
+        // Rows are deleted as they are published.
+        return;
+    }
+    let retention = config.retention.as_secs_f64();
+    let batch = i64::try_from(config.prune_batch).unwrap_or(i64::MAX);
+    while wait_or_stop(&mut stop, config.prune_interval).await {
+        let mut total = 0usize;
+        loop {
+            match with_connection(&ctx, move |conn| store::prune_published(conn, retention, batch)).await {
+                Ok(deleted) => {
+                    total += deleted;
+                    metrics::counter!(m::PRUNED_TOTAL).increment(deleted as u64);
+                    if deleted < config.prune_batch || *stop.borrow() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "prune failed; will try again");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(rows = total, "pruned published events past retention");
+        }
+    }
+}
+
+/// Refreshes the backlog gauges.
+async fn run_backlog_gauges(ctx: LaneContext, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let period = ctx.config.stats_interval;
+    loop {
+        match with_connection(&ctx, store::backlog_stats).await {
+            Ok(stats) => {
+                metrics::gauge!(m::BACKLOG).set(stats.backlog as f64);
+                metrics::gauge!(m::OLDEST_UNPUBLISHED_AGE_SECONDS).set(stats.oldest_unpublished_age_seconds);
+                metrics::gauge!(m::FAILED_EVENTS).set(stats.failed as f64);
+                metrics::gauge!(m::PAUSED).set(if stats.paused { 1.0 } else { 0.0 });
+            }
+            Err(error) => tracing::debug!(error = %error_chain(&error), "cannot read backlog figures"),
+        }
+        if !wait_or_stop(&mut stop, period).await {
+            return;
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! One AMQP channel in confirm mode, publishing claimed rows as persistent,
+//! mandatory CloudEvents messages to the exchange.
+
+use lapin::PublisherConfirm;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Connection};
+
+use crate::amqp;
+use crate::cloudevents::{amqp_properties, encode_body};
+use crate::error::{Error, Result};
+use crate::relay::config::RelayConfig;
+use crate::relay::store::ClaimedEvent;
+
+/// Why a publish could not even be handed to the broker.
+#[derive(Debug)]
+pub(crate) enum PublishError {
+    /// The row itself cannot be turned into a message; retrying the same
+    /// bytes will not help, but its attempts count like any failure.
+    Encode(String),
+    /// The channel or connection is gone; every in-flight row is affected.
+    Broker(lapin::Error),
+}
+
+pub(crate) struct Publisher {
+    connection: Connection,
+    channel: Channel,
+    exchange: String,
+    source: String,
+    app_id: String,
+}
+
+impl Publisher {
+    /// Connects, enables publisher confirms and declares the exchange.
+    pub(crate) async fn open(config: &RelayConfig) -> Result<Self> {
+        let connection =
+            amqp::connect(&config.amqp_url, &format!("outbox-relay {}", config.relay_id)).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|source| Error::Broker {
+                context: "cannot open a channel".into(),
+                source,
+            })?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|source| Error::Broker {
+                context: "cannot enable publisher confirms".into(),
+                source,
+            })?;
+        amqp::declare_exchange(&channel, &config.exchange).await?;
+        Ok(Self {
+            connection,
+            channel,
+            exchange: config.exchange.clone(),
+            source: config.source.clone(),
+            app_id: config.app_id.clone(),
+        })
+    }
+
+    /// Sends `row` and returns the future of the broker's confirm. Sending
+    /// does not wait for the confirm, so many rows are in flight at once.
+    pub(crate) async fn publish(&self, row: &ClaimedEvent) -> Result<PublisherConfirm, PublishError> {
+        let event = row.as_event_ref();
+        let body = encode_body(&event, &self.source).map_err(|e| PublishError::Encode(e.to_string()))?;
+        let properties =
+            amqp_properties(&event, &self.app_id).map_err(|e| PublishError::Encode(e.to_string()))?;
+        self.channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                row.event_type.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            )
+            .await
+            .map_err(PublishError::Broker)
+    }
+
+    /// Whether the connection and channel still work.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+
+    /// Closes the connection politely (best effort).
+    pub(crate) async fn close(&self) {
+        if self.connection.status().connected() {
+            let _ = self.connection.close(200, "relay stopping".into()).await;
+        }
+    }
+}
