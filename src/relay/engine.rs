@@ -9,13 +9,13 @@
 //! up, which is what keeps a failed aggregate's later rows from being
 //! published ahead of it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use lapin::Confirmation;
 use tokio::task::JoinHandle;
 
@@ -53,6 +53,7 @@ struct Chain {
 struct Confirmed {
     key: AggregateKey,
     seq: i64,
+    event_id: uuid::Uuid,
     outcome: std::result::Result<lapin::Result<Confirmation>, tokio::time::error::Elapsed>,
 }
 
@@ -92,7 +93,13 @@ pub(crate) struct Session<'a> {
     shared: &'a Shared,
     publisher: Publisher,
     chains: HashMap<AggregateKey, Chain>,
-    in_flight: FuturesUnordered<ConfirmFuture>,
+    /// Confirms in publish order. lapin hands a returned (unroutable)
+    /// message to the first confirm that completes after the return
+    /// arrives, which may be an earlier message's; handling confirms in
+    /// publish order guarantees the return is seen before its own confirm.
+    in_flight: FuturesOrdered<ConfirmFuture>,
+    /// Message ids the broker returned whose own confirm is still ahead.
+    returned: HashSet<String>,
     /// Rows held in chains (in flight or waiting).
     held: usize,
     pending: Pending,
@@ -114,7 +121,8 @@ impl<'a> Session<'a> {
             shared,
             publisher,
             chains: HashMap::new(),
-            in_flight: FuturesUnordered::new(),
+            in_flight: FuturesOrdered::new(),
+            returned: HashSet::new(),
             held: 0,
             pending: Pending::default(),
             lane: None,
@@ -307,10 +315,11 @@ impl<'a> Session<'a> {
     /// before a confirm could arrive (then the chain is given back).
     async fn publish_head(&mut self, key: AggregateKey) -> std::result::Result<(), String> {
         let confirm_timeout = self.shared.config.confirm_timeout;
-        let (seq, lease_ok) = match self.chains.get(&key) {
+        let (seq, event_id, lease_ok) = match self.chains.get(&key) {
             Some(chain) if !chain.head_in_flight => match chain.rows.front() {
                 Some(head) => (
                     head.row.seq,
+                    head.row.event_id,
                     Instant::now() + confirm_timeout < head.lease_deadline,
                 ),
                 None => {
@@ -333,9 +342,14 @@ impl<'a> Session<'a> {
                 if let Some(chain) = self.chains.get_mut(&key) {
                     chain.head_in_flight = true;
                 }
-                self.in_flight.push(Box::pin(async move {
+                self.in_flight.push_back(Box::pin(async move {
                     let outcome = tokio::time::timeout(confirm_timeout, confirm).await;
-                    Confirmed { key, seq, outcome }
+                    Confirmed {
+                        key,
+                        seq,
+                        event_id,
+                        outcome,
+                    }
                 }));
                 Ok(())
             }
@@ -350,20 +364,45 @@ impl<'a> Session<'a> {
     }
 
     async fn on_confirm(&mut self, confirmed: Confirmed) -> std::result::Result<(), String> {
-        let Confirmed { key, seq, outcome } = confirmed;
+        let Confirmed {
+            key,
+            seq,
+            event_id,
+            outcome,
+        } = confirmed;
         let failure = match outcome {
-            Ok(Ok(Confirmation::Ack(None))) => None,
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => Some((
-                "unroutable",
-                format!(
-                    "returned by the broker: {} {} (no queue is bound for routing key {})",
-                    returned.reply_code, returned.reply_text, returned.delivery.routing_key
-                ),
-            )),
-            Ok(Ok(Confirmation::Nack(_))) => {
-                Some(("nack", "negatively acknowledged by the broker".to_owned()))
+            Ok(Ok(confirmation)) => {
+                let acked = confirmation.is_ack();
+                if let Some(message) = confirmation.take_message() {
+                    let id = message
+                        .delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|id| id.to_string())
+                        .unwrap_or_default();
+                    tracing::debug!(message_id = %id, reply = %message.reply_text, "broker returned a message");
+                    self.returned.insert(id);
+                }
+                if self.returned.remove(&event_id.to_string()) {
+                    let event_type = self
+                        .chains
+                        .get(&key)
+                        .and_then(|c| c.rows.front())
+                        .map(|h| h.row.event_type.clone())
+                        .unwrap_or_default();
+                    Some((
+                        "unroutable",
+                        format!(
+                            "returned by the broker: NO_ROUTE (no queue is bound for routing key {event_type})"
+                        ),
+                    ))
+                } else if acked {
+                    None
+                } else {
+                    Some(("nack", "negatively acknowledged by the broker".to_owned()))
+                }
             }
-            Ok(Ok(Confirmation::NotRequested)) => Some(("nack", "broker did not confirm".to_owned())),
             Ok(Err(error)) => {
                 metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "reason" => "connection").increment(1);
                 return Err(format!("confirm lost: {error}"));
@@ -479,7 +518,8 @@ impl<'a> Session<'a> {
                 self.cut_chain(&key, 0);
             }
         }
-        self.in_flight.clear();
+        self.in_flight = FuturesOrdered::new();
+        self.returned.clear();
         self.held = 0;
         metrics::gauge!(m::IN_FLIGHT).set(0.0);
         let pending = std::mem::take(&mut self.pending);

@@ -121,7 +121,9 @@ pub fn claim_batch(
          lines AS (
              SELECT u.seq,
                     w.seq IS NOT NULL AS in_window,
-                    bool_and(w.seq IS NOT NULL OR (u.lease_owner = $1 AND u.lease_expires_at > now()))
+                    -- COALESCE: an unleased row gives NULL, which bool_and
+                    -- would skip, letting later rows jump the queue.
+                    bool_and(w.seq IS NOT NULL OR COALESCE(u.lease_owner = $1 AND u.lease_expires_at > now(), FALSE))
                         OVER (PARTITION BY a.aggregate_type, a.aggregate_id ORDER BY u.seq) AS ready
              FROM aggs a
              CROSS JOIN LATERAL (
@@ -201,7 +203,7 @@ pub struct PublishFailure {
 /// Records failed attempts: attempts + 1, the error, the next attempt time,
 /// the lease released; a row reaching `max_attempts` is marked failed (its
 /// aggregate then waits behind it until an operator acts). Only rows still
-/// leased to `relay_id` are touched. Returns how many rows became failed.
+/// leased to `relay_id` under a live lease are touched. Returns how many rows became failed.
 pub fn record_failures(
     conn: &mut PgConnection,
     relay_id: &str,
@@ -228,7 +230,8 @@ pub fn record_failures(
              lease_expires_at = NULL,
              failed_at = CASE WHEN e.attempts + 1 >= $4 THEN now() END
          FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS f(seq, error, delay)
-         WHERE e.seq = f.seq AND e.lease_owner = $5 AND e.published_at IS NULL
+         WHERE e.seq = f.seq AND e.lease_owner = $5 AND e.lease_expires_at > now()
+           AND e.published_at IS NULL
          RETURNING e.failed_at IS NOT NULL AS failed",
     )
     .bind::<Array<BigInt>, _>(&seqs)

@@ -1,0 +1,191 @@
+use std::collections::HashSet;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use outbox::relay::store::{self, PublishFailure};
+use outbox::{Error, TestDatabase};
+
+use crate::support::{
+    Broker, RunningRelay, Ticked, eventually, record_interleaved, record_ticks, relay_config, scalar,
+};
+
+#[test]
+fn concurrent_claims_are_disjoint_and_keep_aggregates_whole() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    record_interleaved(&mut conn, 10, 10);
+    let claims: Vec<Vec<store::ClaimedEvent>> = (0..4)
+        .map(|n| {
+            let url = db.url().to_owned();
+            thread::spawn(move || {
+                let mut conn = outbox::connect(&url).unwrap();
+                store::claim_batch(&mut conn, &format!("relay-{n}"), 30, 30.0).unwrap()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let mut seqs = HashSet::new();
+    let mut owner_of_aggregate = std::collections::HashMap::new();
+    for (relay, rows) in claims.iter().enumerate() {
+        for row in rows {
+            assert!(seqs.insert(row.seq), "row {} claimed twice", row.seq);
+            let owner = owner_of_aggregate
+                .entry(row.aggregate_id.clone())
+                .or_insert(relay);
+            assert_eq!(
+                *owner, relay,
+                "aggregate {} split between relays",
+                row.aggregate_id
+            );
+        }
+        // Each relay's rows of one aggregate form a run of consecutive events.
+        for aggregate in rows.iter().map(|r| &r.aggregate_id).collect::<HashSet<_>>() {
+            let ns: Vec<i64> = rows
+                .iter()
+                .filter(|r| &r.aggregate_id == aggregate)
+                .map(|r| serde_json::from_str::<Ticked>(&r.payload).unwrap().n)
+                .collect();
+            assert_eq!(
+                ns,
+                (0..ns.len() as i64).collect::<Vec<_>>(),
+                "{aggregate}: {ns:?}"
+            );
+        }
+    }
+    // Nothing more is claimable while those leases live: every aggregate's
+    // head is held by someone.
+    assert!(
+        store::claim_batch(&mut conn, "late", 100, 30.0)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn an_expired_lease_cannot_mark_or_fail_and_the_rows_are_claimable_again() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    record_ticks(&mut conn, "z", 0..3);
+    let held = store::claim_batch(&mut conn, "zombie", 10, 0.2).unwrap();
+    assert_eq!(held.len(), 3);
+    let seqs: Vec<i64> = held.iter().map(|r| r.seq).collect();
+    // While the lease lives, nobody else gets them.
+    assert!(
+        store::claim_batch(&mut conn, "other", 10, 30.0)
+            .unwrap()
+            .is_empty()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while scalar(
+        &mut conn,
+        "SELECT count(*) AS n FROM outbox_events WHERE lease_expires_at > now()",
+    ) > 0
+    {
+        assert!(std::time::Instant::now() < deadline, "lease never expired");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        store::mark_published(&mut conn, "zombie", &seqs, false)
+            .unwrap()
+            .is_empty()
+    );
+    let failure = PublishFailure {
+        seq: seqs[0],
+        error: "late".into(),
+        retry_in: Duration::ZERO,
+    };
+    assert_eq!(
+        store::record_failures(&mut conn, "zombie", &[failure], 5).unwrap(),
+        0
+    );
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NOT NULL OR attempts > 0"
+        ),
+        0
+    );
+    let reclaimed = store::claim_batch(&mut conn, "other", 10, 30.0).unwrap();
+    assert_eq!(reclaimed.iter().map(|r| r.seq).collect::<Vec<_>>(), seqs);
+    // The new holder can mark; the zombie still cannot.
+    assert!(
+        store::mark_published(&mut conn, "zombie", &seqs, false)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store::mark_published(&mut conn, "other", &seqs, false)
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_relays_rows_are_published_once_its_lease_ends() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    let broker = Broker::new().await;
+    record_ticks(&mut conn, "crash", 0..5);
+    // A relay claims and dies without publishing or releasing.
+    assert_eq!(
+        store::claim_batch(&mut conn, "crashed-relay", 10, 1.0)
+            .unwrap()
+            .len(),
+        5
+    );
+    let relay = RunningRelay::start(relay_config(&db, &broker));
+    broker.wait_for_distinct(5, Duration::from_secs(30)).await;
+    relay.stop().await;
+    assert_eq!(broker.first_arrival_order()["crash"], vec![0, 1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_committing_transaction_is_not_skipped_and_does_not_stall_others() {
+    let db = TestDatabase::create().unwrap();
+    let broker = Broker::new().await;
+    let (recorded_tx, recorded_rx) = mpsc::channel();
+    let (commit_tx, commit_rx) = mpsc::channel::<()>();
+    let url = db.url().to_owned();
+    // T1: records an event and stays open.
+    let t1 = thread::spawn(move || {
+        let mut conn = outbox::connect(&url).unwrap();
+        conn.transaction::<_, Error, _>(|conn| {
+            outbox::record(
+                conn,
+                &Ticked {
+                    aggregate: "slow".into(),
+                    n: 0,
+                },
+            )?;
+            recorded_tx.send(()).unwrap();
+            commit_rx.recv().unwrap();
+            Ok(())
+        })
+        .unwrap();
+    });
+    recorded_rx.recv().unwrap();
+    // T2: a later id, committed first.
+    let mut conn = db.connect().unwrap();
+    record_ticks(&mut conn, "fast", 0..3);
+    assert!(
+        scalar(&mut conn, "SELECT min(seq) AS n FROM outbox_events") > 1,
+        "T1's row holds the lower seq"
+    );
+    let relay = RunningRelay::start(relay_config(&db, &broker));
+    broker.wait_for_distinct(3, Duration::from_secs(20)).await;
+    assert!(broker.first_arrival_order().get("slow").is_none());
+    commit_tx.send(()).unwrap();
+    t1.join().unwrap();
+    broker.wait_for_distinct(4, Duration::from_secs(20)).await;
+    relay.stop().await;
+    assert_eq!(broker.first_arrival_order()["slow"], vec![0]);
+    eventually("all rows marked", Duration::from_secs(5), || {
+        crate::support::unpublished(&mut conn) == 0
+    })
+    .await;
+}

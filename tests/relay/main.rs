@@ -1,0 +1,13 @@
+//! The relay against the real Postgres and RabbitMQ: what it publishes,
+//! in what order, and what survives faults. Each test has its own
+//! database, exchange and queue.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod claiming;
+mod faults;
+mod operating;
+mod ordering;
+mod publishing;

@@ -1,0 +1,259 @@
+use std::time::Duration;
+
+use diesel::prelude::*;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use outbox::{DomainEvent, Error, Metadata, TestDatabase};
+use serde::Serialize;
+
+use crate::support::{Broker, RunningRelay, Ticked, eventually, relay_config, scalar, unpublished};
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publishes_committed_events_with_the_contract_envelope() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    let broker = Broker::new().await;
+    let metadata = Metadata::by("user:42")
+        .correlation_id("req-9")
+        .traceparent(TRACEPARENT);
+    let ids: Vec<_> = (0..3)
+        .map(|n| {
+            conn.transaction::<_, Error, _>(|conn| {
+                outbox::record_with(
+                    conn,
+                    &Ticked {
+                        aggregate: "c1".into(),
+                        n,
+                    },
+                    &metadata,
+                )
+            })
+            .unwrap()
+        })
+        .collect();
+    let relay = RunningRelay::start(relay_config(&db, &broker));
+    broker.wait_for_distinct(3, Duration::from_secs(20)).await;
+    eventually("rows marked published", Duration::from_secs(10), || {
+        unpublished(&mut conn) == 0
+    })
+    .await;
+    relay.stop().await;
+
+    let received = broker.received();
+    let first = &received[0];
+    assert_eq!(
+        first.message_id(),
+        ids[0].to_string(),
+        "message_id is the event id"
+    );
+    assert_eq!(first.routing_key, "counter.ticked");
+    let p = &first.properties;
+    assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some("counter.ticked"));
+    assert_eq!(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/cloudevents+json")
+    );
+    assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+    assert_eq!(p.app_id().as_ref().map(|s| s.as_str()), Some("outbox-relay"));
+    assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), Some("req-9"));
+    assert!(p.timestamp().is_some());
+    let headers = p.headers().clone().unwrap_or_default();
+    let header = |name: &str| match headers.inner().get(name) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => format!("{other:?}"),
+    };
+    assert_eq!(header("aggregate_type"), "counter");
+    assert_eq!(header("aggregate_id"), "c1");
+    assert_eq!(header("tenant_id"), "tenant-1");
+    assert_eq!(header("traceparent"), TRACEPARENT);
+
+    let body = &first.body;
+    assert_eq!(body["specversion"], "1.0");
+    assert_eq!(body["id"], ids[0].to_string());
+    assert_eq!(body["type"], "counter.ticked");
+    assert_eq!(body["source"], "/outbox");
+    assert_eq!(body["subject"], "c1");
+    assert_eq!(body["tenantid"], "tenant-1");
+    assert_eq!(body["actor"], "user:42");
+    assert_eq!(body["correlationid"], "req-9");
+    assert_eq!(body["traceparent"], TRACEPARENT);
+    assert_eq!(body["aggregatetype"], "counter");
+    assert_eq!(body["schemaversion"], 1);
+    assert_eq!(body["data"], serde_json::json!({"aggregate": "c1", "n": 0}));
+    assert!(body["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE lease_owner IS NOT NULL"
+        ),
+        0,
+        "no lease left behind"
+    );
+}
+
+#[derive(Serialize)]
+struct Reset {
+    aggregate: String,
+}
+
+impl DomainEvent for Reset {
+    fn event_type(&self) -> &'static str {
+        "counter.reset"
+    }
+    fn aggregate_type(&self) -> &'static str {
+        "counter"
+    }
+    fn aggregate_id(&self) -> String {
+        self.aggregate.clone()
+    }
+}
+
+fn record_reset(conn: &mut PgConnection, aggregate: &str) {
+    conn.transaction::<_, Error, _>(|conn| {
+        outbox::record(
+            conn,
+            &Reset {
+                aggregate: aggregate.into(),
+            },
+        )
+    })
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unroutable_event_retries_with_backoff_and_holds_back_its_aggregate_only() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    // Only counter.ticked is routed: counter.reset comes back unroutable.
+    let broker = Broker::with_binding(Some("counter.ticked")).await;
+    record_reset(&mut conn, "held");
+    crate::support::record_ticks(&mut conn, "held", 1..3);
+    crate::support::record_ticks(&mut conn, "free", 0..3);
+    let relay = RunningRelay::start(relay_config(&db, &broker));
+
+    broker.wait_for_distinct(3, Duration::from_secs(20)).await;
+    eventually(
+        "the unroutable row retried twice",
+        Duration::from_secs(20),
+        || {
+            scalar(
+                &mut conn,
+                "SELECT max(attempts)::bigint AS n FROM outbox_events WHERE event_type = 'counter.reset'",
+            ) >= 2
+        },
+    )
+    .await;
+    let error: String = outbox::schema::outbox_events::table
+        .filter(outbox::schema::outbox_events::event_type.eq("counter.reset"))
+        .select(outbox::schema::outbox_events::last_error.assume_not_null())
+        .first(&mut conn)
+        .unwrap();
+    assert!(error.contains("NO_ROUTE"), "{error}");
+    // The held aggregate's later events were never published, not even once.
+    assert!(broker.first_arrival_order().get("held").is_none());
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE aggregate_id = 'held' AND event_type = 'counter.ticked' AND (attempts > 0 OR published_at IS NOT NULL)"
+        ),
+        0
+    );
+
+    // Once routable, the head goes out and the rest follow in order.
+    broker.bind("#").await;
+    broker.wait_for_distinct(6, Duration::from_secs(20)).await;
+    relay.stop().await;
+    let order: Vec<String> = broker
+        .received()
+        .iter()
+        .filter(|m| m.aggregate() == "held")
+        .map(|m| m.routing_key.clone())
+        .collect();
+    assert_eq!(order.first().map(String::as_str), Some("counter.reset"));
+    assert_eq!(broker.first_arrival_order()["held"], vec![-1, 1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exhausted_attempts_mark_the_row_failed_until_an_operator_retries() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    let broker = Broker::with_binding(Some("counter.ticked")).await;
+    record_reset(&mut conn, "a");
+    crate::support::record_ticks(&mut conn, "a", 1..2);
+    let config = outbox::RelayConfig {
+        max_attempts: 2,
+        ..relay_config(&db, &broker)
+    };
+    let relay = RunningRelay::start(config);
+    eventually("the row marked failed", Duration::from_secs(20), || {
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE failed_at IS NOT NULL AND attempts = 2",
+        ) == 1
+    })
+    .await;
+    let stats = outbox::relay::store::backlog_stats(&mut conn).unwrap();
+    assert_eq!((stats.failed, stats.backlog), (1, 2));
+    broker.bind("#").await;
+    // Failed rows stay put even now that the route exists.
+    assert_eq!(unpublished(&mut conn), 2);
+    assert_eq!(outbox::control::retry_failed_events(&mut conn).unwrap(), 1);
+    broker.wait_for_distinct(2, Duration::from_secs(20)).await;
+    relay.stop().await;
+    assert_eq!(broker.first_arrival_order()["a"], vec![-1, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nacked_publish_is_retried() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    let broker = Broker::with_binding(None).await;
+    // A full queue that rejects publishes makes the broker nack.
+    let full = format!("{}.full", broker.queue);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    broker
+        .channel
+        .queue_declare(
+            full.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    broker
+        .channel
+        .queue_bind(
+            full.as_str().into(),
+            broker.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    crate::support::record_ticks(&mut conn, "n", 0..2);
+    let relay = RunningRelay::start(relay_config(&db, &broker));
+    eventually("a nacked attempt recorded", Duration::from_secs(20), || {
+        scalar(&mut conn, "SELECT count(*) AS n FROM outbox_events WHERE attempts > 0 AND last_error LIKE '%negatively acknowledged%'") == 1
+    })
+    .await;
+    broker
+        .channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    broker.bind("#").await;
+    broker.wait_for_distinct(2, Duration::from_secs(20)).await;
+    relay.stop().await;
+    assert_eq!(broker.first_arrival_order()["n"], vec![0, 1]);
+}
