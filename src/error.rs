@@ -75,4 +75,11 @@ pub enum Error {
     /// A configuration value is out of range or malformed.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The thing named does not exist (a failed job id, ...).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The broker did not confirm a publish: it refused it (nack), returned
+    /// it as unroutable, or did not answer in time.
+    #[error("publish not confirmed: {0}")]
+    Unconfirmed(String),
 }

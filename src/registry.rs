@@ -1,11 +1,14 @@
 //! The one place a service maps event types to listeners, like the seed's
 //! EventServiceProvider. Sync listeners run in-process right after the
-//! recording transaction commits.
+//! recording transaction commits; queued listeners run in a worker
+//! ([`crate::consumer::Worker`]), each from its own queue bound to exactly
+//! its event types.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::consumer::listener::{ListenerOptions, QueuedListener, is_valid_listener_name};
 use crate::envelope::{EventEnvelope, is_valid_event_type};
 use crate::error::{Error, Result};
 
@@ -30,10 +33,56 @@ struct SyncRegistration {
     event_types: HashSet<String>,
 }
 
+/// A queued listener with its event types and options, as registered.
+#[derive(Clone)]
+pub struct QueuedRegistration {
+    listener: Arc<dyn QueuedListener>,
+    event_types: Vec<String>,
+    options: ListenerOptions,
+}
+
+impl fmt::Debug for QueuedRegistration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueuedRegistration")
+            .field("name", &self.name())
+            .field("event_types", &self.event_types)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl QueuedRegistration {
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        self.listener.name()
+    }
+
+    /// The event types it handles, sorted.
+    pub fn event_types(&self) -> &[String] {
+        &self.event_types
+    }
+
+    /// Whether it handles `event_type`.
+    pub fn handles(&self, event_type: &str) -> bool {
+        self.event_types.iter().any(|t| t == event_type)
+    }
+
+    /// Its options.
+    pub fn options(&self) -> &ListenerOptions {
+        &self.options
+    }
+
+    /// The listener.
+    pub fn listener(&self) -> &Arc<dyn QueuedListener> {
+        &self.listener
+    }
+}
+
 /// Maps event types to their listeners, explicitly.
 #[derive(Default, Clone)]
 pub struct Registry {
     sync: Vec<Arc<SyncRegistration>>,
+    queued: Vec<QueuedRegistration>,
 }
 
 impl fmt::Debug for Registry {
@@ -43,6 +92,9 @@ impl fmt::Debug for Registry {
             let mut types: Vec<&String> = registration.event_types.iter().collect();
             types.sort();
             list.entry(&registration.listener.name(), &types);
+        }
+        for registration in &self.queued {
+            list.entry(&registration.name(), &registration.event_types);
         }
         list.finish()
     }
@@ -75,6 +127,87 @@ impl Registry {
             event_types: event_types.iter().map(|t| (*t).to_owned()).collect(),
         }));
         Ok(self)
+    }
+
+    /// Registers queued `listener` for each of `event_types`, with the
+    /// options it asks for ([`QueuedListener::options`]).
+    pub fn queued_listener<L: QueuedListener>(self, event_types: &[&str], listener: L) -> Result<Self> {
+        let options = listener.options();
+        self.queued_listener_with(event_types, listener, options)
+    }
+
+    /// Registers queued `listener` for each of `event_types` with
+    /// `options`. Fails if the name is not lower-case letters, digits and
+    /// `_`, if a listener of that name exists, if an event type is not a
+    /// dotted lower-case name, or if an option is out of range.
+    pub fn queued_listener_with<L: QueuedListener>(
+        mut self,
+        event_types: &[&str],
+        listener: L,
+        options: ListenerOptions,
+    ) -> Result<Self> {
+        let name = listener.name().to_owned();
+        if !is_valid_listener_name(&name) {
+            return Err(Error::Config(format!(
+                "listener name {name:?} must be 1 to 100 lower-case letters, digits or '_', starting with a letter"
+            )));
+        }
+        if event_types.is_empty() {
+            return Err(Error::Config(format!(
+                "listener {name} is registered for no event type"
+            )));
+        }
+        if let Some(bad) = event_types.iter().find(|t| !is_valid_event_type(t)) {
+            return Err(Error::Config(format!(
+                "listener {name} is registered for {bad:?}, which is not a dotted lower-case event type"
+            )));
+        }
+        if self.queued.iter().any(|r| r.name() == name) || self.sync.iter().any(|r| r.listener.name() == name)
+        {
+            return Err(Error::Config(format!(
+                "a listener named {name} is already registered"
+            )));
+        }
+        options.validate(&name)?;
+        let mut types: Vec<String> = event_types.iter().map(|t| (*t).to_owned()).collect();
+        types.sort();
+        types.dedup();
+        self.queued.push(QueuedRegistration {
+            listener: Arc::new(listener),
+            event_types: types,
+            options,
+        });
+        Ok(self)
+    }
+
+    /// The queued listeners, in registration order.
+    pub fn queued_listeners(&self) -> &[QueuedRegistration] {
+        &self.queued
+    }
+
+    /// The queued listener named `name`.
+    pub fn queued_listener_named(&self, name: &str) -> Option<&QueuedRegistration> {
+        self.queued.iter().find(|r| r.name() == name)
+    }
+
+    /// Keeps only the queued listeners whose names `keep` accepts (a
+    /// worker that runs some of them). Sync listeners stay.
+    #[must_use]
+    pub fn retain_queued(mut self, keep: impl Fn(&str) -> bool) -> Self {
+        self.queued.retain(|r| keep(r.name()));
+        self
+    }
+
+    /// Every listener of `event_type`, sync then queued, as
+    /// `(name, queued)`: the mapping as an operator reads it.
+    pub fn listeners_for<'a>(&'a self, event_type: &'a str) -> Vec<(&'a str, bool)> {
+        let sync = self.sync_listeners_for(event_type).map(|l| (l.name(), false));
+        let queued = self
+            .queued
+            .iter()
+            .filter(|r| r.handles(event_type))
+            .map(|r| (r.name(), true));
+        sync.chain(queued).collect()
     }
 
     /// The sync listeners registered for `event_type`, in registration order.

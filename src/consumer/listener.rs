@@ -1,0 +1,454 @@
+//! What a queued listener is: the [`QueuedListener`] trait, the error it
+//! returns ([`ListenerError`], which says whether retrying is worth it),
+//! the [`HandlerContext`] it runs with, and its [`ListenerOptions`].
+
+use std::fmt;
+use std::time::Duration;
+
+use diesel::PgConnection;
+use diesel::r2d2::{ConnectionManager, PooledConnection};
+
+use crate::consumer::message::ReceivedEvent;
+use crate::database::PgPool;
+use crate::error::{Error, Result};
+use crate::registry::BoxError;
+
+/// A listener that runs in a worker, from its own queue
+/// (`<app>.<name>`), with retries, a dead-letter queue and a failed-jobs
+/// row when it gives up.
+///
+/// `handle` runs on tokio's blocking pool, so plain diesel calls are
+/// fine in it. With [`ListenerOptions::inbox`] on (the default) the
+/// framework opens a transaction, inserts the inbox row (listener,
+/// event_id), hands the transaction out as [`HandlerContext::conn`] and
+/// commits both together: database effects happen exactly once. Effects
+/// outside this database (an email, an HTTP call) happen at least once:
+/// make them idempotent or tolerate duplicates.
+///
+/// ```
+/// use outbox::consumer::{HandlerContext, ListenerError, QueuedListener, ReceivedEvent};
+///
+/// struct CountSites;
+///
+/// impl QueuedListener for CountSites {
+///     fn name(&self) -> &str { "count_sites" }
+///     fn handle(&self, event: &ReceivedEvent, ctx: &mut HandlerContext<'_>) -> Result<(), ListenerError> {
+///         use diesel::RunQueryDsl;
+///         diesel::sql_query("UPDATE counters SET n = n + 1 WHERE name = 'sites'")
+///             .execute(ctx.conn()?)?; // commits with the inbox row
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait QueuedListener: Send + Sync + 'static {
+    /// Stable name: lower-case letters, digits and `_`, starting with a
+    /// letter (`record_audit_log`). It names the queue and the inbox and
+    /// failed-jobs rows, so renaming a listener gives it a fresh queue.
+    fn name(&self) -> &str;
+
+    /// Retry, concurrency and transaction settings. The registry can
+    /// override them ([`Registry::queued_listener_with`]).
+    ///
+    /// [`Registry::queued_listener_with`]: crate::Registry::queued_listener_with
+    fn options(&self) -> ListenerOptions {
+        ListenerOptions::default()
+    }
+
+    /// Handles one event. Return [`ListenerError::Transient`] for failures
+    /// a later try may not have (a service down, a lock timeout) and
+    /// [`ListenerError::Permanent`] for those it will (a payload that does
+    /// not fit, a broken invariant). A panic counts as a transient failure.
+    fn handle(&self, event: &ReceivedEvent, ctx: &mut HandlerContext<'_>) -> Result<(), ListenerError>;
+}
+
+/// A listener's failure, and whether trying again is worth it.
+#[derive(Debug)]
+pub enum ListenerError {
+    /// Try again after the backoff delay, up to [`ListenerOptions::tries`].
+    Transient(BoxError),
+    /// Give up now: a failed-jobs row and the dead-letter queue.
+    Permanent(BoxError),
+}
+
+impl ListenerError {
+    /// A failure worth retrying.
+    pub fn transient(error: impl Into<BoxError>) -> Self {
+        Self::Transient(error.into())
+    }
+
+    /// A failure no retry can fix.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        Self::Permanent(error.into())
+    }
+
+    /// Whether this failure ends the job at once.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Permanent(_))
+    }
+
+    /// The underlying error.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        match self {
+            Self::Transient(e) | Self::Permanent(e) => e.as_ref(),
+        }
+    }
+}
+
+impl fmt::Display for ListenerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The whole source chain, so the failed-jobs row says everything.
+        let mut text = self.inner().to_string();
+        let mut source = self.inner().source();
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        f.write_str(&text)
+    }
+}
+
+impl std::error::Error for ListenerError {}
+
+/// Database errors are worth retrying (a serialization failure, a lost
+/// connection); return [`ListenerError::permanent`] yourself for those
+/// that are not.
+impl From<diesel::result::Error> for ListenerError {
+    fn from(error: diesel::result::Error) -> Self {
+        Self::Transient(Box::new(error))
+    }
+}
+
+impl From<Error> for ListenerError {
+    fn from(error: Error) -> Self {
+        Self::Transient(Box::new(error))
+    }
+}
+
+type Pooled = PooledConnection<ConnectionManager<PgConnection>>;
+
+enum Conn<'a> {
+    /// The inbox transaction the framework opened.
+    Transaction(&'a mut PgConnection),
+    /// Taken from the pool on first use.
+    Lazy {
+        pool: Option<&'a PgPool>,
+        conn: Option<Pooled>,
+    },
+}
+
+/// What a handler gets besides the event: the try number and a database
+/// connection.
+pub struct HandlerContext<'a> {
+    attempt: u32,
+    tries: u32,
+    conn: Conn<'a>,
+}
+
+impl fmt::Debug for HandlerContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerContext")
+            .field("attempt", &self.attempt)
+            .field("tries", &self.tries)
+            .field("in_transaction", &self.in_transaction())
+            .finish()
+    }
+}
+
+impl<'a> HandlerContext<'a> {
+    /// A context whose [`conn`](Self::conn) is `conn` (inside a transaction
+    /// the caller opened): for the framework's inbox transactions, and for
+    /// testing a listener without a broker.
+    pub fn with_transaction(conn: &'a mut PgConnection, attempt: u32, tries: u32) -> Self {
+        Self {
+            attempt,
+            tries,
+            conn: Conn::Transaction(conn),
+        }
+    }
+
+    /// A context that takes a connection from `pool` on first use (or
+    /// has none, for `None`).
+    pub fn with_pool(pool: Option<&'a PgPool>, attempt: u32, tries: u32) -> Self {
+        Self {
+            attempt,
+            tries,
+            conn: Conn::Lazy { pool, conn: None },
+        }
+    }
+
+    /// This try's number, from 1. Counted by the framework in Postgres.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Tries the listener gets in all.
+    pub fn tries(&self) -> u32 {
+        self.tries
+    }
+
+    /// Whether a transient failure now ends the job.
+    pub fn is_last_try(&self) -> bool {
+        self.attempt >= self.tries
+    }
+
+    /// Whether [`conn`](Self::conn) is the inbox transaction (effects
+    /// commit together with the inbox row) rather than a plain pooled
+    /// connection.
+    pub fn in_transaction(&self) -> bool {
+        matches!(self.conn, Conn::Transaction(_))
+    }
+
+    /// The database connection: the inbox transaction for listeners with
+    /// [`ListenerOptions::inbox`], else a pooled connection taken on first
+    /// use (open your own transaction on it if you need one).
+    pub fn conn(&mut self) -> Result<&mut PgConnection, ListenerError> {
+        match &mut self.conn {
+            Conn::Transaction(conn) => Ok(conn),
+            Conn::Lazy { pool, conn } => {
+                if conn.is_none() {
+                    let pool = pool.ok_or_else(|| ListenerError::permanent("this worker has no database"))?;
+                    *conn = Some(pool.get().map_err(|e| ListenerError::transient(Error::Pool(e)))?);
+                }
+                match conn {
+                    Some(conn) => Ok(&mut **conn),
+                    None => Err(ListenerError::transient("no database connection")),
+                }
+            }
+        }
+    }
+}
+
+/// How a queued listener is retried, run and isolated. Each default is
+/// next to its field; [`ListenerOptions::validate`] checks the ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerOptions {
+    /// Tries in all, the first included, before a transient failure ends
+    /// in failed_jobs. Default 3 (the seed's); 1 to 100.
+    pub tries: u32,
+    /// Delay before the next try after `n` failed tries: `backoff[n - 1]`,
+    /// the last entry repeating (Laravel's rule). Default 30 s, 60 s,
+    /// 120 s (the seed's; with 3 tries the 120 s step is not reached).
+    /// Each 1 ms to 24 h. The delays are waited out in retry queues
+    /// (`<queue>.retry.<delay>`, one per distinct delay) that dead-letter
+    /// back to the listener's queue: the worker never sleeps on a message.
+    pub backoff: Vec<Duration>,
+    /// Unacknowledged messages the broker sends this worker ahead of time.
+    /// Default 8; at least `concurrency`, at most 65,535.
+    pub prefetch: u16,
+    /// Handlers of this listener running at once in one worker. Default
+    /// 4; 1 to 1,024.
+    pub concurrency: usize,
+    /// Longest a try may run; after it the try counts as a transient
+    /// failure (`handler timed out`) and is retried. The handler's thread
+    /// cannot be stopped, so it keeps its concurrency slot until it
+    /// returns, and inbox transactions get `statement_timeout` set to this.
+    /// Must stay below RabbitMQ's `consumer_timeout` (30 min by default).
+    /// Default 60 s; 1 ms to 25 min.
+    pub timeout: Duration,
+    /// Run the handler in a transaction with the inbox row (listener,
+    /// event_id): effects exactly once; duplicates are acknowledged
+    /// without running the handler. Turn it off for listeners without a
+    /// database effect (at least once, no database round trip). Default on.
+    pub inbox: bool,
+    /// Declare the queue with single active consumer: one worker at a
+    /// time gets its messages, in queue order, for listeners that need
+    /// per-aggregate order. Retries break that order: a message being
+    /// retried waits in a retry queue while later ones are handled. Use
+    /// `tries: 1` if order matters more than retries. Changing it needs
+    /// the queue deleted first (queue arguments cannot change). Default
+    /// off.
+    pub single_active_consumer: bool,
+    /// A message delivered this many times without being acknowledged
+    /// (the worker died or lost its connection while handling it) is
+    /// failed without running the handler again: the crash-loop guard.
+    /// The queue's broker-side `x-delivery-limit` is set a little above
+    /// it as a backstop (messages past it go to the dead-letter queue
+    /// without a failed-jobs row). Default 5; 1 to 100.
+    pub max_unacked_deliveries: u32,
+}
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        Self {
+            tries: 3,
+            backoff: vec![
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+                Duration::from_secs(120),
+            ],
+            prefetch: 8,
+            concurrency: 4,
+            timeout: Duration::from_secs(60),
+            inbox: true,
+            single_active_consumer: false,
+            max_unacked_deliveries: 5,
+        }
+    }
+}
+
+impl ListenerOptions {
+    /// Options with `tries` and `backoff` changed.
+    #[must_use]
+    pub fn retries(mut self, tries: u32, backoff: &[Duration]) -> Self {
+        self.tries = tries;
+        self.backoff = backoff.to_vec();
+        self
+    }
+
+    /// Checks every option; the error names the listener and the option.
+    pub fn validate(&self, listener: &str) -> Result<()> {
+        let bad = |what: String| Err(Error::Config(format!("listener {listener}: {what}")));
+        if !(1..=100).contains(&self.tries) {
+            return bad(format!("tries must be between 1 and 100, not {}", self.tries));
+        }
+        if self.backoff.is_empty() || self.backoff.len() > 100 {
+            return bad("backoff must list 1 to 100 delays".into());
+        }
+        if let Some(delay) = self
+            .backoff
+            .iter()
+            .find(|d| **d < Duration::from_millis(1) || **d > Duration::from_secs(24 * 3600))
+        {
+            return bad(format!("backoff delay {delay:?} must be between 1 ms and 24 h"));
+        }
+        if !(1..=1024).contains(&self.concurrency) {
+            return bad(format!(
+                "concurrency must be between 1 and 1024, not {}",
+                self.concurrency
+            ));
+        }
+        if usize::from(self.prefetch) < self.concurrency {
+            return bad(format!(
+                "prefetch ({}) must be at least the concurrency ({})",
+                self.prefetch, self.concurrency
+            ));
+        }
+        if self.timeout < Duration::from_millis(1) || self.timeout > Duration::from_secs(25 * 60) {
+            return bad(format!(
+                "timeout {:?} must be between 1 ms and 25 min (below RabbitMQ's consumer_timeout)",
+                self.timeout
+            ));
+        }
+        if !(1..=100).contains(&self.max_unacked_deliveries) {
+            return bad(format!(
+                "max_unacked_deliveries must be between 1 and 100, not {}",
+                self.max_unacked_deliveries
+            ));
+        }
+        Ok(())
+    }
+
+    /// The delay before the next try after `failures` failed tries.
+    pub fn delay_after(&self, failures: u32) -> Duration {
+        let index = (failures.max(1) as usize - 1).min(self.backoff.len().saturating_sub(1));
+        self.backoff
+            .get(index)
+            .copied()
+            .unwrap_or(Duration::from_secs(30))
+    }
+
+    /// The distinct delays, in order of first use: one retry queue each.
+    pub fn distinct_delays(&self) -> Vec<Duration> {
+        let mut delays: Vec<Duration> = Vec::new();
+        for failures in 1..self.tries {
+            let delay = self.delay_after(failures);
+            if !delays.contains(&delay) {
+                delays.push(delay);
+            }
+        }
+        delays
+    }
+}
+
+/// Whether `name` is a valid listener name.
+pub(crate) fn is_valid_listener_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    !name.is_empty()
+        && name.len() <= 100
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_follow_the_backoff_list() {
+        let options = ListenerOptions::default();
+        assert_eq!(options.delay_after(1), Duration::from_secs(30));
+        assert_eq!(options.delay_after(2), Duration::from_secs(60));
+        assert_eq!(options.delay_after(3), Duration::from_secs(120));
+        assert_eq!(options.delay_after(9), Duration::from_secs(120));
+        assert_eq!(
+            options.distinct_delays(),
+            vec![Duration::from_secs(30), Duration::from_secs(60)]
+        );
+        let one = ListenerOptions::default().retries(5, &[Duration::from_millis(10)]);
+        assert_eq!(one.distinct_delays(), vec![Duration::from_millis(10)]);
+        assert!(
+            ListenerOptions::default()
+                .retries(1, &[Duration::from_secs(1)])
+                .distinct_delays()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        let cases = [
+            (
+                ListenerOptions {
+                    tries: 0,
+                    ..ListenerOptions::default()
+                },
+                "tries",
+            ),
+            (ListenerOptions::default().retries(3, &[]), "backoff"),
+            (
+                ListenerOptions {
+                    prefetch: 1,
+                    concurrency: 2,
+                    ..ListenerOptions::default()
+                },
+                "prefetch",
+            ),
+            (
+                ListenerOptions {
+                    timeout: Duration::from_secs(3600),
+                    ..ListenerOptions::default()
+                },
+                "consumer_timeout",
+            ),
+        ];
+        for (options, word) in cases {
+            let message = options
+                .validate("l")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(message.contains(word), "{word}: {message}");
+        }
+        assert!(ListenerOptions::default().validate("l").is_ok());
+    }
+
+    #[test]
+    fn listener_names() {
+        assert!(is_valid_listener_name("record_audit_log"));
+        assert!(is_valid_listener_name("a1"));
+        for bad in ["", "Record", "1a", "a-b", "a.b", "a b"] {
+            assert!(!is_valid_listener_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_print_their_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let error = ListenerError::transient(Outer(std::io::Error::other("inner")));
+        assert_eq!(error.to_string(), "outer: inner");
+        assert!(!error.is_permanent());
+    }
+}

@@ -1,0 +1,57 @@
+//! The consumer framework: queued listeners run by a [`Worker`], each from
+//! its own queue, with delayed retries, a dead-letter queue and a
+//! [`failed_jobs`](crate::failed_jobs) row when a message fails for good.
+//!
+//! ## Pieces
+//!
+//! | piece | where |
+//! | --- | --- |
+//! | a listener and its options (tries, backoff, prefetch, concurrency, timeout, inbox, single active consumer) | [`QueuedListener`], [`ListenerOptions`] |
+//! | whether a failure is worth retrying | [`ListenerError`] |
+//! | the event as a listener sees it | [`ReceivedEvent`] ([`message::decode`]) |
+//! | event type → listener mapping | [`Registry::queued_listener`](crate::Registry::queued_listener) |
+//! | queues, retry queues, dead-letter queues | [`topology`] |
+//! | running it all | [`Worker`], [`WorkerConfig`] |
+//!
+//! ## Guarantees
+//!
+//! - **Isolation.** Each listener has its own queue bound to its event
+//!   types, its own retry queues (which dead-letter back to that queue
+//!   only) and its own dead-letter queue: one listener failing never
+//!   delays or duplicates another's work.
+//! - **Retries without sleeping.** A failed try is counted in Postgres
+//!   (`listener_attempts`: a publisher cannot forge it), the message is
+//!   published to the retry queue of the backoff delay, and acknowledged.
+//!   The broker holds it for the delay, then puts it back in the listener's
+//!   queue. No sleeping consumer, no hot requeue loop.
+//! - **Final failure.** After the last try (or at once for a permanent
+//!   error, a message that does not decode, or an event type the listener
+//!   does not handle): exactly one `failed_jobs` row per (listener, event)
+//!   with the payload, the bounded error, the tries and every try's error;
+//!   then the message is published to `<app>.<listener>.dead` (confirmed)
+//!   and acknowledged.
+//! - **Exactly-once database effects** for listeners with
+//!   [`ListenerOptions::inbox`] (the default): effect and inbox row commit
+//!   together; duplicates are acknowledged without running the handler.
+//!   Effects outside the database (mail, HTTP) are at least once.
+//! - **Nothing lost.** A message is acknowledged only after its outcome is
+//!   durable (committed effect, confirmed retry copy, or committed failed
+//!   job plus confirmed dead-letter copy). A crash at any point leaves it
+//!   unacknowledged, and the broker redelivers it.
+//! - **Order.** Messages of one listener are handled concurrently
+//!   ([`ListenerOptions::concurrency`]) and retried out of order. A
+//!   listener that needs per-aggregate order sets
+//!   [`ListenerOptions::single_active_consumer`] with concurrency 1 (and
+//!   accepts that a retried message is overtaken by later ones, or uses
+//!   one try).
+
+pub mod listener;
+pub mod message;
+pub mod store;
+pub mod topology;
+pub mod worker;
+
+pub use listener::{HandlerContext, ListenerError, ListenerOptions, QueuedListener};
+pub use message::{DecodeError, MAX_BODY_BYTES, ReceivedEvent, decode};
+pub use topology::ListenerQueues;
+pub use worker::{Worker, WorkerConfig, WorkerHealth};

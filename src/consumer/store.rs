@@ -1,0 +1,234 @@
+//! The worker's bookkeeping in Postgres: attempt counts per (listener,
+//! event) in `listener_attempts`, and the move to `failed_jobs`.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Double, Integer, Jsonb, Text, Uuid as SqlUuid};
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::failed_jobs::{self, AttemptError, MAX_ATTEMPT_ERROR_BYTES, NewFailedJob, bounded_text};
+
+diesel::table! {
+    /// Failed tries per (listener, event) while an event is being retried.
+    listener_attempts (listener, event_id) {
+        /// The listener's name.
+        listener -> Text,
+        /// The event.
+        event_id -> Uuid,
+        /// Failed tries so far.
+        attempts -> Int4,
+        /// `[{attempt, at, error}]`.
+        errors -> Jsonb,
+        /// When the first try failed.
+        first_failed_at -> Timestamptz,
+        /// When the last try failed.
+        updated_at -> Timestamptz,
+    }
+}
+
+/// Where a message stands, read when it may have been seen before.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct DeliveryState {
+    /// Failed tries recorded so far.
+    pub attempts: u32,
+    /// The failed job already recorded for it, if any.
+    pub failed_job: Option<i64>,
+}
+
+pub(crate) fn delivery_state(
+    conn: &mut PgConnection,
+    listener: &str,
+    event_id: Uuid,
+) -> Result<DeliveryState> {
+    let attempts = listener_attempts::table
+        .filter(listener_attempts::listener.eq(listener))
+        .filter(listener_attempts::event_id.eq(event_id))
+        .select(listener_attempts::attempts)
+        .first::<i32>(conn)
+        .optional()?
+        .unwrap_or(0);
+    let failed_job = crate::schema::failed_jobs::table
+        .filter(crate::schema::failed_jobs::listener.eq(listener))
+        .filter(crate::schema::failed_jobs::event_id.eq(event_id))
+        .select(crate::schema::failed_jobs::id)
+        .first::<i64>(conn)
+        .optional()?;
+    Ok(DeliveryState {
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        failed_job,
+    })
+}
+
+/// What recording a failed try decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureOutcome {
+    /// Try again; `attempts` tries have failed so far.
+    Retry { attempts: u32 },
+    /// Failed for good: the failed job's id, the tries made, and whether
+    /// this call wrote the row (false when a redelivery found it).
+    Failed {
+        job_id: i64,
+        attempts: u32,
+        inserted: bool,
+    },
+}
+
+/// The message a failure is about.
+pub(crate) struct FailedMessage<'a> {
+    pub listener: &'a str,
+    pub queue: &'a str,
+    pub event_id: Uuid,
+    pub event_type: &'a str,
+    pub body: &'a [u8],
+}
+
+#[derive(QueryableByName)]
+struct Counted {
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+    #[diesel(sql_type = Jsonb)]
+    errors: serde_json::Value,
+}
+
+/// Records a failed try in one transaction: counts it in
+/// `listener_attempts`, and when it was permanent or the last of `tries`,
+/// moves the history into a `failed_jobs` row (one per listener and event)
+/// and deletes the count.
+pub(crate) fn record_failure(
+    conn: &mut PgConnection,
+    message: &FailedMessage<'_>,
+    error: &str,
+    permanent: bool,
+    tries: u32,
+) -> Result<FailureOutcome> {
+    let error = bounded_text(error, MAX_ATTEMPT_ERROR_BYTES);
+    conn.transaction(|conn| {
+        let counted = diesel::sql_query(
+            "INSERT INTO listener_attempts AS a (listener, event_id, attempts, errors)
+             VALUES ($1, $2, 1, jsonb_build_array(jsonb_build_object('attempt', 1, 'at', now(), 'error', $3::text)))
+             ON CONFLICT (listener, event_id) DO UPDATE SET
+                 attempts = a.attempts + 1,
+                 errors = a.errors || jsonb_build_array(jsonb_build_object('attempt', a.attempts + 1, 'at', now(), 'error', $3::text)),
+                 updated_at = now()
+             RETURNING a.attempts, a.errors",
+        )
+        .bind::<Text, _>(message.listener)
+        .bind::<SqlUuid, _>(message.event_id)
+        .bind::<Text, _>(&error)
+        .get_result::<Counted>(conn)?;
+        let attempts = u32::try_from(counted.attempts).unwrap_or(u32::MAX);
+        if !permanent && attempts < tries {
+            return Ok(FailureOutcome::Retry { attempts });
+        }
+        let errors: Vec<AttemptError> = match counted.errors {
+            serde_json::Value::Array(items) => items
+                .into_iter()
+                .filter_map(|item| serde_json::from_value(item).ok())
+                .collect(),
+            _ => Vec::new(),
+        };
+        diesel::delete(
+            listener_attempts::table
+                .filter(listener_attempts::listener.eq(message.listener))
+                .filter(listener_attempts::event_id.eq(message.event_id)),
+        )
+        .execute(conn)?;
+        let payload = failed_jobs::payload_for_body(message.body);
+        let (job_id, inserted) = failed_jobs::insert(
+            conn,
+            &NewFailedJob {
+                queue: message.queue,
+                listener: message.listener,
+                event_id: Some(message.event_id),
+                event_type: Some(message.event_type),
+                payload: &payload,
+                exception: &error,
+                attempts: counted.attempts,
+                errors: &errors,
+                uuid: None,
+            },
+        )?;
+        Ok(FailureOutcome::Failed {
+            job_id,
+            attempts,
+            inserted,
+        })
+    })
+}
+
+/// Records a message that cannot name its event (malformed): a failed job
+/// at once, keyed by a hash of listener and body.
+pub(crate) fn record_malformed(
+    conn: &mut PgConnection,
+    listener: &str,
+    queue: &str,
+    event_type: Option<&str>,
+    body: &[u8],
+    error: &str,
+) -> Result<(i64, bool)> {
+    let payload = failed_jobs::payload_for_body(body);
+    let at: DateTime<Utc> = Utc::now();
+    let errors = [AttemptError {
+        attempt: 1,
+        at,
+        error: bounded_text(error, MAX_ATTEMPT_ERROR_BYTES),
+    }];
+    failed_jobs::insert(
+        conn,
+        &NewFailedJob {
+            queue,
+            listener,
+            event_id: None,
+            event_type,
+            payload: &payload,
+            exception: error,
+            attempts: 1,
+            errors: &errors,
+            uuid: Some(failed_jobs::malformed_uuid(listener, body)),
+        },
+    )
+}
+
+/// Forgets the failed tries of an event that has now succeeded.
+pub(crate) fn clear_attempts(conn: &mut PgConnection, listener: &str, event_id: Uuid) -> Result<()> {
+    diesel::delete(
+        listener_attempts::table
+            .filter(listener_attempts::listener.eq(listener))
+            .filter(listener_attempts::event_id.eq(event_id)),
+    )
+    .execute(conn)?;
+    Ok(())
+}
+
+/// Deletes attempt counts not touched for `older_than_hours` (left behind
+/// by messages purged from their queues by hand), at most `batch`.
+pub fn prune_attempts(conn: &mut PgConnection, older_than_hours: f64, batch: i64) -> Result<usize> {
+    Ok(diesel::sql_query(
+        "DELETE FROM listener_attempts WHERE ctid IN (
+             SELECT ctid FROM listener_attempts
+             WHERE updated_at < now() - make_interval(secs => $1 * 3600)
+             LIMIT $2)",
+    )
+    .bind::<Double, _>(older_than_hours)
+    .bind::<BigInt, _>(batch)
+    .execute(conn)?)
+}
+
+/// The failed tries recorded for (`listener`, `event_id`): what an
+/// operator sees while an event is being retried.
+pub fn attempts(conn: &mut PgConnection, listener: &str, event_id: Uuid) -> Result<Vec<AttemptError>> {
+    let errors = listener_attempts::table
+        .filter(listener_attempts::listener.eq(listener))
+        .filter(listener_attempts::event_id.eq(event_id))
+        .select(listener_attempts::errors)
+        .first::<serde_json::Value>(conn)
+        .optional()?;
+    Ok(match errors {
+        Some(serde_json::Value::Array(items)) => items
+            .into_iter()
+            .filter_map(|item| serde_json::from_value(item).ok())
+            .collect(),
+        _ => Vec::new(),
+    })
+}

@@ -1,0 +1,243 @@
+//! The broker topology of queued listeners, declared idempotently.
+//!
+//! Per listener `<app>.<listener>`:
+//!
+//! | queue | kind | what it does |
+//! | --- | --- | --- |
+//! | `<app>.<listener>` | quorum | bound to the events exchange once per event type the listener handles; `x-delivery-limit` as a crash-loop backstop, dead-lettering to `.dead` |
+//! | `<app>.<listener>.retry.<delay>` | quorum, `x-message-ttl` = delay | one per distinct backoff delay; a failed message waits here, then dead-letters back to the listener's queue (and only there) |
+//! | `<app>.<listener>.dead` | quorum | messages that failed for good, beside their failed_jobs rows |
+//!
+//! Dead-lettering uses the default exchange with the target queue as the
+//! routing key, and RabbitMQ's at-least-once strategy, so a message moving
+//! between queues is never lost and never reaches another listener.
+//! Declaring is idempotent; declaring a queue with different arguments
+//! (say, after switching single active consumer) fails with the broker's
+//! PRECONDITION_FAILED: delete the queue first.
+//!
+//! Bindings are only added: after removing an event type from a listener,
+//! unbind it by hand (`rabbitmqadmin delete binding ...`).
+
+use std::time::Duration;
+
+use lapin::Channel;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
+use crate::amqp::{declare_exchange, validate_amqp_name};
+use crate::error::{Error, Result};
+use crate::registry::{QueuedRegistration, Registry};
+
+/// The queues of one listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerQueues {
+    /// The listener's name.
+    pub listener: String,
+    /// Its queue, `<app>.<listener>`.
+    pub queue: String,
+    /// Its dead-letter queue, `<app>.<listener>.dead`.
+    pub dead: String,
+    /// Its retry queues with their delays, `<app>.<listener>.retry.<delay>`.
+    pub retries: Vec<(Duration, String)>,
+    /// The event types its queue is bound to.
+    pub event_types: Vec<String>,
+    /// Whether the queue has single active consumer.
+    pub single_active_consumer: bool,
+    /// The queue's `x-delivery-limit`.
+    pub delivery_limit: u32,
+}
+
+impl ListenerQueues {
+    /// The retry queue for `delay`.
+    pub fn retry_queue(&self, delay: Duration) -> Option<&str> {
+        self.retries
+            .iter()
+            .find(|(d, _)| *d == delay)
+            .map(|(_, name)| name.as_str())
+    }
+
+    /// Every queue name, main queue first.
+    pub fn all_queues(&self) -> Vec<&str> {
+        let mut names = vec![self.queue.as_str(), self.dead.as_str()];
+        names.extend(self.retries.iter().map(|(_, name)| name.as_str()));
+        names
+    }
+}
+
+/// The queue names of `registration` under `app`.
+pub fn queues_for(app: &str, registration: &QueuedRegistration) -> Result<ListenerQueues> {
+    validate_amqp_name("app", app)?;
+    let queue = format!("{app}.{}", registration.name());
+    let dead = format!("{queue}.dead");
+    let retries = registration
+        .options()
+        .distinct_delays()
+        .into_iter()
+        .map(|delay| (delay, format!("{queue}.retry.{}", delay_label(delay))))
+        .collect::<Vec<_>>();
+    validate_amqp_name("queue", &dead)?;
+    for (_, name) in &retries {
+        validate_amqp_name("queue", name)?;
+    }
+    Ok(ListenerQueues {
+        listener: registration.name().to_owned(),
+        queue,
+        dead,
+        retries,
+        event_types: registration.event_types().to_vec(),
+        single_active_consumer: registration.options().single_active_consumer,
+        delivery_limit: registration.options().max_unacked_deliveries + 3,
+    })
+}
+
+/// The queues of every queued listener of `registry` under `app`.
+pub fn plan(app: &str, registry: &Registry) -> Result<Vec<ListenerQueues>> {
+    registry
+        .queued_listeners()
+        .iter()
+        .map(|registration| queues_for(app, registration))
+        .collect()
+}
+
+/// `30s`, `1500ms`, `2m`, `1h`: short, exact, and valid in a queue name.
+pub fn delay_label(delay: Duration) -> String {
+    let ms = delay.as_millis();
+    if ms > 0 && ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms > 0 && ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms > 0 && ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+fn quorum_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), text("quorum"));
+    arguments
+}
+
+/// Dead-letter to `target` through the default exchange, at least once.
+fn dead_letter_to(arguments: &mut FieldTable, target: &str) {
+    arguments.insert("x-dead-letter-exchange".into(), text(""));
+    arguments.insert("x-dead-letter-routing-key".into(), text(target));
+    arguments.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    // Required by at-least-once dead-lettering.
+    arguments.insert("x-overflow".into(), text("reject-publish"));
+}
+
+async fn declare_queue(channel: &Channel, name: &str, arguments: FieldTable) -> Result<()> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Broker {
+            context: format!(
+                "cannot declare queue {name} (if it exists with other arguments, delete it first)"
+            ),
+            source,
+        })
+}
+
+/// Declares the exchange, then every listener's dead-letter, retry and
+/// main queues and the main queue's bindings. Idempotent. Returns the
+/// queues declared.
+pub async fn declare(
+    channel: &Channel,
+    exchange: &str,
+    app: &str,
+    registry: &Registry,
+) -> Result<Vec<ListenerQueues>> {
+    validate_amqp_name("exchange", exchange)?;
+    let plan = plan(app, registry)?;
+    declare_exchange(channel, exchange).await?;
+    for queues in &plan {
+        declare_listener(channel, exchange, queues).await?;
+    }
+    Ok(plan)
+}
+
+/// Declares one listener's queues and bindings.
+pub async fn declare_listener(channel: &Channel, exchange: &str, queues: &ListenerQueues) -> Result<()> {
+    declare_queue(channel, &queues.dead, quorum_arguments()).await?;
+    for (delay, name) in &queues.retries {
+        let mut arguments = quorum_arguments();
+        let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        dead_letter_to(&mut arguments, &queues.queue);
+        declare_queue(channel, name, arguments).await?;
+    }
+    let mut arguments = quorum_arguments();
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(i32::try_from(queues.delivery_limit).unwrap_or(i32::MAX)),
+    );
+    dead_letter_to(&mut arguments, &queues.dead);
+    if queues.single_active_consumer {
+        arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    declare_queue(channel, &queues.queue, arguments).await?;
+    for event_type in &queues.event_types {
+        channel
+            .queue_bind(
+                queues.queue.as_str().into(),
+                exchange.into(),
+                event_type.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| Error::Broker {
+                context: format!(
+                    "cannot bind queue {} to {exchange} for {event_type}",
+                    queues.queue
+                ),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Deletes the queues of `queues` (messages in them are lost): for tests
+/// and for tearing down a listener that is gone for good.
+pub async fn delete(channel: &Channel, queues: &[ListenerQueues]) -> Result<()> {
+    for listener in queues {
+        for name in listener.all_queues() {
+            channel
+                .queue_delete(name.into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|source| Error::Broker {
+                    context: format!("cannot delete queue {name}"),
+                    source,
+                })?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_labels() {
+        assert_eq!(delay_label(Duration::from_secs(30)), "30s");
+        assert_eq!(delay_label(Duration::from_secs(120)), "2m");
+        assert_eq!(delay_label(Duration::from_secs(7200)), "2h");
+        assert_eq!(delay_label(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(delay_label(Duration::from_millis(20)), "20ms");
+    }
+}

@@ -1,0 +1,551 @@
+//! `failed_jobs`: the messages a queued listener could not handle, modelled
+//! on Laravel's table of the same name.
+//!
+//! The consumer framework writes one row when a message fails for good:
+//! after its last try, or at once when it is malformed, of a type the
+//! listener does not handle, or the listener says retrying is pointless.
+//! The same message is in the listener's dead-letter queue
+//! (`<app>.<listener>.dead`). At most one row exists per (listener,
+//! event id), so a redelivery after a crash cannot add a second one.
+//!
+//! The functions here are what operators' tools build on: [`list`] with
+//! filters (newest first), [`get`], [`forget`], [`flush`], [`prune`], and
+//! [`retry`], which republishes the stored event to the listener's own
+//! queue (never to the other listeners of the event) and deletes the row
+//! once the broker has confirmed it.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Double, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid};
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::cloudevents::CONTENT_TYPE;
+use crate::database::PgPool;
+use crate::error::{Error, Result};
+use crate::schema::failed_jobs;
+
+/// Longest exception text kept, in bytes (the column allows 65,536
+/// characters); longer texts are cut on a character boundary.
+pub const MAX_EXCEPTION_BYTES: usize = 16 * 1024;
+/// Longest text kept for one entry of the error history, in bytes.
+pub const MAX_ATTEMPT_ERROR_BYTES: usize = 2 * 1024;
+/// Longest raw body kept in the payload of a malformed message, in bytes.
+pub const MAX_RAW_BODY_BYTES: usize = 64 * 1024;
+/// The most rows [`list`] returns at once.
+pub const MAX_LIST_LIMIT: i64 = 10_000;
+
+/// One failed try, as kept in `errors` (`[{attempt, at, error}]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptError {
+    /// 1 for the first try.
+    pub attempt: i32,
+    /// When the try failed.
+    pub at: DateTime<Utc>,
+    /// What went wrong (bounded to [`MAX_ATTEMPT_ERROR_BYTES`]).
+    pub error: String,
+}
+
+/// A row of `failed_jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FailedJob {
+    /// Row id, what operators name a job by.
+    pub id: i64,
+    /// Stable unique id.
+    pub uuid: Uuid,
+    /// The listener's queue (`chom.record_audit_log`).
+    pub queue: String,
+    /// The listener's name (`record_audit_log`).
+    pub listener: String,
+    /// The event, when the message could be decoded far enough to name it.
+    pub event_id: Option<Uuid>,
+    /// The event type, when known.
+    pub event_type: Option<String>,
+    /// The CloudEvents document as received, or for a malformed message an
+    /// object with its raw body (see [`malformed_payload`]).
+    pub payload: serde_json::Value,
+    /// The final error.
+    pub exception: String,
+    /// Tries made.
+    pub attempts: i32,
+    /// Every failed try, oldest first.
+    pub errors: Vec<AttemptError>,
+    /// When the job failed for good.
+    pub failed_at: DateTime<Utc>,
+}
+
+type FailedJobColumns = (
+    failed_jobs::id,
+    failed_jobs::uuid,
+    failed_jobs::queue,
+    failed_jobs::listener,
+    failed_jobs::event_id,
+    failed_jobs::event_type,
+    failed_jobs::payload,
+    failed_jobs::exception,
+    failed_jobs::attempts,
+    failed_jobs::errors,
+    failed_jobs::failed_at,
+);
+
+const COLUMNS: FailedJobColumns = (
+    failed_jobs::id,
+    failed_jobs::uuid,
+    failed_jobs::queue,
+    failed_jobs::listener,
+    failed_jobs::event_id,
+    failed_jobs::event_type,
+    failed_jobs::payload,
+    failed_jobs::exception,
+    failed_jobs::attempts,
+    failed_jobs::errors,
+    failed_jobs::failed_at,
+);
+
+type Row = (
+    i64,
+    Uuid,
+    String,
+    String,
+    Option<Uuid>,
+    Option<String>,
+    serde_json::Value,
+    String,
+    i32,
+    serde_json::Value,
+    DateTime<Utc>,
+);
+
+fn from_row(row: Row) -> FailedJob {
+    let (id, uuid, queue, listener, event_id, event_type, payload, exception, attempts, errors, failed_at) =
+        row;
+    FailedJob {
+        id,
+        uuid,
+        queue,
+        listener,
+        event_id,
+        event_type,
+        payload,
+        exception,
+        attempts,
+        // Written by this module; an entry edited by hand into another
+        // shape is dropped rather than failing the whole listing.
+        errors: match errors {
+            serde_json::Value::Array(items) => items
+                .into_iter()
+                .filter_map(|item| serde_json::from_value(item).ok())
+                .collect(),
+            _ => Vec::new(),
+        },
+        failed_at,
+    }
+}
+
+/// A failed job to record.
+#[derive(Debug, Clone)]
+pub struct NewFailedJob<'a> {
+    /// The listener's queue.
+    pub queue: &'a str,
+    /// The listener's name.
+    pub listener: &'a str,
+    /// The event, if known.
+    pub event_id: Option<Uuid>,
+    /// The event type, if known.
+    pub event_type: Option<&'a str>,
+    /// The message body: the CloudEvents document, or for a malformed
+    /// message what [`malformed_payload`] makes of it.
+    pub payload: &'a serde_json::Value,
+    /// The final error (cut to [`MAX_EXCEPTION_BYTES`]).
+    pub exception: &'a str,
+    /// Tries made.
+    pub attempts: i32,
+    /// Every failed try (each cut to [`MAX_ATTEMPT_ERROR_BYTES`]).
+    pub errors: &'a [AttemptError],
+    /// Used as the row's uuid when the event id is unknown, so the same
+    /// malformed message redelivered after a crash maps to the same row.
+    /// Derive it with [`malformed_uuid`].
+    pub uuid: Option<Uuid>,
+}
+
+/// Records a failed job unless (listener, event id) — or, without an event
+/// id, the uuid — already has one. Returns the id of the row now in the
+/// table and whether this call inserted it.
+pub fn insert(conn: &mut PgConnection, job: &NewFailedJob<'_>) -> Result<(i64, bool)> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+    }
+    let errors: Vec<AttemptError> = job
+        .errors
+        .iter()
+        .map(|e| AttemptError {
+            attempt: e.attempt,
+            at: e.at,
+            error: bounded_text(&e.error, MAX_ATTEMPT_ERROR_BYTES),
+        })
+        .collect();
+    let errors = serde_json::to_value(&errors).map_err(|source| Error::Serialize {
+        event_type: job.event_type.unwrap_or("unknown").to_owned(),
+        source,
+    })?;
+    let uuid = job.uuid.unwrap_or_else(Uuid::now_v7);
+    let inserted = diesel::sql_query(
+        "INSERT INTO failed_jobs (uuid, queue, listener, event_id, event_type, payload, exception, attempts, errors)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT DO NOTHING
+         RETURNING id",
+    )
+    .bind::<SqlUuid, _>(uuid)
+    .bind::<Text, _>(job.queue)
+    .bind::<Text, _>(job.listener)
+    .bind::<Nullable<SqlUuid>, _>(job.event_id)
+    .bind::<Nullable<Text>, _>(job.event_type)
+    .bind::<Jsonb, _>(job.payload)
+    .bind::<Text, _>(bounded_text(job.exception, MAX_EXCEPTION_BYTES))
+    .bind::<Integer, _>(job.attempts.max(0))
+    .bind::<Jsonb, _>(&errors)
+    .get_result::<Id>(conn)
+    .optional()?;
+    if let Some(row) = inserted {
+        return Ok((row.id, true));
+    }
+    let existing = match job.event_id {
+        Some(event_id) => failed_jobs::table
+            .filter(failed_jobs::listener.eq(job.listener))
+            .filter(failed_jobs::event_id.eq(event_id))
+            .select(failed_jobs::id)
+            .first::<i64>(conn)
+            .optional()?,
+        None => None,
+    };
+    let existing = match existing {
+        Some(id) => Some(id),
+        None => failed_jobs::table
+            .filter(failed_jobs::uuid.eq(uuid))
+            .select(failed_jobs::id)
+            .first::<i64>(conn)
+            .optional()?,
+    };
+    // The conflicting row was deleted between the insert and the lookup
+    // (an operator forgot it): report it as not inserted, id 0.
+    Ok((existing.unwrap_or(0), false))
+}
+
+/// Which failed jobs [`list`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only this listener's.
+    pub listener: Option<String>,
+    /// Only this event type's.
+    pub event_type: Option<String>,
+    /// Only jobs that failed at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only jobs that failed before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// At most this many rows. Default (`None`) 100; at most
+    /// [`MAX_LIST_LIMIT`].
+    pub limit: Option<i64>,
+}
+
+/// Failed jobs matching `filter`, newest first.
+pub fn list(conn: &mut PgConnection, filter: &Filter) -> Result<Vec<FailedJob>> {
+    let limit = filter.limit.unwrap_or(100);
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(Error::Config(format!(
+            "limit must be between 1 and {MAX_LIST_LIMIT}, not {limit}"
+        )));
+    }
+    let mut query = failed_jobs::table.select(COLUMNS).into_boxed();
+    if let Some(listener) = &filter.listener {
+        query = query.filter(failed_jobs::listener.eq(listener));
+    }
+    if let Some(event_type) = &filter.event_type {
+        query = query.filter(failed_jobs::event_type.eq(event_type));
+    }
+    if let Some(since) = filter.since {
+        query = query.filter(failed_jobs::failed_at.ge(since));
+    }
+    if let Some(until) = filter.until {
+        query = query.filter(failed_jobs::failed_at.lt(until));
+    }
+    let rows = query
+        .order((failed_jobs::failed_at.desc(), failed_jobs::id.desc()))
+        .limit(limit)
+        .load::<Row>(conn)?;
+    Ok(rows.into_iter().map(from_row).collect())
+}
+
+/// The failed job with id `id`.
+pub fn get(conn: &mut PgConnection, id: i64) -> Result<Option<FailedJob>> {
+    Ok(failed_jobs::table
+        .find(id)
+        .select(COLUMNS)
+        .first::<Row>(conn)
+        .optional()?
+        .map(from_row))
+}
+
+/// The failed job of `listener` for `event_id`, if there is one.
+pub fn find_by_event(conn: &mut PgConnection, listener: &str, event_id: Uuid) -> Result<Option<FailedJob>> {
+    Ok(failed_jobs::table
+        .filter(failed_jobs::listener.eq(listener))
+        .filter(failed_jobs::event_id.eq(event_id))
+        .select(COLUMNS)
+        .first::<Row>(conn)
+        .optional()?
+        .map(from_row))
+}
+
+/// Deletes the failed job `id` without retrying it. Returns whether it
+/// existed.
+pub fn forget(conn: &mut PgConnection, id: i64) -> Result<bool> {
+    Ok(diesel::delete(failed_jobs::table.find(id)).execute(conn)? == 1)
+}
+
+/// Deletes every failed job, or with `older_than_hours` only those that
+/// failed longer ago than that. Returns how many.
+pub fn flush(conn: &mut PgConnection, older_than_hours: Option<f64>) -> Result<usize> {
+    match older_than_hours {
+        None => Ok(diesel::delete(failed_jobs::table).execute(conn)?),
+        Some(hours) => prune(conn, hours),
+    }
+}
+
+/// Deletes failed jobs older than `hours` (Laravel's `queue:prune-failed`,
+/// whose default is 24). Returns how many.
+pub fn prune(conn: &mut PgConnection, hours: f64) -> Result<usize> {
+    if !hours.is_finite() || hours < 0.0 {
+        return Err(Error::Config(format!(
+            "hours must be a non-negative number, not {hours}"
+        )));
+    }
+    Ok(diesel::sql_query(
+        "DELETE FROM failed_jobs WHERE failed_at < now() - make_interval(secs => $1 * 3600)",
+    )
+    .bind::<Double, _>(hours)
+    .execute(conn)?)
+}
+
+/// Republishes failed job `id` to its listener's own queue (through the
+/// default exchange, so no other listener sees it again), waits for the
+/// broker's confirm, then deletes the row and returns it.
+///
+/// `channel` must be in confirm mode (`confirm_select`). The retried
+/// message starts with a fresh attempt count. If the confirm does not come
+/// within `confirm_timeout`, or the queue does not exist, the row stays.
+pub async fn retry(
+    pool: &PgPool,
+    channel: &Channel,
+    id: i64,
+    confirm_timeout: Duration,
+) -> Result<FailedJob> {
+    let job = blocking(pool, move |conn| get(conn, id))
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("failed job {id}")))?;
+    let body = retry_body(&job.payload);
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-outbox-retried-failed-job".into(),
+        AMQPValue::LongLongInt(job.id),
+    );
+    let mut properties = BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_app_id("outbox-failed-retry".into())
+        .with_headers(headers);
+    if let Some(event_id) = job.event_id {
+        properties = properties.with_message_id(event_id.to_string().into());
+    }
+    if let Some(event_type) = job.event_type.as_deref()
+        && let Ok(short) = lapin::types::ShortString::try_new(event_type)
+    {
+        properties = properties.with_type(short);
+    }
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            job.queue.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &body,
+            properties,
+        )
+        .await
+        .map_err(|source| Error::Broker {
+            context: format!("cannot republish failed job {id} to {}", job.queue),
+            source,
+        })?;
+    let confirmation = tokio::time::timeout(confirm_timeout, confirm)
+        .await
+        .map_err(|_| {
+            Error::Unconfirmed(format!(
+                "no confirm for failed job {id} within {confirm_timeout:?}"
+            ))
+        })?
+        .map_err(|source| Error::Broker {
+            context: format!("republishing failed job {id}"),
+            source,
+        })?;
+    match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => {}
+        Confirmation::Ack(Some(_)) => {
+            return Err(Error::Unconfirmed(format!(
+                "queue {} does not exist (the message was returned); failed job {id} kept",
+                job.queue
+            )));
+        }
+        Confirmation::Nack(_) => {
+            return Err(Error::Unconfirmed(format!(
+                "the broker refused failed job {id}; kept"
+            )));
+        }
+    }
+    blocking(pool, move |conn| forget(conn, id)).await?;
+    Ok(job)
+}
+
+/// The bytes to republish for a stored payload: the CloudEvents document,
+/// or the raw body of a malformed message.
+pub fn retry_body(payload: &serde_json::Value) -> Vec<u8> {
+    if payload.get("malformed").and_then(serde_json::Value::as_bool) == Some(true)
+        && let Some(raw) = payload.get("raw_body").and_then(serde_json::Value::as_str)
+    {
+        return raw.as_bytes().to_vec();
+    }
+    serde_json::to_vec(payload).unwrap_or_default()
+}
+
+/// What `failed_jobs.payload` holds for a message body: the JSON document
+/// itself when the body is JSON Postgres can store, else an object with the
+/// body as (lossy, at most [`MAX_RAW_BODY_BYTES`]) text:
+/// `{"malformed": true, "raw_body": "...", "bytes": n, "truncated": false}`.
+pub fn payload_for_body(body: &[u8]) -> serde_json::Value {
+    if body.len() <= MAX_RAW_BODY_BYTES * 16
+        && let Ok(value) = serde_json::from_slice::<serde_json::Value>(body)
+        && !contains_nul(&value)
+    {
+        return value;
+    }
+    malformed_payload(body)
+}
+
+/// The payload object of a malformed message: its body as text, NUL
+/// characters (which Postgres cannot store) replaced, cut to
+/// [`MAX_RAW_BODY_BYTES`].
+pub fn malformed_payload(body: &[u8]) -> serde_json::Value {
+    let kept = &body[..body.len().min(MAX_RAW_BODY_BYTES)];
+    let text = String::from_utf8_lossy(kept).replace('\0', "\u{fffd}");
+    serde_json::json!({
+        "malformed": true,
+        "raw_body": text,
+        "bytes": body.len(),
+        "truncated": kept.len() < body.len(),
+    })
+}
+
+/// The uuid of the failed job of a message without a usable event id: a
+/// hash of listener and body, so the same message maps to the same row.
+pub fn malformed_uuid(listener: &str, body: &[u8]) -> Uuid {
+    let half = |salt: u64| {
+        let mut hasher = DefaultHasher::new();
+        salt.hash(&mut hasher);
+        listener.hash(&mut hasher);
+        body.hash(&mut hasher);
+        hasher.finish()
+    };
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&half(0x6f75_7462_6f78_0001).to_be_bytes());
+    bytes[8..].copy_from_slice(&half(0x6f75_7462_6f78_0002).to_be_bytes());
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+fn contains_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(contains_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, NUL
+/// characters replaced (Postgres text cannot hold them), with a marker
+/// when something was cut.
+pub fn bounded_text(text: &str, max: usize) -> String {
+    let clean = if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    };
+    if clean.len() <= max {
+        return clean.into_owned();
+    }
+    const MARK: &str = " ... [cut]";
+    let mut end = max.saturating_sub(MARK.len());
+    while !clean.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &clean[..end])
+}
+
+async fn blocking<T: Send + 'static>(
+    pool: &PgPool,
+    work: impl FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = pool.get()?;
+        work(&mut conn)
+    })
+    .await
+    .unwrap_or_else(|e| Err(Error::Config(format!("blocking task failed: {e}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_text_cuts_on_char_boundaries() {
+        assert_eq!(bounded_text("short", 100), "short");
+        let long = "é".repeat(100);
+        let cut = bounded_text(&long, 51);
+        assert!(cut.len() <= 51, "{}", cut.len());
+        assert!(cut.ends_with("[cut]"));
+        assert_eq!(bounded_text("a\0b", 10), "a\u{fffd}b");
+    }
+
+    #[test]
+    fn payloads_of_json_and_garbage() {
+        let doc = payload_for_body(br#"{"id":"x","data":{"a":1}}"#);
+        assert_eq!(doc["data"]["a"], 1);
+        let garbage = payload_for_body(b"\xff\x00not json");
+        assert_eq!(garbage["malformed"], true);
+        assert_eq!(garbage["bytes"], 10);
+        assert!(!garbage["raw_body"].as_str().unwrap_or_default().contains('\0'));
+        let nul = payload_for_body(br#"{"a":"x\u0000"}"#);
+        assert_eq!(nul["malformed"], true, "jsonb cannot store NUL");
+        let big = vec![b'x'; MAX_RAW_BODY_BYTES + 10];
+        let cut = malformed_payload(&big);
+        assert_eq!(cut["truncated"], true);
+        assert_eq!(retry_body(&garbage), b"\xef\xbf\xbd\xef\xbf\xbdnot json".to_vec());
+    }
+
+    #[test]
+    fn malformed_uuids_are_stable_per_listener_and_body() {
+        let a = malformed_uuid("l", b"body");
+        assert_eq!(a, malformed_uuid("l", b"body"));
+        assert_ne!(a, malformed_uuid("m", b"body"));
+        assert_ne!(a, malformed_uuid("l", b"body2"));
+    }
+}

@@ -1,0 +1,12 @@
+//! The consumer framework against the real Postgres and RabbitMQ: failed
+//! jobs, the inbox, topology, and the worker's retries, dead-lettering and
+//! shutdown. Each test creates its own database (`outbox::TestDatabase`)
+//! and its own exchange and queues (unique names), removed at the end even
+//! when the test panics.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod failed_jobs;
+mod inbox;
