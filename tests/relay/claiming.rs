@@ -1,3 +1,4 @@
+use outbox::testing::TestExchange;
 use std::collections::HashSet;
 use std::sync::mpsc;
 use std::thread;
@@ -8,7 +9,7 @@ use outbox::relay::store::{self, PublishFailure};
 use outbox::{Error, TestDatabase};
 
 use crate::support::{
-    Broker, RunningRelay, Ticked, eventually, record_interleaved, record_ticks, relay_config, scalar,
+    RunningRelay, Ticked, eventually, record_interleaved, record_ticks, relay_config, scalar,
 };
 
 #[test]
@@ -129,7 +130,7 @@ fn an_expired_lease_cannot_mark_or_fail_and_the_rows_are_claimable_again() {
 async fn a_crashed_relays_rows_are_published_once_its_lease_ends() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::new().await;
+    let broker = TestExchange::new().await.unwrap();
     record_ticks(&mut conn, "crash", 0..5);
     // A relay claims and dies without publishing or releasing.
     assert_eq!(
@@ -141,13 +142,13 @@ async fn a_crashed_relays_rows_are_published_once_its_lease_ends() {
     let relay = RunningRelay::start(relay_config(&db, &broker));
     broker.wait_for_distinct(5, Duration::from_secs(30)).await;
     relay.stop().await;
-    assert_eq!(broker.first_arrival_order()["crash"], vec![0, 1, 2, 3, 4]);
+    assert_eq!(broker.first_arrival_order("n")["crash"], vec![0, 1, 2, 3, 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_late_committing_transaction_is_not_skipped_and_does_not_stall_others() {
     let db = TestDatabase::create().unwrap();
-    let broker = Broker::new().await;
+    let broker = TestExchange::new().await.unwrap();
     let (recorded_tx, recorded_rx) = mpsc::channel();
     let (commit_tx, commit_rx) = mpsc::channel::<()>();
     let url = db.url().to_owned();
@@ -178,12 +179,12 @@ async fn a_late_committing_transaction_is_not_skipped_and_does_not_stall_others(
     );
     let relay = RunningRelay::start(relay_config(&db, &broker));
     broker.wait_for_distinct(3, Duration::from_secs(20)).await;
-    assert!(broker.first_arrival_order().get("slow").is_none());
+    assert!(!broker.first_arrival_order("n").contains_key("slow"));
     commit_tx.send(()).unwrap();
     t1.join().unwrap();
     broker.wait_for_distinct(4, Duration::from_secs(20)).await;
     relay.stop().await;
-    assert_eq!(broker.first_arrival_order()["slow"], vec![0]);
+    assert_eq!(broker.first_arrival_order("n")["slow"], vec![0]);
     eventually("all rows marked", Duration::from_secs(5), || {
         crate::support::unpublished(&mut conn) == 0
     })

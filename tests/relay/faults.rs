@@ -1,13 +1,12 @@
+use outbox::testing::{TcpProxy, TestExchange};
 use std::time::Duration;
 
 use outbox::TestDatabase;
 
-use crate::support::{
-    Broker, Proxy, RunningRelay, eventually, record_interleaved, relay_config, scalar, unpublished,
-};
+use crate::support::{RunningRelay, eventually, record_interleaved, relay_config, scalar, unpublished};
 
-fn assert_in_order(broker: &Broker, aggregates: usize, per_aggregate: i64) {
-    let order = broker.first_arrival_order();
+fn assert_in_order(broker: &TestExchange, aggregates: usize, per_aggregate: i64) {
+    let order = broker.first_arrival_order("n");
     assert_eq!(order.len(), aggregates);
     for (aggregate, ns) in order {
         assert_eq!(
@@ -22,8 +21,8 @@ fn assert_in_order(broker: &Broker, aggregates: usize, per_aggregate: i64) {
 async fn broker_connection_loss_mid_stream_loses_nothing_and_holds_nothing_while_down() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::new().await;
-    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let broker = TestExchange::new().await.unwrap();
+    let proxy = TcpProxy::start("127.0.0.1:5672").await.unwrap();
     let total = record_interleaved(&mut conn, 50, 60);
     let config = outbox::RelayConfig {
         amqp_url: proxy.amqp_url(),
@@ -68,7 +67,7 @@ async fn broker_connection_loss_mid_stream_loses_nothing_and_holds_nothing_while
 async fn postgres_connections_dropped_mid_stream_lose_nothing() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::new().await;
+    let broker = TestExchange::new().await.unwrap();
     let total = record_interleaved(&mut conn, 40, 50);
     let relay = RunningRelay::start(outbox::RelayConfig {
         batch_size: 40,
@@ -100,7 +99,7 @@ async fn postgres_connections_dropped_mid_stream_lose_nothing() {
 async fn graceful_stop_marks_what_was_confirmed_and_releases_every_lease() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::new().await;
+    let broker = TestExchange::new().await.unwrap();
     let total = record_interleaved(&mut conn, 100, 40);
     let relay = RunningRelay::start(outbox::RelayConfig {
         batch_size: 100,

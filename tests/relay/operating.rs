@@ -5,13 +5,15 @@ use std::time::Duration;
 use diesel::prelude::*;
 use outbox::TestDatabase;
 
-use crate::support::{Broker, RunningRelay, eventually, record_ticks, relay_config, scalar, unpublished};
+use outbox::testing::TestExchange;
+
+use crate::support::{RunningRelay, eventually, record_ticks, relay_config, scalar, unpublished};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pause_stops_every_relay_and_resume_lets_them_go() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::new().await;
+    let broker = TestExchange::new().await.unwrap();
     outbox::control::pause(&mut conn, Some("test")).unwrap();
     assert!(outbox::control::is_paused(&mut conn).unwrap());
     record_ticks(&mut conn, "p", 0..3);
@@ -39,7 +41,7 @@ async fn pause_stops_every_relay_and_resume_lets_them_go() {
 async fn retention_zero_deletes_rows_once_published() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::new().await;
+    let broker = TestExchange::new().await.unwrap();
     record_ticks(&mut conn, "r", 0..5);
     let relay = RunningRelay::start(outbox::RelayConfig {
         retention: Duration::ZERO,
@@ -100,7 +102,7 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 async fn metrics_and_health_endpoints() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::new().await;
+    let broker = TestExchange::new().await.unwrap();
     record_ticks(&mut conn, "m", 0..4);
     let handle = outbox::metrics::install_recorder().unwrap();
     let relay = RunningRelay::start(relay_config(&db, &broker));

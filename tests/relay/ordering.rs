@@ -2,7 +2,9 @@ use std::time::Duration;
 
 use outbox::TestDatabase;
 
-use crate::support::{Broker, RunningRelay, record_interleaved, relay_config};
+use outbox::testing::TestExchange;
+
+use crate::support::{RunningRelay, record_interleaved, relay_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_relays_keep_each_aggregates_order_on_hot_aggregates() {
@@ -11,7 +13,7 @@ async fn four_relays_keep_each_aggregates_order_on_hot_aggregates() {
     const DURING: i64 = 30;
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::new().await;
+    let broker = TestExchange::new().await.unwrap();
     record_interleaved(&mut conn, AGGREGATES, BEFORE);
     // Small batches so the relays interleave claims constantly.
     let relays: Vec<_> = (0..4)
@@ -54,7 +56,7 @@ async fn four_relays_keep_each_aggregates_order_on_hot_aggregates() {
     for relay in relays {
         relay.stop().await;
     }
-    let order = broker.first_arrival_order();
+    let order = broker.first_arrival_order("n");
     assert_eq!(order.len(), AGGREGATES);
     for (aggregate, ns) in order {
         assert_eq!(

@@ -6,7 +6,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use outbox::{DomainEvent, Error, Metadata, TestDatabase};
 use serde::Serialize;
 
-use crate::support::{Broker, RunningRelay, Ticked, eventually, relay_config, scalar, unpublished};
+use outbox::testing::TestExchange;
+
+use crate::support::{RunningRelay, Ticked, eventually, relay_config, scalar, unpublished};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -14,7 +16,7 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 async fn publishes_committed_events_with_the_contract_envelope() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::new().await;
+    let broker = TestExchange::new().await.unwrap();
     let metadata = Metadata::by("user:42")
         .correlation_id("req-9")
         .traceparent(TRACEPARENT);
@@ -127,7 +129,7 @@ async fn unroutable_event_retries_with_backoff_and_holds_back_its_aggregate_only
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
     // Only counter.ticked is routed: counter.reset comes back unroutable.
-    let broker = Broker::with_binding(Some("counter.ticked")).await;
+    let broker = TestExchange::with_binding(Some("counter.ticked")).await.unwrap();
     record_reset(&mut conn, "held");
     crate::support::record_ticks(&mut conn, "held", 1..3);
     crate::support::record_ticks(&mut conn, "free", 0..3);
@@ -152,7 +154,7 @@ async fn unroutable_event_retries_with_backoff_and_holds_back_its_aggregate_only
         .unwrap();
     assert!(error.contains("NO_ROUTE"), "{error}");
     // The held aggregate's later events were never published, not even once.
-    assert!(broker.first_arrival_order().get("held").is_none());
+    assert!(!broker.first_arrival_order("n").contains_key("held"));
     assert_eq!(
         scalar(
             &mut conn,
@@ -162,24 +164,24 @@ async fn unroutable_event_retries_with_backoff_and_holds_back_its_aggregate_only
     );
 
     // Once routable, the head goes out and the rest follow in order.
-    broker.bind("#").await;
+    broker.bind("#").await.unwrap();
     broker.wait_for_distinct(6, Duration::from_secs(20)).await;
     relay.stop().await;
     let order: Vec<String> = broker
         .received()
         .iter()
-        .filter(|m| m.aggregate() == "held")
+        .filter(|m| m.subject() == "held")
         .map(|m| m.routing_key.clone())
         .collect();
     assert_eq!(order.first().map(String::as_str), Some("counter.reset"));
-    assert_eq!(broker.first_arrival_order()["held"], vec![-1, 1, 2]);
+    assert_eq!(broker.first_arrival_order("n")["held"], vec![-1, 1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exhausted_attempts_mark_the_row_failed_until_an_operator_retries() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::with_binding(Some("counter.ticked")).await;
+    let broker = TestExchange::with_binding(Some("counter.ticked")).await.unwrap();
     record_reset(&mut conn, "a");
     crate::support::record_ticks(&mut conn, "a", 1..2);
     let config = outbox::RelayConfig {
@@ -196,20 +198,20 @@ async fn exhausted_attempts_mark_the_row_failed_until_an_operator_retries() {
     .await;
     let stats = outbox::relay::store::backlog_stats(&mut conn).unwrap();
     assert_eq!((stats.failed, stats.backlog), (1, 2));
-    broker.bind("#").await;
+    broker.bind("#").await.unwrap();
     // Failed rows stay put even now that the route exists.
     assert_eq!(unpublished(&mut conn), 2);
     assert_eq!(outbox::control::retry_failed_events(&mut conn).unwrap(), 1);
     broker.wait_for_distinct(2, Duration::from_secs(20)).await;
     relay.stop().await;
-    assert_eq!(broker.first_arrival_order()["a"], vec![-1, 1]);
+    assert_eq!(broker.first_arrival_order("n")["a"], vec![-1, 1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nacked_publish_is_retried() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
-    let broker = Broker::with_binding(None).await;
+    let broker = TestExchange::with_binding(None).await.unwrap();
     // A full queue that rejects publishes makes the broker nack.
     let full = format!("{}.full", broker.queue);
     let mut args = FieldTable::default();
@@ -252,8 +254,8 @@ async fn nacked_publish_is_retried() {
         .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
-    broker.bind("#").await;
+    broker.bind("#").await.unwrap();
     broker.wait_for_distinct(2, Duration::from_secs(20)).await;
     relay.stop().await;
-    assert_eq!(broker.first_arrival_order()["n"], vec![0, 1]);
+    assert_eq!(broker.first_arrival_order("n")["n"], vec![0, 1]);
 }
