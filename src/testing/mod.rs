@@ -1,10 +1,17 @@
-//! Throwaway databases for integration tests (feature `testing`).
+//! Fixtures for integration tests (feature `testing`): throwaway
+//! databases, private exchanges, and a TCP proxy that cuts connections.
 //!
 //! Each [`TestDatabase`] is a freshly created Postgres database, dropped
 //! when the value goes out of scope (also when the test panics), so tests
 //! run in parallel and leave nothing behind. The server comes from
 //! `TEST_DATABASE_URL`, else `DATABASE_URL`, else the local default; only
 //! its host, port and credentials are used.
+
+mod broker;
+mod proxy;
+
+pub use broker::{ReceivedMessage, TEST_AMQP_PREFIX, TestExchange};
+pub use proxy::TcpProxy;
 
 use std::fmt;
 
