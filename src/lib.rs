@@ -12,7 +12,10 @@
 //! | the checked, serialized event | [`envelope`] | [`EventEnvelope`] |
 //! | writing events in the caller's transaction | [`record`](mod@record) | [`record()`], [`record_with`], [`record_batch`] |
 //! | a configured recorder, after-commit hooks | [`outbox`](mod@outbox), [`transaction`] | [`Outbox`], [`OutboxTx`] |
-//! | event type → listener mapping | [`registry`] | [`Registry`], [`SyncListener`] |
+//! | event type → listener mapping | [`registry`] | [`Registry`], [`SyncListener`], [`QueuedListener`] |
+//! | queued listeners: retries, dead-lettering, worker | [`consumer`] | [`Worker`], [`ListenerOptions`], [`ReceivedEvent`] |
+//! | listener failures for good | [`failed_jobs`] | [`failed_jobs::list`], [`failed_jobs::retry`] |
+//! | exactly-once listener effects | [`inbox`] | [`inbox::claim`] |
 //! | asserting on recorded events in tests | [`fake`] | [`EventFake`] |
 //! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
 //! | connections and safe-to-print URLs | [`database`] | [`connect`], [`pool`], [`redact_url`] |
@@ -55,12 +58,15 @@
 
 pub mod amqp;
 pub mod cloudevents;
+pub mod consumer;
 pub mod control;
 pub mod database;
 pub mod envelope;
 pub mod error;
 pub mod event;
+pub mod failed_jobs;
 pub mod fake;
+pub mod inbox;
 pub mod metrics;
 pub mod migrate;
 pub mod outbox;
@@ -81,7 +87,8 @@ pub use fake::EventFake;
 pub use migrate::{MIGRATIONS, migrate};
 pub use outbox::{Outbox, OutboxBuilder};
 pub use record::{record, record_batch, record_with};
-pub use registry::{BoxError, Registry, SyncListener};
+pub use registry::{BoxError, QueuedRegistration, Registry, SyncListener};
+pub use consumer::{HandlerContext, ListenerError, ListenerOptions, QueuedListener, ReceivedEvent, Worker, WorkerConfig};
 pub use relay::{Relay, RelayConfig};
 #[cfg(feature = "testing")]
 pub use testing::TestDatabase;
