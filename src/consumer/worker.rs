@@ -288,7 +288,9 @@ impl Worker {
         loop {
             let opened = tokio::select! {
                 () = &mut shutdown => break,
-                opened = self.open_session() => opened,
+                opened = tokio::time::timeout(Duration::from_secs(60), self.open_session()) => {
+                    opened.unwrap_or_else(|_| Err(Error::Config("broker session setup took over 60 s".into())))
+                }
             };
             match opened {
                 Ok(session) => {
@@ -435,9 +437,13 @@ impl Session {
         if matches!(end, SessionEnd::Shutdown) {
             tracing::info!("worker stopping: no new messages, waiting for handlers in flight");
             for (channel, tag) in &cancel {
-                let _ = channel
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                    .await;
+                // Bounded: a broker that stopped answering must not hold
+                // up the shutdown.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+                )
+                .await;
             }
         }
         let _ = stop_tx.send(true);
@@ -454,7 +460,11 @@ impl Session {
             while loops.join_next().await.is_some() {}
         }
         if connection.status().connected() {
-            let _ = connection.close(200, "worker stopping".into()).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                connection.close(200, "worker stopping".into()),
+            )
+            .await;
         }
         end
     }
@@ -575,6 +585,10 @@ enum HandlerRun {
     /// The framework could not even start the try (no connection, BEGIN
     /// failed): not the listener's fault, not counted.
     Infrastructure(String),
+    /// Another delivery of the same event is being handled right now
+    /// (a duplicate, or a retry overtaking a timed-out try): wait for it,
+    /// not counted.
+    Busy,
 }
 
 /// Why processing stopped without an ack.
@@ -654,6 +668,7 @@ async fn process(
     }
     let attempt = previous + 1;
     let mut wait = Duration::from_millis(100);
+    let mut busy_wait = Duration::from_millis(20);
     loop {
         let started = Instant::now();
         let run = run_handler(shared, &event, attempt, previous > 0, permit).await;
@@ -673,6 +688,10 @@ async fn process(
                 let text = error.to_string();
                 tracing::warn!(listener, event_id = %event.event_id, event_type = %event.event_type, attempt, tries = options.tries, permanent, error = %text, "listener failed");
                 return fail_event(shared, delivery, &event, &text, permanent).await;
+            }
+            HandlerRun::Busy => {
+                tracing::debug!(listener, event_id = %event.event_id, retry_in = ?busy_wait, "another delivery of this event is being handled; waiting");
+                pause_up_to(shared, &mut busy_wait, Duration::from_secs(1)).await?;
             }
             HandlerRun::Infrastructure(reason) => {
                 shared.health.database.store(false, Ordering::Relaxed);
@@ -858,6 +877,7 @@ async fn run_handler(
 
 enum TxError {
     Setup(diesel::result::Error),
+    Busy,
     Listener(ListenerError),
     Database(diesel::result::Error),
 }
@@ -885,10 +905,28 @@ fn run_in_inbox(
     let mut handler_ran = false;
     let outcome = conn.transaction::<bool, TxError, _>(|conn| {
         use diesel::RunQueryDsl;
-        let millis = options.timeout.as_millis().max(1);
-        diesel::sql_query(format!("SET LOCAL statement_timeout = {millis}"))
-            .execute(conn)
-            .map_err(TxError::Setup)?;
+        // One round trip: bound the whole transaction by the handler's
+        // timeout, and make sure no other delivery of this event is being
+        // handled right now (a duplicate would otherwise wait on the
+        // uncommitted inbox row, and the wait would count as its try).
+        #[derive(diesel::QueryableByName)]
+        struct Setup {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            locked: bool,
+        }
+        let millis = options.timeout.as_millis().max(1).to_string();
+        let setup = diesel::sql_query(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended($1 || '/' || $2::text, 0)) AS locked,
+                    set_config('statement_timeout', $3, true) AS timeout",
+        )
+        .bind::<diesel::sql_types::Text, _>(&name)
+        .bind::<diesel::sql_types::Uuid, _>(event.event_id)
+        .bind::<diesel::sql_types::Text, _>(&millis)
+        .get_result::<Setup>(conn)
+        .map_err(TxError::Setup)?;
+        if !setup.locked {
+            return Err(TxError::Busy);
+        }
         let fresh = inbox::claim(conn, &name, event.event_id).map_err(|e| match e {
             Error::Database(db) => TxError::Setup(db),
             other => TxError::Listener(ListenerError::transient(other)),
@@ -910,6 +948,7 @@ fn run_in_inbox(
     match outcome {
         Ok(duplicate) => HandlerRun::Done { duplicate },
         Err(TxError::Listener(error)) => HandlerRun::Failed(error),
+        Err(TxError::Busy) => HandlerRun::Busy,
         Err(TxError::Setup(error)) => {
             HandlerRun::Infrastructure(format!("cannot open the inbox transaction: {error}"))
         }
@@ -1000,6 +1039,15 @@ async fn publish_step(
 /// Waits `wait` (then doubles it, up to the reconnect maximum), or returns
 /// [`Stopped`] when the worker stops.
 async fn pause(shared: &Arc<ListenerShared>, wait: &mut Duration) -> std::result::Result<(), Stopped> {
+    pause_up_to(shared, wait, shared.reconnect_max).await
+}
+
+/// [`pause`] with its own cap on the doubling.
+async fn pause_up_to(
+    shared: &Arc<ListenerShared>,
+    wait: &mut Duration,
+    cap: Duration,
+) -> std::result::Result<(), Stopped> {
     let mut stop = shared.stop.clone();
     if *stop.borrow() {
         return Err(Stopped);
@@ -1008,7 +1056,7 @@ async fn pause(shared: &Arc<ListenerShared>, wait: &mut Duration) -> std::result
         _ = stop.changed() => return Err(Stopped),
         () = tokio::time::sleep(jitter(*wait)) => {}
     }
-    *wait = (*wait * 2).min(shared.reconnect_max);
+    *wait = (*wait * 2).min(cap);
     if *stop.borrow() { Err(Stopped) } else { Ok(()) }
 }
 

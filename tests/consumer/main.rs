@@ -6,7 +6,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod broker;
+mod harness;
 mod support;
 
 mod failed_jobs;
 mod inbox;
+mod worker;
