@@ -13,7 +13,9 @@
 //! | rows as Rust values | [`models`] | [`Site`], [`Backup`], [`Tenant`], [`User`] |
 //! | the seven domain events | [`events`] | [`SiteCreated`](events::SiteCreated), ..., [`EVENT_TYPES`](events::EVENT_TYPES) |
 //! | the write path | [`services`] | [`services::sites`], [`services::backups`], [`services::tenants`] |
+//! | the four listeners and the event → listener mapping | [`listeners`] | [`listeners::registry`], [`listeners::MAPPING`] |
 //! | a load generator | [`simulate`] | [`simulate::run`] |
+//! | the worker (`chom work`) | [`work`] | [`work::run`] |
 //! | errors | [`error`] | [`ChomError`] |
 //!
 //! ## Creating a site
@@ -38,11 +40,13 @@
 
 pub mod error;
 pub mod events;
+pub mod listeners;
 pub mod migrate;
 pub mod models;
 pub mod schema;
 pub mod services;
 pub mod simulate;
+pub mod work;
 
 pub use error::{ChomError, Result};
 pub use migrate::{MIGRATIONS, migrate};

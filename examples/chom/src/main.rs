@@ -64,6 +64,96 @@ enum Command {
     /// Drive whole site lifecycles from concurrent writers and check that
     /// the outbox holds every event the services recorded.
     Simulate(SimulateArgs),
+    /// Run the worker: CHOM's queued listeners (UpdateTenantMetrics,
+    /// RecordAuditLog, SendNotification) from their queues, until SIGINT or
+    /// SIGTERM.
+    Work(WorkArgs),
+    /// Declare the exchange and every listener's queues, retry queues and
+    /// dead-letter queue ahead of a deploy (the worker also does it on
+    /// start), and print them.
+    Topology(TopologyArgs),
+}
+
+/// Where the broker is and how CHOM's queues are named.
+#[derive(Debug, Args)]
+struct BrokerArgs {
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// The topic exchange the relay publishes to.
+    #[arg(long, env = "OUTBOX_EXCHANGE", default_value = outbox::DEFAULT_EXCHANGE)]
+    exchange: String,
+    /// Queue name prefix (`<app>.<listener>`).
+    #[arg(long, default_value = chom::listeners::APP)]
+    app: String,
+}
+
+/// Retry settings of the queued listeners.
+#[derive(Debug, Args)]
+struct RetryArgs {
+    /// Tries per message, the first included (default: the seed's 3).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    tries: Option<u32>,
+    /// Delays between tries, comma-separated (default: 30s,60s,120s).
+    #[arg(long, value_delimiter = ',', value_parser = parse_duration)]
+    backoff: Vec<Duration>,
+    /// Handlers of each listener at once (default 4).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    concurrency: Option<u32>,
+}
+
+impl RetryArgs {
+    fn listener_config(&self) -> chom::listeners::ListenerConfig {
+        let default = chom::listeners::ListenerConfig::default();
+        let retries = if self.tries.is_none() && self.backoff.is_empty() {
+            None
+        } else {
+            let base = outbox::ListenerOptions::default();
+            Some((
+                self.tries.unwrap_or(base.tries),
+                if self.backoff.is_empty() {
+                    base.backoff
+                } else {
+                    self.backoff.clone()
+                },
+            ))
+        };
+        chom::listeners::ListenerConfig {
+            retries,
+            concurrency: self.concurrency.map(|c| c as usize),
+            ..default
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct WorkArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    retry: RetryArgs,
+    /// Run only this queued listener (repeatable; default all).
+    #[arg(long = "listener", value_name = "NAME")]
+    listeners: Vec<String>,
+    /// Serve /metrics and /health here; `off` to disable.
+    #[arg(long, env = "CHOM_METRICS_ADDR", default_value = "127.0.0.1:9188")]
+    metrics_addr: String,
+    /// How long shutdown waits for handlers in flight.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct TopologyArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    retry: RetryArgs,
+    /// Only print what would be declared.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -239,6 +329,19 @@ struct Output {
     json: bool,
 }
 
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value.trim()).map_err(|e| format!("{e} (try 30s, 500ms, 2m)"))
+}
+
+fn parse_metrics_addr(value: &str) -> Result<Option<std::net::SocketAddr>> {
+    if value.eq_ignore_ascii_case("off") || value.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(value.parse().with_context(|| {
+        format!("--metrics-addr {value:?} is not host:port or off")
+    })?))
+}
+
 fn parse_actor(value: &str) -> Result<String, String> {
     let value = value.trim();
     if value.is_empty() || value.len() > 255 {
@@ -263,10 +366,14 @@ fn parse_probability(value: &str) -> Result<f64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Work(_) => "info,lapin=warn",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -284,7 +391,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let url = cli.database_url.as_str();
-    let outbox = Outbox::new();
+    // The write path runs RecordMetrics after each commit.
+    let registry = chom::listeners::registry(&chom::listeners::ListenerConfig::default())?;
+    let outbox = Outbox::builder().registry(registry).build()?;
     match cli.command {
         Command::Migrate(args) => migrate(url, &args),
         Command::Tenant(TenantCommand::Create { name, output }) => {
@@ -304,6 +413,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Site(command) => site(url, &outbox, command),
         Command::Backup(command) => backup(url, &outbox, command),
         Command::Simulate(args) => simulate(url, &outbox, args),
+        Command::Work(args) => work(url, args),
+        Command::Topology(args) => topology(args),
     }
 }
 
@@ -406,6 +517,115 @@ fn simulate(url: &str, outbox: &Outbox, args: SimulateArgs) -> Result<()> {
             report.missing_events
         );
     }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = interrupt => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = interrupt.await;
+}
+
+fn work(url: &str, args: WorkArgs) -> Result<()> {
+    let config = chom::work::WorkConfig {
+        database_url: url.to_owned(),
+        amqp_url: args.broker.amqp_url,
+        exchange: args.broker.exchange,
+        app: args.broker.app,
+        listeners: args.retry.listener_config(),
+        only: args.listeners,
+        metrics_addr: parse_metrics_addr(&args.metrics_addr)?,
+        shutdown_timeout: args.shutdown_timeout,
+    };
+    tracing::info!(database = %redact_url(url), amqp = %redact_url(&config.amqp_url), exchange = %config.exchange, "chom work starting");
+    let runtime = runtime()?;
+    let result = runtime.block_on(chom::work::run(config, shutdown_signal(), |bound| {
+        if let Some(addr) = bound {
+            tracing::info!("serving /metrics and /health on http://{addr}");
+        }
+    }));
+    // Handlers still running on blocking threads past the shutdown timeout
+    // are abandoned; their messages are back in their queues.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result.context("worker failed")
+}
+
+fn topology(args: TopologyArgs) -> Result<()> {
+    let registry = chom::listeners::registry(&args.retry.listener_config())?;
+    let plan = outbox::consumer::topology::plan(&args.broker.app, &registry)?;
+    if !args.dry_run {
+        let runtime = runtime()?;
+        runtime.block_on(async {
+            let connection = outbox::amqp::connect(&args.broker.amqp_url, "chom topology").await?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|source| outbox::Error::Broker {
+                    context: "cannot open a channel".into(),
+                    source,
+                })?;
+            outbox::consumer::topology::declare(&channel, &args.broker.exchange, &args.broker.app, &registry)
+                .await?;
+            let _ = connection.close(200, "declared".into()).await;
+            Ok::<_, outbox::Error>(())
+        })?;
+    }
+    if args.output.json {
+        let listed: Vec<serde_json::Value> = plan
+            .iter()
+            .map(|q| {
+                serde_json::json!({
+                    "listener": q.listener,
+                    "queue": q.queue,
+                    "event_types": q.event_types,
+                    "retry_queues": q.retries.iter().map(|(d, name)| serde_json::json!({"queue": name, "delay_ms": d.as_millis() as u64})).collect::<Vec<_>>(),
+                    "dead_letter_queue": q.dead,
+                    "delivery_limit": q.delivery_limit,
+                })
+            })
+            .collect();
+        return print_json(
+            &serde_json::json!({"exchange": args.broker.exchange, "declared": !args.dry_run, "listeners": listed}),
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    let verb = if args.dry_run { "would declare" } else { "declared" };
+    writeln!(out, "{verb} on exchange {}:", args.broker.exchange)?;
+    for q in &plan {
+        writeln!(out, "  {}  <- {}", q.queue, q.event_types.join(", "))?;
+        for (delay, name) in &q.retries {
+            writeln!(
+                out,
+                "    retry  {name}  (waits {delay:?}, then back to {})",
+                q.queue
+            )?;
+        }
+        writeln!(out, "    dead   {}", q.dead)?;
+    }
+    writeln!(
+        out,
+        "sync (in-process after commit): {}",
+        chom::listeners::RECORD_METRICS
+    )?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 mod backups;
 mod cli;
 mod fake;
+mod listeners;
 mod simulate;
 mod sites;
 mod support;

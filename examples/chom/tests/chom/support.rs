@@ -97,3 +97,93 @@ pub fn assert_envelope(
     assert_eq!(row.actor.as_deref(), actor, "actor (NULL for a system action)");
     assert_eq!(row.schema_version, 1);
 }
+
+/// The stored event `event_id` as a worker would receive it: encoded by
+/// the relay's CloudEvents encoder, decoded by the consumer's decoder.
+pub fn received(conn: &mut PgConnection, id: Uuid) -> outbox::ReceivedEvent {
+    use outbox::schema::outbox_events::dsl;
+    #[allow(clippy::type_complexity)]
+    let row: (
+        String,
+        String,
+        String,
+        Option<String>,
+        DateTime<Utc>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        i32,
+        serde_json::Value,
+    ) = dsl::outbox_events
+        .filter(dsl::event_id.eq(id))
+        .select((
+            dsl::event_type,
+            dsl::aggregate_type,
+            dsl::aggregate_id,
+            dsl::tenant_id,
+            dsl::occurred_at,
+            dsl::actor,
+            dsl::correlation_id,
+            dsl::causation_id,
+            dsl::traceparent,
+            dsl::schema_version,
+            dsl::payload,
+        ))
+        .first(conn)
+        .unwrap();
+    let payload = row.10.to_string();
+    let event = outbox::cloudevents::EventRef {
+        event_id: id,
+        event_type: &row.0,
+        aggregate_type: &row.1,
+        aggregate_id: &row.2,
+        tenant_id: row.3.as_deref(),
+        occurred_at: row.4,
+        actor: row.5.as_deref(),
+        correlation_id: row.6.as_deref(),
+        causation_id: row.7.as_deref(),
+        traceparent: row.8.as_deref(),
+        schema_version: row.9,
+        payload_json: &payload,
+    };
+    outbox::consumer::decode(&outbox::cloudevents::encode_body(&event, "/chom").unwrap()).unwrap()
+}
+
+/// Runs queued `listener` on `event` as the worker would with the inbox:
+/// claim, handle, commit together. Returns false for a duplicate.
+pub fn run_in_inbox(
+    conn: &mut PgConnection,
+    listener: &dyn outbox::QueuedListener,
+    event: &outbox::ReceivedEvent,
+) -> Result<bool, outbox::ListenerError> {
+    conn.transaction(|conn| {
+        if !outbox::inbox::claim(conn, listener.name(), event.event_id)? {
+            return Ok(false);
+        }
+        let mut ctx = outbox::HandlerContext::with_transaction(conn, 1, 3);
+        listener.handle(event, &mut ctx)?;
+        Ok(true)
+    })
+}
+
+/// Runs queued `listener` on `event` without the inbox (a plain
+/// connection).
+pub fn run_plain(
+    conn: &mut PgConnection,
+    listener: &dyn outbox::QueuedListener,
+    event: &outbox::ReceivedEvent,
+) -> Result<(), outbox::ListenerError> {
+    let mut ctx = outbox::HandlerContext::with_transaction(conn, 1, 3);
+    listener.handle(event, &mut ctx)
+}
+
+/// Count of rows a SQL query returns as `n`.
+pub fn count(conn: &mut PgConnection, sql: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(sql).get_result::<Count>(conn).expect(sql).n
+}

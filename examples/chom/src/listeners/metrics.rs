@@ -1,0 +1,80 @@
+//! RecordMetrics (sync): Prometheus counters, in-process, right after the
+//! write commits (the seed keeps it sync "for accurate metrics").
+
+use outbox::{BoxError, EventEnvelope, SyncListener};
+
+use crate::events::{
+    BACKUP_COMPLETED, BACKUP_CREATED, BACKUP_FAILED, BackupCompleted, SITE_CREATED, SITE_DELETED,
+    SITE_PROVISIONED, SITE_PROVISIONING_FAILED,
+};
+use crate::listeners::RECORD_METRICS;
+
+/// Sites created.
+pub const SITES_CREATED_TOTAL: &str = "chom_sites_created_total";
+/// Sites provisioned.
+pub const SITES_PROVISIONED_TOTAL: &str = "chom_sites_provisioned_total";
+/// Site provisionings that failed.
+pub const SITES_PROVISIONING_FAILED_TOTAL: &str = "chom_sites_provisioning_failed_total";
+/// Sites deleted.
+pub const SITES_DELETED_TOTAL: &str = "chom_sites_deleted_total";
+/// Backups started.
+pub const BACKUPS_CREATED_TOTAL: &str = "chom_backups_created_total";
+/// Backups completed.
+pub const BACKUPS_COMPLETED_TOTAL: &str = "chom_backups_completed_total";
+/// Backups failed.
+pub const BACKUPS_FAILED_TOTAL: &str = "chom_backups_failed_total";
+/// Size of completed backups.
+pub const BACKUP_SIZE_BYTES: &str = "chom_backup_size_bytes";
+/// Duration of completed backups.
+pub const BACKUP_DURATION_SECONDS: &str = "chom_backup_duration_seconds";
+
+/// Counts each committed event with the `metrics` facade; whatever
+/// recorder the process installed (`chom work` and `chom demo` serve
+/// Prometheus text on `/metrics`) exports them. Never fails: a counter
+/// has nothing to be unavailable.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecordMetrics;
+
+impl SyncListener for RecordMetrics {
+    fn name(&self) -> &str {
+        RECORD_METRICS
+    }
+
+    fn handle(&self, event: &EventEnvelope) -> Result<(), BoxError> {
+        let counter = match event.event_type.as_str() {
+            SITE_CREATED => SITES_CREATED_TOTAL,
+            SITE_PROVISIONED => SITES_PROVISIONED_TOTAL,
+            SITE_PROVISIONING_FAILED => SITES_PROVISIONING_FAILED_TOTAL,
+            SITE_DELETED => SITES_DELETED_TOTAL,
+            BACKUP_CREATED => BACKUPS_CREATED_TOTAL,
+            BACKUP_COMPLETED => BACKUPS_COMPLETED_TOTAL,
+            BACKUP_FAILED => BACKUPS_FAILED_TOTAL,
+            _ => return Ok(()),
+        };
+        metrics::counter!(counter).increment(1);
+        if event.event_type == BACKUP_COMPLETED {
+            let completed: BackupCompleted = event.payload_as()?;
+            metrics::histogram!(BACKUP_SIZE_BYTES).record(completed.size_bytes as f64);
+            metrics::histogram!(BACKUP_DURATION_SECONDS).record(completed.duration_ms as f64 / 1000.0);
+        }
+        Ok(())
+    }
+}
+
+/// Registers the counters' descriptions (idempotent).
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(SITES_CREATED_TOTAL, "Sites created");
+    describe_counter!(SITES_PROVISIONED_TOTAL, "Sites provisioned");
+    describe_counter!(SITES_PROVISIONING_FAILED_TOTAL, "Site provisionings that failed");
+    describe_counter!(SITES_DELETED_TOTAL, "Sites deleted");
+    describe_counter!(BACKUPS_CREATED_TOTAL, "Backups started");
+    describe_counter!(BACKUPS_COMPLETED_TOTAL, "Backups completed");
+    describe_counter!(BACKUPS_FAILED_TOTAL, "Backups failed");
+    describe_histogram!(BACKUP_SIZE_BYTES, Unit::Bytes, "Size of completed backups");
+    describe_histogram!(
+        BACKUP_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of completed backups"
+    );
+}
