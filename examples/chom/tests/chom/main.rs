@@ -8,8 +8,11 @@
 
 mod backups;
 mod cli;
+mod end_to_end;
 mod fake;
+mod killed_worker;
 mod listeners;
+mod pipeline;
 mod simulate;
 mod sites;
 mod support;

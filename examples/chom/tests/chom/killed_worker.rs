@@ -1,0 +1,113 @@
+//! A `chom work` process killed in the middle of a handler loses nothing
+//! and duplicates no effect.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chom::services::sites;
+use diesel::prelude::*;
+use outbox::Metadata;
+
+use crate::pipeline::{Pipeline, amqp_url, wait_for_consumers, wait_for_count};
+use crate::support::{count, tenant_with_user};
+
+/// Kills the child when dropped (the test failed before it could).
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_worker(p: &Pipeline) -> ChildGuard {
+    let child = Command::new(env!("CARGO_BIN_EXE_chom"))
+        .args([
+            "work",
+            "--exchange",
+            &p.broker.exchange,
+            "--app",
+            &p.broker.app,
+            "--metrics-addr",
+            "off",
+            "--tries",
+            "3",
+            "--backoff",
+            "100ms,200ms",
+        ])
+        .env("DATABASE_URL", p.db.url())
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chom work");
+    ChildGuard(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_handler_loses_nothing_and_duplicates_nothing() {
+    let mut p = Pipeline::start(false).await;
+    let (tenant, _) = tenant_with_user(&mut p.conn, "Acme");
+    let mut worker = spawn_worker(&p);
+    for queues in &p.broker.queues {
+        wait_for_consumers(&queues.queue, 1).await;
+    }
+
+    // Hold RecordAuditLog inside its handler: inserts into audit_logs wait
+    // for this lock.
+    let mut blocker = p.db.connect().unwrap();
+    diesel::sql_query("BEGIN").execute(&mut blocker).unwrap();
+    diesel::sql_query("LOCK TABLE audit_logs IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut blocker)
+        .unwrap();
+    let created =
+        sites::create_site(&p.outbox, &mut p.conn, Metadata::system(), tenant.id, "a.test").unwrap();
+    wait_for_count(
+        &mut p.conn,
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO audit_logs%'",
+        1,
+    )
+    .await;
+
+    // SIGKILL: no shutdown, no ack, no commit.
+    worker.0.kill().unwrap();
+    worker.0.wait().unwrap();
+    diesel::sql_query("COMMIT").execute(&mut blocker).unwrap();
+    assert_eq!(count(&mut p.conn, "SELECT count(*) AS n FROM audit_logs"), 0);
+
+    // Another worker takes the message over.
+    let replacement = spawn_worker(&p);
+    let sql = format!(
+        "SELECT count(*) AS n FROM audit_logs WHERE event_id = '{}'",
+        created.event_id
+    );
+    wait_for_count(&mut p.conn, &sql, 1).await;
+    wait_for_count(
+        &mut p.conn,
+        &format!(
+            "SELECT count(*) AS n FROM processed_events WHERE listener = 'record_audit_log' AND event_id = '{}'",
+            created.event_id
+        ),
+        1,
+    )
+    .await;
+    // Let the replacement drain everything, then check nothing doubled.
+    let queue = p.broker.queue("record_audit_log").queue.clone();
+    crate::pipeline::wait_for_messages(&queue, 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(replacement);
+    p.stop().await;
+    let mut conn = p.db.connect().unwrap();
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM audit_logs"),
+        1,
+        "one effect"
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM failed_jobs"),
+        0,
+        "nothing failed"
+    );
+}
