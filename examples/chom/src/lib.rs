@@ -16,6 +16,7 @@
 //! | the four listeners and the event → listener mapping | [`listeners`] | [`listeners::registry`], [`listeners::MAPPING`] |
 //! | a load generator | [`simulate`] | [`simulate::run`] |
 //! | the worker (`chom work`) | [`work`] | [`work::run`] |
+//! | everything at once (`chom demo`) | [`demo`] | [`demo::run`] |
 //! | errors | [`error`] | [`ChomError`] |
 //!
 //! ## Creating a site
@@ -38,6 +39,7 @@
 
 #![warn(missing_docs)]
 
+pub mod demo;
 pub mod error;
 pub mod events;
 pub mod listeners;

@@ -68,6 +68,10 @@ enum Command {
     /// RecordAuditLog, SendNotification) from their queues, until SIGINT or
     /// SIGTERM.
     Work(WorkArgs),
+    /// The whole platform in one process: create and migrate the database,
+    /// run a relay and a worker, drive site and backup lifecycles (with
+    /// failures and a notifier outage), then report what happened.
+    Demo(DemoArgs),
     /// Declare the exchange and every listener's queues, retry queues and
     /// dead-letter queue ahead of a deploy (the worker also does it on
     /// start), and print them.
@@ -141,6 +145,29 @@ struct WorkArgs {
     /// How long shutdown waits for handlers in flight.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Tenants of the normal traffic.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    tenants: u32,
+    /// Site lifecycles of the normal traffic.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    sites: u64,
+    /// Site lifecycles during the notifier outage.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    outage_sites: u64,
+    /// Probability that a provisioning or a backup fails.
+    #[arg(long, default_value_t = 0.2, value_parser = parse_probability)]
+    failure_rate: f64,
+    /// Seed of the lifecycle mix.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    #[command(flatten)]
+    output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -368,6 +395,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
         Command::Work(_) => "info,lapin=warn",
+        // The demo prints its own progress and report.
+        Command::Demo(_) => "off",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -415,6 +444,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Simulate(args) => simulate(url, &outbox, args),
         Command::Work(args) => work(url, args),
         Command::Topology(args) => topology(args),
+        Command::Demo(args) => demo(url, args),
     }
 }
 
@@ -567,6 +597,126 @@ fn work(url: &str, args: WorkArgs) -> Result<()> {
     // are abandoned; their messages are back in their queues.
     runtime.shutdown_timeout(Duration::from_secs(2));
     result.context("worker failed")
+}
+
+fn demo(url: &str, args: DemoArgs) -> Result<()> {
+    let config = chom::demo::DemoConfig {
+        database_url: url.to_owned(),
+        amqp_url: args.broker.amqp_url,
+        exchange: args.broker.exchange,
+        app: args.broker.app,
+        tenants: args.tenants,
+        sites: args.sites,
+        outage_sites: args.outage_sites,
+        failure_rate: args.failure_rate,
+        seed: args.seed,
+        ..chom::demo::DemoConfig::default()
+    };
+    let json = args.output.json;
+    let runtime = runtime()?;
+    let report = runtime.block_on(chom::demo::run(config, |line| {
+        if !json {
+            eprintln!("[demo] {line}");
+        }
+    }));
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    let report = report.context("demo failed")?;
+    if json {
+        print_json(&report)?;
+    } else {
+        print_demo(&report)?;
+    }
+    if !report.settled {
+        bail!("the listeners did not finish every event within the time limit");
+    }
+    Ok(())
+}
+
+fn print_demo(report: &chom::demo::DemoReport) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\n== events (this run) ==")?;
+    writeln!(out, "{:<26} {:>9} {:>10}", "event type", "recorded", "published")?;
+    for (event_type, count) in &report.events {
+        writeln!(
+            out,
+            "{event_type:<26} {:>9} {:>10}",
+            count.recorded, count.published
+        )?;
+    }
+    let recorded: u64 = report.events.values().map(|c| c.recorded).sum();
+    let published: u64 = report.events.values().map(|c| c.published).sum();
+    writeln!(out, "{:<26} {recorded:>9} {published:>10}", "total")?;
+
+    writeln!(out, "\n== listener outcomes ==  ({})", report.retry_policy)?;
+    writeln!(
+        out,
+        "{:<22} {:<7} {:>8} {:>10} {:>8} {:>7}",
+        "listener", "kind", "success", "duplicate", "retried", "failed"
+    )?;
+    for l in &report.listeners {
+        writeln!(
+            out,
+            "{:<22} {:<7} {:>8} {:>10} {:>8} {:>7}",
+            l.listener, l.kind, l.success, l.duplicate, l.retried, l.failed
+        )?;
+    }
+
+    writeln!(out, "\n== audit log ==")?;
+    writeln!(
+        out,
+        "{} rows for {} events ({} system actions without an actor)",
+        report.audit_rows, recorded, report.audit_system_actions
+    )?;
+    writeln!(out, "{} notifications stored", report.notifications)?;
+
+    writeln!(out, "\n== tenant stats (UpdateTenantMetrics) ==")?;
+    writeln!(
+        out,
+        "{:>6}  {:<40} {:>6} {:>7} {:>14} {:>8} {:>7}",
+        "tenant", "name", "sites", "active", "storage_bytes", "backups", "failed"
+    )?;
+    for t in &report.tenants {
+        writeln!(
+            out,
+            "{:>6}  {:<40} {:>6} {:>7} {:>14} {:>8} {:>7}",
+            t.tenant_id, t.name, t.sites, t.active_sites, t.storage_bytes, t.backups, t.failed_backups
+        )?;
+    }
+
+    writeln!(out, "\n== failed jobs ==")?;
+    if report.failed_jobs.is_empty() {
+        writeln!(out, "none")?;
+    }
+    for job in &report.failed_jobs {
+        writeln!(
+            out,
+            "#{:<5} {:<20} {:<26} {} tries  {}",
+            job.id,
+            job.listener,
+            job.event_type.as_deref().unwrap_or("-"),
+            job.attempts,
+            job.exception
+        )?;
+    }
+    for (queue, depth) in &report.dead_lettered {
+        writeln!(out, "dead-letter queue {queue}: {depth} message(s)")?;
+    }
+
+    writeln!(out, "\n== RecordMetrics counters ==")?;
+    for (name, value) in &report.metrics {
+        writeln!(out, "{name} {value}")?;
+    }
+    writeln!(
+        out,
+        "\nfinished in {:.1} s{}",
+        report.elapsed_seconds,
+        if report.settled {
+            ""
+        } else {
+            " (NOT settled: some events were still being handled)"
+        }
+    )?;
+    Ok(())
 }
 
 fn topology(args: TopologyArgs) -> Result<()> {

@@ -8,6 +8,7 @@
 
 mod backups;
 mod cli;
+mod demo;
 mod end_to_end;
 mod fake;
 mod killed_worker;
