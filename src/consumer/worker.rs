@@ -52,7 +52,6 @@ use crate::consumer::store::{self, FailedMessage, FailureOutcome};
 use crate::consumer::topology::{self, ListenerQueues};
 use crate::database::{DEFAULT_DATABASE_URL, PgPool, redact_url};
 use crate::error::{Error, Result};
-use crate::inbox;
 use crate::registry::{QueuedRegistration, Registry};
 
 /// Messages handled, by `listener` and `outcome`: `success`, `duplicate`
@@ -905,33 +904,39 @@ fn run_in_inbox(
     let mut handler_ran = false;
     let outcome = conn.transaction::<bool, TxError, _>(|conn| {
         use diesel::RunQueryDsl;
-        // One round trip: bound the whole transaction by the handler's
-        // timeout, and make sure no other delivery of this event is being
-        // handled right now (a duplicate would otherwise wait on the
-        // uncommitted inbox row, and the wait would count as its try).
+        // One round trip: bound the transaction by the handler's timeout,
+        // make sure no other delivery of this event is being handled right
+        // now (a duplicate would otherwise wait on the uncommitted inbox
+        // row, and the wait would count as its try), and claim the inbox
+        // row.
         #[derive(diesel::QueryableByName)]
-        struct Setup {
+        struct Claim {
             #[diesel(sql_type = diesel::sql_types::Bool)]
             locked: bool,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            inserted: i64,
         }
         let millis = options.timeout.as_millis().max(1).to_string();
-        let setup = diesel::sql_query(
-            "SELECT pg_try_advisory_xact_lock(hashtextextended($1 || '/' || $2::text, 0)) AS locked,
-                    set_config('statement_timeout', $3, true) AS timeout",
+        let claim = diesel::sql_query(
+            "WITH guard AS (
+                 SELECT pg_try_advisory_xact_lock(hashtextextended($1 || '/' || $2::text, 0)) AS locked,
+                        set_config('statement_timeout', $3, true) AS timeout),
+             claimed AS (
+                 INSERT INTO processed_events (listener, event_id)
+                 SELECT $1, $2 FROM guard WHERE locked
+                 ON CONFLICT DO NOTHING
+                 RETURNING 1)
+             SELECT (SELECT locked FROM guard) AS locked, (SELECT count(*) FROM claimed) AS inserted",
         )
         .bind::<diesel::sql_types::Text, _>(&name)
         .bind::<diesel::sql_types::Uuid, _>(event.event_id)
         .bind::<diesel::sql_types::Text, _>(&millis)
-        .get_result::<Setup>(conn)
+        .get_result::<Claim>(conn)
         .map_err(TxError::Setup)?;
-        if !setup.locked {
+        if !claim.locked {
             return Err(TxError::Busy);
         }
-        let fresh = inbox::claim(conn, &name, event.event_id).map_err(|e| match e {
-            Error::Database(db) => TxError::Setup(db),
-            other => TxError::Listener(ListenerError::transient(other)),
-        })?;
-        if !fresh {
+        if claim.inserted == 0 {
             return Ok(true);
         }
         handler_ran = true;
