@@ -339,7 +339,7 @@ impl Worker {
             }
         }
         let publisher = Arc::new(Publisher {
-            channel: publish,
+            channel: publish.clone(),
             confirm_timeout: config.confirm_timeout,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -380,6 +380,7 @@ impl Worker {
         }
         Ok(Session {
             connection,
+            publish,
             consumers,
             stop_tx,
         })
@@ -393,6 +394,7 @@ enum SessionEnd {
 
 struct Session {
     connection: Connection,
+    publish: Channel,
     consumers: Vec<ListenerLoop>,
     stop_tx: watch::Sender<bool>,
 }
@@ -405,6 +407,7 @@ impl Session {
     ) -> SessionEnd {
         let Session {
             connection,
+            publish,
             consumers,
             stop_tx,
         } = self;
@@ -459,6 +462,21 @@ impl Session {
             while loops.join_next().await.is_some() {}
         }
         if connection.status().connected() {
+            // Channels first, then the connection (unacknowledged messages
+            // go back to their queues either way).
+            let channels = cancel
+                .iter()
+                .map(|(channel, _)| channel)
+                .chain(std::iter::once(&publish));
+            for channel in channels {
+                if channel.status().connected() {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        channel.close(200, "worker stopping".into()),
+                    )
+                    .await;
+                }
+            }
             let _ = tokio::time::timeout(
                 Duration::from_secs(5),
                 connection.close(200, "worker stopping".into()),
@@ -521,7 +539,6 @@ impl ListenerLoop {
             while tasks.try_join_next().is_some() {}
         };
         while tasks.join_next().await.is_some() {}
-        let _ = &self.channel;
         reason
     }
 }

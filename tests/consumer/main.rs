@@ -11,5 +11,6 @@ mod harness;
 mod support;
 
 mod failed_jobs;
+mod faults;
 mod inbox;
 mod worker;
