@@ -79,6 +79,9 @@ pub mod testing;
 pub mod transaction;
 
 pub use amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE};
+pub use consumer::{
+    HandlerContext, ListenerError, ListenerOptions, QueuedListener, ReceivedEvent, Worker, WorkerConfig,
+};
 pub use database::{DEFAULT_DATABASE_URL, PgPool, connect, create_database_if_missing, pool, redact_url};
 pub use envelope::{DEFAULT_MAX_PAYLOAD_BYTES, EventEnvelope, JsonPayload, MAX_PAYLOAD_BYTES_LIMIT};
 pub use error::{Error, Result};
@@ -88,7 +91,6 @@ pub use migrate::{MIGRATIONS, migrate};
 pub use outbox::{Outbox, OutboxBuilder};
 pub use record::{record, record_batch, record_with};
 pub use registry::{BoxError, QueuedRegistration, Registry, SyncListener};
-pub use consumer::{HandlerContext, ListenerError, ListenerOptions, QueuedListener, ReceivedEvent, Worker, WorkerConfig};
 pub use relay::{Relay, RelayConfig};
 #[cfg(feature = "testing")]
 pub use testing::TestDatabase;
