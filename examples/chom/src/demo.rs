@@ -669,7 +669,9 @@ fn collect(pool: &PgPool, ids: &[Uuid]) -> Result<DemoReport> {
         attempts: job.attempts,
         exception: job.exception,
     })
-    .collect();
+    .collect::<Vec<_>>();
+    let mut failed_jobs = failed_jobs;
+    failed_jobs.sort_by_key(|job| job.id);
     Ok(DemoReport {
         elapsed_seconds: 0.0,
         retry_policy: String::new(),

@@ -13,6 +13,7 @@ mod end_to_end;
 mod fake;
 mod killed_worker;
 mod listeners;
+mod operate;
 mod pipeline;
 mod simulate;
 mod sites;
