@@ -433,6 +433,11 @@ impl Session {
                     if !connection.status().connected() {
                         break SessionEnd::BrokerLost("connection closed".into());
                     }
+                    // Without the publish channel no failure can be sent on:
+                    // start over with a fresh session.
+                    if !publish.status().connected() {
+                        break SessionEnd::BrokerLost("publish channel closed".into());
+                    }
                 }
             }
         };
@@ -954,6 +959,13 @@ fn run_in_inbox(
             return Err(TxError::Busy);
         }
         if claim.inserted == 0 {
+            if clear_attempts {
+                // A retry whose event another copy already handled.
+                store::clear_attempts(conn, &name, event.event_id).map_err(|e| match e {
+                    Error::Database(db) => TxError::Setup(db),
+                    other => TxError::Listener(ListenerError::transient(other)),
+                })?;
+            }
             return Ok(true);
         }
         handler_ran = true;
