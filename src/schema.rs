@@ -22,8 +22,6 @@ diesel::table! {
         attempts -> Int4,
         last_error -> Nullable<Text>,
         next_attempt_at -> Nullable<Timestamptz>,
-        lease_owner -> Nullable<Text>,
-        lease_expires_at -> Nullable<Timestamptz>,
         failed_at -> Nullable<Timestamptz>,
     }
 }
@@ -53,6 +51,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    outbox_leases (id) {
+        id -> Int8,
+        owner -> Text,
+        expires_at -> Timestamptz,
+        seqs -> Array<Int8>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     outbox_control (id) {
         id -> Bool,
         paused -> Bool,
@@ -61,4 +69,10 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(outbox_events, failed_jobs, processed_events, outbox_control);
+diesel::allow_tables_to_appear_in_same_query!(
+    outbox_events,
+    outbox_leases,
+    failed_jobs,
+    processed_events,
+    outbox_control
+);

@@ -2,6 +2,7 @@
 //!
 //! Exit status: 0 on success, 1 on failure, 2 on bad usage.
 
+mod bench;
 mod duration;
 mod logging;
 mod migrate;
@@ -55,6 +56,14 @@ enum Command {
     ///
     /// Example: outbox pause --reason "incident 42"
     Pause(pause::PauseArgs),
+    /// Measure the pipeline against this machine's own Postgres and RabbitMQ.
+    ///
+    /// Each scenario reports our figure next to the raw figure of the same
+    /// machine in the same run. Scratch databases, exchanges and queues are
+    /// removed afterwards.
+    ///
+    /// Example: outbox bench drain --events 100000 --aggregates 1000
+    Bench(bench::BenchArgs),
     /// Let relays claim again after `outbox pause`.
     ///
     /// Example: outbox resume
@@ -69,6 +78,7 @@ fn main() -> ExitCode {
         Command::Relay(args) => relay_cmd::run(&cli.database_url, &args),
         Command::Pause(args) => pause::pause(&cli.database_url, &args),
         Command::Resume => pause::resume(&cli.database_url),
+        Command::Bench(args) => bench::run(&cli.database_url, &args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

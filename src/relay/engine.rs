@@ -2,12 +2,14 @@
 //! aggregate's rows one at a time in seq order, await confirms (many
 //! aggregates in flight at once), mark acked rows, record failures.
 //!
-//! All database work goes through one "lane" on the blocking pool: a job
-//! first flushes what is pending (marks, failures, released leases) and
-//! then, if it is time, claims the next batch. Serializing flushes before
-//! claims means a claim never sees a lease this relay has already given
-//! up, which is what keeps a failed aggregate's later rows from being
-//! published ahead of it.
+//! Database work runs in two "lanes" on the blocking pool, each one job at
+//! a time. The claim lane first flushes failures and released leases, then
+//! claims the next batch: serializing those before claims means a claim
+//! never sees a lease this relay has already given up, which is what keeps
+//! a failed aggregate's later rows from being published ahead of it. The
+//! mark lane marks acked rows published, concurrently with claims: a claim
+//! that still sees such a row as unpublished also sees it leased to this
+//! relay, which is harmless.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -23,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::relay::Shared;
 use crate::relay::publisher::{PublishError, Publisher};
-use crate::relay::store::{self, ClaimedEvent, PublishFailure};
+use crate::relay::store::{self, ClaimedEvent, LeasedSeq, PublishFailure};
 
 /// An aggregate: (aggregate_type, aggregate_id).
 type AggregateKey = (String, String);
@@ -62,26 +64,34 @@ type ConfirmFuture = Pin<Box<dyn Future<Output = Confirmed> + Send>>;
 /// Database work waiting for the next lane job.
 #[derive(Default)]
 struct Pending {
-    to_mark: Vec<i64>,
+    to_mark: Vec<LeasedSeq>,
     failures: Vec<PublishFailure>,
-    releases: Vec<i64>,
+    releases: Vec<LeasedSeq>,
+    /// Leases whose rows are all settled and flushed.
+    finished_leases: Vec<i64>,
 }
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.to_mark.is_empty() && self.failures.is_empty() && self.releases.is_empty()
+        self.to_mark.is_empty()
+            && self.failures.is_empty()
+            && self.releases.is_empty()
+            && self.finished_leases.is_empty()
     }
 
     fn absorb(&mut self, mut other: Pending) {
         self.to_mark.append(&mut other.to_mark);
         self.failures.append(&mut other.failures);
         self.releases.append(&mut other.releases);
+        self.finished_leases.append(&mut other.finished_leases);
     }
 }
 
 struct LaneResult {
     /// Handed back when the job failed, to be retried.
     unflushed: Option<Pending>,
+    /// What the job settled with the database, when it succeeded.
+    flushed: Option<Pending>,
     attempted_marks: usize,
     marked: usize,
     newly_failed: usize,
@@ -104,6 +114,10 @@ pub(crate) struct Session<'a> {
     held: usize,
     pending: Pending,
     lane: Option<JoinHandle<LaneResult>>,
+    mark_lane: Option<JoinHandle<LaneResult>>,
+    /// Rows of each of this session's leases not yet settled in the
+    /// database; a lease is deleted when its count reaches zero.
+    lease_rows: HashMap<i64, usize>,
     /// Incremented when a claim starts.
     generation: u64,
     /// Aggregates cut (failed or released) while the claim of the given
@@ -126,6 +140,8 @@ impl<'a> Session<'a> {
             held: 0,
             pending: Pending::default(),
             lane: None,
+            mark_lane: None,
+            lease_rows: HashMap::new(),
             generation: 0,
             blocked: HashMap::new(),
             next_poll: Instant::now(),
@@ -151,7 +167,13 @@ impl<'a> Session<'a> {
                 return SessionEnd::BrokerLost("connection closed".into());
             }
             self.maybe_start_lane();
-            if self.stopping && self.in_flight.is_empty() && self.lane.is_none() && self.pending.is_empty() {
+            self.maybe_start_mark_lane();
+            if self.stopping
+                && self.in_flight.is_empty()
+                && self.lane.is_none()
+                && self.mark_lane.is_none()
+                && self.pending.is_empty()
+            {
                 return SessionEnd::Shutdown;
             }
             let can_claim = !self.stopping && self.held + config.batch_size <= config.max_in_flight;
@@ -178,6 +200,12 @@ impl<'a> Session<'a> {
                         return SessionEnd::BrokerLost(reason);
                     }
                 }
+                joined = wait_lane(&mut self.mark_lane), if self.mark_lane.is_some() => {
+                    self.mark_lane = None;
+                    if let Err(reason) = self.on_lane_done(joined).await {
+                        return SessionEnd::BrokerLost(reason);
+                    }
+                }
                 () = tokio::time::sleep_until(poll_at), if self.lane.is_none() && can_claim => {}
                 // Wake up regularly to notice a dead connection while idle.
                 () = tokio::time::sleep(config.poll_max) => {}
@@ -194,10 +222,15 @@ impl<'a> Session<'a> {
         let now = Instant::now();
         let claim =
             !self.stopping && now >= self.next_poll && self.held + config.batch_size <= config.max_in_flight;
-        if !claim && self.pending.is_empty() {
+        if !claim && self.pending.failures.is_empty() && self.pending.releases.is_empty() {
             return;
         }
-        let pending = std::mem::take(&mut self.pending);
+        // Marks go to the mark lane.
+        let pending = Pending {
+            failures: std::mem::take(&mut self.pending.failures),
+            releases: std::mem::take(&mut self.pending.releases),
+            ..Pending::default()
+        };
         let claim_generation = if claim {
             self.generation += 1;
             // Cuts recorded before this claim are flushed by this very job
@@ -212,6 +245,20 @@ impl<'a> Session<'a> {
         self.lane = Some(tokio::task::spawn_blocking(move || {
             run_lane_job(&shared, pending, claim_generation)
         }));
+    }
+
+    /// Starts a mark job if none runs and rows wait to be marked.
+    fn maybe_start_mark_lane(&mut self) {
+        if self.mark_lane.is_some() || (self.pending.to_mark.is_empty() && self.pending.finished_leases.is_empty()) {
+            return;
+        }
+        let pending = Pending {
+            to_mark: std::mem::take(&mut self.pending.to_mark),
+            finished_leases: std::mem::take(&mut self.pending.finished_leases),
+            ..Pending::default()
+        };
+        let shared = self.shared.clone_for_lane();
+        self.mark_lane = Some(tokio::task::spawn_blocking(move || run_lane_job(&shared, pending, None)));
     }
 
     async fn on_lane_done(
@@ -243,6 +290,23 @@ impl<'a> Session<'a> {
         }
         self.shared.health.set_database_ok(true);
         self.db_backoff = config.poll_min;
+        if let Some(flushed) = &result.flushed {
+            let settled = flushed
+                .to_mark
+                .iter()
+                .chain(flushed.releases.iter())
+                .map(|(_, lease)| *lease)
+                .chain(flushed.failures.iter().map(|f| f.lease_id));
+            for lease in settled {
+                if let Some(count) = self.lease_rows.get_mut(&lease) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        self.lease_rows.remove(&lease);
+                        self.pending.finished_leases.push(lease);
+                    }
+                }
+            }
+        }
         if result.marked > 0 {
             metrics::counter!(m::PUBLISHED_TOTAL).increment(result.marked as u64);
         }
@@ -291,10 +355,12 @@ impl<'a> Session<'a> {
         for row in rows {
             let key = (row.aggregate_type.clone(), row.aggregate_id.clone());
             if self.stopping || self.blocked.get(&key).is_some_and(|g| *g >= generation) {
-                self.pending.releases.push(row.seq);
+                self.pending.releases.push((row.seq, row.lease_id));
+                *self.lease_rows.entry(row.lease_id).or_insert(0) += 1;
                 continue;
             }
             self.held += 1;
+            *self.lease_rows.entry(row.lease_id).or_insert(0) += 1;
             let chain = self.chains.entry(key.clone()).or_insert_with(|| Chain {
                 rows: VecDeque::new(),
                 head_in_flight: false,
@@ -434,7 +500,7 @@ impl<'a> Session<'a> {
                             .unwrap_or(0);
                         metrics::histogram!(m::PUBLISH_LATENCY_SECONDS).record(latency.max(0) as f64 / 1e6);
                         tracing::debug!(seq, event_id = %done.row.event_id, event_type = %done.row.event_type, "published");
-                        self.pending.to_mark.push(seq);
+                        self.pending.to_mark.push((seq, done.row.lease_id));
                     }
                     chain_done = chain.rows.is_empty();
                 }
@@ -464,6 +530,7 @@ impl<'a> Session<'a> {
             let attempts = u32::try_from(head.row.attempts).unwrap_or(0);
             self.pending.failures.push(PublishFailure {
                 seq: head.row.seq,
+                lease_id: head.row.lease_id,
                 error,
                 retry_in: self.shared.config.retry_delay(attempts),
             });
@@ -477,7 +544,7 @@ impl<'a> Session<'a> {
         if let Some(chain) = self.chains.get_mut(key) {
             let cut: Vec<HeldRow> = chain.rows.drain(from..).collect();
             self.held -= cut.len();
-            self.pending.releases.extend(cut.iter().map(|h| h.row.seq));
+            self.pending.releases.extend(cut.iter().map(|h| (h.row.seq, h.row.lease_id)));
             if chain.rows.is_empty() {
                 self.chains.remove(key);
             }
@@ -501,12 +568,15 @@ impl<'a> Session<'a> {
     /// of a lost connection count a failed attempt; everything else held is
     /// given back. Best effort: leases expire anyway if this fails.
     async fn finish(&mut self, end: &SessionEnd) {
-        if let Some(lane) = self.lane.take() {
+        for lane in [self.lane.take(), self.mark_lane.take()].into_iter().flatten() {
             let joined = lane.await;
-            if let Ok(result) = joined
-                && let Some(unflushed) = result.unflushed
-            {
-                self.pending.absorb(unflushed);
+            if let Ok(result) = joined {
+                if result.marked > 0 {
+                    metrics::counter!(m::PUBLISHED_TOTAL).increment(result.marked as u64);
+                }
+                if let Some(unflushed) = result.unflushed {
+                    self.pending.absorb(unflushed);
+                }
             }
         }
         let keys: Vec<AggregateKey> = self.chains.keys().cloned().collect();
@@ -576,11 +646,13 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
     let mut result = LaneResult {
         unflushed: None,
         attempted_marks: pending.to_mark.len(),
+        flushed: None,
         marked: 0,
         newly_failed: 0,
         claimed: None,
         error: None,
     };
+    let pending_is_empty = pending.is_empty();
     let mut conn = match ctx.pool.get() {
         Ok(conn) => conn,
         Err(e) => {
@@ -591,6 +663,7 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
         }
     };
     let delete = config.retention.is_zero();
+    let flush_started = Instant::now();
     let flushed = (|| -> Result<(usize, usize)> {
         let marked = store::mark_published(&mut conn, &config.relay_id, &pending.to_mark, delete)?.len();
         let failed = store::record_failures(
@@ -600,12 +673,17 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
             i32::try_from(config.max_attempts).unwrap_or(i32::MAX),
         )?;
         store::release_leases(&mut conn, &config.relay_id, &pending.releases)?;
+        store::drop_leases(&mut conn, &config.relay_id, &pending.finished_leases)?;
         Ok((marked, failed))
     })();
     match flushed {
         Ok((marked, failed)) => {
+            if !pending_is_empty {
+                tracing::trace!(marked, failed, elapsed_us = flush_started.elapsed().as_micros() as u64, "flushed");
+            }
             result.marked = marked;
             result.newly_failed = failed;
+            result.flushed = Some(pending);
         }
         Err(e) => {
             // Marks are idempotent (guarded by the lease), so retrying the
@@ -620,7 +698,10 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
         let started = Instant::now();
         let batch = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
         match store::claim_batch(&mut conn, &config.relay_id, batch, config.lease.as_secs_f64()) {
-            Ok(rows) => result.claimed = Some((generation, started, rows)),
+            Ok(rows) => {
+                tracing::trace!(rows = rows.len(), elapsed_us = started.elapsed().as_micros() as u64, "claimed");
+                result.claimed = Some((generation, started, rows));
+            }
             Err(e) => result.error = Some(e),
         }
     }

@@ -60,6 +60,9 @@ pub struct ClaimedEvent {
     /// Failed publish attempts so far.
     #[diesel(sql_type = Integer)]
     pub attempts: i32,
+    /// The lease (claimed batch) this row was claimed under.
+    #[diesel(sql_type = BigInt)]
+    pub lease_id: i64,
 }
 
 impl ClaimedEvent {
@@ -82,8 +85,8 @@ impl ClaimedEvent {
     }
 }
 
-/// Claims up to `batch_size` rows for `relay_id` under a lease of
-/// `lease_secs`, returned in seq order.
+/// Claims up to `batch_size` rows for `relay_id` under one new lease of
+/// `lease_secs`, returned in seq order (all with the same `lease_id`).
 ///
 /// A row is claimable only when every earlier unpublished row of its
 /// aggregate is either claimed by this same statement or already leased
@@ -101,33 +104,32 @@ pub fn claim_batch(
     batch_size: i64,
     lease_secs: f64,
 ) -> Result<Vec<ClaimedEvent>> {
-    let mut rows = diesel::sql_query(
-        "WITH win AS (
-             SELECT seq, aggregate_type, aggregate_id
-             FROM outbox_events
-             WHERE published_at IS NULL
-               AND failed_at IS NULL
-               AND (lease_expires_at IS NULL OR lease_expires_at < now())
-               AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+    let rows = diesel::sql_query(
+        "WITH live AS MATERIALIZED (
+             SELECT owner, unnest(seqs) AS seq FROM outbox_leases WHERE expires_at > now()
+         ),
+         win AS MATERIALIZED (
+             SELECT e.seq, e.aggregate_type, e.aggregate_id
+             FROM outbox_events e
+             WHERE e.published_at IS NULL
+               AND e.failed_at IS NULL
+               AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
+               -- NOT IN over a materialized set runs as one hashed lookup.
+               AND e.seq NOT IN (SELECT seq FROM live)
                AND NOT (SELECT paused FROM outbox_control WHERE id)
-             ORDER BY seq
+             ORDER BY e.seq
              LIMIT $2
-             FOR UPDATE SKIP LOCKED
+             FOR UPDATE OF e SKIP LOCKED
          ),
          aggs AS (
              SELECT aggregate_type, aggregate_id, max(seq) AS last_seq
              FROM win GROUP BY aggregate_type, aggregate_id
          ),
-         lines AS (
-             SELECT u.seq,
-                    w.seq IS NOT NULL AS in_window,
-                    -- COALESCE: an unleased row gives NULL, which bool_and
-                    -- would skip, letting later rows jump the queue.
-                    bool_and(w.seq IS NOT NULL OR COALESCE(u.lease_owner = $1 AND u.lease_expires_at > now(), FALSE))
-                        OVER (PARTITION BY a.aggregate_type, a.aggregate_id ORDER BY u.seq) AS ready
+         backlog AS MATERIALIZED (
+             SELECT a.aggregate_type, a.aggregate_id, u.seq
              FROM aggs a
              CROSS JOIN LATERAL (
-                 SELECT p.seq, p.lease_owner, p.lease_expires_at
+                 SELECT p.seq
                  FROM outbox_events p
                  WHERE p.aggregate_type = a.aggregate_type
                    AND p.aggregate_id = a.aggregate_id
@@ -135,33 +137,59 @@ pub fn claim_batch(
                    AND p.seq <= a.last_seq
                  ORDER BY p.seq
              ) u
-             LEFT JOIN win w ON w.seq = u.seq
+         ),
+         lines AS (
+             SELECT b.seq,
+                    w.seq IS NOT NULL AS in_window,
+                    -- COALESCE: a row leased to nobody gives NULL, which
+                    -- bool_and would skip, letting later rows jump the queue.
+                    bool_and(w.seq IS NOT NULL OR COALESCE(l.owner = $1, FALSE))
+                        OVER (PARTITION BY b.aggregate_type, b.aggregate_id ORDER BY b.seq) AS ready
+             FROM backlog b
+             LEFT JOIN win w ON w.seq = b.seq
+             LEFT JOIN live l ON l.seq = b.seq
+         ),
+         claimed AS MATERIALIZED (
+             SELECT seq FROM lines WHERE in_window AND ready
+         ),
+         lease AS (
+             INSERT INTO outbox_leases (owner, expires_at, seqs)
+             SELECT $1, now() + make_interval(secs => $3), array_agg(seq ORDER BY seq)
+             FROM claimed
+             HAVING count(*) > 0
+             RETURNING id
          )
-         UPDATE outbox_events e
-         SET lease_owner = $1,
-             lease_expires_at = now() + make_interval(secs => $3)
-         FROM lines l
-         WHERE e.seq = l.seq AND l.in_window AND l.ready
-         RETURNING e.seq, e.event_id, e.event_type, e.aggregate_type, e.aggregate_id, e.tenant_id,
-                   e.occurred_at, e.recorded_at, e.actor, e.correlation_id, e.causation_id,
-                   e.traceparent, e.schema_version, e.payload::text AS payload, e.attempts",
+         SELECT e.seq, e.event_id, e.event_type, e.aggregate_type, e.aggregate_id, e.tenant_id,
+                e.occurred_at, e.recorded_at, e.actor, e.correlation_id, e.causation_id,
+                e.traceparent, e.schema_version, e.payload::text AS payload, e.attempts,
+                (SELECT id FROM lease) AS lease_id
+         FROM outbox_events e
+         -- An array keeps this on the primary key instead of a scan.
+         WHERE e.seq = ANY(ARRAY(SELECT seq FROM claimed))
+         ORDER BY e.seq",
     )
     .bind::<Text, _>(relay_id)
     .bind::<BigInt, _>(batch_size)
     .bind::<Double, _>(lease_secs)
     .load::<ClaimedEvent>(conn)?;
-    rows.sort_unstable_by_key(|row| row.seq);
     Ok(rows)
 }
 
-/// Marks rows published, but only those still leased to `relay_id` with a
-/// live lease: a relay whose lease ran out (paused, partitioned, slow) can
-/// no longer mark. With `delete` (retention 0) the rows are deleted
-/// instead. Returns the seqs actually marked.
+/// A row and the lease it is held under.
+pub type LeasedSeq = (i64, i64);
+
+fn split(rows: &[LeasedSeq]) -> (Vec<i64>, Vec<i64>) {
+    rows.iter().copied().unzip()
+}
+
+/// Marks rows published, but only through a live lease of `relay_id`: a
+/// relay whose lease ran out (paused, partitioned, slow) can no longer mark.
+/// With `delete` (retention 0) the rows are deleted instead. Returns the
+/// seqs actually marked.
 pub fn mark_published(
     conn: &mut PgConnection,
     relay_id: &str,
-    seqs: &[i64],
+    rows: &[LeasedSeq],
     delete: bool,
 ) -> Result<Vec<i64>> {
     #[derive(QueryableByName)]
@@ -169,21 +197,27 @@ pub fn mark_published(
         #[diesel(sql_type = BigInt)]
         seq: i64,
     }
-    if seqs.is_empty() {
+    if rows.is_empty() {
         return Ok(Vec::new());
     }
+    let (seqs, leases) = split(rows);
     let sql = if delete {
-        "DELETE FROM outbox_events
-         WHERE seq = ANY($1) AND lease_owner = $2 AND lease_expires_at > now()
-         RETURNING seq"
+        "DELETE FROM outbox_events e
+         USING unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
+         JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
+         WHERE e.seq = m.seq AND e.published_at IS NULL
+         RETURNING e.seq"
     } else {
-        "UPDATE outbox_events
-         SET published_at = now(), lease_owner = NULL, lease_expires_at = NULL
-         WHERE seq = ANY($1) AND lease_owner = $2 AND lease_expires_at > now()
-         RETURNING seq"
+        "UPDATE outbox_events e
+         SET published_at = now()
+         FROM unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
+         JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
+         WHERE e.seq = m.seq AND e.published_at IS NULL
+         RETURNING e.seq"
     };
     let marked = diesel::sql_query(sql)
-        .bind::<Array<BigInt>, _>(seqs)
+        .bind::<Array<BigInt>, _>(&seqs)
+        .bind::<Array<BigInt>, _>(&leases)
         .bind::<Text, _>(relay_id)
         .load::<Seq>(conn)?;
     Ok(marked.into_iter().map(|row| row.seq).collect())
@@ -194,16 +228,19 @@ pub fn mark_published(
 pub struct PublishFailure {
     /// The row.
     pub seq: i64,
+    /// The lease it was held under.
+    pub lease_id: i64,
     /// Why (bounded to 4 KiB when stored).
     pub error: String,
     /// When to try again.
     pub retry_in: std::time::Duration,
 }
 
-/// Records failed attempts: attempts + 1, the error, the next attempt time,
-/// the lease released; a row reaching `max_attempts` is marked failed (its
-/// aggregate then waits behind it until an operator acts). Only rows still
-/// leased to `relay_id` under a live lease are touched. Returns how many rows became failed.
+/// Records failed attempts: attempts + 1, the error, the next attempt time;
+/// a row reaching `max_attempts` is marked failed (its aggregate then waits
+/// behind it until an operator acts). The rows leave their leases. Only
+/// rows held under a live lease of `relay_id` are touched. Returns how
+/// many rows became failed.
 pub fn record_failures(
     conn: &mut PgConnection,
     relay_id: &str,
@@ -219,6 +256,7 @@ pub fn record_failures(
         return Ok(0);
     }
     let seqs: Vec<i64> = failures.iter().map(|f| f.seq).collect();
+    let leases: Vec<i64> = failures.iter().map(|f| f.lease_id).collect();
     let errors: Vec<String> = failures.iter().map(|f| truncate(&f.error, 4096)).collect();
     let delays: Vec<f64> = failures.iter().map(|f| f.retry_in.as_secs_f64()).collect();
     let rows = diesel::sql_query(
@@ -226,46 +264,69 @@ pub fn record_failures(
          SET attempts = e.attempts + 1,
              last_error = f.error,
              next_attempt_at = now() + make_interval(secs => f.delay),
-             lease_owner = NULL,
-             lease_expires_at = NULL,
-             failed_at = CASE WHEN e.attempts + 1 >= $4 THEN now() END
-         FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS f(seq, error, delay)
-         WHERE e.seq = f.seq AND e.lease_owner = $5 AND e.lease_expires_at > now()
-           AND e.published_at IS NULL
+             failed_at = CASE WHEN e.attempts + 1 >= $5 THEN now() END
+         FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[]) AS f(seq, lease_id, error, delay)
+         JOIN outbox_leases l ON l.id = f.lease_id AND l.owner = $6 AND l.expires_at > now()
+         WHERE e.seq = f.seq AND e.published_at IS NULL
          RETURNING e.failed_at IS NOT NULL AS failed",
     )
     .bind::<Array<BigInt>, _>(&seqs)
+    .bind::<Array<BigInt>, _>(&leases)
     .bind::<Array<Text>, _>(&errors)
     .bind::<Array<Double>, _>(&delays)
     .bind::<Integer, _>(max_attempts)
     .bind::<Text, _>(relay_id)
     .load::<Failed>(conn)?;
+    let released: Vec<LeasedSeq> = failures.iter().map(|f| (f.seq, f.lease_id)).collect();
+    release_leases(conn, relay_id, &released)?;
     Ok(rows.iter().filter(|r| r.failed).count())
 }
 
-/// Gives back leases on rows this relay will not publish after all, so any
-/// relay can claim them at once.
-pub fn release_leases(conn: &mut PgConnection, relay_id: &str, seqs: &[i64]) -> Result<usize> {
-    if seqs.is_empty() {
+/// Takes rows out of this relay's leases so any relay can claim them at
+/// once (rows it will not publish after all). Returns how many leases
+/// changed.
+pub fn release_leases(conn: &mut PgConnection, relay_id: &str, rows: &[LeasedSeq]) -> Result<usize> {
+    if rows.is_empty() {
         return Ok(0);
     }
+    let (seqs, leases) = split(rows);
     Ok(diesel::sql_query(
-        "UPDATE outbox_events SET lease_owner = NULL, lease_expires_at = NULL
-         WHERE seq = ANY($1) AND lease_owner = $2 AND published_at IS NULL",
+        "UPDATE outbox_leases l
+         SET seqs = ARRAY(SELECT s FROM unnest(l.seqs) AS s WHERE s <> ALL(r.seqs))
+         FROM (SELECT lease_id, array_agg(seq) AS seqs
+               FROM unnest($1::bigint[], $2::bigint[]) AS x(seq, lease_id)
+               GROUP BY lease_id) r
+         WHERE l.id = r.lease_id AND l.owner = $3",
     )
-    .bind::<Array<BigInt>, _>(seqs)
+    .bind::<Array<BigInt>, _>(&seqs)
+    .bind::<Array<BigInt>, _>(&leases)
     .bind::<Text, _>(relay_id)
     .execute(conn)?)
+}
+
+/// Deletes leases whose rows are all settled.
+pub fn drop_leases(conn: &mut PgConnection, relay_id: &str, lease_ids: &[i64]) -> Result<usize> {
+    if lease_ids.is_empty() {
+        return Ok(0);
+    }
+    Ok(diesel::sql_query("DELETE FROM outbox_leases WHERE id = ANY($1) AND owner = $2")
+        .bind::<Array<BigInt>, _>(lease_ids)
+        .bind::<Text, _>(relay_id)
+        .execute(conn)?)
 }
 
 /// Gives back every lease this relay holds (at shutdown).
 pub fn release_all_leases(conn: &mut PgConnection, relay_id: &str) -> Result<usize> {
-    Ok(diesel::sql_query(
-        "UPDATE outbox_events SET lease_owner = NULL, lease_expires_at = NULL
-         WHERE lease_owner = $1 AND published_at IS NULL",
-    )
-    .bind::<Text, _>(relay_id)
-    .execute(conn)?)
+    Ok(diesel::sql_query("DELETE FROM outbox_leases WHERE owner = $1")
+        .bind::<Text, _>(relay_id)
+        .execute(conn)?)
+}
+
+/// Deletes leases that expired more than a minute ago (their relay died or
+/// lost them); live ones are never touched.
+pub fn delete_expired_leases(conn: &mut PgConnection) -> Result<usize> {
+    Ok(diesel::sql_query("DELETE FROM outbox_leases WHERE expires_at < now() - interval '1 minute'")
+        .execute(conn)?)
 }
 
 /// Deletes up to `batch` published rows older than `older_than_secs`,
@@ -315,7 +376,9 @@ pub fn backlog_stats(conn: &mut PgConnection) -> Result<BacklogStats> {
     Ok(diesel::sql_query(
         "SELECT count(*) AS backlog,
                 COALESCE(EXTRACT(EPOCH FROM now() - min(recorded_at))::float8, 0) AS oldest_unpublished_age_seconds,
-                count(*) FILTER (WHERE lease_expires_at > now()) AS in_flight,
+                count(*) FILTER (WHERE seq IN (
+                    SELECT unnest(seqs) FROM outbox_leases WHERE expires_at > now()
+                )) AS in_flight,
                 count(*) FILTER (WHERE failed_at IS NOT NULL) AS failed,
                 count(*) FILTER (WHERE failed_at IS NULL AND next_attempt_at > now()) AS retrying,
                 (SELECT paused FROM outbox_control WHERE id) AS paused

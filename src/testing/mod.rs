@@ -55,9 +55,15 @@ impl TestDatabase {
         let server = std::env::var("TEST_DATABASE_URL")
             .or_else(|_| std::env::var("DATABASE_URL"))
             .unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
+        Self::create_on(&server)
+    }
+
+    /// Creates an empty database on the server `server_url` points at (its
+    /// database name is ignored), without migrations.
+    pub fn create_on(server_url: &str) -> Result<Self> {
         let name = format!("{TEST_DATABASE_PREFIX}{}", Uuid::now_v7().simple());
-        let url = with_database(&server, &name)?;
-        let admin_url = with_database(&server, "postgres")?;
+        let url = with_database(server_url, &name)?;
+        let admin_url = with_database(server_url, "postgres")?;
         let mut admin = database::connect(&admin_url)?;
         sql_query(format!("CREATE DATABASE \"{name}\"")).execute(&mut admin)?;
         Ok(Self { name, url, admin_url })

@@ -92,7 +92,6 @@ fn committed_write_leaves_one_row_with_every_contract_field() {
     // Relay state starts clean.
     assert_eq!(row.published_at, None);
     assert_eq!(row.attempts, 0);
-    assert_eq!(row.lease_owner, None);
     assert_eq!(row.failed_at, None);
 }
 

@@ -113,7 +113,6 @@ pub struct StoredRow {
     pub payload: serde_json::Value,
     pub published_at: Option<DateTime<Utc>>,
     pub attempts: i32,
-    pub lease_owner: Option<String>,
     pub failed_at: Option<DateTime<Utc>>,
 }
 

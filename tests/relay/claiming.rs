@@ -74,6 +74,7 @@ fn an_expired_lease_cannot_mark_or_fail_and_the_rows_are_claimable_again() {
     let held = store::claim_batch(&mut conn, "zombie", 10, 0.2).unwrap();
     assert_eq!(held.len(), 3);
     let seqs: Vec<i64> = held.iter().map(|r| r.seq).collect();
+    let zombie_rows: Vec<(i64, i64)> = held.iter().map(|r| (r.seq, r.lease_id)).collect();
     // While the lease lives, nobody else gets them.
     assert!(
         store::claim_batch(&mut conn, "other", 10, 30.0)
@@ -83,19 +84,20 @@ fn an_expired_lease_cannot_mark_or_fail_and_the_rows_are_claimable_again() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while scalar(
         &mut conn,
-        "SELECT count(*) AS n FROM outbox_events WHERE lease_expires_at > now()",
+        "SELECT count(*) AS n FROM outbox_leases WHERE expires_at > now()",
     ) > 0
     {
         assert!(std::time::Instant::now() < deadline, "lease never expired");
         thread::sleep(Duration::from_millis(20));
     }
     assert!(
-        store::mark_published(&mut conn, "zombie", &seqs, false)
+        store::mark_published(&mut conn, "zombie", &zombie_rows, false)
             .unwrap()
             .is_empty()
     );
     let failure = PublishFailure {
         seq: seqs[0],
+        lease_id: held[0].lease_id,
         error: "late".into(),
         retry_in: Duration::ZERO,
     };
@@ -112,14 +114,18 @@ fn an_expired_lease_cannot_mark_or_fail_and_the_rows_are_claimable_again() {
     );
     let reclaimed = store::claim_batch(&mut conn, "other", 10, 30.0).unwrap();
     assert_eq!(reclaimed.iter().map(|r| r.seq).collect::<Vec<_>>(), seqs);
-    // The new holder can mark; the zombie still cannot.
-    assert!(
-        store::mark_published(&mut conn, "zombie", &seqs, false)
-            .unwrap()
-            .is_empty()
-    );
+    let other_rows: Vec<(i64, i64)> = reclaimed.iter().map(|r| (r.seq, r.lease_id)).collect();
+    // The new holder can mark; the zombie still cannot, neither through its
+    // own lease nor through the new holder's.
+    for rows in [&zombie_rows, &other_rows] {
+        assert!(
+            store::mark_published(&mut conn, "zombie", rows, false)
+                .unwrap()
+                .is_empty()
+        );
+    }
     assert_eq!(
-        store::mark_published(&mut conn, "other", &seqs, false)
+        store::mark_published(&mut conn, "other", &other_rows, false)
             .unwrap()
             .len(),
         3

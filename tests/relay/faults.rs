@@ -44,7 +44,7 @@ async fn broker_connection_loss_mid_stream_loses_nothing_and_holds_nothing_while
     eventually("leases given back", Duration::from_secs(10), || {
         scalar(
             &mut conn,
-            "SELECT count(*) AS n FROM outbox_events WHERE lease_expires_at > now()",
+            "SELECT count(*) AS n FROM outbox_leases WHERE expires_at > now()",
         ) == 0
     })
     .await;
@@ -110,7 +110,7 @@ async fn graceful_stop_marks_what_was_confirmed_and_releases_every_lease() {
     assert_eq!(
         scalar(
             &mut conn,
-            "SELECT count(*) AS n FROM outbox_events WHERE lease_owner IS NOT NULL"
+            "SELECT count(*) AS n FROM outbox_leases"
         ),
         0
     );

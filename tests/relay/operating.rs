@@ -28,7 +28,7 @@ async fn pause_stops_every_relay_and_resume_lets_them_go() {
     assert_eq!(
         scalar(
             &mut conn,
-            "SELECT count(*) AS n FROM outbox_events WHERE lease_owner IS NOT NULL"
+            "SELECT count(*) AS n FROM outbox_leases"
         ),
         0
     );

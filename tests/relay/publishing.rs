@@ -88,7 +88,7 @@ async fn publishes_committed_events_with_the_contract_envelope() {
     assert_eq!(
         scalar(
             &mut conn,
-            "SELECT count(*) AS n FROM outbox_events WHERE lease_owner IS NOT NULL"
+            "SELECT count(*) AS n FROM outbox_leases"
         ),
         0,
         "no lease left behind"

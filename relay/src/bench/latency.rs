@@ -1,0 +1,206 @@
+//! `outbox bench latency`: commit -> delivered at a steady rate.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use diesel::Connection;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use outbox::testing::TestDatabase;
+use serde::Serialize;
+
+use super::broker::BenchQueue;
+use super::process::RelayProcess;
+use super::stats::{ms, percentile};
+use super::{BenchTarget, Report};
+use crate::duration::parse_duration;
+
+/// Options of `outbox bench latency`.
+#[derive(Debug, clap::Args)]
+pub struct LatencyArgs {
+    /// Events per second, one per transaction, from one writer.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// How long to write.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Leading time left out of the figures.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Aggregates the events are spread over.
+    #[arg(long, default_value_t = 1000)]
+    aggregates: usize,
+}
+
+/// The latency figures.
+#[derive(Debug, Serialize)]
+pub struct LatencyReport {
+    /// Target rate, events/s.
+    pub target_rate: f64,
+    /// Rate the writer achieved, events/s.
+    pub achieved_rate: f64,
+    /// Events measured (after the warm-up).
+    pub events: usize,
+    /// Median commit -> delivered, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// 99.9th percentile, ms.
+    pub p999_ms: f64,
+    /// Worst, ms.
+    pub max_ms: f64,
+    /// Peak resident memory of the relay process, MiB.
+    pub relay_peak_rss_mib: f64,
+    /// Every measured latency in ms, in commit order (for plots).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub samples_ms: Vec<f64>,
+}
+
+impl Report for LatencyReport {
+    fn table(&self) -> String {
+        format!(
+            "latency: {:.0} events/s target ({:.0} achieved), one per transaction, {} events measured\n\
+             commit -> delivered to a consumer through `outbox relay` (an upper bound on commit -> confirmed)\n\
+             {:>8} {:>8} {:>8} {:>8} {:>16}\n\
+             {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>16.1}\n",
+            self.target_rate,
+            self.achieved_rate,
+            self.events,
+            "p50 ms",
+            "p99 ms",
+            "p999 ms",
+            "max ms",
+            "relay RSS (MiB)",
+            self.p50_ms,
+            self.p99_ms,
+            self.p999_ms,
+            self.max_ms,
+            self.relay_peak_rss_mib
+        )
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Probe {
+    n: u64,
+    aggregate: usize,
+}
+
+impl outbox::DomainEvent for Probe {
+    fn event_type(&self) -> &'static str {
+        "bench.probe"
+    }
+    fn aggregate_type(&self) -> &'static str {
+        "probe"
+    }
+    fn aggregate_id(&self) -> String {
+        self.aggregate.to_string()
+    }
+}
+
+type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// Runs the scenario.
+pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
+    anyhow::ensure!(args.rate > 0.0 && args.rate <= 100_000.0, "--rate must be between 0 and 100000");
+    anyhow::ensure!(args.aggregates > 0, "--aggregates must be positive");
+    let server = target.database_url.clone();
+    let db = tokio::task::spawn_blocking(move || -> anyhow::Result<TestDatabase> {
+        let db = TestDatabase::create_on(&server)?;
+        outbox::migrate(&mut db.connect()?)?;
+        Ok(db)
+    })
+    .await??;
+    let queue = BenchQueue::declare(&target.amqp_url).await?;
+
+    // The consumer notes when each message id first arrives.
+    let arrivals: Arrivals = Arc::new(Mutex::new(HashMap::new()));
+    let consumer_connection = queue.connect("outbox bench consumer").await?;
+    let channel = consumer_connection.create_channel().await?;
+    channel.basic_qos(2000, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .context("cannot consume the bench queue")?;
+    let sink = Arc::clone(&arrivals);
+    let consumer_task = tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let now = Instant::now();
+            if let Some(id) = delivery.properties.message_id() {
+                sink.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(id.to_string())
+                    .or_insert(now);
+            }
+        }
+    });
+
+    let mut relay = RelayProcess::spawn(db.url(), &target.amqp_url, &queue.exchange, &[])?;
+    let total = (args.rate * args.duration.as_secs_f64()).round() as u64;
+    let warmup_events = (args.rate * args.warmup.as_secs_f64()).round() as u64;
+    let (url, rate, aggregates) = (db.url().to_owned(), args.rate, args.aggregates);
+    let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<(String, Instant)>, f64)> {
+        let mut conn = outbox::connect(&url)?;
+        let mut commits = Vec::with_capacity(total as usize);
+        let started = Instant::now();
+        for n in 0..total {
+            let slot = started + Duration::from_secs_f64(n as f64 / rate);
+            if let Some(wait) = slot.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let id = conn.transaction::<_, outbox::Error, _>(|conn| {
+                outbox::record(conn, &Probe { n, aggregate: n as usize % aggregates })
+            })?;
+            commits.push((id.to_string(), Instant::now()));
+        }
+        let achieved = total as f64 / started.elapsed().as_secs_f64();
+        Ok((commits, achieved))
+    });
+    // Sample the relay's memory while the writer runs.
+    while !writer.is_finished() {
+        relay.sample_memory();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (commits, achieved_rate) = writer.await??;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while arrivals.lock().unwrap_or_else(PoisonError::into_inner).len() < commits.len() {
+        anyhow::ensure!(Instant::now() < deadline, "not every event arrived within 60 s of the last commit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let relay_peak_rss_mib = relay.stop()?;
+    consumer_task.abort();
+    let _ = consumer_connection.close(200, "done".into()).await;
+
+    let arrivals = arrivals.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let mut latencies: Vec<Duration> = commits
+        .iter()
+        .skip(warmup_events as usize)
+        .filter_map(|(id, committed)| arrivals.get(id).map(|arrived| arrived.saturating_duration_since(*committed)))
+        .collect();
+    let samples_ms: Vec<f64> = latencies.iter().map(|d| ms(*d)).collect();
+    let report = LatencyReport {
+        target_rate: args.rate,
+        achieved_rate,
+        events: latencies.len(),
+        p50_ms: ms(percentile(&mut latencies, 0.50)),
+        p99_ms: ms(percentile(&mut latencies, 0.99)),
+        p999_ms: ms(percentile(&mut latencies, 0.999)),
+        max_ms: ms(percentile(&mut latencies, 1.0)),
+        relay_peak_rss_mib,
+        samples_ms,
+    };
+    drop(queue);
+    tokio::task::spawn_blocking(move || drop(db)).await?;
+    Ok(report)
+}

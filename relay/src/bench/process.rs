@@ -1,0 +1,84 @@
+//! Relay processes for the scenarios: started from this same binary, their
+//! resident memory sampled from /proc.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// A running `outbox relay` child.
+pub struct RelayProcess {
+    child: Child,
+    peak_rss_kib: u64,
+}
+
+impl RelayProcess {
+    /// Starts `outbox relay` against `database_url` and `exchange`, with
+    /// `extra` arguments. Its logs go to stderr only on errors.
+    pub fn spawn(database_url: &str, amqp_url: &str, exchange: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this executable to start relays")?;
+        let child = Command::new(exe)
+            .arg("relay")
+            .args(["--exchange", exchange, "--metrics-addr", "off"])
+            .args(extra)
+            .env("DATABASE_URL", database_url)
+            .env("AMQP_URL", amqp_url)
+            // OUTBOX_BENCH_RELAY_LOG=outbox=trace shows the relays' timings.
+            .env("RUST_LOG", std::env::var("OUTBOX_BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start a relay process")?;
+        Ok(Self { child, peak_rss_kib: 0 })
+    }
+
+    /// Reads the current and peak resident set (KiB) and remembers the peak.
+    pub fn sample_memory(&mut self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let rss = field("VmRSS:");
+        self.peak_rss_kib = self.peak_rss_kib.max(field("VmHWM:")).max(rss);
+        rss
+    }
+
+    /// Peak resident set seen, in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        self.peak_rss_kib as f64 / 1024.0
+    }
+
+    /// Sends SIGTERM and waits (up to 30 s, then SIGKILL) for the exit.
+    pub fn stop(mut self) -> anyhow::Result<f64> {
+        self.sample_memory();
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.child.try_wait().context("cannot wait for the relay")?.is_some() {
+                return Ok(self.peak_rss_mib());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                anyhow::bail!("relay did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
