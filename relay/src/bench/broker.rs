@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use lapin::options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
+use lapin::options::{
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 
@@ -28,7 +30,10 @@ impl BenchQueue {
         let exchange = format!("outbox_bench.{id}");
         let queue = format!("outbox_bench.{id}.all");
         let connection = outbox::amqp::connect(amqp_url, "outbox bench").await?;
-        let channel = connection.create_channel().await.context("cannot open a channel")?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("cannot open a channel")?;
         outbox::amqp::declare_exchange(&channel, &exchange).await?;
         let mut arguments = FieldTable::default();
         arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
@@ -87,10 +92,16 @@ impl Drop for BenchQueue {
             };
             runtime.block_on(async move {
                 let limit = Duration::from_secs(10);
-                if let Ok(Ok(connection)) = tokio::time::timeout(limit, outbox::amqp::connect(&url, "outbox bench cleanup")).await {
+                if let Ok(Ok(connection)) =
+                    tokio::time::timeout(limit, outbox::amqp::connect(&url, "outbox bench cleanup")).await
+                {
                     if let Ok(channel) = connection.create_channel().await {
-                        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-                        let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+                        let _ = channel
+                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                        let _ = channel
+                            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                            .await;
                     }
                     let _ = connection.close(200, "bye".into()).await;
                 }

@@ -157,13 +157,19 @@ fn unpublished(conn: &mut PgConnection) -> anyhow::Result<i64> {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         n: i64,
     }
-    Ok(diesel::sql_query("SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL")
-        .get_result::<Count>(conn)?
-        .n)
+    Ok(
+        diesel::sql_query("SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL")
+            .get_result::<Count>(conn)?
+            .n,
+    )
 }
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(work).await.context("blocking task failed")?
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("blocking task failed")?
 }
 
 /// Publishes the stored events the way a minimal hand-written publisher
@@ -227,8 +233,14 @@ async fn raw_publish(queue: &BenchQueue, url: String, window: usize) -> anyhow::
 
 /// Runs the scenario.
 pub async fn run(target: &BenchTarget, args: &DrainArgs) -> anyhow::Result<DrainReport> {
-    anyhow::ensure!(args.events > 0 && args.aggregates > 0, "--events and --aggregates must be positive");
-    anyhow::ensure!(args.relays.iter().all(|r| (1..=16).contains(r)), "--relays takes counts from 1 to 16");
+    anyhow::ensure!(
+        args.events > 0 && args.aggregates > 0,
+        "--events and --aggregates must be positive"
+    );
+    anyhow::ensure!(
+        args.relays.iter().all(|r| (1..=16).contains(r)),
+        "--relays takes counts from 1 to 16"
+    );
     let server = target.database_url.clone();
     let db = blocking(move || {
         let db = TestDatabase::create_on(&server)?;
@@ -277,11 +289,18 @@ pub async fn run(target: &BenchTarget, args: &DrainArgs) -> anyhow::Result<Drain
                 process.sample_memory();
             }
             let elapsed = started.elapsed();
-            progress.push((elapsed.as_secs_f64(), args.events as u64 - remaining.max(0) as u64));
+            progress.push((
+                elapsed.as_secs_f64(),
+                args.events as u64 - remaining.max(0) as u64,
+            ));
             if remaining == 0 {
                 break elapsed.as_secs_f64();
             }
-            anyhow::ensure!(elapsed < args.timeout, "backlog not drained within {:?}", args.timeout);
+            anyhow::ensure!(
+                elapsed < args.timeout,
+                "backlog not drained within {:?}",
+                args.timeout
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let peak_rss_mib = processes

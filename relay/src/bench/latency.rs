@@ -105,7 +105,10 @@ type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// Runs the scenario.
 pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
-    anyhow::ensure!(args.rate > 0.0 && args.rate <= 100_000.0, "--rate must be between 0 and 100000");
+    anyhow::ensure!(
+        args.rate > 0.0 && args.rate <= 100_000.0,
+        "--rate must be between 0 and 100000"
+    );
     anyhow::ensure!(args.aggregates > 0, "--aggregates must be positive");
     let server = target.database_url.clone();
     let db = tokio::task::spawn_blocking(move || -> anyhow::Result<TestDatabase> {
@@ -160,7 +163,13 @@ pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<Lat
                 std::thread::sleep(wait);
             }
             let id = conn.transaction::<_, outbox::Error, _>(|conn| {
-                outbox::record(conn, &Probe { n, aggregate: n as usize % aggregates })
+                outbox::record(
+                    conn,
+                    &Probe {
+                        n,
+                        aggregate: n as usize % aggregates,
+                    },
+                )
             })?;
             commits.push((id.to_string(), Instant::now()));
         }
@@ -175,7 +184,10 @@ pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<Lat
     let (commits, achieved_rate) = writer.await??;
     let deadline = Instant::now() + Duration::from_secs(60);
     while arrivals.lock().unwrap_or_else(PoisonError::into_inner).len() < commits.len() {
-        anyhow::ensure!(Instant::now() < deadline, "not every event arrived within 60 s of the last commit");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not every event arrived within 60 s of the last commit"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let relay_peak_rss_mib = relay.stop()?;
@@ -186,7 +198,11 @@ pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<Lat
     let mut latencies: Vec<Duration> = commits
         .iter()
         .skip(warmup_events as usize)
-        .filter_map(|(id, committed)| arrivals.get(id).map(|arrived| arrived.saturating_duration_since(*committed)))
+        .filter_map(|(id, committed)| {
+            arrivals
+                .get(id)
+                .map(|arrived| arrived.saturating_duration_since(*committed))
+        })
         .collect();
     let samples_ms: Vec<f64> = latencies.iter().map(|d| ms(*d)).collect();
     let report = LatencyReport {

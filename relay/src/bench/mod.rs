@@ -15,7 +15,6 @@ mod write;
 use anyhow::Context;
 use serde::Serialize;
 
-
 /// Options of `outbox bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -84,7 +83,10 @@ pub trait Report: Serialize {
 
 fn print<R: Report>(json: bool, report: &R) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report).context("cannot serialize the figures")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).context("cannot serialize the figures")?
+        );
     } else {
         print!("{}", report.table());
     }

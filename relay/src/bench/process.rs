@@ -24,13 +24,19 @@ impl RelayProcess {
             .env("DATABASE_URL", database_url)
             .env("AMQP_URL", amqp_url)
             // OUTBOX_BENCH_RELAY_LOG=outbox=trace shows the relays' timings.
-            .env("RUST_LOG", std::env::var("OUTBOX_BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("OUTBOX_BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .context("cannot start a relay process")?;
-        Ok(Self { child, peak_rss_kib: 0 })
+        Ok(Self {
+            child,
+            peak_rss_kib: 0,
+        })
     }
 
     /// Reads the current and peak resident set (KiB) and remembers the peak.
@@ -61,7 +67,12 @@ impl RelayProcess {
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if self.child.try_wait().context("cannot wait for the relay")?.is_some() {
+            if self
+                .child
+                .try_wait()
+                .context("cannot wait for the relay")?
+                .is_some()
+            {
                 return Ok(self.peak_rss_mib());
             }
             if std::time::Instant::now() > deadline {

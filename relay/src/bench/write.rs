@@ -101,7 +101,12 @@ struct NewId {
 
 /// One phase: every writer commits as fast as it can until the deadline.
 /// Returns (transactions/s, per-transaction latencies).
-fn phase(url: &str, writers: usize, duration: Duration, with_record: bool) -> anyhow::Result<(f64, Vec<Duration>)> {
+fn phase(
+    url: &str,
+    writers: usize,
+    duration: Duration,
+    with_record: bool,
+) -> anyhow::Result<(f64, Vec<Duration>)> {
     let started = Instant::now();
     let deadline = started + duration;
     let handles: Vec<_> = (0..writers)
@@ -115,12 +120,21 @@ fn phase(url: &str, writers: usize, duration: Duration, with_record: bool) -> an
                     let began = Instant::now();
                     conn.transaction::<_, outbox::Error, _>(|conn| {
                         let domain = format!("w{writer}-{n}.example.com");
-                        let site = diesel::sql_query("INSERT INTO sites (tenant_id, domain) VALUES ($1, $2) RETURNING id")
-                            .bind::<BigInt, _>(writer as i64)
-                            .bind::<Text, _>(&domain)
-                            .get_result::<NewId>(conn)?;
+                        let site = diesel::sql_query(
+                            "INSERT INTO sites (tenant_id, domain) VALUES ($1, $2) RETURNING id",
+                        )
+                        .bind::<BigInt, _>(writer as i64)
+                        .bind::<Text, _>(&domain)
+                        .get_result::<NewId>(conn)?;
                         if with_record {
-                            outbox::record(conn, &SiteCreated { site_id: site.id, tenant_id: writer as i64, domain })?;
+                            outbox::record(
+                                conn,
+                                &SiteCreated {
+                                    site_id: site.id,
+                                    tenant_id: writer as i64,
+                                    domain,
+                                },
+                            )?;
                         }
                         Ok(())
                     })?;
@@ -144,9 +158,17 @@ fn phase(url: &str, writers: usize, duration: Duration, with_record: bool) -> an
 
 /// Runs the scenario (blocking work on the blocking pool).
 pub async fn run(target: &BenchTarget, args: &WriteArgs) -> anyhow::Result<WriteReport> {
-    anyhow::ensure!((1..=256).contains(&args.writers), "--writers must be between 1 and 256");
+    anyhow::ensure!(
+        (1..=256).contains(&args.writers),
+        "--writers must be between 1 and 256"
+    );
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
-    let (server, writers, duration, rounds) = (target.database_url.clone(), args.writers, args.duration, args.rounds);
+    let (server, writers, duration, rounds) = (
+        target.database_url.clone(),
+        args.writers,
+        args.duration,
+        args.rounds,
+    );
     tokio::task::spawn_blocking(move || -> anyhow::Result<WriteReport> {
         let db = TestDatabase::create_on(&server)?;
         let mut conn = db.connect()?;

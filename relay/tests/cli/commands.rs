@@ -1,0 +1,92 @@
+use std::time::Duration;
+
+use outbox::TestDatabase;
+
+use crate::support::{RelayChild, eventually, run_outbox};
+
+#[test]
+fn bad_relay_configuration_is_refused_with_a_clear_error() {
+    let cases: [(&[&str], i32, &str); 6] = [
+        (&["relay", "--batch-size", "0"], 1, "batch size"),
+        (&["relay", "--lease", "5s", "--confirm-timeout", "5s"], 1, "lease"),
+        (
+            &["relay", "--exchange", "orders\";drop table x;--"],
+            1,
+            "exchange name",
+        ),
+        (&["relay", "--amqp-url", "http://127.0.0.1/"], 1, "AMQP URL"),
+        (&["relay", "--lease", "soon"], 2, "not a duration"),
+        (&["relay", "--metrics-addr", "everywhere"], 1, "--metrics-addr"),
+    ];
+    for (args, code, needle) in cases {
+        let (status, _, stderr) = run_outbox(
+            args,
+            &[("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/unused")],
+        );
+        assert_eq!(status, code, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected {needle:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_reach_logs_or_errors() {
+    const AMQP_SECRET: &str = "amqp-hunter2-secret";
+    const PG_SECRET: &str = "pg-hunter2-secret";
+    let db = TestDatabase::create().unwrap();
+    let database_url = db.url().replace("postgres@", &format!("postgres:{PG_SECRET}@"));
+    let amqp_url = format!("amqp://guest:{AMQP_SECRET}@127.0.0.1:5672/%2f");
+    let mut relay = RelayChild::spawn(&database_url, &amqp_url, "outbox_test.never_declared", &[]);
+    eventually("the broker refusal logged", Duration::from_secs(30), || {
+        relay.logs().contains("cannot reach the broker")
+    })
+    .await;
+    relay.terminate();
+    let logs = relay.logs();
+    assert!(logs.contains("guest:***@"), "the URL is shown redacted:\n{logs}");
+    assert!(!logs.contains(AMQP_SECRET) && !logs.contains(PG_SECRET), "{logs}");
+
+    // Connection failures of the other commands, too.
+    let bad_db = format!("postgres://nobody:{PG_SECRET}@127.0.0.1:5432/nothing");
+    for args in [vec!["migrate"], vec!["pause"], vec!["resume"]] {
+        let mut full = args.clone();
+        full.extend(["--database-url", &bad_db]);
+        let (status, stdout, stderr) = run_outbox(&full, &[]);
+        assert_eq!(status, 1, "{full:?}");
+        assert!(
+            !stdout.contains(PG_SECRET) && !stderr.contains(PG_SECRET),
+            "{full:?}: {stderr}"
+        );
+        assert!(stderr.contains("nobody:***@"), "{full:?}: {stderr}");
+    }
+    let (_, help, _) = run_outbox(&["relay", "--help"], &[("AMQP_URL", &amqp_url)]);
+    assert!(
+        !help.contains(AMQP_SECRET),
+        "--help must not echo the environment: {help}"
+    );
+}
+
+#[test]
+fn migrate_pause_and_resume() {
+    let db = TestDatabase::create_empty().unwrap();
+    let url = db.url().to_owned();
+    let (status, stdout, stderr) = run_outbox(&["migrate", "--database-url", &url], &[]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("applied"), "{stdout}");
+    let (status, stdout, _) = run_outbox(&["migrate", "--database-url", &url], &[]);
+    assert_eq!(status, 0);
+    assert!(stdout.contains("up to date"), "{stdout}");
+
+    let mut conn = db.connect().unwrap();
+    let (status, _, stderr) = run_outbox(&["pause", "--reason", "incident 42"], &[("DATABASE_URL", &url)]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(outbox::control::is_paused(&mut conn).unwrap());
+    let (status, _, stderr) = run_outbox(&["resume"], &[("DATABASE_URL", &url)]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(!outbox::control::is_paused(&mut conn).unwrap());
+
+    let (status, _, stderr) = run_outbox(&["no-such-command"], &[]);
+    assert_eq!(status, 2, "{stderr}");
+}

@@ -1,0 +1,10 @@
+//! The `outbox` command as operators run it: a separate process, killed,
+//! signalled, misconfigured, next to real CHOM traffic.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod chom_traffic;
+mod commands;
+mod process_faults;

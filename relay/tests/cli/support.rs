@@ -1,0 +1,143 @@
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+
+pub const OUTBOX: &str = env!("CARGO_BIN_EXE_outbox");
+
+/// A relay process whose stderr goes to a file the test can read.
+pub struct RelayChild {
+    pub child: Child,
+    pub log: std::path::PathBuf,
+}
+
+impl RelayChild {
+    pub fn spawn(database_url: &str, amqp_url: &str, exchange: &str, extra: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!("outbox-relay-{}.log", uuid::Uuid::now_v7().simple()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(OUTBOX)
+            .args(["relay", "--exchange", exchange, "--metrics-addr", "off"])
+            .args([
+                "--poll-max",
+                "20ms",
+                "--retry-initial",
+                "50ms",
+                "--retry-max",
+                "200ms",
+            ])
+            .args(extra)
+            .env("DATABASE_URL", database_url)
+            .env("AMQP_URL", amqp_url)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status (waits up to 30 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "relay ignored SIGTERM for 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RelayChild {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+pub fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(sql).get_result::<N>(conn).expect(sql).n
+}
+
+pub async fn eventually(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !check() {
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Runs `outbox ARGS` to completion: (exit code, stdout, stderr).
+pub fn run_outbox(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let output = Command::new(OUTBOX)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[derive(serde::Serialize)]
+pub struct Ticked {
+    pub aggregate: String,
+    pub n: i64,
+}
+
+impl outbox::DomainEvent for Ticked {
+    fn event_type(&self) -> &'static str {
+        "counter.ticked"
+    }
+    fn aggregate_type(&self) -> &'static str {
+        "counter"
+    }
+    fn aggregate_id(&self) -> String {
+        self.aggregate.clone()
+    }
+}
+
+/// `per_aggregate` events on each of `aggregates`, interleaved.
+pub fn record_interleaved(conn: &mut PgConnection, aggregates: usize, per_aggregate: i64) -> usize {
+    let outbox = outbox::Outbox::new();
+    for n in 0..per_aggregate {
+        let envelopes: Vec<_> = (0..aggregates)
+            .map(|a| {
+                outbox
+                    .envelope(
+                        &Ticked {
+                            aggregate: format!("a{a}"),
+                            n,
+                        },
+                        &outbox::Metadata::system(),
+                    )
+                    .unwrap()
+            })
+            .collect();
+        conn.transaction::<_, outbox::Error, _>(|conn| outbox.record_batch(conn, envelopes))
+            .unwrap();
+    }
+    aggregates * per_aggregate as usize
+}
