@@ -58,6 +58,14 @@ pub fn record_batch(conn: &mut PgConnection, envelopes: &[EventEnvelope]) -> Res
 /// transaction.
 pub(crate) fn insert_envelopes(conn: &mut PgConnection, envelopes: &[EventEnvelope]) -> Result<()> {
     ensure_in_transaction(conn)?;
+    if let [single] = envelopes {
+        // A one-row insert has fixed SQL, so diesel keeps it prepared: the
+        // common case pays no parse or plan per call.
+        diesel::insert_into(outbox_events::table)
+            .values(single)
+            .execute(conn)?;
+        return Ok(());
+    }
     for chunk in envelopes.chunks(ROWS_PER_INSERT) {
         diesel::insert_into(outbox_events::table)
             .values(chunk)

@@ -249,7 +249,9 @@ impl<'a> Session<'a> {
 
     /// Starts a mark job if none runs and rows wait to be marked.
     fn maybe_start_mark_lane(&mut self) {
-        if self.mark_lane.is_some() || (self.pending.to_mark.is_empty() && self.pending.finished_leases.is_empty()) {
+        if self.mark_lane.is_some()
+            || (self.pending.to_mark.is_empty() && self.pending.finished_leases.is_empty())
+        {
             return;
         }
         let pending = Pending {
@@ -258,7 +260,9 @@ impl<'a> Session<'a> {
             ..Pending::default()
         };
         let shared = self.shared.clone_for_lane();
-        self.mark_lane = Some(tokio::task::spawn_blocking(move || run_lane_job(&shared, pending, None)));
+        self.mark_lane = Some(tokio::task::spawn_blocking(move || {
+            run_lane_job(&shared, pending, None)
+        }));
     }
 
     async fn on_lane_done(
@@ -544,7 +548,9 @@ impl<'a> Session<'a> {
         if let Some(chain) = self.chains.get_mut(key) {
             let cut: Vec<HeldRow> = chain.rows.drain(from..).collect();
             self.held -= cut.len();
-            self.pending.releases.extend(cut.iter().map(|h| (h.row.seq, h.row.lease_id)));
+            self.pending
+                .releases
+                .extend(cut.iter().map(|h| (h.row.seq, h.row.lease_id)));
             if chain.rows.is_empty() {
                 self.chains.remove(key);
             }
@@ -679,7 +685,12 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
     match flushed {
         Ok((marked, failed)) => {
             if !pending_is_empty {
-                tracing::trace!(marked, failed, elapsed_us = flush_started.elapsed().as_micros() as u64, "flushed");
+                tracing::trace!(
+                    marked,
+                    failed,
+                    elapsed_us = flush_started.elapsed().as_micros() as u64,
+                    "flushed"
+                );
             }
             result.marked = marked;
             result.newly_failed = failed;
@@ -699,7 +710,11 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
         let batch = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
         match store::claim_batch(&mut conn, &config.relay_id, batch, config.lease.as_secs_f64()) {
             Ok(rows) => {
-                tracing::trace!(rows = rows.len(), elapsed_us = started.elapsed().as_micros() as u64, "claimed");
+                tracing::trace!(
+                    rows = rows.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "claimed"
+                );
                 result.claimed = Some((generation, started, rows));
             }
             Err(e) => result.error = Some(e),

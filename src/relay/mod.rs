@@ -202,8 +202,10 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Re
         // jit = off: the claim query's row estimates are large enough to
         // trigger JIT compilation, which costs ~300 ms per claim for a query
         // that runs in a few milliseconds.
-        conn.batch_execute("SET synchronous_commit = off; SET jit = off; SET application_name = 'outbox relay'")
-            .map_err(diesel::r2d2::Error::QueryError)
+        conn.batch_execute(
+            "SET synchronous_commit = off; SET jit = off; SET application_name = 'outbox relay'",
+        )
+        .map_err(diesel::r2d2::Error::QueryError)
     }
 }
 

@@ -309,10 +309,12 @@ pub fn drop_leases(conn: &mut PgConnection, relay_id: &str, lease_ids: &[i64]) -
     if lease_ids.is_empty() {
         return Ok(0);
     }
-    Ok(diesel::sql_query("DELETE FROM outbox_leases WHERE id = ANY($1) AND owner = $2")
-        .bind::<Array<BigInt>, _>(lease_ids)
-        .bind::<Text, _>(relay_id)
-        .execute(conn)?)
+    Ok(
+        diesel::sql_query("DELETE FROM outbox_leases WHERE id = ANY($1) AND owner = $2")
+            .bind::<Array<BigInt>, _>(lease_ids)
+            .bind::<Text, _>(relay_id)
+            .execute(conn)?,
+    )
 }
 
 /// Gives back every lease this relay holds (at shutdown).
@@ -325,8 +327,10 @@ pub fn release_all_leases(conn: &mut PgConnection, relay_id: &str) -> Result<usi
 /// Deletes leases that expired more than a minute ago (their relay died or
 /// lost them); live ones are never touched.
 pub fn delete_expired_leases(conn: &mut PgConnection) -> Result<usize> {
-    Ok(diesel::sql_query("DELETE FROM outbox_leases WHERE expires_at < now() - interval '1 minute'")
-        .execute(conn)?)
+    Ok(
+        diesel::sql_query("DELETE FROM outbox_leases WHERE expires_at < now() - interval '1 minute'")
+            .execute(conn)?,
+    )
 }
 
 /// Deletes up to `batch` published rows older than `older_than_secs`,
