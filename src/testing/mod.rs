@@ -8,9 +8,11 @@
 //! its host, port and credentials are used.
 
 mod broker;
+mod events;
 mod proxy;
 
 pub use broker::{ReceivedMessage, TEST_AMQP_PREFIX, TestExchange};
+pub use events::{Ticked, record_interleaved, record_ticks};
 pub use proxy::TcpProxy;
 
 use std::fmt;

@@ -107,13 +107,7 @@ async fn graceful_stop_marks_what_was_confirmed_and_releases_every_lease() {
     });
     eventually("mid-stream", Duration::from_secs(20), || broker.distinct() >= 500).await;
     relay.stop().await;
-    assert_eq!(
-        scalar(
-            &mut conn,
-            "SELECT count(*) AS n FROM outbox_leases"
-        ),
-        0
-    );
+    assert_eq!(scalar(&mut conn, "SELECT count(*) AS n FROM outbox_leases"), 0);
     let marked = scalar(
         &mut conn,
         "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NOT NULL",

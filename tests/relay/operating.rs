@@ -25,13 +25,7 @@ async fn pause_stops_every_relay_and_resume_lets_them_go() {
     // The relay polls every 2-20 ms; give it many polls to misbehave.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(broker.distinct(), 0, "nothing published while paused");
-    assert_eq!(
-        scalar(
-            &mut conn,
-            "SELECT count(*) AS n FROM outbox_leases"
-        ),
-        0
-    );
+    assert_eq!(scalar(&mut conn, "SELECT count(*) AS n FROM outbox_leases"), 0);
     outbox::control::resume(&mut conn).unwrap();
     broker.wait_for_distinct(3, Duration::from_secs(10)).await;
     relay.stop().await;

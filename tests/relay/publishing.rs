@@ -86,10 +86,7 @@ async fn publishes_committed_events_with_the_contract_envelope() {
     assert_eq!(body["data"], serde_json::json!({"aggregate": "c1", "n": 0}));
     assert!(body["time"].as_str().is_some_and(|t| t.ends_with('Z')));
     assert_eq!(
-        scalar(
-            &mut conn,
-            "SELECT count(*) AS n FROM outbox_leases"
-        ),
+        scalar(&mut conn, "SELECT count(*) AS n FROM outbox_leases"),
         0,
         "no lease left behind"
     );

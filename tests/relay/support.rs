@@ -4,77 +4,24 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diesel::Connection as _;
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use outbox::testing::TestExchange;
-use outbox::{DomainEvent, Error, Relay, RelayConfig, TestDatabase};
-use serde::{Deserialize, Serialize};
+use outbox::{Relay, RelayConfig, TestDatabase};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Ticked {
-    pub aggregate: String,
-    pub n: i64,
-}
+pub use outbox::testing::Ticked;
 
-impl DomainEvent for Ticked {
-    fn event_type(&self) -> &'static str {
-        "counter.ticked"
-    }
-    fn aggregate_type(&self) -> &'static str {
-        "counter"
-    }
-    fn aggregate_id(&self) -> String {
-        self.aggregate.clone()
-    }
-    fn tenant_id(&self) -> Option<String> {
-        Some("tenant-1".into())
-    }
-}
-
-/// Records one event per transaction and returns the event ids.
+/// Records ticks of one counter, one per transaction.
 pub fn record_ticks(conn: &mut PgConnection, aggregate: &str, range: std::ops::Range<i64>) -> Vec<Uuid> {
-    range
-        .map(|n| {
-            conn.transaction::<_, Error, _>(|conn| {
-                outbox::record(
-                    conn,
-                    &Ticked {
-                        aggregate: aggregate.to_owned(),
-                        n,
-                    },
-                )
-            })
-            .unwrap()
-        })
-        .collect()
+    outbox::testing::record_ticks(conn, aggregate, range).unwrap()
 }
 
-/// Records `per_aggregate` events on each of `aggregates`, interleaved, in
-/// batches of one transaction per round.
+/// Records ticks `0..per_aggregate` of `aggregates` counters, interleaved.
 pub fn record_interleaved(conn: &mut PgConnection, aggregates: usize, per_aggregate: i64) -> usize {
-    let outbox = outbox::Outbox::new();
-    for n in 0..per_aggregate {
-        let envelopes: Vec<_> = (0..aggregates)
-            .map(|a| {
-                outbox
-                    .envelope(
-                        &Ticked {
-                            aggregate: format!("a{a}"),
-                            n,
-                        },
-                        &outbox::Metadata::system(),
-                    )
-                    .unwrap()
-            })
-            .collect();
-        conn.transaction::<_, Error, _>(|conn| outbox.record_batch(conn, envelopes))
-            .unwrap();
-    }
-    aggregates * per_aggregate as usize
+    outbox::testing::record_interleaved(conn, aggregates, 0..per_aggregate).unwrap()
 }
 
 pub fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {

@@ -20,43 +20,8 @@ use outbox::TestDatabase;
 
 const OUTBOX: &str = env!("CARGO_BIN_EXE_outbox");
 
-#[derive(serde::Serialize)]
-struct Ticked {
-    aggregate: String,
-    n: i64,
-}
-
-impl outbox::DomainEvent for Ticked {
-    fn event_type(&self) -> &'static str {
-        "counter.ticked"
-    }
-    fn aggregate_type(&self) -> &'static str {
-        "counter"
-    }
-    fn aggregate_id(&self) -> String {
-        self.aggregate.clone()
-    }
-}
-
-fn record(conn: &mut PgConnection, range: std::ops::Range<i64>) {
-    let outbox = outbox::Outbox::new();
-    for n in range {
-        let envelopes: Vec<_> = (0..20)
-            .map(|a| {
-                outbox
-                    .envelope(
-                        &Ticked {
-                            aggregate: format!("a{a}"),
-                            n,
-                        },
-                        &outbox::Metadata::system(),
-                    )
-                    .unwrap()
-            })
-            .collect();
-        conn.transaction::<_, outbox::Error, _>(|conn| outbox.record_batch(conn, envelopes))
-            .unwrap();
-    }
+fn record(conn: &mut PgConnection, ticks: std::ops::Range<i64>) {
+    outbox::testing::record_interleaved(conn, 20, ticks).unwrap();
 }
 
 fn unpublished(conn: &mut PgConnection) -> i64 {

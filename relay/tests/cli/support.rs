@@ -101,43 +101,7 @@ pub fn run_outbox(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) 
     )
 }
 
-#[derive(serde::Serialize)]
-pub struct Ticked {
-    pub aggregate: String,
-    pub n: i64,
-}
-
-impl outbox::DomainEvent for Ticked {
-    fn event_type(&self) -> &'static str {
-        "counter.ticked"
-    }
-    fn aggregate_type(&self) -> &'static str {
-        "counter"
-    }
-    fn aggregate_id(&self) -> String {
-        self.aggregate.clone()
-    }
-}
-
-/// `per_aggregate` events on each of `aggregates`, interleaved.
+/// Records ticks `0..per_aggregate` of `aggregates` counters, interleaved.
 pub fn record_interleaved(conn: &mut PgConnection, aggregates: usize, per_aggregate: i64) -> usize {
-    let outbox = outbox::Outbox::new();
-    for n in 0..per_aggregate {
-        let envelopes: Vec<_> = (0..aggregates)
-            .map(|a| {
-                outbox
-                    .envelope(
-                        &Ticked {
-                            aggregate: format!("a{a}"),
-                            n,
-                        },
-                        &outbox::Metadata::system(),
-                    )
-                    .unwrap()
-            })
-            .collect();
-        conn.transaction::<_, outbox::Error, _>(|conn| outbox.record_batch(conn, envelopes))
-            .unwrap();
-    }
-    aggregates * per_aggregate as usize
+    outbox::testing::record_interleaved(conn, aggregates, 0..per_aggregate).unwrap()
 }
