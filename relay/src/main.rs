@@ -4,6 +4,7 @@
 
 mod bench;
 mod duration;
+mod failed_cmd;
 mod logging;
 mod migrate;
 mod pause;
@@ -64,6 +65,11 @@ enum Command {
     ///
     /// Example: outbox bench drain --events 100000 --aggregates 1000
     Bench(bench::BenchArgs),
+    /// Inspect, retry and delete the jobs queued listeners could not handle.
+    ///
+    /// Example: outbox failed list --since 2h
+    #[command(subcommand)]
+    Failed(failed_cmd::FailedCommand),
     /// Let relays claim again after `outbox pause`.
     ///
     /// Example: outbox resume
@@ -77,6 +83,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(&cli.database_url, &args),
         Command::Relay(args) => relay_cmd::run(&cli.database_url, &args),
         Command::Pause(args) => pause::pause(&cli.database_url, &args),
+        Command::Failed(command) => failed_cmd::run(&cli.database_url, &command),
         Command::Resume => pause::resume(&cli.database_url),
         Command::Bench(args) => bench::run(&cli.database_url, &args),
     };

@@ -7,4 +7,5 @@ mod support;
 
 mod chom_traffic;
 mod commands;
+mod failed;
 mod process_faults;
