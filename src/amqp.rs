@@ -78,3 +78,40 @@ pub fn validate_amqp_url(url: &str) -> Result<()> {
         ))),
     }
 }
+
+/// How many ready messages queue `name` holds, read with a passive
+/// `queue.declare` (no management plugin needed); `None` when the queue
+/// does not exist. Each probe uses a channel of its own, since the
+/// broker closes the channel of a passive declare of a missing queue.
+pub async fn queue_depth(connection: &Connection, name: &str) -> Result<Option<u32>> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|source| Error::Broker {
+            context: "cannot open a channel".into(),
+            source,
+        })?;
+    let declared = channel
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(queue) => {
+            let _ = channel.close(200, "done".into()).await;
+            Ok(Some(queue.message_count()))
+        }
+        Err(error) if matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) => {
+            Ok(None)
+        }
+        Err(source) => Err(Error::Broker {
+            context: format!("cannot read the depth of queue {name}"),
+            source,
+        }),
+    }
+}

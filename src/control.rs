@@ -32,6 +32,17 @@ pub fn is_paused(conn: &mut PgConnection) -> Result<bool> {
     Ok(outbox_control.select(paused).first::<bool>(conn)?)
 }
 
+/// Who paused relays and why (`None` when not paused or no reason given).
+pub fn paused_by(conn: &mut PgConnection) -> Result<Option<String>> {
+    use crate::schema::outbox_control::dsl::*;
+    Ok(outbox_control
+        .filter(paused)
+        .select(paused_by)
+        .first::<Option<String>>(conn)
+        .optional()?
+        .flatten())
+}
+
 /// Puts rows that exhausted their publish attempts back in line (attempts
 /// reset, due now), so their aggregates move again. Returns how many.
 pub fn retry_failed_events(conn: &mut PgConnection) -> Result<usize> {

@@ -304,6 +304,20 @@ pub fn find_by_event(conn: &mut PgConnection, listener: &str, event_id: Uuid) ->
         .map(from_row))
 }
 
+/// How many failed jobs each listener has: `(listener, queue, count)`,
+/// ordered by listener.
+pub fn count_by_listener(conn: &mut PgConnection) -> Result<Vec<(String, String, i64)>> {
+    Ok(failed_jobs::table
+        .group_by((failed_jobs::listener, failed_jobs::queue))
+        .select((
+            failed_jobs::listener,
+            failed_jobs::queue,
+            diesel::dsl::count_star(),
+        ))
+        .order((failed_jobs::listener, failed_jobs::queue))
+        .load(conn)?)
+}
+
 /// Deletes the failed job `id` without retrying it. Returns whether it
 /// existed.
 pub fn forget(conn: &mut PgConnection, id: i64) -> Result<bool> {

@@ -9,6 +9,7 @@ mod logging;
 mod migrate;
 mod pause;
 mod relay_cmd;
+mod status_cmd;
 
 use std::process::ExitCode;
 
@@ -70,6 +71,13 @@ enum Command {
     /// Example: outbox failed list --since 2h
     #[command(subcommand)]
     Failed(failed_cmd::FailedCommand),
+    /// Show the relay's backlog and, per listener, queue and failed-job counts.
+    ///
+    /// The database part is always shown; queue depths need --app and one
+    /// --listener per listener (read over AMQP, no management plugin).
+    ///
+    /// Example: outbox status --app chom --listener record_audit_log --listener send_backup_notification
+    Status(status_cmd::StatusArgs),
     /// Let relays claim again after `outbox pause`.
     ///
     /// Example: outbox resume
@@ -84,6 +92,7 @@ fn main() -> ExitCode {
         Command::Relay(args) => relay_cmd::run(&cli.database_url, &args),
         Command::Pause(args) => pause::pause(&cli.database_url, &args),
         Command::Failed(command) => failed_cmd::run(&cli.database_url, &command),
+        Command::Status(args) => status_cmd::run(&cli.database_url, &args),
         Command::Resume => pause::resume(&cli.database_url),
         Command::Bench(args) => bench::run(&cli.database_url, &args),
     };

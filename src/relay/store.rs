@@ -391,6 +391,37 @@ pub fn backlog_stats(conn: &mut PgConnection) -> Result<BacklogStats> {
     .get_result(conn)?)
 }
 
+/// Unpublished rows of one event type, for `outbox status`.
+#[derive(Debug, Clone, QueryableByName, serde::Serialize)]
+pub struct EventTypeBacklog {
+    /// The event type.
+    #[diesel(sql_type = Text)]
+    pub event_type: String,
+    /// Unpublished rows of this type (including failed ones).
+    #[diesel(sql_type = BigInt)]
+    pub backlog: i64,
+    /// Age in seconds of its oldest unpublished row.
+    #[diesel(sql_type = Double)]
+    pub oldest_unpublished_age_seconds: f64,
+    /// Rows of this type that exhausted their publish attempts.
+    #[diesel(sql_type = BigInt)]
+    pub failed: i64,
+}
+
+/// The backlog per event type, largest first.
+pub fn backlog_by_event_type(conn: &mut PgConnection) -> Result<Vec<EventTypeBacklog>> {
+    Ok(diesel::sql_query(
+        "SELECT event_type,
+                count(*) AS backlog,
+                COALESCE(EXTRACT(EPOCH FROM now() - min(recorded_at))::float8, 0) AS oldest_unpublished_age_seconds,
+                count(*) FILTER (WHERE failed_at IS NOT NULL) AS failed
+         FROM outbox_events WHERE published_at IS NULL
+         GROUP BY event_type
+         ORDER BY backlog DESC, event_type",
+    )
+    .load(conn)?)
+}
+
 fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();

@@ -9,3 +9,4 @@ mod chom_traffic;
 mod commands;
 mod failed;
 mod process_faults;
+mod status;

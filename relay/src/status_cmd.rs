@@ -1,0 +1,251 @@
+//! `outbox status`: the relay's backlog from the database and, for the
+//! listeners named on the command line, their queue depths from RabbitMQ
+//! (read with passive `queue.declare`, no management plugin needed).
+//!
+//! `--json` prints one object: `database` (`backlog`,
+//! `oldest_unpublished_age_seconds`, `in_flight`, `failed`, `retrying`,
+//! `paused`, `paused_by`, `by_event_type: [{event_type, backlog,
+//! oldest_unpublished_age_seconds, failed}]`), `failed_jobs: [{listener,
+//! queue, count}]`, and `listeners`: `null` without `--app`/`--listener`,
+//! else `[{listener, queue, depth, retry_depth, retry_queues: [{queue,
+//! depth}], dead_queue, dead_depth, failed_jobs}]` where a depth is `null`
+//! when that queue does not exist.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use outbox::consumer::topology::delay_label;
+use serde::Serialize;
+
+use crate::duration::parse_duration;
+use crate::failed_cmd::table;
+
+/// Options of `outbox status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The application prefix of the listeners' queues (`<app>.<listener>`).
+    #[arg(long, requires = "listener")]
+    app: Option<String>,
+    /// A listener whose queues to measure; repeat for each (needs --app).
+    #[arg(long, requires = "app")]
+    listener: Vec<String>,
+    /// The listeners' retry delays, naming their retry queues (`<queue>.retry.30s`).
+    #[arg(long, value_delimiter = ',', default_value = "30s,1m", value_parser = parse_duration)]
+    retry_delays: Vec<Duration>,
+    /// RabbitMQ URL (amqp:// or amqps://), used with --listener.
+    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct DatabaseStatus {
+    #[serde(flatten)]
+    stats: outbox::relay::store::BacklogStats,
+    paused_by: Option<String>,
+    by_event_type: Vec<outbox::relay::store::EventTypeBacklog>,
+}
+
+#[derive(Debug, Serialize)]
+struct FailedCount {
+    listener: String,
+    queue: String,
+    count: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct QueueDepth {
+    queue: String,
+    depth: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+struct ListenerStatus {
+    listener: String,
+    queue: String,
+    depth: Option<u32>,
+    retry_depth: u32,
+    retry_queues: Vec<QueueDepth>,
+    dead_queue: String,
+    dead_depth: Option<u32>,
+    failed_jobs: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct Status {
+    database: DatabaseStatus,
+    failed_jobs: Vec<FailedCount>,
+    listeners: Option<Vec<ListenerStatus>>,
+}
+
+/// Prints the outbox's status.
+pub fn run(database_url: &str, args: &StatusArgs) -> anyhow::Result<()> {
+    let mut conn = outbox::connect(database_url).context("cannot open the outbox database")?;
+    let stats = outbox::relay::store::backlog_stats(&mut conn).context("cannot read the backlog")?;
+    let by_event_type =
+        outbox::relay::store::backlog_by_event_type(&mut conn).context("cannot read the backlog")?;
+    let paused_by = outbox::control::paused_by(&mut conn).context("cannot read the pause switch")?;
+    let failed: Vec<FailedCount> = outbox::failed_jobs::count_by_listener(&mut conn)
+        .context("cannot count failed jobs")?
+        .into_iter()
+        .map(|(listener, queue, count)| FailedCount {
+            listener,
+            queue,
+            count,
+        })
+        .collect();
+    let listeners = match &args.app {
+        Some(app) if !args.listener.is_empty() => Some(listener_status(app, args, &failed)?),
+        _ => None,
+    };
+    let status = Status {
+        database: DatabaseStatus {
+            stats,
+            paused_by,
+            by_event_type,
+        },
+        failed_jobs: failed,
+        listeners,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print_text(&status);
+    }
+    Ok(())
+}
+
+fn listener_status(
+    app: &str,
+    args: &StatusArgs,
+    failed: &[FailedCount],
+) -> anyhow::Result<Vec<ListenerStatus>> {
+    outbox::amqp::validate_amqp_name("app", app)?;
+    for listener in &args.listener {
+        outbox::amqp::validate_amqp_name("listener", listener)?;
+    }
+    outbox::amqp::validate_amqp_url(&args.amqp_url)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shown = outbox::redact_url(&args.amqp_url);
+        let connection = outbox::amqp::connect(&args.amqp_url, "outbox status")
+            .await
+            .with_context(|| format!("cannot reach the broker at {shown}"))?;
+        let mut out = Vec::new();
+        for listener in &args.listener {
+            let queue = format!("{app}.{listener}");
+            let dead_queue = format!("{queue}.dead");
+            let depth = outbox::amqp::queue_depth(&connection, &queue).await?;
+            let dead_depth = outbox::amqp::queue_depth(&connection, &dead_queue).await?;
+            let mut retry_queues = Vec::new();
+            for delay in &args.retry_delays {
+                let name = format!("{queue}.retry.{}", delay_label(*delay));
+                let depth = outbox::amqp::queue_depth(&connection, &name).await?;
+                retry_queues.push(QueueDepth { queue: name, depth });
+            }
+            let failed_jobs = failed
+                .iter()
+                .filter(|f| f.listener == *listener && f.queue == queue)
+                .map(|f| f.count)
+                .sum();
+            out.push(ListenerStatus {
+                listener: listener.clone(),
+                retry_depth: retry_queues.iter().filter_map(|q| q.depth).sum(),
+                queue,
+                depth,
+                retry_queues,
+                dead_queue,
+                dead_depth,
+                failed_jobs,
+            });
+        }
+        let _ = connection.close(200, "done".into()).await;
+        if out.iter().all(|l| l.depth.is_none()) {
+            bail!(
+                "none of the listeners' queues exist at {shown} (is --app {app} right?): {}",
+                out.iter()
+                    .map(|l| l.queue.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(out)
+    })
+}
+
+fn depth(depth: Option<u32>) -> String {
+    depth.map_or_else(|| "missing".to_owned(), |d| d.to_string())
+}
+
+fn print_text(status: &Status) {
+    let db = &status.database;
+    let s = &db.stats;
+    match (s.paused, &db.paused_by) {
+        (true, Some(by)) => println!("relays:     PAUSED ({by})"),
+        (true, None) => println!("relays:     PAUSED"),
+        (false, _) => println!("relays:     running (not paused)"),
+    }
+    println!(
+        "backlog:    {} unpublished, oldest {:.1}s old",
+        s.backlog, s.oldest_unpublished_age_seconds
+    );
+    println!(
+        "relay rows: {} in flight, {} waiting to retry, {} failed",
+        s.in_flight, s.retrying, s.failed
+    );
+    if !db.by_event_type.is_empty() {
+        println!();
+        let rows: Vec<[String; 4]> = db
+            .by_event_type
+            .iter()
+            .map(|b| {
+                [
+                    b.event_type.clone(),
+                    b.backlog.to_string(),
+                    b.failed.to_string(),
+                    format!("{:.1}s", b.oldest_unpublished_age_seconds),
+                ]
+            })
+            .collect();
+        print!("{}", table(&["EVENT TYPE", "BACKLOG", "FAILED", "OLDEST"], &rows));
+    }
+    println!();
+    match &status.listeners {
+        Some(listeners) => {
+            let rows: Vec<[String; 5]> = listeners
+                .iter()
+                .map(|l| {
+                    [
+                        l.queue.clone(),
+                        depth(l.depth),
+                        l.retry_depth.to_string(),
+                        depth(l.dead_depth),
+                        l.failed_jobs.to_string(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["QUEUE", "READY", "RETRYING", "DEAD", "FAILED JOBS"], &rows)
+            );
+        }
+        None => {
+            println!("queues:     not shown; name them with --app APP --listener NAME (repeatable)");
+            if status.failed_jobs.is_empty() {
+                println!("failed jobs: none");
+            } else {
+                let rows: Vec<[String; 2]> = status
+                    .failed_jobs
+                    .iter()
+                    .map(|f| [f.queue.clone(), f.count.to_string()])
+                    .collect();
+                print!("{}", table(&["QUEUE", "FAILED JOBS"], &rows));
+            }
+        }
+    }
+}
