@@ -73,6 +73,7 @@ pub mod outbox;
 pub mod record;
 pub mod registry;
 pub mod relay;
+pub mod replay;
 pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -9,6 +9,7 @@ mod logging;
 mod migrate;
 mod pause;
 mod relay_cmd;
+mod replay_cmd;
 mod status_cmd;
 
 use std::process::ExitCode;
@@ -78,6 +79,14 @@ enum Command {
     ///
     /// Example: outbox status --app chom --listener record_audit_log --listener send_backup_notification
     Status(status_cmd::StatusArgs),
+    /// Send stored events again to one listener's queue (within retention).
+    ///
+    /// Events go through the default exchange straight to `<app>.<listener>`,
+    /// encoded as the relay encodes them; the listener's inbox skips what it
+    /// already handled. Only published events still retained are replayed.
+    ///
+    /// Example: outbox replay --event-type site.created --since 2h --app chom --to-listener record_audit_log --dry-run
+    Replay(Box<replay_cmd::ReplayArgs>),
     /// Let relays claim again after `outbox pause`.
     ///
     /// Example: outbox resume
@@ -93,6 +102,7 @@ fn main() -> ExitCode {
         Command::Pause(args) => pause::pause(&cli.database_url, &args),
         Command::Failed(command) => failed_cmd::run(&cli.database_url, &command),
         Command::Status(args) => status_cmd::run(&cli.database_url, &args),
+        Command::Replay(args) => replay_cmd::run(&cli.database_url, &args),
         Command::Resume => pause::resume(&cli.database_url),
         Command::Bench(args) => bench::run(&cli.database_url, &args),
     };

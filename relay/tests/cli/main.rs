@@ -9,4 +9,5 @@ mod chom_traffic;
 mod commands;
 mod failed;
 mod process_faults;
+mod replay;
 mod status;

@@ -1,0 +1,134 @@
+//! Replaying stored events to one listener: `outbox replay`.
+//!
+//! Published rows stay in `outbox_events` for the relay's retention (7 days
+//! by default). [`select`] finds them by type, aggregate and time;
+//! [`publish_to_queue`] sends them, encoded exactly as the relay encodes
+//! them (CloudEvents body, same AMQP properties), through the default
+//! exchange straight to one listener's queue, so no other listener gets
+//! them again. The listener's inbox decides what is new: an event it
+//! already handled is acknowledged without a second effect.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
+use lapin::options::BasicPublishOptions;
+use lapin::{Channel, Confirmation};
+
+use crate::cloudevents::{amqp_properties, encode_body};
+use crate::error::{Error, Result};
+use crate::relay::store::ClaimedEvent;
+
+/// The most events one [`select`] returns.
+pub const MAX_REPLAY_LIMIT: i64 = 1_000_000;
+
+/// Which stored events to replay. Only published rows are considered (an
+/// unpublished one is still on its way through the relay).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayFilter {
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only this aggregate kind.
+    pub aggregate_type: Option<String>,
+    /// Only this aggregate id.
+    pub aggregate_id: Option<String>,
+    /// Only events recorded at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only events recorded before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// At most this many (1 to [`MAX_REPLAY_LIMIT`]).
+    pub limit: i64,
+}
+
+/// Published events matching `filter`, in commit order (seq). Their
+/// `lease_id` is 0 and `attempts` their publish attempts.
+pub fn select(conn: &mut PgConnection, filter: &ReplayFilter) -> Result<Vec<ClaimedEvent>> {
+    if !(1..=MAX_REPLAY_LIMIT).contains(&filter.limit) {
+        return Err(Error::Config(format!(
+            "limit must be between 1 and {MAX_REPLAY_LIMIT}, not {}",
+            filter.limit
+        )));
+    }
+    Ok(diesel::sql_query(
+        "SELECT seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id,
+                occurred_at, recorded_at, actor, correlation_id, causation_id,
+                traceparent, schema_version, payload::text AS payload, attempts,
+                0::bigint AS lease_id
+         FROM outbox_events
+         WHERE published_at IS NOT NULL
+           AND ($1::text IS NULL OR event_type = $1)
+           AND ($2::text IS NULL OR aggregate_type = $2)
+           AND ($3::text IS NULL OR aggregate_id = $3)
+           AND ($4::timestamptz IS NULL OR recorded_at >= $4)
+           AND ($5::timestamptz IS NULL OR recorded_at < $5)
+         ORDER BY seq
+         LIMIT $6",
+    )
+    .bind::<Nullable<Text>, _>(filter.event_type.as_deref())
+    .bind::<Nullable<Text>, _>(filter.aggregate_type.as_deref())
+    .bind::<Nullable<Text>, _>(filter.aggregate_id.as_deref())
+    .bind::<Nullable<Timestamptz>, _>(filter.since)
+    .bind::<Nullable<Timestamptz>, _>(filter.until)
+    .bind::<BigInt, _>(filter.limit)
+    .load(conn)?)
+}
+
+/// Publishes `events` in order to `queue` through the default exchange
+/// (routing key = the queue), encoded as the relay encodes them with
+/// CloudEvents `source` and AMQP `app_id`, and waits for each confirm.
+/// `channel` must be in confirm mode. Stops at the first event that is
+/// not confirmed (returned because the queue does not exist, nacked, or
+/// no confirm within `confirm_timeout`); returns how many were confirmed.
+pub async fn publish_to_queue(
+    channel: &Channel,
+    queue: &str,
+    events: &[ClaimedEvent],
+    source: &str,
+    app_id: &str,
+    confirm_timeout: Duration,
+) -> Result<usize> {
+    for (done, row) in events.iter().enumerate() {
+        let event = row.as_event_ref();
+        let body = encode_body(&event, source)?;
+        let properties = amqp_properties(&event, app_id)?;
+        let unconfirmed = |why: String| {
+            Error::Unconfirmed(format!(
+                "event {} not confirmed by the broker ({why}); {done} of {} replayed",
+                row.event_id,
+                events.len()
+            ))
+        };
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            )
+            .await
+            .map_err(|source| Error::Broker {
+                context: format!("cannot publish event {} to {queue}", row.event_id),
+                source,
+            })?;
+        match tokio::time::timeout(confirm_timeout, confirm).await {
+            Err(_) => return Err(unconfirmed(format!("no confirm within {confirm_timeout:?}"))),
+            Ok(Err(source)) => {
+                return Err(Error::Broker {
+                    context: format!("publishing event {} to {queue}", row.event_id),
+                    source,
+                });
+            }
+            Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => {}
+            Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                return Err(unconfirmed(format!("queue {queue} does not exist")));
+            }
+            Ok(Ok(Confirmation::Nack(_))) => return Err(unconfirmed("nacked".into())),
+        }
+    }
+    Ok(events.len())
+}
