@@ -8,6 +8,7 @@ mod support;
 mod chom_traffic;
 mod commands;
 mod failed;
+mod failed_e2e;
 mod process_faults;
 mod replay;
 mod status;
