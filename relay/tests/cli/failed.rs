@@ -308,3 +308,49 @@ async fn retry_goes_to_the_failed_listener_only_and_keeps_unconfirmed_rows() {
             .await;
     }
 }
+
+/// Runs `outbox ARGS` on a pseudo terminal (util-linux `script`), typing
+/// `input`: (exit code, everything the terminal showed).
+fn run_on_terminal(args: &str, input: &str, database_url: &str) -> (i32, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &format!("{} {args}", crate::support::OUTBOX), "/dev/null"])
+        .env("DATABASE_URL", database_url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn flush_asks_on_a_terminal() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    }
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    failed_job(&mut conn, "chom.notify", "notify", "backup.failed");
+    let (status, shown) = run_on_terminal("failed flush", "n\n", db.url());
+    assert_eq!(status, 0, "{shown}");
+    assert!(
+        shown.contains("[y/N]") && shown.contains("nothing deleted"),
+        "{shown}"
+    );
+    assert_eq!(count(&mut conn), 1);
+    let (status, shown) = run_on_terminal("failed flush", "y\n", db.url());
+    assert_eq!(status, 0, "{shown}");
+    assert!(shown.contains("deleted 1"), "{shown}");
+    assert_eq!(count(&mut conn), 0);
+}

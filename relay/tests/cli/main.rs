@@ -9,6 +9,7 @@ mod chom_traffic;
 mod commands;
 mod failed;
 mod failed_e2e;
+mod help;
 mod process_faults;
 mod replay;
 mod status;

@@ -1,0 +1,39 @@
+//! Every subcommand's --help carries an example.
+
+use crate::support::run_outbox;
+
+#[test]
+fn every_subcommand_help_has_an_example() {
+    let commands: &[&[&str]] = &[
+        &["migrate"],
+        &["relay"],
+        &["pause"],
+        &["resume"],
+        &["status"],
+        &["replay"],
+        &["failed"],
+        &["failed", "list"],
+        &["failed", "show"],
+        &["failed", "retry"],
+        &["failed", "forget"],
+        &["failed", "flush"],
+        &["failed", "prune"],
+    ];
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let (status, stdout, stderr) = run_outbox(&args, &[]);
+        assert_eq!(status, 0, "{args:?}: {stderr}");
+        assert!(
+            stdout.contains("Example: ") && stdout.contains("outbox "),
+            "{args:?} has no example:\n{stdout}"
+        );
+    }
+    let (status, _, stderr) = run_outbox(&["failed", "retry"], &[]);
+    assert_eq!(status, 2, "ids or --all are required: {stderr}");
+    let (status, _, stderr) = run_outbox(&["failed", "list", "--limit", "0"], &[]);
+    assert_eq!(status, 2, "{stderr}");
+    let (status, _, stderr) = run_outbox(&["failed", "flush", "--older-than", "soon"], &[]);
+    assert_eq!(status, 2, "{stderr}");
+    assert!(stderr.contains("not a duration"), "{stderr}");
+}
