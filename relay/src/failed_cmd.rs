@@ -67,19 +67,19 @@ pub struct FilterArgs {
     /// Only jobs that failed before this time: RFC 3339 or a duration ago (30m).
     #[arg(long, value_parser = parse_time)]
     until: Option<DateTime<Utc>>,
-    /// At most this many jobs (1 to 10000).
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=failed_jobs::MAX_LIST_LIMIT))]
-    limit: i64,
+    /// At most this many jobs, 1 to 10000 [default: 50 for list, 10000 for retry --all].
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..=failed_jobs::MAX_LIST_LIMIT))]
+    limit: Option<i64>,
 }
 
 impl FilterArgs {
-    fn filter(&self) -> Filter {
+    fn filter(&self, default_limit: i64) -> Filter {
         Filter {
             listener: self.listener.clone(),
             event_type: self.event_type.clone(),
             since: self.since,
             until: self.until,
-            limit: Some(self.limit),
+            limit: Some(self.limit.unwrap_or(default_limit)),
         }
     }
 }
@@ -192,7 +192,7 @@ fn time(at: DateTime<Utc>) -> String {
 }
 
 fn list(conn: &mut diesel::PgConnection, args: &ListArgs) -> anyhow::Result<()> {
-    let jobs = failed_jobs::list(conn, &args.filter.filter()).context("cannot list failed jobs")?;
+    let jobs = failed_jobs::list(conn, &args.filter.filter(50)).context("cannot list failed jobs")?;
     if args.json {
         let rows: Vec<ListedJob<'_>> = jobs
             .iter()
@@ -362,7 +362,7 @@ fn retry(database_url: &str, args: &RetryArgs) -> anyhow::Result<()> {
         outbox::pool(database_url, 2, Duration::from_secs(10)).context("cannot open the outbox database")?;
     let ids: Vec<i64> = if args.all {
         let mut conn = pool.get().context("cannot open the outbox database")?;
-        failed_jobs::list(&mut conn, &args.filter.filter())
+        failed_jobs::list(&mut conn, &args.filter.filter(failed_jobs::MAX_LIST_LIMIT))
             .context("cannot list failed jobs")?
             .into_iter()
             .map(|job| job.id)

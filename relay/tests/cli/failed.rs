@@ -302,6 +302,26 @@ async fn retry_goes_to_the_failed_listener_only_and_keeps_unconfirmed_rows() {
     assert_eq!(status, 1);
     assert!(stderr.contains("no failed job with id 777777"), "{stderr}");
 
+    // --all with a filter: only that listener's jobs.
+    failed_job(&mut conn, &queue_a, "audit", "site.created");
+    failed_job(&mut conn, &queue_a, "audit", "site.created");
+    let (status, stdout, stderr) = run_outbox(&["failed", "retry", "--all", "--listener", "audit"], &env);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("retried 2 of 2"), "{stdout}");
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while depth(channel, &queue_a).await < 3 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the retried messages never reached {queue_a}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(depth(channel, &queue_b).await, 0);
+    assert!(
+        failed_jobs::get(&mut conn, missing_queue_job).unwrap().is_some(),
+        "other listeners' jobs stay"
+    );
+
     for queue in [&queue_a, &queue_b] {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
