@@ -37,3 +37,36 @@ fn every_subcommand_help_has_an_example() {
     assert_eq!(status, 2, "{stderr}");
     assert!(stderr.contains("not a duration"), "{stderr}");
 }
+
+#[test]
+fn new_commands_hide_passwords_when_the_database_is_unreachable() {
+    const SECRET: &str = "pg-s3cret-pw";
+    let bad_db = format!("postgres://nobody:{SECRET}@127.0.0.1:5432/nothing");
+    let commands: &[&[&str]] = &[
+        &["status"],
+        &["failed", "list"],
+        &["failed", "show", "1"],
+        &["failed", "forget", "1"],
+        &["failed", "flush", "--yes"],
+        &["failed", "prune"],
+        &["failed", "retry", "1"],
+        &[
+            "replay",
+            "--event-type",
+            "site.created",
+            "--app",
+            "chom",
+            "--to-listener",
+            "audit",
+        ],
+    ];
+    for command in commands {
+        let (status, stdout, stderr) = run_outbox(command, &[("DATABASE_URL", &bad_db)]);
+        assert_eq!(status, 1, "{command:?}: {stderr}");
+        assert!(
+            !stdout.contains(SECRET) && !stderr.contains(SECRET),
+            "{command:?}: {stderr}"
+        );
+        assert!(stderr.contains("nobody:***@"), "{command:?}: {stderr}");
+    }
+}
