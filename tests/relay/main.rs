@@ -9,5 +9,6 @@ mod support;
 mod claiming;
 mod faults;
 mod operating;
+mod operator_queries;
 mod ordering;
 mod publishing;
