@@ -1,4 +1,4 @@
-//! Structured logs on stderr, filtered by `RUST_LOG` (default `info`).
+//! Structured logs on stderr, filtered by `RUST_LOG` (default `info,lapin=off`).
 
 use tracing_subscriber::EnvFilter;
 
@@ -13,7 +13,10 @@ pub enum LogFormat {
 
 /// Installs the global subscriber.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // lapin logs every channel the broker closes at ERROR, including the
+    // expected ones (a passive declare of a missing queue); our own errors
+    // carry lapin's reason, so its logs are opt-in (RUST_LOG=lapin=debug).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
