@@ -356,6 +356,9 @@ fn flush(conn: &mut diesel::PgConnection, args: &FlushArgs) -> anyhow::Result<()
     Ok(())
 }
 
+/// From this many jobs on, `retry` shows a progress bar on a terminal.
+const PROGRESS_BAR_FROM: usize = 20;
+
 fn retry(database_url: &str, args: &RetryArgs) -> anyhow::Result<()> {
     outbox::amqp::validate_amqp_url(&args.amqp_url)?;
     let pool =
@@ -394,22 +397,38 @@ fn retry(database_url: &str, args: &RetryArgs) -> anyhow::Result<()> {
             .context("cannot enable publisher confirms")?;
         let mut retried = 0usize;
         let mut failures = Vec::new();
+        // Many jobs on a terminal: a progress bar instead of a line each
+        // (indicatif draws nothing when stderr is not a terminal).
+        let bar = if ids.len() >= PROGRESS_BAR_FROM {
+            indicatif::ProgressBar::new(ids.len() as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "retrying {bar:40} {pos}/{len} {elapsed} (eta {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            )
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         for &id in &ids {
             match failed_jobs::retry(&pool, &channel, id, args.confirm_timeout).await {
                 Ok(job) => {
                     retried += 1;
-                    println!("retried failed job {id} ({}) to {}", job.listener, job.queue);
+                    if bar.is_hidden() {
+                        println!("retried failed job {id} ({}) to {}", job.listener, job.queue);
+                    }
                 }
                 Err(outbox::Error::NotFound(_)) => {
-                    eprintln!("error: no failed job with id {id}");
+                    bar.suspend(|| eprintln!("error: no failed job with id {id}"));
                     failures.push(id);
                 }
                 Err(error) => {
-                    eprintln!("error: failed job {id} not retried (it is kept): {error}");
+                    bar.suspend(|| eprintln!("error: failed job {id} not retried (it is kept): {error}"));
                     failures.push(id);
                 }
             }
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         let _ = connection.close(200, "done".into()).await;
         println!("retried {retried} of {} failed job(s)", ids.len());
         if failures.is_empty() {
