@@ -5,6 +5,7 @@
 
 mod support;
 
+mod bench;
 mod chom_traffic;
 mod commands;
 mod failed;
