@@ -115,3 +115,47 @@ pub async fn queue_depth(connection: &Connection, name: &str) -> Result<Option<u
         }),
     }
 }
+
+/// Publishes one persistent message straight to `queue` (through the
+/// default exchange, `mandatory`) and waits up to `confirm_timeout` for the
+/// broker's confirm. `channel` must be in confirm mode. A return (no such
+/// queue), a nack or no confirm in time is [`Error::Unconfirmed`]; one
+/// message at a time, so a return cannot be mistaken for another's.
+pub async fn publish_to_queue(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+    confirm_timeout: std::time::Duration,
+) -> Result<()> {
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..lapin::options::BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .map_err(|source| Error::Broker {
+            context: format!("cannot publish to {queue}"),
+            source,
+        })?;
+    let confirmation = tokio::time::timeout(confirm_timeout, confirm)
+        .await
+        .map_err(|_| Error::Unconfirmed(format!("no confirm from {queue} within {confirm_timeout:?}")))?
+        .map_err(|source| Error::Broker {
+            context: format!("publishing to {queue}"),
+            source,
+        })?;
+    match confirmation {
+        lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(()),
+        lapin::Confirmation::Ack(Some(_)) => Err(Error::Unconfirmed(format!(
+            "queue {queue} does not exist (message returned)"
+        ))),
+        lapin::Confirmation::Nack(_) => Err(Error::Unconfirmed(format!("{queue} refused the message"))),
+    }
+}

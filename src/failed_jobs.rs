@@ -20,9 +20,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Double, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid};
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -383,47 +382,12 @@ pub async fn retry(
     {
         properties = properties.with_type(short);
     }
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            job.queue.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &body,
-            properties,
-        )
+    crate::amqp::publish_to_queue(channel, &job.queue, &body, properties, confirm_timeout)
         .await
-        .map_err(|source| Error::Broker {
-            context: format!("cannot republish failed job {id} to {}", job.queue),
-            source,
+        .map_err(|error| match error {
+            Error::Unconfirmed(why) => Error::Unconfirmed(format!("failed job {id} kept: {why}")),
+            other => other,
         })?;
-    let confirmation = tokio::time::timeout(confirm_timeout, confirm)
-        .await
-        .map_err(|_| {
-            Error::Unconfirmed(format!(
-                "no confirm for failed job {id} within {confirm_timeout:?}"
-            ))
-        })?
-        .map_err(|source| Error::Broker {
-            context: format!("republishing failed job {id}"),
-            source,
-        })?;
-    match confirmation {
-        Confirmation::Ack(None) | Confirmation::NotRequested => {}
-        Confirmation::Ack(Some(_)) => {
-            return Err(Error::Unconfirmed(format!(
-                "queue {} does not exist (the message was returned); failed job {id} kept",
-                job.queue
-            )));
-        }
-        Confirmation::Nack(_) => {
-            return Err(Error::Unconfirmed(format!(
-                "the broker refused failed job {id}; kept"
-            )));
-        }
-    }
     blocking(pool, move |conn| forget(conn, id)).await?;
     Ok(job)
 }

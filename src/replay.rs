@@ -13,8 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
-use lapin::options::BasicPublishOptions;
-use lapin::{Channel, Confirmation};
+use lapin::Channel;
 
 use crate::cloudevents::{amqp_properties, encode_body};
 use crate::error::{Error, Result};
@@ -92,43 +91,16 @@ pub async fn publish_to_queue(
         let event = row.as_event_ref();
         let body = encode_body(&event, source)?;
         let properties = amqp_properties(&event, app_id)?;
-        let unconfirmed = |why: String| {
-            Error::Unconfirmed(format!(
-                "event {} not confirmed by the broker ({why}); {done} of {} replayed",
-                row.event_id,
-                events.len()
-            ))
-        };
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                properties,
-            )
+        crate::amqp::publish_to_queue(channel, queue, &body, properties, confirm_timeout)
             .await
-            .map_err(|source| Error::Broker {
-                context: format!("cannot publish event {} to {queue}", row.event_id),
-                source,
+            .map_err(|error| match error {
+                Error::Unconfirmed(why) => Error::Unconfirmed(format!(
+                    "event {} not confirmed by the broker ({why}); {done} of {} replayed",
+                    row.event_id,
+                    events.len()
+                )),
+                other => other,
             })?;
-        match tokio::time::timeout(confirm_timeout, confirm).await {
-            Err(_) => return Err(unconfirmed(format!("no confirm within {confirm_timeout:?}"))),
-            Ok(Err(source)) => {
-                return Err(Error::Broker {
-                    context: format!("publishing event {} to {queue}", row.event_id),
-                    source,
-                });
-            }
-            Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => {}
-            Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                return Err(unconfirmed(format!("queue {queue} does not exist")));
-            }
-            Ok(Ok(Confirmation::Nack(_))) => return Err(unconfirmed("nacked".into())),
-        }
     }
     Ok(events.len())
 }

@@ -37,11 +37,10 @@ use diesel::r2d2::{ConnectionManager, Pool};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -558,42 +557,7 @@ impl Publisher {
     /// Publishes to `queue` through the default exchange and waits for the
     /// broker's confirm; a return (no such queue) or nack is an error.
     async fn publish_to_queue(&self, queue: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await
-            .map_err(|source| Error::Broker {
-                context: format!("cannot publish to {queue}"),
-                source,
-            })?;
-        let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
-            .await
-            .map_err(|_| {
-                Error::Unconfirmed(format!(
-                    "no confirm from {queue} within {:?}",
-                    self.confirm_timeout
-                ))
-            })?
-            .map_err(|source| Error::Broker {
-                context: format!("publishing to {queue}"),
-                source,
-            })?;
-        match confirmation {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(Error::Unconfirmed(format!(
-                "queue {queue} does not exist (message returned)"
-            ))),
-            Confirmation::Nack(_) => Err(Error::Unconfirmed(format!("{queue} refused the message"))),
-        }
+        crate::amqp::publish_to_queue(&self.channel, queue, body, properties, self.confirm_timeout).await
     }
 }
 
