@@ -39,6 +39,21 @@ pub fn pool(url: &str, max_size: u32, connect_timeout: Duration) -> Result<PgPoo
         .map_err(Error::Pool)
 }
 
+/// Runs blocking diesel `work` with a pooled connection on tokio's blocking
+/// pool, so async tasks never wait on Postgres on a worker thread.
+pub async fn run_blocking<T: Send + 'static>(
+    pool: &PgPool,
+    work: impl FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = pool.get()?;
+        work(&mut conn)
+    })
+    .await
+    .unwrap_or_else(|e| Err(Error::Config(format!("blocking database task failed: {e}"))))
+}
+
 /// Creates the database `url` names if it does not exist yet, connecting
 /// to the server's `postgres` database to do so. Returns whether it created
 /// it. The name is quoted, so any name Postgres accepts works.

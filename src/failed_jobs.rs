@@ -360,7 +360,7 @@ pub async fn retry(
     id: i64,
     confirm_timeout: Duration,
 ) -> Result<FailedJob> {
-    let job = blocking(pool, move |conn| get(conn, id))
+    let job = crate::database::run_blocking(pool, move |conn| get(conn, id))
         .await?
         .ok_or_else(|| Error::NotFound(format!("failed job {id}")))?;
     let body = retry_body(&job.payload);
@@ -388,7 +388,7 @@ pub async fn retry(
             Error::Unconfirmed(why) => Error::Unconfirmed(format!("failed job {id} kept: {why}")),
             other => other,
         })?;
-    blocking(pool, move |conn| forget(conn, id)).await?;
+    crate::database::run_blocking(pool, move |conn| forget(conn, id)).await?;
     Ok(job)
 }
 
@@ -474,19 +474,6 @@ pub fn bounded_text(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}{MARK}", &clean[..end])
-}
-
-async fn blocking<T: Send + 'static>(
-    pool: &PgPool,
-    work: impl FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let pool = pool.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut conn = pool.get()?;
-        work(&mut conn)
-    })
-    .await
-    .unwrap_or_else(|e| Err(Error::Config(format!("blocking task failed: {e}"))))
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use std::time::Duration;
 use diesel::PgConnection;
 use diesel::r2d2::{ConnectionManager, Pool};
 
-use crate::database::PgPool;
+use crate::database::{PgPool, run_blocking};
 use crate::error::Result;
 use crate::metrics as m;
 
@@ -250,20 +250,6 @@ impl ReconnectDelay {
     }
 }
 
-/// Runs `work` with a pooled connection on the blocking pool.
-async fn with_connection<T: Send + 'static>(
-    ctx: &LaneContext,
-    work: impl FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let pool = ctx.pool.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut conn = pool.get()?;
-        work(&mut conn)
-    })
-    .await
-    .unwrap_or_else(|e| Err(crate::Error::Config(format!("blocking task failed: {e}"))))
-}
-
 /// Waits `period`, or returns false when asked to stop.
 async fn wait_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, period: Duration) -> bool {
     if *stop.borrow() {
@@ -284,7 +270,7 @@ async fn run_pruner(ctx: LaneContext, mut stop: tokio::sync::watch::Receiver<boo
     let batch = i64::try_from(config.prune_batch).unwrap_or(i64::MAX);
     while wait_or_stop(&mut stop, config.prune_interval).await {
         // Leases of relays that died are harmless once expired; drop them.
-        if let Err(error) = with_connection(&ctx, store::delete_expired_leases).await {
+        if let Err(error) = run_blocking(&ctx.pool, store::delete_expired_leases).await {
             tracing::warn!(error = %error_chain(&error), "cannot delete expired leases; will try again");
         }
         if config.retention.is_zero() {
@@ -293,7 +279,11 @@ async fn run_pruner(ctx: LaneContext, mut stop: tokio::sync::watch::Receiver<boo
         }
         let mut total = 0usize;
         loop {
-            match with_connection(&ctx, move |conn| store::prune_published(conn, retention, batch)).await {
+            match run_blocking(&ctx.pool, move |conn| {
+                store::prune_published(conn, retention, batch)
+            })
+            .await
+            {
                 Ok(deleted) => {
                     total += deleted;
                     metrics::counter!(m::PRUNED_TOTAL).increment(deleted as u64);
@@ -317,7 +307,7 @@ async fn run_pruner(ctx: LaneContext, mut stop: tokio::sync::watch::Receiver<boo
 async fn run_backlog_gauges(ctx: LaneContext, mut stop: tokio::sync::watch::Receiver<bool>) {
     let period = ctx.config.stats_interval;
     loop {
-        match with_connection(&ctx, store::backlog_stats).await {
+        match run_blocking(&ctx.pool, store::backlog_stats).await {
             Ok(stats) => {
                 metrics::gauge!(m::BACKLOG).set(stats.backlog as f64);
                 metrics::gauge!(m::OLDEST_UNPUBLISHED_AGE_SECONDS).set(stats.oldest_unpublished_age_seconds);
