@@ -44,7 +44,10 @@ async fn the_worker_reconnects_after_losing_the_broker() {
     broker
         .publish_event(&TestEvent::new("widget.created", json!({"n": 2})))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually("the worker notices the broker is gone", LIMIT, || {
+        !worker.health.broker_ok()
+    })
+    .await;
     proxy.heal();
 
     eventually("the event sent during the outage", LIMIT, || {
@@ -87,7 +90,11 @@ async fn a_database_outage_is_waited_out_without_using_up_tries() {
             .publish_event(&TestEvent::new("widget.created", json!({ "n": n })))
             .await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Heal only once the worker has met the outage while handling them.
+    eventually("the worker meets the database outage", LIMIT, || {
+        !worker.health.database_ok()
+    })
+    .await;
     proxy.heal();
 
     eventually("the events sent during the outage", LIMIT, || {

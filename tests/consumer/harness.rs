@@ -118,6 +118,7 @@ pub struct Running {
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<outbox::Result<()>>>,
     pub queues: Vec<outbox::consumer::ListenerQueues>,
+    pub health: std::sync::Arc<outbox::consumer::WorkerHealth>,
 }
 
 impl Running {
@@ -145,6 +146,7 @@ impl Running {
         configure(&mut config);
         let worker = Worker::new(config, registry).unwrap();
         let queues = worker.queues();
+        let health = worker.health();
         broker.track(&queues);
         outbox::consumer::topology::declare(&broker.channel, &broker.exchange, &broker.app, registry)
             .await
@@ -161,6 +163,7 @@ impl Running {
             shutdown: Some(tx),
             task: Some(task),
             queues,
+            health,
         };
         for queue in running.queues.iter().map(|q| q.queue.clone()) {
             wait_for_consumer(broker, &queue).await;
