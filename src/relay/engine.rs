@@ -109,7 +109,7 @@ pub(crate) struct Session<'a> {
     /// publish order guarantees the return is seen before its own confirm.
     in_flight: FuturesOrdered<ConfirmFuture>,
     /// Message ids the broker returned whose own confirm is still ahead.
-    returned: HashSet<String>,
+    returned: HashSet<uuid::Uuid>,
     /// Rows held in chains (in flight or waiting).
     held: usize,
     pending: Pending,
@@ -444,17 +444,20 @@ impl<'a> Session<'a> {
             Ok(Ok(confirmation)) => {
                 let acked = confirmation.is_ack();
                 if let Some(message) = confirmation.take_message() {
+                    // Our message ids are event ids; anything else is not ours.
                     let id = message
                         .delivery
                         .properties
                         .message_id()
                         .as_ref()
-                        .map(|id| id.to_string())
-                        .unwrap_or_default();
-                    tracing::debug!(message_id = %id, reply = %message.reply_text, "broker returned a message");
-                    self.returned.insert(id);
+                        .and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok());
+                    tracing::debug!(message_id = ?id, reply = %message.reply_text, "broker returned a message");
+                    if let Some(id) = id {
+                        self.returned.insert(id);
+                    }
                 }
-                if self.returned.remove(&event_id.to_string()) {
+                // Checked on every confirm: a set lookup, no allocation.
+                if self.returned.remove(&event_id) {
                     let event_type = self
                         .chains
                         .get(&key)
