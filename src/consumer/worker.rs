@@ -943,8 +943,17 @@ fn run_in_inbox(
         }
         Ok(false)
     });
+    // A connection that broke under the handler (Postgres restarted, the
+    // backend was terminated, the network dropped) is the database's
+    // trouble, not the listener's: hold the message and run it again
+    // without counting a try. The inbox makes the rerun safe if the COMMIT
+    // did reach the server.
+    let connection_lost = outcome.is_err() && diesel::r2d2::R2D2Connection::is_broken(&mut *conn);
     match outcome {
         Ok(duplicate) => HandlerRun::Done { duplicate },
+        Err(TxError::Listener(_) | TxError::Database(_)) if connection_lost => {
+            HandlerRun::Infrastructure("the database connection was lost during the try".to_owned())
+        }
         Err(TxError::Listener(error)) => HandlerRun::Failed(error),
         Err(TxError::Busy) => HandlerRun::Busy,
         Err(TxError::Setup(error)) => {

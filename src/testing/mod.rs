@@ -11,9 +11,9 @@ mod broker;
 mod events;
 mod proxy;
 
-pub use broker::{ReceivedMessage, TEST_AMQP_PREFIX, TestExchange};
+pub use broker::{ReceivedMessage, TEST_AMQP_PREFIX, TestExchange, delete_broker_objects};
 pub use events::{Ticked, record_interleaved, record_ticks};
-pub use proxy::TcpProxy;
+pub use proxy::{Fault, TcpProxy};
 
 use std::fmt;
 
