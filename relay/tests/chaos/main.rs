@@ -184,21 +184,29 @@ async fn drain_tap(tap: &str) -> (usize, usize) {
     (depth, ids.len())
 }
 
-fn unpublished(conn: &mut PgConnection) -> i64 {
-    verify::count(
+fn unpublished(conn: &mut PgConnection) -> QueryResult<i64> {
+    verify::try_count(
         conn,
         "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL",
     )
 }
 
-/// Reconnects the test's own observer connection after a restart.
-fn observe<T>(db: &TestDatabase, conn: &mut PgConnection, query: impl Fn(&mut PgConnection) -> T) -> T {
+/// Runs an observation, reconnecting the test's own connection while a
+/// restart or reset breaks it (bounded).
+fn observe<T>(
+    db: &TestDatabase,
+    conn: &mut PgConnection,
+    query: impl Fn(&mut PgConnection) -> QueryResult<T>,
+) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| query(conn))) {
+        match query(conn) {
             Ok(value) => return value,
-            Err(_) => {
-                assert!(Instant::now() < deadline, "cannot observe the database for 60 s");
+            Err(error) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot observe the database for 60 s: {error}"
+                );
                 std::thread::sleep(Duration::from_millis(200));
                 if let Ok(fresh) = db.connect() {
                     *conn = fresh;
@@ -330,15 +338,13 @@ impl Chaos {
                    JOIN outbox_events e ON e.seq = s.seq
                   WHERE l.owner = '{relay_id}' AND e.published_at IS NULL"
             );
-            let busy = observe(db, conn, |c| {
-                !diesel::sql_query(&held_sql).load::<Seq>(c).unwrap().is_empty()
-            });
+            let busy = !observe(db, conn, |c| diesel::sql_query(&held_sql).load::<Seq>(c)).is_empty();
             if !busy {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 continue;
             }
             self.relays[0].freeze(true);
-            let held: Vec<i64> = observe(db, conn, |c| diesel::sql_query(&held_sql).load::<Seq>(c).unwrap())
+            let held: Vec<i64> = observe(db, conn, |c| diesel::sql_query(&held_sql).load::<Seq>(c))
                 .into_iter()
                 .map(|s| s.seq)
                 .collect();
@@ -351,7 +357,7 @@ impl Chaos {
                 "SELECT count(*) AS n FROM outbox_events WHERE seq IN ({list}) AND published_at IS NULL"
             );
             let until = Instant::now() + Duration::from_secs(60);
-            while observe(db, conn, |c| verify::count(c, &pending)) > 0 {
+            while observe(db, conn, |c| verify::try_count(c, &pending)) > 0 {
                 assert!(
                     Instant::now() < until,
                     "rows of the frozen relay not taken over within 60 s"
@@ -521,8 +527,9 @@ async fn chaos_run() {
     let transactions: usize = logs_of_writers.iter().map(|l| l.transactions).sum();
     let rolled_back: usize = logs_of_writers.iter().map(|l| l.rolled_back.len()).sum();
     let killed: usize = logs_of_writers.iter().map(|l| l.killed.len()).sum();
+    let in_doubt: usize = logs_of_writers.iter().map(|l| l.in_doubt.len()).sum();
     eprintln!(
-        "chaos seed {}: {transactions} transactions in {writing:.1?}; {} events committed ({} of them after an in-doubt commit), \
+        "chaos seed {}: {transactions} transactions in {writing:.1?}; {} events committed ({} of the {in_doubt} in-doubt ones), \
          {rolled_back} rolled back, {killed} killed; {relay_kills} relay and {worker_kills} worker SIGKILLs; \
          drained {drain:.1?} after the faults stopped; {published} messages published for {distinct} events \
          ({} duplicate deliveries, {:.2}%); {} permanent failures in failed_jobs, {} events retried after transient failures; \

@@ -35,7 +35,12 @@ struct Count {
 }
 
 pub fn count(conn: &mut PgConnection, sql: &str) -> i64 {
-    diesel::sql_query(sql).get_result::<Count>(conn).expect(sql).n
+    try_count(conn, sql).expect(sql)
+}
+
+/// [`count`] for observations during faults, when the query may fail.
+pub fn try_count(conn: &mut PgConnection, sql: &str) -> QueryResult<i64> {
+    diesel::sql_query(sql).get_result::<Count>(conn).map(|c| c.n)
 }
 
 /// Rows of `sql` (one text column `line`) for an error message.
@@ -55,8 +60,8 @@ fn lines(conn: &mut PgConnection, sql: &str) -> Vec<String> {
 
 /// Committed events still waiting for a listener: 0 once the pipeline has
 /// drained (each listener applied it, or it is in failed_jobs).
-pub fn outstanding(conn: &mut PgConnection) -> i64 {
-    count(
+pub fn outstanding(conn: &mut PgConnection) -> QueryResult<i64> {
+    try_count(
         conn,
         &format!(
             "SELECT (SELECT count(*) FROM outbox_events WHERE published_at IS NULL)
