@@ -376,14 +376,23 @@ impl Chaos {
         eprintln!("chaos: relay 0 held no lease for 15 s; no zombie this cycle");
     }
 
-    fn kill_one(&mut self, relays: bool) {
-        let slots = if relays {
-            &mut self.relays
-        } else {
-            &mut self.workers
-        };
-        let index = self.rng.random_range(0..slots.len());
-        slots[index].kill_and_restart();
+    /// SIGKILLs (and restarts) every process whose time has come; each
+    /// slot draws its next kill from its own range: relays every 2 to 8 s,
+    /// workers every 3 to 6 s.
+    fn kill_due(&mut self, relay_kills: &mut [Instant], worker_kills: &mut [Instant]) {
+        let now = Instant::now();
+        for (slot, due) in self.relays.iter_mut().zip(relay_kills.iter_mut()) {
+            if now >= *due {
+                slot.kill_and_restart();
+                *due = now + Duration::from_millis(self.rng.random_range(2000..8000));
+            }
+        }
+        for (slot, due) in self.workers.iter_mut().zip(worker_kills.iter_mut()) {
+            if now >= *due {
+                slot.kill_and_restart();
+                *due = now + Duration::from_millis(self.rng.random_range(3000..6000));
+            }
+        }
     }
 }
 
@@ -467,23 +476,24 @@ async fn chaos_run() {
         })
         .filter(|(at, _)| *at < plan.spread)
         .collect();
-    let mut next_relay_kill = started + Duration::from_millis(chaos.rng.random_range(2000..8000));
-    let mut next_worker_kill = started + Duration::from_millis(chaos.rng.random_range(3000..6000));
+    let mut relay_kills: Vec<Instant> = (0..chaos.relays.len())
+        .map(|_| started + Duration::from_millis(chaos.rng.random_range(2000..8000)))
+        .collect();
+    let mut worker_kills: Vec<Instant> = (0..chaos.workers.len())
+        .map(|_| started + Duration::from_millis(chaos.rng.random_range(3000..6000)))
+        .collect();
     while writer_tasks.iter().any(|t| !t.is_finished()) {
         if schedule.front().is_some_and(|(at, _)| started.elapsed() >= *at)
             && let Some((_, step)) = schedule.pop_front()
         {
             chaos.run_step(step, &db, &mut conn, plan.service_faults).await;
+            if matches!(step, Step::Zombie) {
+                // Leave the resumed zombie alive long enough to try marking
+                // what it held: the trigger would catch a mark that got through.
+                relay_kills[0] = Instant::now() + Duration::from_secs(3);
+            }
         }
-        let now = Instant::now();
-        if now >= next_relay_kill {
-            chaos.kill_one(true);
-            next_relay_kill = Instant::now() + Duration::from_millis(chaos.rng.random_range(2000..8000));
-        }
-        if now >= next_worker_kill {
-            chaos.kill_one(false);
-            next_worker_kill = Instant::now() + Duration::from_millis(chaos.rng.random_range(3000..6000));
-        }
+        chaos.kill_due(&mut relay_kills, &mut worker_kills);
         chaos.check_exits();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
