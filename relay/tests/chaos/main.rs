@@ -316,7 +316,10 @@ impl Chaos {
             Step::RestartPostgres if services => services::restart_postgres().await,
             Step::KillBroker if services => {
                 services::kill_rabbitmq_node().await;
-                self.sample_relay_rss();
+                self.hold(Duration::from_secs(2), true).await;
+                services::start_rabbitmq_node();
+                self.hold(Duration::from_secs(2), true).await;
+                services::wait_for_rabbitmq(Duration::from_secs(120)).await;
             }
             Step::StopBroker | Step::RestartPostgres | Step::KillBroker => {}
         }

@@ -46,7 +46,8 @@ pub fn start_rabbitmq_app() {
     assert!(run("rabbitmqctl", &["start_app"]), "rabbitmqctl start_app failed");
 }
 
-/// SIGKILL of the Erlang VM (no shutdown at all), then a fresh node.
+/// SIGKILL of the Erlang VM (no shutdown at all); returns once the port
+/// is closed.
 pub async fn kill_rabbitmq_node() {
     let pids = Command::new("pgrep")
         .args(["-f", "beam.smp.*rabbit"])
@@ -65,11 +66,15 @@ pub async fn kill_rabbitmq_node() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Starts a fresh node after [`kill_rabbitmq_node`] (the machine's own
+/// start command); [`wait_for_rabbitmq`] tells when it is up.
+pub fn start_rabbitmq_node() {
     assert!(
         run("rabbitmq-server", &["-detached"]),
         "rabbitmq-server -detached failed"
     );
-    wait_for_rabbitmq(Duration::from_secs(120)).await;
 }
 
 /// A fast restart of the Postgres cluster: every connection is dropped.
