@@ -12,7 +12,7 @@ use std::marker::PhantomData;
 
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Double, Integer, Text, Untyped};
+use diesel::sql_types::{Array, BigInt, Double, Integer, Text, Untyped, Uuid as SqlUuid};
 use diesel::{PgConnection, QueryResult, RunQueryDsl};
 
 /// A bind value of a [`Prepared`] statement, for placeholder `$n` at
@@ -23,6 +23,7 @@ pub(crate) enum Bind<'a> {
     BigInt(i64),
     Integer(i32),
     Double(f64),
+    Uuid(uuid::Uuid),
     BigIntArray(&'a [i64]),
     TextArray(&'a [String]),
     DoubleArray(&'a [f64]),
@@ -82,6 +83,7 @@ impl<M> QueryFragment<Pg> for Prepared<'_, M> {
                 Bind::BigInt(value) => out.push_bind_param::<BigInt, i64>(value)?,
                 Bind::Integer(value) => out.push_bind_param::<Integer, i32>(value)?,
                 Bind::Double(value) => out.push_bind_param::<Double, f64>(value)?,
+                Bind::Uuid(value) => out.push_bind_param::<SqlUuid, uuid::Uuid>(value)?,
                 Bind::BigIntArray(values) => out.push_bind_param::<Array<BigInt>, [i64]>(values)?,
                 Bind::TextArray(values) => out.push_bind_param::<Array<Text>, [String]>(values)?,
                 Bind::DoubleArray(values) => out.push_bind_param::<Array<Double>, [f64]>(values)?,
