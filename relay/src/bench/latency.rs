@@ -9,13 +9,12 @@ use diesel::Connection;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use outbox::testing::TestDatabase;
 use serde::Serialize;
 
 use super::broker::BenchQueue;
 use super::process::RelayProcess;
 use super::stats::{ms, percentile};
-use super::{BenchTarget, Report};
+use super::{BenchTarget, Report, drop_database, scratch_database};
 use crate::duration::parse_duration;
 
 /// Options of `outbox bench latency`.
@@ -110,13 +109,7 @@ pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<Lat
         "--rate must be between 0 and 100000"
     );
     anyhow::ensure!(args.aggregates > 0, "--aggregates must be positive");
-    let server = target.database_url.clone();
-    let db = tokio::task::spawn_blocking(move || -> anyhow::Result<TestDatabase> {
-        let db = TestDatabase::create_on(&server)?;
-        outbox::migrate(&mut db.connect()?)?;
-        Ok(db)
-    })
-    .await??;
+    let db = scratch_database(&target.database_url, false).await?;
     let queue = BenchQueue::declare(&target.amqp_url).await?;
 
     // The consumer notes when each message id first arrives.
@@ -217,6 +210,6 @@ pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<Lat
         samples_ms,
     };
     drop(queue);
-    tokio::task::spawn_blocking(move || drop(db)).await?;
+    drop_database(db).await?;
     Ok(report)
 }
