@@ -9,6 +9,7 @@
 //!   recorded) minus p50 of the same transaction without `record` (the
 //!   tenant `FOR KEY SHARE` lookup and the site INSERT), the two
 //!   interleaved call by call; the cost `record` adds per event.
+//!   Beside it, the `record` call alone inside an open transaction.
 //! - site creation with events: p50 wall time of `sites::create_site`.
 //! - full site lifecycle: create -> start provisioning -> provisioned ->
 //!   backup created -> backup completed -> deleted (5 events, 6
@@ -23,6 +24,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use chom::events::SiteCreated;
 use chom::services::{backups, sites, tenants};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
@@ -85,6 +87,9 @@ pub struct SeedReport {
     pub rows: Vec<SeedRow>,
     /// p50 of the creation transaction without `record`, ms.
     pub create_without_record_p50_ms: f64,
+    /// p50 of the `record` call alone inside an open transaction
+    /// (envelope, JSON, one INSERT round trip), ms.
+    pub record_call_p50_ms: f64,
     /// p99 of `create_site`, ms.
     pub create_p99_ms: f64,
     /// Peak resident memory of the relay delivering the memory step's
@@ -118,8 +123,9 @@ impl Report for SeedReport {
             ));
         }
         out.push_str(&format!(
-            "create without record p50 {:.3} ms; create p99 {:.3} ms; relay delivering {} events: {:.2} s, peak RSS {:.1} MiB\n",
+            "create without record p50 {:.3} ms; record call alone p50 {:.3} ms; create p99 {:.3} ms; relay delivering {} events: {:.2} s, peak RSS {:.1} MiB\n",
             self.create_without_record_p50_ms,
+            self.record_call_p50_ms,
             self.create_p99_ms,
             self.relay_delivered,
             self.relay_seconds,
@@ -183,6 +189,7 @@ fn create_without_record(conn: &mut PgConnection, tenant_id: i64, domain: &str) 
 struct WriteFigures {
     with_record: Vec<Duration>,
     without_record: Vec<Duration>,
+    record_calls: Vec<Duration>,
     lifecycles: Vec<Duration>,
     bursts: Vec<f64>,
     memory_growth_bytes: f64,
@@ -216,6 +223,23 @@ fn write_path(url: &str, args: &SeedArgs) -> anyhow::Result<WriteFigures> {
         let began = Instant::now();
         create_without_record(&mut conn, tenant.id, &name)?;
         without_record.push(began.elapsed());
+    }
+
+    // Where the overhead goes: the record call alone (envelope, JSON, one
+    // INSERT round trip) inside an open transaction.
+    let mut record_calls = Vec::with_capacity(args.creates);
+    for n in 0..args.creates {
+        let event = SiteCreated {
+            site_id: -1 - n as i64,
+            tenant_id: tenant.id,
+            domain: domain(),
+        };
+        conn.transaction::<_, outbox::Error, _>(|conn| {
+            let began = Instant::now();
+            outbox.record(conn, &event)?;
+            record_calls.push(began.elapsed());
+            Ok(())
+        })?;
     }
 
     let mut lifecycles = Vec::with_capacity(args.lifecycles);
@@ -252,6 +276,7 @@ fn write_path(url: &str, args: &SeedArgs) -> anyhow::Result<WriteFigures> {
     Ok(WriteFigures {
         with_record,
         without_record,
+        record_calls,
         lifecycles,
         bursts,
         memory_growth_bytes: (after.saturating_sub(before) * 1024) as f64,
@@ -371,6 +396,7 @@ pub async fn run(target: &BenchTarget, args: &SeedArgs) -> anyhow::Result<SeedRe
     Ok(SeedReport {
         rows,
         create_without_record_p50_ms: plain_p50,
+        record_call_p50_ms: ms(percentile(&mut figures.record_calls, 0.5)),
         create_p99_ms: create_p99,
         relay_peak_rss_mib,
         relay_delivered: args.events,
