@@ -49,18 +49,20 @@ pub fn latency(dir: &Path, report: &LatencyReport) -> anyhow::Result<PathBuf> {
             "commit -> delivered, {} events at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms",
             report.events, report.achieved_rate, report.p50_ms, report.p99_ms, report.p999_ms, report.max_ms
         ),
-        ("sans-serif", 16),
+        ("sans-serif", 20),
     )?;
     let (left, right) = root.split_horizontally(SIZE.0 / 2);
 
     let mut histogram = ChartBuilder::on(&left)
-        .caption("histogram", ("sans-serif", 14))
+        .caption("histogram", ("sans-serif", 17))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)
         .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
     histogram
         .configure_mesh()
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
         .x_desc("latency (ms)")
         .y_desc("events")
         .draw()?;
@@ -76,12 +78,14 @@ pub fn latency(dir: &Path, report: &LatencyReport) -> anyhow::Result<PathBuf> {
     legend(&mut histogram, SeriesLabelPosition::UpperRight)?;
 
     let mut cdf = ChartBuilder::on(&right)
-        .caption("cumulative distribution", ("sans-serif", 14))
+        .caption("cumulative distribution", ("sans-serif", 17))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)
         .build_cartesian_2d(0f64..x_max, 0f64..1.0f64)?;
     cdf.configure_mesh()
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
         .x_desc("latency (ms)")
         .y_desc("fraction of events")
         .draw()?;
@@ -111,6 +115,7 @@ fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) 
     chart
         .configure_series_labels()
         .position(position)
+        .label_font(("sans-serif", 14))
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
@@ -178,7 +183,7 @@ pub fn drain(dir: &Path, report: &DrainReport) -> anyhow::Result<PathBuf> {
                 "drain of {} events on {} aggregates: throughput over time",
                 report.events, report.aggregates
             ),
-            ("sans-serif", 16),
+            ("sans-serif", 20),
         )
         .margin(10)
         .x_label_area_size(35)
@@ -186,6 +191,8 @@ pub fn drain(dir: &Path, report: &DrainReport) -> anyhow::Result<PathBuf> {
         .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
     chart
         .configure_mesh()
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
         .x_desc("seconds since start")
         .y_desc("events/s (broker-confirmed)")
         .draw()?;
