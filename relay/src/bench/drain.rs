@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use outbox::relay::store::ClaimedEvent;
+use outbox::testing::TestDatabase;
 use serde::Serialize;
 
 use super::broker::BenchQueue;
@@ -262,6 +263,14 @@ pub async fn run(target: &BenchTarget, args: &DrainArgs) -> anyhow::Result<Drain
         "--relays takes counts from 1 to 16"
     );
     let db = scratch_database(&target.database_url, false).await?;
+    let outcome = measure(target, args, &db).await;
+    drop_database(db).await?;
+    outcome
+}
+
+/// The scenario in the scratch database `db` (dropped by the caller, also
+/// on error).
+async fn measure(target: &BenchTarget, args: &DrainArgs, db: &TestDatabase) -> anyhow::Result<DrainReport> {
     let queue = BenchQueue::declare(&target.amqp_url).await?;
     let (url, events, aggregates) = (db.url().to_owned(), args.events, args.aggregates);
     blocking(move || fill_backlog(&url, events, aggregates)).await?;
@@ -333,7 +342,6 @@ pub async fn run(target: &BenchTarget, args: &DrainArgs) -> anyhow::Result<Drain
         queue.purge().await?;
     }
     drop(queue);
-    drop_database(db).await?;
     Ok(DrainReport {
         events: args.events,
         aggregates: args.aggregates,

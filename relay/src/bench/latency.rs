@@ -9,6 +9,7 @@ use diesel::Connection;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use outbox::testing::TestDatabase;
 use serde::Serialize;
 
 use super::broker::BenchQueue;
@@ -110,6 +111,18 @@ pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<Lat
     );
     anyhow::ensure!(args.aggregates > 0, "--aggregates must be positive");
     let db = scratch_database(&target.database_url, false).await?;
+    let outcome = measure(target, args, &db).await;
+    drop_database(db).await?;
+    outcome
+}
+
+/// The scenario in the scratch database `db` (dropped by the caller, also
+/// on error).
+async fn measure(
+    target: &BenchTarget,
+    args: &LatencyArgs,
+    db: &TestDatabase,
+) -> anyhow::Result<LatencyReport> {
     let queue = BenchQueue::declare(&target.amqp_url).await?;
 
     // The consumer notes when each message id first arrives.
@@ -210,6 +223,5 @@ pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<Lat
         samples_ms,
     };
     drop(queue);
-    drop_database(db).await?;
     Ok(report)
 }
