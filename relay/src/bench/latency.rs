@@ -110,6 +110,10 @@ pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<Lat
         "--rate must be between 0 and 100000"
     );
     anyhow::ensure!(args.aggregates > 0, "--aggregates must be positive");
+    anyhow::ensure!(
+        args.warmup < args.duration,
+        "--warmup must be shorter than --duration (nothing would be measured)"
+    );
     let db = scratch_database(&target.database_url, false).await?;
     let outcome = measure(target, args, &db).await;
     drop_database(db).await?;
