@@ -12,6 +12,15 @@ use super::latency::LatencyReport;
 
 const SIZE: (u32, u32) = (960, 480);
 
+/// Line colours of the drain chart: raw first, then each relay count.
+const SERIES_COLORS: [RGBColor; 5] = [
+    RGBColor(40, 40, 40),
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+];
+
 fn create_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the plot directory {}", dir.display()))
@@ -57,7 +66,7 @@ pub fn latency(dir: &Path, report: &LatencyReport) -> anyhow::Result<PathBuf> {
         .caption("histogram", ("sans-serif", 17))
         .margin(10)
         .x_label_area_size(35)
-        .y_label_area_size(50)
+        .y_label_area_size(65)
         .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
     histogram
         .configure_mesh()
@@ -65,6 +74,7 @@ pub fn latency(dir: &Path, report: &LatencyReport) -> anyhow::Result<PathBuf> {
         .axis_desc_style(("sans-serif", 15))
         .x_desc("latency (ms)")
         .y_desc("events")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     histogram.draw_series(counts.iter().enumerate().map(|(i, &count)| {
         let x0 = i as f64 * width;
@@ -81,7 +91,7 @@ pub fn latency(dir: &Path, report: &LatencyReport) -> anyhow::Result<PathBuf> {
         .caption("cumulative distribution", ("sans-serif", 17))
         .margin(10)
         .x_label_area_size(35)
-        .y_label_area_size(50)
+        .y_label_area_size(65)
         .build_cartesian_2d(0f64..x_max, 0f64..1.0f64)?;
     cdf.configure_mesh()
         .label_style(("sans-serif", 14))
@@ -138,14 +148,16 @@ fn mark(
     Ok(())
 }
 
-/// Events/s between consecutive (seconds, count) samples, at each
-/// interval's end.
+/// Events/s between consecutive (seconds, count) samples at least 90 ms
+/// apart, at each interval's end.
 fn rates(progress: &[(f64, u64)]) -> Vec<(f64, f64)> {
     let mut previous = (0.0, 0u64);
     let mut out = vec![(0.0, 0.0)];
     for &(t, count) in progress {
         let dt = t - previous.0;
-        if dt > 0.0 {
+        // A stub interval (the final sample comes right after the one
+        // before) would show a spike; it joins the next or is left out.
+        if dt >= 0.09 {
             out.push((t, count.saturating_sub(previous.1) as f64 / dt));
             previous = (t, count);
         }
@@ -187,7 +199,7 @@ pub fn drain(dir: &Path, report: &DrainReport) -> anyhow::Result<PathBuf> {
         )
         .margin(10)
         .x_label_area_size(35)
-        .y_label_area_size(60)
+        .y_label_area_size(75)
         .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
     chart
         .configure_mesh()
@@ -195,9 +207,10 @@ pub fn drain(dir: &Path, report: &DrainReport) -> anyhow::Result<PathBuf> {
         .axis_desc_style(("sans-serif", 15))
         .x_desc("seconds since start")
         .y_desc("events/s (broker-confirmed)")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     for (i, (name, points)) in series.into_iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = SERIES_COLORS[i % SERIES_COLORS.len()];
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))?
             .label(name)
