@@ -160,6 +160,12 @@ pub fn run_worker_process() {
         return;
     };
     let spec: serde_json::Value = serde_json::from_str(&spec).expect("worker spec");
+    // Logs to stderr, which the test sends to a file per slot.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
     let text = |key: &str| spec[key].as_str().expect(key).to_owned();
     let config = WorkerConfig {
         database_url: text("database_url"),

@@ -510,16 +510,23 @@ async fn chaos_run() {
     chaos.amqp.heal();
     chaos.postgres.heal();
     let drain_started = Instant::now();
-    let deadline = drain_started + Duration::from_secs(180);
+    // Bounded by progress: the backlog must shrink at least every 90 s
+    // (a soak leaves a long one), and everything is over within 30 min.
+    let give_up = drain_started + Duration::from_secs(1800);
+    let (mut best, mut last_progress) = (i64::MAX, Instant::now());
     loop {
         chaos.check_exits();
         let left = observe(&db, &mut conn, verify::outstanding);
         if left == 0 {
             break;
         }
+        if left < best {
+            (best, last_progress) = (left, Instant::now());
+        }
         assert!(
-            Instant::now() < deadline,
-            "pipeline not drained 180 s after the faults stopped: {left} outstanding ({} unpublished); logs in {}",
+            last_progress.elapsed() < Duration::from_secs(90) && Instant::now() < give_up,
+            "pipeline stopped draining {:?} after the faults stopped: {left} outstanding ({} unpublished); logs in {}",
+            drain_started.elapsed(),
             observe(&db, &mut conn, unpublished),
             logs.display()
         );
