@@ -1084,7 +1084,7 @@ fn rand_fraction() -> f64 {
 /// The message's headers for a retry or dead-letter copy: entries are kept
 /// while the table stays within [`MAX_COPIED_HEADER_BYTES`]; the number
 /// left off, if any, goes in [`HEADERS_DROPPED_HEADER`].
-fn copied_headers(properties: &BasicProperties) -> FieldTable {
+pub(crate) fn copied_headers(properties: &BasicProperties) -> FieldTable {
     let mut kept = FieldTable::default();
     let Some(original) = properties.headers().as_ref() else {
         return kept;
@@ -1106,7 +1106,7 @@ fn copied_headers(properties: &BasicProperties) -> FieldTable {
 }
 
 /// Bytes `value` takes in an AMQP field table (type octet included).
-fn encoded_size(value: &AMQPValue) -> usize {
+pub(crate) fn encoded_size(value: &AMQPValue) -> usize {
     1 + match value {
         AMQPValue::Void => 0,
         AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
@@ -1128,7 +1128,7 @@ fn encoded_size(value: &AMQPValue) -> usize {
     }
 }
 
-fn has_header(properties: &BasicProperties, name: &str) -> bool {
+pub(crate) fn has_header(properties: &BasicProperties, name: &str) -> bool {
     properties
         .headers()
         .as_ref()
@@ -1137,7 +1137,7 @@ fn has_header(properties: &BasicProperties, name: &str) -> bool {
 
 /// The broker's `x-delivery-count` (quorum queues), clamped to 0..=1000.
 /// Only consulted together with the broker's `redelivered` flag.
-fn delivery_count(properties: &BasicProperties) -> u32 {
+pub(crate) fn delivery_count(properties: &BasicProperties) -> u32 {
     let Some(headers) = properties.headers().as_ref() else {
         return 0;
     };
