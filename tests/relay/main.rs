@@ -11,4 +11,5 @@ mod faults;
 mod operating;
 mod operator_queries;
 mod ordering;
+mod oversized;
 mod publishing;
