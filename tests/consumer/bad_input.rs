@@ -457,3 +457,82 @@ async fn bad_input_non_utf8_header_names_end_in_the_dead_letter_queue() {
         assert_eq!(broker.ready(queue).await, 0, "{queue} is empty");
     }
 }
+
+#[test]
+fn bad_input_hostile_names_and_sizes_are_refused_with_typed_errors() {
+    use outbox::consumer::ListenerOptions;
+    use outbox::{Error, RelayConfig, WorkerConfig};
+    let refused = |what: &str, outcome: outbox::Result<()>, needle: &str| match outcome {
+        Err(Error::Config(message)) => assert!(message.contains(needle), "{what}: {message}"),
+        other => panic!("{what}: expected a configuration error, got {other:?}"),
+    };
+    let registered = |name: &str, events: &[&str], options: ListenerOptions| {
+        Registry::new()
+            .queued_listener_with(events, Scripted::new(name, |_, _, _| Ok(())), options)
+            .map(|_| ())
+    };
+    let worker = |change: fn(&mut WorkerConfig)| {
+        let mut config = WorkerConfig::default();
+        change(&mut config);
+        config.validate()
+    };
+    let relay = |change: fn(&mut RelayConfig)| {
+        let mut config = RelayConfig::default();
+        change(&mut config);
+        config.validate()
+    };
+    refused(
+        "app",
+        worker(|c| c.app = "chom';DROP TABLE sites;--".into()),
+        "app name",
+    );
+    refused(
+        "exchange",
+        worker(|c| c.exchange = "ev\"ents".into()),
+        "exchange name",
+    );
+    refused("pool", worker(|c| c.pool_size = Some(0)), "pool size");
+    refused(
+        "confirm",
+        worker(|c| c.confirm_timeout = Duration::ZERO),
+        "confirm timeout",
+    );
+    refused(
+        "listener name",
+        registered("audit\";--", &["a.b"], ListenerOptions::default()),
+        "listener name",
+    );
+    refused(
+        "event type",
+        registered("audit", &["a.b';--"], ListenerOptions::default()),
+        "event type",
+    );
+    let zero_tries = ListenerOptions::default().retries(0, &[Duration::from_secs(1)]);
+    refused("tries", registered("audit", &["a.b"], zero_tries), "tries");
+    let no_concurrency = ListenerOptions {
+        concurrency: 0,
+        ..ListenerOptions::default()
+    };
+    refused(
+        "concurrency",
+        registered("audit", &["a.b"], no_concurrency),
+        "concurrency",
+    );
+    refused("exchange", relay(|c| c.exchange = "x;y".into()), "exchange name");
+    refused("batch", relay(|c| c.batch_size = 0), "batch size");
+    refused(
+        "lease",
+        relay(|c| {
+            c.lease = Duration::from_secs(5);
+            c.confirm_timeout = Duration::from_secs(10);
+        }),
+        "lease",
+    );
+    refused(
+        "database URL",
+        relay(|c| c.database_url = "mysql://u:hunter2@h/db".into()),
+        "database URL",
+    );
+    let leaked = relay(|c| c.database_url = "mysql://u:hunter2@h/db".into());
+    assert!(!format!("{leaked:?}").contains("hunter2"), "{leaked:?}");
+}

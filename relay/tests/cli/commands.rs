@@ -6,8 +6,25 @@ use crate::support::{RelayChild, eventually, run_outbox};
 
 #[test]
 fn bad_relay_configuration_is_refused_with_a_clear_error() {
-    let cases: [(&[&str], i32, &str); 6] = [
+    let cases: [(&[&str], i32, &str); 15] = [
         (&["relay", "--batch-size", "0"], 1, "batch size"),
+        (&["relay", "--batch-size=-1"], 2, "invalid value"),
+        (
+            &["relay", "--batch-size", "99999999999999999999999"],
+            2,
+            "--batch-size",
+        ),
+        (&["relay", "--max-in-flight", "0"], 1, "max in flight"),
+        (&["relay", "--max-attempts", "0"], 1, "max attempts"),
+        (&["relay", "--confirm-timeout", "0s"], 1, "confirm timeout"),
+        (&["relay", "--lease=-5s"], 2, "--lease"),
+        (
+            &["relay", "--poll-min", "50ms", "--poll-max", "10ms"],
+            1,
+            "poll bounds",
+        ),
+        (&["relay", "--exchange", "it's"], 1, "exchange name"),
+        (&["relay", "--exchange", "amq.topic"], 1, "reserved"),
         (&["relay", "--lease", "5s", "--confirm-timeout", "5s"], 1, "lease"),
         (
             &["relay", "--exchange", "orders\";drop table x;--"],
