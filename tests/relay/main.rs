@@ -8,6 +8,7 @@ mod support;
 
 mod claiming;
 mod faults;
+mod least_privilege;
 mod operating;
 mod operator_queries;
 mod ordering;
