@@ -14,4 +14,5 @@ mod support;
 mod failed_jobs;
 mod faults;
 mod inbox;
+mod least_privilege;
 mod worker;
