@@ -8,10 +8,12 @@
 //! its host, port and credentials are used.
 
 mod broker;
+mod broker_user;
 mod events;
 mod proxy;
 
 pub use broker::{ReceivedMessage, TEST_AMQP_PREFIX, TestExchange};
+pub use broker_user::{TEST_USER_PREFIX, TestBrokerUser, literal};
 pub use events::{Ticked, record_interleaved, record_ticks};
 pub use proxy::TcpProxy;
 

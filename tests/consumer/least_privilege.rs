@@ -3,72 +3,20 @@
 //! consumes, retries and dead-letters as usual, but the broker refuses its
 //! publishing to the events exchange (ACCESS_REFUSED).
 
-use std::process::Command;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use outbox::Registry;
 use outbox::consumer::ListenerError;
 use outbox::failed_jobs::{self, Filter};
+use outbox::testing::{TestBrokerUser, literal};
 use serde_json::json;
-use uuid::Uuid;
 
 use crate::broker::{TestBroker, TestEvent};
 use crate::harness::{Running, Scripted, database, effect, eventually, fast};
 use crate::support::count;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn rabbitmqctl(args: &[&str]) -> std::process::Output {
-    Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs")
-}
-
-/// A broker user of the test's own, deleted at the end (also on panic).
-struct BrokerUser {
-    name: String,
-    password: String,
-}
-
-impl BrokerUser {
-    /// Creates the user with vhost `/` permissions (configure, write,
-    /// read regular expressions).
-    fn create(configure: &str, write: &str, read: &str) -> Self {
-        let user = Self {
-            name: format!("outbox_test_worker_{}", Uuid::now_v7().simple()),
-            password: Uuid::now_v7().simple().to_string(),
-        };
-        let added = rabbitmqctl(&["add_user", &user.name, &user.password]);
-        assert!(
-            added.status.success(),
-            "{}",
-            String::from_utf8_lossy(&added.stderr)
-        );
-        let set = rabbitmqctl(&["set_permissions", "-p", "/", &user.name, configure, write, read]);
-        assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
-        user
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
-    }
-}
-
-impl Drop for BrokerUser {
-    fn drop(&mut self) {
-        let deleted = rabbitmqctl(&["delete_user", &self.name]);
-        if !deleted.status.success() {
-            eprintln!("could not delete broker user {}", self.name);
-        }
-    }
-}
-
-/// `text` with regular-expression metacharacters escaped.
-fn literal(text: &str) -> String {
-    text.replace('.', "\\.")
-}
 
 async fn worker_with_own_queues_only(declare_topology: bool) {
     let (db, mut conn) = database();
@@ -81,14 +29,15 @@ async fn worker_with_own_queues_only(declare_topology: bool) {
     // needs configure on its queues and the exchange, write on its queues
     // and read on the exchange (queue.bind); never write on the exchange.
     let user = if declare_topology {
-        BrokerUser::create(
+        TestBrokerUser::create(
             &format!("^({app}\\..*|{exchange})$"),
             &format!("^(amq\\.default|{app}\\..*)$"),
             &format!("^({app}\\..*|{exchange})$"),
         )
     } else {
-        BrokerUser::create("^$", "^amq\\.default$", &format!("^{app}\\..*$"))
-    };
+        TestBrokerUser::create("^$", "^amq\\.default$", &format!("^{app}\\..*$"))
+    }
+    .unwrap();
     let listener = Scripted::new("audit", |event, ctx, before| {
         match event.data_value()["case"].as_str() {
             Some("retry_once") if before == 0 => Err(ListenerError::transient("first try fails")),

@@ -1,15 +1,16 @@
 //! Role separation and TLS settings against the real Postgres and
 //! RabbitMQ: the relay runs as the role `docs/least-privilege.sql` creates
-//! (and nothing more), a write-path role records with INSERT alone, and
-//! `sslmode` / `amqps://` reach the drivers and fail clearly, without the
-//! password, against these non-TLS servers.
+//! and as a broker user limited to its exchange, and can do its work and
+//! nothing more; a write-path role records with INSERT alone; `sslmode`
+//! and `amqps://` reach libpq and lapin's rustls and fail clearly, without
+//! the password, where the server cannot satisfy them.
 
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use outbox::TestDatabase;
-use outbox::testing::TestExchange;
+use outbox::testing::{TestBrokerUser, TestExchange, literal};
 use uuid::Uuid;
 
 use crate::support::{RunningRelay, eventually, record_ticks, relay_config, scalar};
@@ -109,10 +110,15 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
     denied(&mut writer, "SELECT count(*) FROM outbox_events");
 
     // The relay, as its role, claims, publishes and marks...
+    // The relay's broker user may declare and publish to its exchange only.
     let broker = TestExchange::new().await.unwrap();
+    let exchange = literal(&broker.exchange);
+    let broker_user =
+        TestBrokerUser::create(&format!("^{exchange}$"), &format!("^{exchange}$"), "^$").unwrap();
     let relay_url = roles.url_as(&relay_role, &password);
     let config = outbox::RelayConfig {
         database_url: relay_url.clone(),
+        amqp_url: broker_user.url(),
         ..relay_config(roles.db(), &broker)
     };
     let relay = RunningRelay::start(config.clone());
