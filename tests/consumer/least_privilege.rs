@@ -5,12 +5,14 @@
 
 use std::time::Duration;
 
+use diesel::RunQueryDsl;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use outbox::Registry;
 use outbox::consumer::ListenerError;
 use outbox::failed_jobs::{self, Filter};
-use outbox::testing::{TestBrokerUser, literal};
+use outbox::testing::{TestBrokerUser, TestRoles, literal};
 use serde_json::json;
+use uuid::Uuid;
 
 use crate::broker::{TestBroker, TestEvent};
 use crate::harness::{Running, Scripted, database, effect, eventually, fast};
@@ -20,6 +22,15 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 async fn worker_with_own_queues_only(declare_topology: bool) {
     let (db, mut conn) = database();
+    // Postgres: the worker role of docs/least-privilege.sql, plus its
+    // listener's table.
+    let mut roles = TestRoles::new(db);
+    let password = Uuid::now_v7().simple().to_string();
+    let worker_role = roles.apply_least_privilege(&password).unwrap().worker;
+    diesel::sql_query(format!("GRANT SELECT, INSERT ON effects TO \"{worker_role}\""))
+        .execute(&mut conn)
+        .unwrap();
+    let database_url = roles.url_as(&worker_role, &password).unwrap();
     let mut broker = TestBroker::new().await;
     let app = literal(&broker.app);
     let exchange = literal(&broker.exchange);
@@ -49,7 +60,8 @@ async fn worker_with_own_queues_only(declare_topology: bool) {
         .queued_listener_with(&["widget.created"], listener.clone(), fast(3, &[50]))
         .unwrap();
     let url = user.url();
-    let worker = Running::start_with(&db, &mut broker, &registry, |config| {
+    let worker = Running::start_with(roles.db(), &mut broker, &registry, |config| {
+        config.database_url = database_url.clone();
         config.amqp_url = url;
         config.declare_topology = declare_topology;
     })
@@ -62,7 +74,12 @@ async fn worker_with_own_queues_only(declare_topology: bool) {
     for event in &events {
         broker.publish_event(event).await;
     }
-    let effects = || count(&mut db.connect().unwrap(), "SELECT count(*) AS n FROM effects");
+    let effects = || {
+        count(
+            &mut roles.db().connect().unwrap(),
+            "SELECT count(*) AS n FROM effects",
+        )
+    };
     eventually("two effects (one after a retry)", LIMIT, || effects() == 2).await;
     broker.wait_ready(&queues.dead, 1, LIMIT).await;
     assert!(worker.health.is_healthy());
@@ -75,6 +92,14 @@ async fn worker_with_own_queues_only(declare_topology: bool) {
     let jobs = failed_jobs::list(&mut conn, &Filter::default()).unwrap();
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].event_id, Some(events[2].event_id));
+    let mut as_worker = outbox::database::connect(&database_url).unwrap();
+    for sql in ["SELECT 1 FROM outbox_events", "DELETE FROM failed_jobs"] {
+        let error = diesel::sql_query(sql)
+            .execute(&mut as_worker)
+            .expect_err(sql)
+            .to_string();
+        assert!(error.contains("permission denied"), "{sql}: {error}");
+    }
 
     // The same user publishing to the events exchange is refused.
     let connection = outbox::amqp::connect(&user.url(), "least privilege probe")

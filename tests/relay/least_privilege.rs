@@ -10,63 +10,10 @@ use std::time::Duration;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use outbox::TestDatabase;
-use outbox::testing::{TestBrokerUser, TestExchange, literal};
+use outbox::testing::{TestBrokerUser, TestExchange, TestRoles, literal};
 use uuid::Uuid;
 
 use crate::support::{RunningRelay, eventually, record_ticks, relay_config, scalar};
-
-const SCRIPT: &str = include_str!("../../docs/least-privilege.sql");
-
-/// A test database and roles created in it. Dropping it drops the
-/// database first, then the roles (roles are cluster-wide; a role with
-/// privileges in a live database cannot be dropped), also on panic.
-struct Roles {
-    db: Option<TestDatabase>,
-    roles: Vec<String>,
-}
-
-impl Roles {
-    fn new() -> Self {
-        Self {
-            db: Some(TestDatabase::create().unwrap()),
-            roles: Vec::new(),
-        }
-    }
-
-    fn db(&self) -> &TestDatabase {
-        self.db.as_ref().unwrap()
-    }
-
-    /// A unique role name, dropped at the end.
-    fn name(&mut self, kind: &str) -> String {
-        let name = format!("outbox_test_{kind}_{}", Uuid::now_v7().simple());
-        self.roles.push(name.clone());
-        name
-    }
-
-    /// The test database's URL, logging in as `role` with `password`.
-    fn url_as(&self, role: &str, password: &str) -> String {
-        let mut url = url::Url::parse(self.db().url()).unwrap();
-        url.set_username(role).unwrap();
-        url.set_password(Some(password)).unwrap();
-        url.to_string()
-    }
-}
-
-impl Drop for Roles {
-    fn drop(&mut self) {
-        drop(self.db.take());
-        let Ok(mut admin) = outbox::database::connect("postgres://postgres@127.0.0.1:5432/postgres") else {
-            eprintln!("cannot connect to drop roles {:?}", self.roles);
-            return;
-        };
-        for role in &self.roles {
-            if let Err(error) = admin.batch_execute(&format!("DROP ROLE IF EXISTS \"{role}\"")) {
-                eprintln!("could not drop role {role}: {error}");
-            }
-        }
-    }
-}
 
 fn denied(conn: &mut PgConnection, sql: &str) -> String {
     let error = conn
@@ -79,10 +26,10 @@ fn denied(conn: &mut PgConnection, sql: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
-    let mut roles = Roles::new();
-    let relay_role = roles.name("relay");
-    let writer_role = roles.name("writer");
+    let mut roles = TestRoles::new(TestDatabase::create().unwrap());
     let password = Uuid::now_v7().simple().to_string();
+    let created = roles.apply_least_privilege(&password).unwrap();
+    let (relay_role, writer_role) = (created.relay, created.writer);
     let mut admin = roles.db().connect().unwrap();
     admin
         .batch_execute(
@@ -90,22 +37,8 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
              INSERT INTO sites VALUES (1, 'a.example');",
         )
         .unwrap();
-    admin
-        .batch_execute(
-            &SCRIPT
-                .replace("outbox_relay", &relay_role)
-                .replace("change-me", &password),
-        )
-        .unwrap();
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE \"{writer_role}\" LOGIN;
-             GRANT INSERT ON outbox_events TO \"{writer_role}\";"
-        ))
-        .unwrap();
-
     // A write-path service records with INSERT alone (and cannot read back).
-    let mut writer = outbox::database::connect(&roles.url_as(&writer_role, &password)).unwrap();
+    let mut writer = outbox::database::connect(&roles.url_as(&writer_role, &password).unwrap()).unwrap();
     record_ticks(&mut writer, "c1", 0..5);
     denied(&mut writer, "SELECT count(*) FROM outbox_events");
 
@@ -115,7 +48,7 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
     let exchange = literal(&broker.exchange);
     let broker_user =
         TestBrokerUser::create(&format!("^{exchange}$"), &format!("^{exchange}$"), "^$").unwrap();
-    let relay_url = roles.url_as(&relay_role, &password);
+    let relay_url = roles.url_as(&relay_role, &password).unwrap();
     let config = outbox::RelayConfig {
         database_url: relay_url.clone(),
         amqp_url: broker_user.url(),
