@@ -107,3 +107,31 @@ fn migrate_pause_and_resume() {
     let (status, _, stderr) = run_outbox(&["no-such-command"], &[]);
     assert_eq!(status, 2, "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_settings_pass_through_and_fail_clearly_without_the_password() {
+    const SECRET: &str = "tls-hunter2-secret";
+    let db = TestDatabase::create().unwrap();
+    // Postgres: libpq's own reason for refusing verify-full without a CA.
+    let verify = format!(
+        "{}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        db.url().replace("postgres@", &format!("postgres:{SECRET}@"))
+    );
+    let (status, stdout, stderr) = run_outbox(&["status", "--database-url", &verify], &[]);
+    assert_eq!(status, 1, "{stderr}");
+    assert!(stderr.contains("root certificate file"), "{stderr}");
+    assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET), "{stderr}");
+    // RabbitMQ: amqps:// to the plain AMQP port fails the TLS handshake;
+    // the relay logs it and keeps retrying.
+    let amqps = format!("amqps://guest:{SECRET}@127.0.0.1:5672/%2f");
+    let mut relay = RelayChild::spawn(db.url(), &amqps, "outbox_test.never_declared", &[]);
+    eventually("the TLS failure logged", Duration::from_secs(30), || {
+        relay.logs().contains("cannot reach the broker")
+    })
+    .await;
+    relay.terminate();
+    let logs = relay.logs();
+    assert!(logs.contains("amqps://guest:***@"), "{logs}");
+    assert!(logs.contains("InvalidContentType"), "rustls' reason: {logs}");
+    assert!(!logs.contains(SECRET), "{logs}");
+}
