@@ -9,7 +9,7 @@
 //! public for services that consume events some other way.
 
 use diesel::prelude::*;
-use diesel::sql_types::{Double, Text, Uuid as SqlUuid};
+use diesel::sql_types::Double;
 use uuid::Uuid;
 
 use crate::error::Result;
@@ -22,12 +22,12 @@ use crate::error::Result;
 /// then sees it (if the first commits) or claims it (if it rolls back), so
 /// at most one effect commits.
 pub fn claim(conn: &mut PgConnection, listener: &str, event_id: Uuid) -> Result<bool> {
-    let inserted = diesel::sql_query(
-        "INSERT INTO processed_events (listener, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind::<Text, _>(listener)
-    .bind::<SqlUuid, _>(event_id)
-    .execute(conn)?;
+    use crate::schema::processed_events::dsl;
+    // The query builder (not sql_query) so the statement stays prepared.
+    let inserted = diesel::insert_into(dsl::processed_events)
+        .values((dsl::listener.eq(listener), dsl::event_id.eq(event_id)))
+        .on_conflict_do_nothing()
+        .execute(conn)?;
     Ok(inserted == 1)
 }
 

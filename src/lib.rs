@@ -70,6 +70,7 @@ pub mod inbox;
 pub mod metrics;
 pub mod migrate;
 pub mod outbox;
+mod prepared;
 pub mod record;
 pub mod registry;
 pub mod relay;

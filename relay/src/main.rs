@@ -96,6 +96,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    // FAILPOINTS=relay::before_mark=return ... (feature `failpoints` only).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let outcome = match cli.command {
         Command::Migrate(args) => migrate::run(&cli.database_url, &args),
         Command::Relay(args) => relay_cmd::run(&cli.database_url, &args),

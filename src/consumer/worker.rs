@@ -51,6 +51,7 @@ use crate::consumer::store::{self, FailedMessage, FailureOutcome};
 use crate::consumer::topology::{self, ListenerQueues};
 use crate::database::{DEFAULT_DATABASE_URL, PgPool, redact_url};
 use crate::error::{Error, Result};
+use crate::prepared::{Bind, Prepared};
 use crate::registry::{QueuedRegistration, Registry};
 
 /// Messages handled, by `listener` and `outcome`: `success`, `duplicate`
@@ -912,7 +913,8 @@ fn run_in_inbox(
             inserted: i64,
         }
         let millis = options.timeout.as_millis().max(1).to_string();
-        let claim = diesel::sql_query(
+        struct InboxClaimSql;
+        let claim = Prepared::<InboxClaimSql>::new(
             "WITH guard AS (
                  SELECT pg_try_advisory_xact_lock(hashtextextended($1 || '/' || $2::text, 0)) AS locked,
                         set_config('statement_timeout', $3, true) AS timeout),
@@ -922,10 +924,8 @@ fn run_in_inbox(
                  ON CONFLICT DO NOTHING
                  RETURNING 1)
              SELECT (SELECT locked FROM guard) AS locked, (SELECT count(*) FROM claimed) AS inserted",
+            vec![Bind::Text(&name), Bind::Uuid(event.event_id), Bind::Text(&millis)],
         )
-        .bind::<diesel::sql_types::Text, _>(&name)
-        .bind::<diesel::sql_types::Uuid, _>(event.event_id)
-        .bind::<diesel::sql_types::Text, _>(&millis)
         .get_result::<Claim>(conn)
         .map_err(TxError::Setup)?;
         if !claim.locked {
@@ -952,8 +952,17 @@ fn run_in_inbox(
         }
         Ok(false)
     });
+    // A connection that broke under the handler (Postgres restarted, the
+    // backend was terminated, the network dropped) is the database's
+    // trouble, not the listener's: hold the message and run it again
+    // without counting a try. The inbox makes the rerun safe if the COMMIT
+    // did reach the server.
+    let connection_lost = outcome.is_err() && diesel::r2d2::R2D2Connection::is_broken(&mut *conn);
     match outcome {
         Ok(duplicate) => HandlerRun::Done { duplicate },
+        Err(TxError::Listener(_) | TxError::Database(_)) if connection_lost => {
+            HandlerRun::Infrastructure("the database connection was lost during the try".to_owned())
+        }
         Err(TxError::Listener(error)) => HandlerRun::Failed(error),
         Err(TxError::Busy) => HandlerRun::Busy,
         Err(TxError::Setup(error)) => {

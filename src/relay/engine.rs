@@ -27,6 +27,22 @@ use crate::relay::Shared;
 use crate::relay::publisher::{PublishError, Publisher};
 use crate::relay::store::{self, ClaimedEvent, LeasedSeq, PublishFailure};
 
+/// A fail point (feature `failpoints`, nothing without it) whose `return`
+/// action ends the process on the spot, as a crash at that step would:
+/// `FAILPOINTS=relay::before_mark=return outbox relay`. The points:
+/// `relay::after_publish` (sent, confirm not awaited),
+/// `relay::after_confirm` (confirmed, not yet queued for marking),
+/// `relay::before_mark` and `relay::after_mark` (the mark committed). Other
+/// actions of the `fail` crate (`sleep(ms)`, `pause`, `panic`) work too.
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            tracing::error!(failpoint = $name, "fail point: exiting as a crash would");
+            std::process::exit(70)
+        })
+    };
+}
+
 /// An aggregate: (aggregate_type, aggregate_id).
 type AggregateKey = (String, String);
 
@@ -409,6 +425,7 @@ impl<'a> Session<'a> {
         };
         match sent {
             Ok(confirm) => {
+                crash_point!("relay::after_publish");
                 if let Some(chain) = self.chains.get_mut(&key) {
                     chain.head_in_flight = true;
                 }
@@ -440,6 +457,7 @@ impl<'a> Session<'a> {
             event_id,
             outcome,
         } = confirmed;
+        crash_point!("relay::after_confirm");
         let failure = match outcome {
             Ok(Ok(confirmation)) => {
                 let acked = confirmation.is_ack();
@@ -674,7 +692,13 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
     let delete = config.retention.is_zero();
     let flush_started = Instant::now();
     let flushed = (|| -> Result<(usize, usize)> {
+        if !pending.to_mark.is_empty() {
+            crash_point!("relay::before_mark");
+        }
         let marked = store::mark_published(&mut conn, &config.relay_id, &pending.to_mark, delete)?.len();
+        if marked > 0 {
+            crash_point!("relay::after_mark");
+        }
         let failed = store::record_failures(
             &mut conn,
             &config.relay_id,

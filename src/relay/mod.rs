@@ -111,7 +111,7 @@ impl Relay {
             .max_size(4)
             .min_idle(Some(0))
             .connection_timeout(Duration::from_secs(5))
-            .connection_customizer(Box::new(RelaySession))
+            .connection_customizer(Box::new(RelaySession::new(&config.relay_id)))
             .build_unchecked(ConnectionManager::<PgConnection>::new(&config.database_url));
         Ok(Self {
             shared: Shared {
@@ -193,19 +193,38 @@ impl Relay {
 /// at-least-once delivery allows; no writer's data is involved (writers use
 /// their own connections). In exchange, claims and marks do not wait for a
 /// WAL flush.
+///
+/// `application_name = 'outbox relay <relay id>'`: `pg_stat_activity` (and
+/// the chaos test's audit trigger) tell which relay holds a connection.
 #[derive(Debug)]
-struct RelaySession;
+struct RelaySession {
+    settings: String,
+}
+
+impl RelaySession {
+    fn new(relay_id: &str) -> Self {
+        // Postgres truncates application_name to 63 bytes and keeps only
+        // printable ASCII; quotes are doubled for the string literal.
+        let name: String = format!("outbox relay {relay_id}")
+            .chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .take(63)
+            .collect::<String>()
+            .replace('\'', "''");
+        // jit = off: the claim query's row estimates are large enough to
+        // trigger JIT compilation, which costs ~300 ms per claim for a query
+        // that runs in a few milliseconds.
+        Self {
+            settings: format!("SET synchronous_commit = off; SET jit = off; SET application_name = '{name}'"),
+        }
+    }
+}
 
 impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for RelaySession {
     fn on_acquire(&self, conn: &mut PgConnection) -> std::result::Result<(), diesel::r2d2::Error> {
         use diesel::connection::SimpleConnection;
-        // jit = off: the claim query's row estimates are large enough to
-        // trigger JIT compilation, which costs ~300 ms per claim for a query
-        // that runs in a few milliseconds.
-        conn.batch_execute(
-            "SET synchronous_commit = off; SET jit = off; SET application_name = 'outbox relay'",
-        )
-        .map_err(diesel::r2d2::Error::QueryError)
+        conn.batch_execute(&self.settings)
+            .map_err(diesel::r2d2::Error::QueryError)
     }
 }
 

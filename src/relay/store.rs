@@ -6,11 +6,12 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{BigInt, Bool, Double, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::cloudevents::EventRef;
 use crate::error::Result;
+use crate::prepared::{Bind, Prepared};
 
 /// A row the relay holds a lease on and is about to publish.
 #[derive(Debug, Clone, QueryableByName)]
@@ -104,7 +105,8 @@ pub fn claim_batch(
     batch_size: i64,
     lease_secs: f64,
 ) -> Result<Vec<ClaimedEvent>> {
-    let rows = diesel::sql_query(
+    struct ClaimSql;
+    let rows = Prepared::<ClaimSql>::new(
         "WITH live AS MATERIALIZED (
              SELECT owner, unnest(seqs) AS seq FROM outbox_leases WHERE expires_at > now()
          ),
@@ -167,10 +169,12 @@ pub fn claim_batch(
          -- An array keeps this on the primary key instead of a scan.
          WHERE e.seq = ANY(ARRAY(SELECT seq FROM claimed))
          ORDER BY e.seq",
+        vec![
+            Bind::Text(relay_id),
+            Bind::BigInt(batch_size),
+            Bind::Double(lease_secs),
+        ],
     )
-    .bind::<Text, _>(relay_id)
-    .bind::<BigInt, _>(batch_size)
-    .bind::<Double, _>(lease_secs)
     .load::<ClaimedEvent>(conn)?;
     Ok(rows)
 }
@@ -201,25 +205,35 @@ pub fn mark_published(
         return Ok(Vec::new());
     }
     let (seqs, leases) = split(rows);
-    let sql = if delete {
-        "DELETE FROM outbox_events e
-         USING unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
-         JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
-         WHERE e.seq = m.seq AND e.published_at IS NULL
-         RETURNING e.seq"
+    struct DeletePublishedSql;
+    struct MarkPublishedSql;
+    let binds = vec![
+        Bind::BigIntArray(&seqs),
+        Bind::BigIntArray(&leases),
+        Bind::Text(relay_id),
+    ];
+    let marked = if delete {
+        Prepared::<DeletePublishedSql>::new(
+            "DELETE FROM outbox_events e
+             USING unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
+             JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
+             WHERE e.seq = m.seq AND e.published_at IS NULL
+             RETURNING e.seq",
+            binds,
+        )
+        .load::<Seq>(conn)?
     } else {
-        "UPDATE outbox_events e
-         SET published_at = now()
-         FROM unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
-         JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
-         WHERE e.seq = m.seq AND e.published_at IS NULL
-         RETURNING e.seq"
+        Prepared::<MarkPublishedSql>::new(
+            "UPDATE outbox_events e
+             SET published_at = now()
+             FROM unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
+             JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
+             WHERE e.seq = m.seq AND e.published_at IS NULL
+             RETURNING e.seq",
+            binds,
+        )
+        .load::<Seq>(conn)?
     };
-    let marked = diesel::sql_query(sql)
-        .bind::<Array<BigInt>, _>(&seqs)
-        .bind::<Array<BigInt>, _>(&leases)
-        .bind::<Text, _>(relay_id)
-        .load::<Seq>(conn)?;
     Ok(marked.into_iter().map(|row| row.seq).collect())
 }
 
@@ -259,7 +273,8 @@ pub fn record_failures(
     let leases: Vec<i64> = failures.iter().map(|f| f.lease_id).collect();
     let errors: Vec<String> = failures.iter().map(|f| truncate(&f.error, 4096)).collect();
     let delays: Vec<f64> = failures.iter().map(|f| f.retry_in.as_secs_f64()).collect();
-    let rows = diesel::sql_query(
+    struct RecordFailuresSql;
+    let rows = Prepared::<RecordFailuresSql>::new(
         "UPDATE outbox_events e
          SET attempts = e.attempts + 1,
              last_error = f.error,
@@ -269,13 +284,15 @@ pub fn record_failures(
          JOIN outbox_leases l ON l.id = f.lease_id AND l.owner = $6 AND l.expires_at > now()
          WHERE e.seq = f.seq AND e.published_at IS NULL
          RETURNING e.failed_at IS NOT NULL AS failed",
+        vec![
+            Bind::BigIntArray(&seqs),
+            Bind::BigIntArray(&leases),
+            Bind::TextArray(&errors),
+            Bind::DoubleArray(&delays),
+            Bind::Integer(max_attempts),
+            Bind::Text(relay_id),
+        ],
     )
-    .bind::<Array<BigInt>, _>(&seqs)
-    .bind::<Array<BigInt>, _>(&leases)
-    .bind::<Array<Text>, _>(&errors)
-    .bind::<Array<Double>, _>(&delays)
-    .bind::<Integer, _>(max_attempts)
-    .bind::<Text, _>(relay_id)
     .load::<Failed>(conn)?;
     let released: Vec<LeasedSeq> = failures.iter().map(|f| (f.seq, f.lease_id)).collect();
     release_leases(conn, relay_id, &released)?;
@@ -290,17 +307,20 @@ pub fn release_leases(conn: &mut PgConnection, relay_id: &str, rows: &[LeasedSeq
         return Ok(0);
     }
     let (seqs, leases) = split(rows);
-    Ok(diesel::sql_query(
+    struct ReleaseLeasesSql;
+    Ok(Prepared::<ReleaseLeasesSql>::new(
         "UPDATE outbox_leases l
          SET seqs = ARRAY(SELECT s FROM unnest(l.seqs) AS s WHERE s <> ALL(r.seqs))
          FROM (SELECT lease_id, array_agg(seq) AS seqs
                FROM unnest($1::bigint[], $2::bigint[]) AS x(seq, lease_id)
                GROUP BY lease_id) r
          WHERE l.id = r.lease_id AND l.owner = $3",
+        vec![
+            Bind::BigIntArray(&seqs),
+            Bind::BigIntArray(&leases),
+            Bind::Text(relay_id),
+        ],
     )
-    .bind::<Array<BigInt>, _>(&seqs)
-    .bind::<Array<BigInt>, _>(&leases)
-    .bind::<Text, _>(relay_id)
     .execute(conn)?)
 }
 
@@ -309,12 +329,12 @@ pub fn drop_leases(conn: &mut PgConnection, relay_id: &str, lease_ids: &[i64]) -
     if lease_ids.is_empty() {
         return Ok(0);
     }
-    Ok(
-        diesel::sql_query("DELETE FROM outbox_leases WHERE id = ANY($1) AND owner = $2")
-            .bind::<Array<BigInt>, _>(lease_ids)
-            .bind::<Text, _>(relay_id)
-            .execute(conn)?,
+    struct DropLeasesSql;
+    Ok(Prepared::<DropLeasesSql>::new(
+        "DELETE FROM outbox_leases WHERE id = ANY($1) AND owner = $2",
+        vec![Bind::BigIntArray(lease_ids), Bind::Text(relay_id)],
     )
+    .execute(conn)?)
 }
 
 /// Gives back every lease this relay holds (at shutdown).

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -217,32 +218,62 @@ impl TestExchange {
 impl Drop for TestExchange {
     fn drop(&mut self) {
         self.consumer.abort();
-        let exchange = self.exchange.clone();
+        // The exclusive queue goes with its connection.
         let connection = self.connection.take();
-        // Clean up from a thread of its own: Drop may run during a panic or
-        // inside the test's runtime, where blocking on async is not allowed.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            runtime.block_on(async move {
-                let limit = Duration::from_secs(5);
-                if let Ok(Ok(admin)) =
-                    tokio::time::timeout(limit, amqp::connect(DEFAULT_AMQP_URL, "outbox test cleanup")).await
-                {
-                    if let Ok(channel) = admin.create_channel().await {
-                        let _ = channel
-                            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = admin.close(200, "bye".into()).await;
-                }
-                // The exclusive queue goes with its connection.
-                if let Some(connection) = connection {
+        std::thread::spawn(move || {
+            if let (Some(connection), Ok(runtime)) = (
+                connection,
+                tokio::runtime::Builder::new_current_thread().enable_all().build(),
+            ) {
+                runtime.block_on(async move {
+                    let limit = Duration::from_secs(5);
                     let _ = tokio::time::timeout(limit, connection.close(200, "bye".into())).await;
-                }
-            });
-        });
-        let _ = cleanup.join();
+                });
+            }
+        })
+        .join()
+        .ok();
+        delete_broker_objects(DEFAULT_AMQP_URL, &[], std::slice::from_ref(&self.exchange));
     }
+}
+
+/// Deletes `queues` and `exchanges` (missing ones are fine), waiting up to
+/// 30 s for the broker to accept a connection. It runs on a thread of its
+/// own with its own runtime, so it can be called from `Drop`, during a
+/// panic or inside a test's runtime, where blocking on async is not
+/// allowed. Failures are printed, not raised: this is cleanup.
+pub fn delete_broker_objects(amqp_url: &str, queues: &[String], exchanges: &[String]) {
+    let (url, queues, exchanges) = (amqp_url.to_owned(), queues.to_vec(), exchanges.to_vec());
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        runtime.block_on(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let connection = loop {
+                match amqp::connect(&url, "outbox test cleanup").await {
+                    Ok(connection) => break connection,
+                    Err(error) if Instant::now() > deadline => {
+                        eprintln!("cannot connect to delete {queues:?} and {exchanges:?}: {error}");
+                        return;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
+            if let Ok(channel) = connection.create_channel().await {
+                for queue in &queues {
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in &exchanges {
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+            }
+            let _ = connection.close(200, "cleanup".into()).await;
+        });
+    });
+    let _ = cleanup.join();
 }

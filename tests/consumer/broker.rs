@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -160,31 +159,11 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        let exchange = self.exchange.clone();
-        let queues = std::mem::take(&mut self.queues);
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            runtime.block_on(async move {
-                let Ok(connection) = outbox::amqp::connect(&amqp_url(), "consumer test cleanup").await else {
-                    eprintln!("cannot connect to delete {exchange}");
-                    return;
-                };
-                if let Ok(channel) = connection.create_channel().await {
-                    for queue in &queues {
-                        let _ = channel
-                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = connection.close(200, "cleanup".into()).await;
-            });
-        });
-        let _ = cleanup.join();
+        outbox::testing::delete_broker_objects(
+            &amqp_url(),
+            &self.queues,
+            std::slice::from_ref(&self.exchange),
+        );
     }
 }
 

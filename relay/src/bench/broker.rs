@@ -84,30 +84,59 @@ impl BenchQueue {
 
 impl Drop for BenchQueue {
     fn drop(&mut self) {
-        let (exchange, queue, url) = (self.exchange.clone(), self.queue.clone(), self.amqp_url.clone());
-        // From a thread of its own: Drop cannot await inside the runtime.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            runtime.block_on(async move {
-                let limit = Duration::from_secs(10);
-                if let Ok(Ok(connection)) =
-                    tokio::time::timeout(limit, outbox::amqp::connect(&url, "outbox bench cleanup")).await
-                {
-                    if let Ok(channel) = connection.create_channel().await {
+        delete_now(&self.amqp_url, vec![self.queue.clone()], self.exchange.clone());
+        let _ = &self.connection;
+    }
+}
+
+/// Deletes `queues` and `exchange` over a connection of its own, from a
+/// thread of its own (callable from Drop inside the runtime), giving up
+/// after 10 s.
+pub fn delete_now(amqp_url: &str, queues: Vec<String>, exchange: String) {
+    let url = amqp_url.to_owned();
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        runtime.block_on(async move {
+            let limit = Duration::from_secs(10);
+            if let Ok(Ok(connection)) =
+                tokio::time::timeout(limit, outbox::amqp::connect(&url, "outbox bench cleanup")).await
+            {
+                if let Ok(channel) = connection.create_channel().await {
+                    for queue in &queues {
                         let _ = channel
                             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                             .await;
-                        let _ = channel
-                            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                            .await;
                     }
-                    let _ = connection.close(200, "bye".into()).await;
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
                 }
-            });
+                let _ = connection.close(200, "bye".into()).await;
+            }
         });
-        let _ = cleanup.join();
-        let _ = &self.connection;
+    });
+    let _ = cleanup.join();
+}
+
+/// The queues of a scenario's listeners and its exchange, deleted when
+/// dropped (also on error).
+pub struct BrokerCleanup {
+    /// RabbitMQ.
+    pub amqp_url: String,
+    /// The scenario's exchange.
+    pub exchange: String,
+    /// Queues declared so far.
+    pub queues: Vec<String>,
+}
+
+impl Drop for BrokerCleanup {
+    fn drop(&mut self) {
+        delete_now(
+            &self.amqp_url,
+            std::mem::take(&mut self.queues),
+            self.exchange.clone(),
+        );
     }
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::broker::BenchQueue;
 use super::process::RelayProcess;
-use super::{BenchTarget, Report};
+use super::{BenchTarget, Report, drop_database, scratch_database};
 use crate::duration::parse_duration;
 
 /// Options of `outbox bench drain`.
@@ -67,6 +67,9 @@ pub struct DrainReport {
     pub raw_events_per_second: f64,
     /// Seconds the raw publish took.
     pub raw_seconds: f64,
+    /// (seconds since start, events confirmed) samples of the raw
+    /// publisher, about every 100 ms.
+    pub raw_progress: Vec<(f64, u64)>,
     /// One entry per relay count.
     pub runs: Vec<DrainRun>,
 }
@@ -151,7 +154,7 @@ pub fn fill_backlog(url: &str, events: usize, aggregates: usize) -> anyhow::Resu
     Ok(())
 }
 
-fn unpublished(conn: &mut PgConnection) -> anyhow::Result<i64> {
+pub fn unpublished(conn: &mut PgConnection) -> anyhow::Result<i64> {
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -174,7 +177,12 @@ async fn blocking<T: Send + 'static>(
 
 /// Publishes the stored events the way a minimal hand-written publisher
 /// would: pre-encoded bodies, one channel, confirms pipelined in a window.
-async fn raw_publish(queue: &BenchQueue, url: String, window: usize) -> anyhow::Result<(usize, Duration)> {
+/// Returns (events, time, (seconds, confirmed) samples about every 100 ms).
+async fn raw_publish(
+    queue: &BenchQueue,
+    url: String,
+    window: usize,
+) -> anyhow::Result<(usize, Duration, Vec<(f64, u64)>)> {
     let rows: Vec<ClaimedEvent> = blocking(move || {
         let mut conn = outbox::connect(&url)?;
         Ok(diesel::sql_query(
@@ -202,7 +210,14 @@ async fn raw_publish(queue: &BenchQueue, url: String, window: usize) -> anyhow::
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let started = Instant::now();
     let mut confirms = FuturesUnordered::new();
+    let mut progress = Vec::new();
+    let mut sampled = started;
+    let mut sent = 0u64;
     for (routing_key, body, properties) in messages {
+        if sampled.elapsed() >= Duration::from_millis(100) {
+            sampled = Instant::now();
+            progress.push((started.elapsed().as_secs_f64(), sent - confirms.len() as u64));
+        }
         if confirms.len() >= window
             && let Some(confirm) = confirms.next().await
         {
@@ -221,14 +236,20 @@ async fn raw_publish(queue: &BenchQueue, url: String, window: usize) -> anyhow::
             )
             .await?;
         confirms.push(confirm);
+        sent += 1;
     }
     while let Some(confirm) = confirms.next().await {
         anyhow::ensure!(lapin::Confirmation::is_ack(&confirm?), "raw publish was nacked");
+        if sampled.elapsed() >= Duration::from_millis(100) {
+            sampled = Instant::now();
+            progress.push((started.elapsed().as_secs_f64(), sent - confirms.len() as u64));
+        }
     }
     let elapsed = started.elapsed();
+    progress.push((elapsed.as_secs_f64(), sent));
     let _ = channel.close(200, "done".into()).await;
     let _ = connection.close(200, "done".into()).await;
-    Ok((rows.len(), elapsed))
+    Ok((rows.len(), elapsed, progress))
 }
 
 /// Runs the scenario.
@@ -241,19 +262,21 @@ pub async fn run(target: &BenchTarget, args: &DrainArgs) -> anyhow::Result<Drain
         args.relays.iter().all(|r| (1..=16).contains(r)),
         "--relays takes counts from 1 to 16"
     );
-    let server = target.database_url.clone();
-    let db = blocking(move || {
-        let db = TestDatabase::create_on(&server)?;
-        outbox::migrate(&mut db.connect()?)?;
-        Ok(db)
-    })
-    .await
-    .context("cannot create the scratch database")?;
+    let db = scratch_database(&target.database_url, false).await?;
+    let outcome = measure(target, args, &db).await;
+    drop_database(db).await?;
+    outcome
+}
+
+/// The scenario in the scratch database `db` (dropped by the caller, also
+/// on error).
+async fn measure(target: &BenchTarget, args: &DrainArgs, db: &TestDatabase) -> anyhow::Result<DrainReport> {
     let queue = BenchQueue::declare(&target.amqp_url).await?;
     let (url, events, aggregates) = (db.url().to_owned(), args.events, args.aggregates);
     blocking(move || fill_backlog(&url, events, aggregates)).await?;
 
-    let (published, raw_elapsed) = raw_publish(&queue, db.url().to_owned(), args.max_in_flight).await?;
+    let (published, raw_elapsed, raw_progress) =
+        raw_publish(&queue, db.url().to_owned(), args.max_in_flight).await?;
     let raw_rate = published as f64 / raw_elapsed.as_secs_f64();
     queue.purge().await?;
 
@@ -319,16 +342,12 @@ pub async fn run(target: &BenchTarget, args: &DrainArgs) -> anyhow::Result<Drain
         queue.purge().await?;
     }
     drop(queue);
-    blocking(move || {
-        drop(db);
-        Ok(())
-    })
-    .await?;
     Ok(DrainReport {
         events: args.events,
         aggregates: args.aggregates,
         raw_events_per_second: raw_rate,
         raw_seconds: raw_elapsed.as_secs_f64(),
+        raw_progress,
         runs,
     })
 }

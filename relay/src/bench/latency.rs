@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::broker::BenchQueue;
 use super::process::RelayProcess;
 use super::stats::{ms, percentile};
-use super::{BenchTarget, Report};
+use super::{BenchTarget, Report, drop_database, scratch_database};
 use crate::duration::parse_duration;
 
 /// Options of `outbox bench latency`.
@@ -110,13 +110,23 @@ pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<Lat
         "--rate must be between 0 and 100000"
     );
     anyhow::ensure!(args.aggregates > 0, "--aggregates must be positive");
-    let server = target.database_url.clone();
-    let db = tokio::task::spawn_blocking(move || -> anyhow::Result<TestDatabase> {
-        let db = TestDatabase::create_on(&server)?;
-        outbox::migrate(&mut db.connect()?)?;
-        Ok(db)
-    })
-    .await??;
+    anyhow::ensure!(
+        args.warmup < args.duration,
+        "--warmup must be shorter than --duration (nothing would be measured)"
+    );
+    let db = scratch_database(&target.database_url, false).await?;
+    let outcome = measure(target, args, &db).await;
+    drop_database(db).await?;
+    outcome
+}
+
+/// The scenario in the scratch database `db` (dropped by the caller, also
+/// on error).
+async fn measure(
+    target: &BenchTarget,
+    args: &LatencyArgs,
+    db: &TestDatabase,
+) -> anyhow::Result<LatencyReport> {
     let queue = BenchQueue::declare(&target.amqp_url).await?;
 
     // The consumer notes when each message id first arrives.
@@ -217,6 +227,5 @@ pub async fn run(target: &BenchTarget, args: &LatencyArgs) -> anyhow::Result<Lat
         samples_ms,
     };
     drop(queue);
-    tokio::task::spawn_blocking(move || drop(db)).await?;
     Ok(report)
 }

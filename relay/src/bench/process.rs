@@ -1,12 +1,12 @@
-//! Relay processes for the scenarios: started from this same binary, their
-//! resident memory sampled from /proc.
+//! Relay and worker processes for the scenarios: started from this same
+//! binary, their resident memory sampled from /proc.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
 
-/// A running `outbox relay` child.
+/// A running child of this binary: an `outbox relay` or a bench worker.
 pub struct RelayProcess {
     child: Child,
     peak_rss_kib: u64,
@@ -16,42 +16,58 @@ impl RelayProcess {
     /// Starts `outbox relay` against `database_url` and `exchange`, with
     /// `extra` arguments. Its logs go to stderr only on errors.
     pub fn spawn(database_url: &str, amqp_url: &str, exchange: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find this executable to start relays")?;
+        let mut args = vec!["relay", "--exchange", exchange, "--metrics-addr", "off"];
+        args.extend_from_slice(extra);
+        Self::spawn_command(&args, database_url, amqp_url, false)
+    }
+
+    /// Starts this binary with `args`; with `capture_stdout` its standard
+    /// output is kept for [`Self::take_stdout`], otherwise discarded.
+    pub fn spawn_command(
+        args: &[&str],
+        database_url: &str,
+        amqp_url: &str,
+        capture_stdout: bool,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this executable to start a child process")?;
         let child = Command::new(exe)
-            .arg("relay")
-            .args(["--exchange", exchange, "--metrics-addr", "off"])
-            .args(extra)
+            .args(args)
             .env("DATABASE_URL", database_url)
             .env("AMQP_URL", amqp_url)
-            // OUTBOX_BENCH_RELAY_LOG=outbox=trace shows the relays' timings.
+            // OUTBOX_BENCH_RELAY_LOG=outbox=trace shows the children's timings.
             .env(
                 "RUST_LOG",
                 std::env::var("OUTBOX_BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if capture_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::inherit())
             .spawn()
-            .context("cannot start a relay process")?;
+            .with_context(|| {
+                format!(
+                    "cannot start `outbox {}`",
+                    args.first().copied().unwrap_or_default()
+                )
+            })?;
         Ok(Self {
             child,
             peak_rss_kib: 0,
         })
     }
 
+    /// The child's standard output, when it was captured (once).
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.child.stdout.take()
+    }
+
     /// Reads the current and peak resident set (KiB) and remembers the peak.
     pub fn sample_memory(&mut self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let rss = field("VmRSS:");
-        self.peak_rss_kib = self.peak_rss_kib.max(field("VmHWM:")).max(rss);
+        let (rss, peak) = memory_kib(&self.child.id().to_string());
+        self.peak_rss_kib = self.peak_rss_kib.max(peak).max(rss);
         rss
     }
 
@@ -70,7 +86,7 @@ impl RelayProcess {
             if self
                 .child
                 .try_wait()
-                .context("cannot wait for the relay")?
+                .context("cannot wait for the child process")?
                 .is_some()
             {
                 return Ok(self.peak_rss_mib());
@@ -78,7 +94,7 @@ impl RelayProcess {
             if std::time::Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                anyhow::bail!("relay did not stop within 30 s of SIGTERM");
+                anyhow::bail!("child process did not stop within 30 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -92,4 +108,19 @@ impl Drop for RelayProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// (current, peak) resident set in KiB of process `pid` (`self` for this
+/// one), from /proc; zeros when unreadable.
+pub fn memory_kib(pid: &str) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }

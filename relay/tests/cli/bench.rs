@@ -50,6 +50,87 @@ fn drain_latency_and_write_complete_at_a_tiny_size() {
     positive(&write, "ratio");
 }
 
+fn finite(value: &serde_json::Value, field: &str) -> f64 {
+    let number = value[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} missing in {value}"));
+    assert!(number.is_finite(), "{field} = {number} in {value}");
+    number
+}
+
+fn sane_rss(mib: &serde_json::Value) {
+    assert!(mib.as_f64().is_some_and(|m| m > 1.0 && m < 1024.0), "RSS {mib}");
+}
+
+fn check_consume(consume: &serde_json::Value, listeners: usize) {
+    let rows = consume["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), listeners, "{consume}");
+    for row in rows {
+        positive(row, "raw_per_second");
+        positive(row, "worker_per_second");
+        positive(row, "ratio");
+        sane_rss(&row["worker_peak_rss_mib"]);
+    }
+}
+
+fn check_seed(seed: &serde_json::Value) {
+    let rows = seed["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 5, "{seed}");
+    // Dispatch overhead is a difference of medians: finite, of any sign at
+    // a tiny size. Memory growth may be zero.
+    finite(&rows[0], "ours");
+    positive(&rows[1], "ours");
+    positive(&rows[2], "ours");
+    positive(&rows[3], "ours");
+    assert!(finite(&rows[4], "ours") >= 0.0, "{seed}");
+    for row in rows {
+        positive(row, "seed");
+        positive(row, "target");
+        assert!(row["met"].is_boolean(), "{row}");
+    }
+    sane_rss(&seed["relay_peak_rss_mib"]);
+}
+
+#[test]
+fn consume_seed_and_all_with_plots_complete_at_a_tiny_size() {
+    let consume = bench_json(&[
+        "consume",
+        "--messages",
+        "30",
+        "--listeners",
+        "noop,record-audit-log",
+    ]);
+    check_consume(&consume, 2);
+
+    let seed = bench_json(&[
+        "seed",
+        "--creates",
+        "10",
+        "--lifecycles",
+        "3",
+        "--burst",
+        "10",
+        "--events",
+        "20",
+    ]);
+    check_seed(&seed);
+
+    let dir = std::env::temp_dir().join(format!("outbox-bench-plots-{}", std::process::id()));
+    let dir_arg = dir.to_str().expect("a UTF-8 temp dir");
+    let all = bench_json(&["all", "--quick", "--plot", dir_arg]);
+    positive(&all["write"], "ratio");
+    positive(&all["drain"], "raw_events_per_second");
+    positive(&all["drain"]["runs"][0], "events_per_second");
+    positive(&all["latency"], "p50_ms");
+    check_consume(&all["consume"], 3);
+    check_seed(&all["seed"]);
+    for chart in ["latency.svg", "drain.svg"] {
+        let svg = std::fs::read_to_string(dir.join(chart)).unwrap_or_else(|e| panic!("{chart}: {e}"));
+        assert!(svg.starts_with("<svg") && svg.len() > 1000, "{chart}: {svg}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bench_rejects_bad_sizes() {
     let (status, _, stderr) = run_outbox(&["bench", "drain", "--events", "0"], &[]);
@@ -57,4 +138,10 @@ fn bench_rejects_bad_sizes() {
     assert!(stderr.contains("--events"), "{stderr}");
     let (status, _, stderr) = run_outbox(&["bench", "write", "--duration", "soon"], &[]);
     assert_eq!(status, 2, "{stderr}");
+    let (status, _, stderr) = run_outbox(&["bench", "consume", "--messages", "1"], &[]);
+    assert_eq!(status, 1, "{stderr}");
+    assert!(stderr.contains("--messages"), "{stderr}");
+    let (status, _, stderr) = run_outbox(&["bench", "seed", "--creates", "0"], &[]);
+    assert_eq!(status, 1, "{stderr}");
+    assert!(stderr.contains("--creates"), "{stderr}");
 }

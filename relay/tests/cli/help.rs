@@ -18,6 +18,13 @@ fn every_subcommand_help_has_an_example() {
         &["failed", "forget"],
         &["failed", "flush"],
         &["failed", "prune"],
+        &["bench"],
+        &["bench", "drain"],
+        &["bench", "latency"],
+        &["bench", "write"],
+        &["bench", "consume"],
+        &["bench", "seed"],
+        &["bench", "all"],
     ];
     for command in commands {
         let mut args = command.to_vec();

@@ -10,6 +10,8 @@ mod chom_traffic;
 mod commands;
 mod failed;
 mod failed_e2e;
+#[cfg(feature = "failpoints")]
+mod failpoints;
 mod help;
 mod process_faults;
 mod replay;

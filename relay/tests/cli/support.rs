@@ -14,6 +14,17 @@ pub struct RelayChild {
 
 impl RelayChild {
     pub fn spawn(database_url: &str, amqp_url: &str, exchange: &str, extra: &[&str]) -> Self {
+        Self::spawn_with_env(database_url, amqp_url, exchange, extra, &[])
+    }
+
+    /// [`RelayChild::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        database_url: &str,
+        amqp_url: &str,
+        exchange: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::env::temp_dir().join(format!("outbox-relay-{}.log", uuid::Uuid::now_v7().simple()));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(OUTBOX)
@@ -30,6 +41,7 @@ impl RelayChild {
             .env("DATABASE_URL", database_url)
             .env("AMQP_URL", amqp_url)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chom::listeners::{DatabaseNotifier, ListenerConfig, OutageSwitch, SwitchableNotifier};
 use chom::work::WorkConfig;
 use diesel::prelude::*;
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use outbox::consumer::ListenerQueues;
 use outbox::{DEFAULT_AMQP_URL, Outbox, Relay, RelayConfig, TestDatabase};
@@ -48,35 +48,12 @@ impl BrokerNames {
 
 impl Drop for BrokerNames {
     fn drop(&mut self) {
-        let exchange = self.exchange.clone();
         let queues: Vec<String> = self
             .queues
             .iter()
             .flat_map(|q| q.all_queues().into_iter().map(str::to_owned).collect::<Vec<_>>())
             .collect();
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            runtime.block_on(async move {
-                let Ok(connection) = outbox::amqp::connect(&amqp_url(), "chom test cleanup").await else {
-                    eprintln!("cannot connect to delete {exchange}");
-                    return;
-                };
-                if let Ok(channel) = connection.create_channel().await {
-                    for queue in &queues {
-                        let _ = channel
-                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = connection.close(200, "cleanup".into()).await;
-            });
-        });
-        let _ = cleanup.join();
+        outbox::testing::delete_broker_objects(&amqp_url(), &queues, std::slice::from_ref(&self.exchange));
     }
 }
 

@@ -1,0 +1,573 @@
+//! The chaos run: writers, two relay processes and two worker processes
+//! under crashes, a zombie relay, broker and database restarts and a
+//! faulty network, then a verdict from the database (see `verify`).
+//!
+//! A test binary of its own: RabbitMQ and Postgres are restarted during
+//! the run, and cargo runs test binaries one after another, so no other
+//! test sees them go away.
+//!
+//! Settings (environment):
+//! - `OUTBOX_CHAOS_SEED`: replay a run (every failed run prints its seed);
+//! - `OUTBOX_CHAOS_SECS` (default 60) and `OUTBOX_CHAOS_TRANSACTIONS`
+//!   (default 5,000): the soak is `OUTBOX_CHAOS_SECS=900
+//!   OUTBOX_CHAOS_TRANSACTIONS=100000`; the fault cycle repeats every 60 s;
+//! - `OUTBOX_CHAOS_SERVICE_FAULTS=0`: no broker or database restarts (for
+//!   runs beside other tests).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+mod listeners;
+mod processes;
+mod services;
+mod verify;
+mod writers;
+
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use outbox::TestDatabase;
+use outbox::consumer::ListenerQueues;
+use outbox::testing::{Fault, TcpProxy};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::processes::{Role, Slot};
+use crate::verify::Zombie;
+
+/// The worker processes: this test binary started again.
+#[test]
+#[ignore = "a chaos worker process, started by chaos_run"]
+fn worker_process() {
+    listeners::run_worker_process();
+}
+
+struct Plan {
+    seed: u64,
+    spread: Duration,
+    transactions: usize,
+    writers: usize,
+    service_faults: bool,
+}
+
+impl Plan {
+    fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        let seed = var("OUTBOX_CHAOS_SEED").unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(7, |d| d.as_nanos() as u64)
+        });
+        Self {
+            seed,
+            spread: Duration::from_secs(var("OUTBOX_CHAOS_SECS").unwrap_or(60)),
+            transactions: var("OUTBOX_CHAOS_TRANSACTIONS").unwrap_or(5_000) as usize,
+            writers: 8,
+            service_faults: var("OUTBOX_CHAOS_SERVICE_FAULTS") != Some(0),
+        }
+    }
+}
+
+/// Prints the seed if the run fails, so it can be replayed.
+struct SeedOnFailure(u64);
+
+impl Drop for SeedOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("chaos run FAILED; replay with OUTBOX_CHAOS_SEED={}", self.0);
+        }
+    }
+}
+
+/// The run's exchange, tap queue and listener queues, deleted at the end
+/// (also when the test fails).
+struct BrokerNames {
+    exchange: String,
+    tap: String,
+    listeners: Vec<ListenerQueues>,
+}
+
+impl BrokerNames {
+    fn all_queues(&self) -> Vec<String> {
+        let mut queues = vec![self.tap.clone()];
+        for listener in &self.listeners {
+            queues.extend(listener.all_queues().into_iter().map(str::to_owned));
+        }
+        queues
+    }
+}
+
+impl Drop for BrokerNames {
+    fn drop(&mut self) {
+        outbox::testing::delete_broker_objects(
+            outbox::DEFAULT_AMQP_URL,
+            &self.all_queues(),
+            std::slice::from_ref(&self.exchange),
+        );
+    }
+}
+
+/// Declares the exchange, the listeners' queues (so nothing published
+/// before the workers start is unroutable) and a durable tap queue bound to
+/// everything, which counts what the relays published.
+async fn declare_broker(names: &BrokerNames, app: &str, seed: u64) {
+    let connection = outbox::amqp::connect(outbox::DEFAULT_AMQP_URL, "chaos setup")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    outbox::consumer::topology::declare(&channel, &names.exchange, app, &listeners::registry(seed))
+        .await
+        .unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    channel
+        .queue_declare(
+            names.tap.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            names.tap.as_str().into(),
+            names.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "ok".into()).await;
+}
+
+/// Reads the whole tap queue: (messages, distinct event ids).
+async fn drain_tap(tap: &str) -> (usize, usize) {
+    let connection = outbox::amqp::connect(outbox::DEFAULT_AMQP_URL, "chaos tap")
+        .await
+        .unwrap();
+    let depth = outbox::amqp::queue_depth(&connection, tap)
+        .await
+        .unwrap()
+        .unwrap_or(0) as usize;
+    let channel = connection.create_channel().await.unwrap();
+    channel.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            tap.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..depth {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("the tap queue holds what it reported")
+            .unwrap()
+            .unwrap();
+        if let Some(id) = delivery.properties.message_id() {
+            ids.insert(id.to_string());
+        }
+    }
+    let _ = connection.close(200, "ok".into()).await;
+    (depth, ids.len())
+}
+
+fn unpublished(conn: &mut PgConnection) -> QueryResult<i64> {
+    verify::try_count(
+        conn,
+        "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL",
+    )
+}
+
+/// Runs an observation, reconnecting the test's own connection while a
+/// restart or reset breaks it (bounded).
+fn observe<T>(
+    db: &TestDatabase,
+    conn: &mut PgConnection,
+    query: impl Fn(&mut PgConnection) -> QueryResult<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match query(conn) {
+            Ok(value) => return value,
+            Err(error) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot observe the database for 60 s: {error}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+                if let Ok(fresh) = db.connect() {
+                    *conn = fresh;
+                }
+            }
+        }
+    }
+}
+
+/// The faults of one cycle, at fractions of the cycle.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Zombie,
+    Latency,
+    AmqpBlackhole,
+    PostgresBlackhole,
+    ResetLinks,
+    StopBroker,
+    RestartPostgres,
+    KillBroker,
+}
+
+const CYCLE: [(f64, Step); 8] = [
+    (0.08, Step::Zombie),
+    (0.25, Step::Latency),
+    (0.35, Step::AmqpBlackhole),
+    (0.42, Step::PostgresBlackhole),
+    (0.50, Step::ResetLinks),
+    (0.55, Step::StopBroker),
+    (0.70, Step::RestartPostgres),
+    (0.80, Step::KillBroker),
+];
+
+struct Chaos {
+    relays: Vec<Slot>,
+    workers: Vec<Slot>,
+    amqp: TcpProxy,
+    postgres: TcpProxy,
+    rng: StdRng,
+    unexpected_exits: Vec<String>,
+    relay_rss_broker_down_kib: u64,
+    zombie: Option<Zombie>,
+}
+
+impl Chaos {
+    /// Restarts any process that died on its own (and notes it).
+    fn check_exits(&mut self) {
+        for slot in self.relays.iter_mut().chain(self.workers.iter_mut()) {
+            if let Some(status) = slot.exited() {
+                self.unexpected_exits
+                    .push(format!("{} exited with {status}", slot.id));
+                slot.kill_and_restart();
+            }
+        }
+    }
+
+    fn sample_relay_rss(&mut self) {
+        for relay in &self.relays {
+            if let Some(rss) = relay.rss_kib() {
+                self.relay_rss_broker_down_kib = self.relay_rss_broker_down_kib.max(rss);
+            }
+        }
+    }
+
+    /// Holds a fault for `duration` while processes keep being checked.
+    async fn hold(&mut self, duration: Duration, sample_rss: bool) {
+        let until = Instant::now() + duration;
+        while Instant::now() < until {
+            if sample_rss {
+                self.sample_relay_rss();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn run_step(&mut self, step: Step, db: &TestDatabase, conn: &mut PgConnection, services: bool) {
+        eprintln!("chaos: {step:?}");
+        match step {
+            Step::Zombie => self.make_zombie(db, conn).await,
+            Step::Latency => {
+                self.amqp.set_fault(Fault::Latency(Duration::from_millis(30)));
+                self.postgres.set_fault(Fault::Latency(Duration::from_millis(10)));
+                self.hold(Duration::from_secs(3), false).await;
+                self.amqp.heal();
+                self.postgres.heal();
+            }
+            Step::AmqpBlackhole => {
+                self.amqp.set_fault(Fault::Blackhole);
+                self.hold(Duration::from_secs(3), false).await;
+                self.amqp.heal();
+            }
+            Step::PostgresBlackhole => {
+                self.postgres.set_fault(Fault::Blackhole);
+                self.hold(Duration::from_secs(3), false).await;
+                self.postgres.heal();
+            }
+            Step::ResetLinks => {
+                self.amqp.cut(false);
+                self.postgres.cut(false);
+            }
+            Step::StopBroker if services => {
+                services::stop_rabbitmq_app();
+                self.hold(Duration::from_secs(4), true).await;
+                services::start_rabbitmq_app();
+                services::wait_for_rabbitmq(Duration::from_secs(60)).await;
+            }
+            Step::RestartPostgres if services => services::restart_postgres().await,
+            Step::KillBroker if services => {
+                services::kill_rabbitmq_node().await;
+                self.hold(Duration::from_secs(2), true).await;
+                services::start_rabbitmq_node();
+                self.hold(Duration::from_secs(2), true).await;
+                services::wait_for_rabbitmq(Duration::from_secs(120)).await;
+            }
+            Step::StopBroker | Step::RestartPostgres | Step::KillBroker => {}
+        }
+    }
+
+    /// SIGSTOPs relay 0 while it holds a lease, waits until the other relay
+    /// has published those rows (the lease expired), then resumes it.
+    async fn make_zombie(&mut self, db: &TestDatabase, conn: &mut PgConnection) {
+        #[derive(QueryableByName)]
+        struct Seq {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            seq: i64,
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let relay_id = self.relays[0].id.clone();
+            let held_sql = format!(
+                "SELECT e.seq FROM outbox_leases l CROSS JOIN unnest(l.seqs) AS s(seq)
+                   JOIN outbox_events e ON e.seq = s.seq
+                  WHERE l.owner = '{relay_id}' AND e.published_at IS NULL"
+            );
+            let busy = !observe(db, conn, |c| diesel::sql_query(&held_sql).load::<Seq>(c)).is_empty();
+            if !busy {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            self.relays[0].freeze(true);
+            let held: Vec<i64> = observe(db, conn, |c| diesel::sql_query(&held_sql).load::<Seq>(c))
+                .into_iter()
+                .map(|s| s.seq)
+                .collect();
+            if held.is_empty() {
+                self.relays[0].freeze(false);
+                continue;
+            }
+            let list = held.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            let pending = format!(
+                "SELECT count(*) AS n FROM outbox_events WHERE seq IN ({list}) AND published_at IS NULL"
+            );
+            let until = Instant::now() + Duration::from_secs(60);
+            while observe(db, conn, |c| verify::try_count(c, &pending)) > 0 {
+                assert!(
+                    Instant::now() < until,
+                    "rows of the frozen relay not taken over within 60 s"
+                );
+                self.check_exits();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.relays[0].freeze(false);
+            eprintln!(
+                "chaos: relay {relay_id} frozen past its lease holding {} rows, resumed",
+                held.len()
+            );
+            self.zombie = Some(Zombie { relay_id, held });
+            return;
+        }
+        eprintln!("chaos: relay 0 held no lease for 15 s; no zombie this cycle");
+    }
+
+    /// SIGKILLs (and restarts) every process whose time has come; each
+    /// slot draws its next kill from its own range: relays every 2 to 8 s,
+    /// workers every 3 to 6 s.
+    fn kill_due(&mut self, relay_kills: &mut [Instant], worker_kills: &mut [Instant]) {
+        let now = Instant::now();
+        for (slot, due) in self.relays.iter_mut().zip(relay_kills.iter_mut()) {
+            if now >= *due {
+                slot.kill_and_restart();
+                *due = now + Duration::from_millis(self.rng.random_range(2000..8000));
+            }
+        }
+        for (slot, due) in self.workers.iter_mut().zip(worker_kills.iter_mut()) {
+            if now >= *due {
+                slot.kill_and_restart();
+                *due = now + Duration::from_millis(self.rng.random_range(3000..6000));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_run() {
+    let plan = Plan::from_env();
+    let _seed = SeedOnFailure(plan.seed);
+    eprintln!(
+        "chaos seed {} ({} transactions over {:?}, service faults {})",
+        plan.seed, plan.transactions, plan.spread, plan.service_faults
+    );
+    services::wait_for_rabbitmq(Duration::from_secs(60)).await;
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    writers::create_tables(&mut conn);
+    verify::install_mark_log(&mut conn);
+
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let app = format!("outbox_test_chaos_{}", &id[20..]);
+    let names = BrokerNames {
+        exchange: format!("outbox_test.chaos.{id}"),
+        tap: format!("outbox_test.chaos.{id}.tap"),
+        listeners: outbox::consumer::topology::plan(&app, &listeners::registry(plan.seed)).unwrap(),
+    };
+    declare_broker(&names, &app, plan.seed).await;
+
+    let amqp = TcpProxy::start("127.0.0.1:5672").await.unwrap();
+    let postgres = TcpProxy::start("127.0.0.1:5432").await.unwrap();
+    let logs = std::env::temp_dir().join(format!("outbox-chaos-{id}"));
+    std::fs::create_dir_all(&logs).unwrap();
+    let relay = Role::Relay {
+        database_url: postgres.postgres_url(db.name()),
+        amqp_url: amqp.amqp_url(),
+        exchange: names.exchange.clone(),
+    };
+    let worker = Role::Worker {
+        spec: serde_json::json!({
+            "database_url": postgres.postgres_url(db.name()),
+            "amqp_url": amqp.amqp_url(),
+            "exchange": names.exchange,
+            "app": app,
+            "seed": plan.seed,
+        }),
+    };
+    let mut chaos = Chaos {
+        relays: vec![
+            Slot::start("chaos-relay-a", relay.clone(), logs.clone()),
+            Slot::start("chaos-relay-b", relay, logs.clone()),
+        ],
+        workers: vec![
+            Slot::start("chaos-worker-a", worker.clone(), logs.clone()),
+            Slot::start("chaos-worker-b", worker, logs.clone()),
+        ],
+        amqp,
+        postgres,
+        rng: StdRng::seed_from_u64(plan.seed),
+        unexpected_exits: Vec::new(),
+        relay_rss_broker_down_kib: 0,
+        zombie: None,
+    };
+
+    // Writers on the blocking pool, each with its own share and seed.
+    let started = Instant::now();
+    let writer_tasks: Vec<_> = (0..plan.writers)
+        .map(|w| {
+            let url = db.url().to_owned();
+            let share = plan.transactions / plan.writers + usize::from(w < plan.transactions % plan.writers);
+            let (seed, spread) = (plan.seed.wrapping_add(w as u64 + 1), plan.spread);
+            tokio::task::spawn_blocking(move || writers::run_writer(&url, seed, share, spread))
+        })
+        .collect();
+
+    // Faults while the writers write.
+    let cycle = Duration::from_secs(60).min(plan.spread);
+    let cycles = plan.spread.as_secs_f64() / cycle.as_secs_f64();
+    let mut schedule: std::collections::VecDeque<(Duration, Step)> = (0..cycles.ceil() as u32)
+        .flat_map(|c| {
+            CYCLE
+                .iter()
+                .map(move |&(at, step)| (cycle * c + cycle.mul_f64(at), step))
+        })
+        .filter(|(at, _)| *at < plan.spread)
+        .collect();
+    let mut relay_kills: Vec<Instant> = (0..chaos.relays.len())
+        .map(|_| started + Duration::from_millis(chaos.rng.random_range(2000..8000)))
+        .collect();
+    let mut worker_kills: Vec<Instant> = (0..chaos.workers.len())
+        .map(|_| started + Duration::from_millis(chaos.rng.random_range(3000..6000)))
+        .collect();
+    while writer_tasks.iter().any(|t| !t.is_finished()) {
+        if schedule.front().is_some_and(|(at, _)| started.elapsed() >= *at)
+            && let Some((_, step)) = schedule.pop_front()
+        {
+            chaos.run_step(step, &db, &mut conn, plan.service_faults).await;
+            if matches!(step, Step::Zombie) {
+                // Leave the resumed zombie alive long enough to try marking
+                // what it held: the trigger would catch a mark that got through.
+                relay_kills[0] = Instant::now() + Duration::from_secs(3);
+            }
+        }
+        chaos.kill_due(&mut relay_kills, &mut worker_kills);
+        chaos.check_exits();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut logs_of_writers = Vec::new();
+    for task in writer_tasks {
+        logs_of_writers.push(task.await.unwrap());
+    }
+    let writing = started.elapsed();
+
+    // Faults stop; the pipeline drains (bounded).
+    chaos.amqp.heal();
+    chaos.postgres.heal();
+    let drain_started = Instant::now();
+    let deadline = drain_started + Duration::from_secs(180);
+    loop {
+        chaos.check_exits();
+        let left = observe(&db, &mut conn, verify::outstanding);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pipeline not drained 180 s after the faults stopped: {left} outstanding ({} unpublished); logs in {}",
+            observe(&db, &mut conn, unpublished),
+            logs.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drain = drain_started.elapsed();
+    let (relay_kills, worker_kills) = (
+        chaos.relays.iter().map(|s| s.kills).sum::<u32>(),
+        chaos.workers.iter().map(|s| s.kills).sum::<u32>(),
+    );
+    let unexpected = std::mem::take(&mut chaos.unexpected_exits);
+    let rss = chaos.relay_rss_broker_down_kib;
+    let zombie = chaos.zombie.take();
+    drop(chaos);
+
+    let figures = verify::verify(&mut conn, plan.seed, &logs_of_writers, zombie.as_ref());
+    let (published, distinct) = drain_tap(&names.tap).await;
+    let transactions: usize = logs_of_writers.iter().map(|l| l.transactions).sum();
+    let rolled_back: usize = logs_of_writers.iter().map(|l| l.rolled_back.len()).sum();
+    let killed: usize = logs_of_writers.iter().map(|l| l.killed.len()).sum();
+    let in_doubt: usize = logs_of_writers.iter().map(|l| l.in_doubt.len()).sum();
+    eprintln!(
+        "chaos seed {}: {transactions} transactions in {writing:.1?}; {} events committed ({} of the {in_doubt} in-doubt ones), \
+         {rolled_back} rolled back, {killed} killed; {relay_kills} relay and {worker_kills} worker SIGKILLs; \
+         drained {drain:.1?} after the faults stopped; {published} messages published for {distinct} events \
+         ({} duplicate deliveries, {:.2}%); {} permanent failures in failed_jobs, {} events retried after transient failures; \
+         relay peak RSS while the broker was down {} KiB",
+        plan.seed,
+        figures.committed,
+        figures.in_doubt_committed,
+        published - distinct,
+        100.0 * (published - distinct) as f64 / distinct.max(1) as f64,
+        figures.permanent_failures,
+        figures.transient_retried,
+        rss
+    );
+    assert_eq!(
+        distinct, figures.committed,
+        "the tap queue saw every committed event"
+    );
+    assert!(
+        unexpected.is_empty(),
+        "processes exited on their own: {unexpected:?}"
+    );
+    assert!(
+        rss < 100 * 1024,
+        "a relay grew to {rss} KiB while the broker was down"
+    );
+    let _ = std::fs::remove_dir_all(&logs);
+    drop(names);
+}

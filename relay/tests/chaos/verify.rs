@@ -1,0 +1,299 @@
+//! The verdict, from the database: what committed, what each listener
+//! applied, what failed, and who marked what.
+
+use std::collections::{HashMap, HashSet};
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Jsonb, Text, Uuid as SqlUuid};
+use uuid::Uuid;
+
+use crate::listeners::{AUDIT, ORDERED, fate};
+use crate::writers::WriterLog;
+
+/// Logs every row a relay marks published, with the marking session's
+/// application_name (`outbox relay <relay id>`).
+pub fn install_mark_log(conn: &mut PgConnection) {
+    use diesel::connection::SimpleConnection;
+    conn.batch_execute(
+        "CREATE TABLE chaos_marks (seq bigint NOT NULL, marked_by text NOT NULL,
+                                   at timestamptz NOT NULL DEFAULT clock_timestamp());
+         CREATE FUNCTION chaos_log_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO chaos_marks (seq, marked_by) VALUES (NEW.seq, current_setting('application_name'));
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER chaos_log_mark AFTER UPDATE OF published_at ON outbox_events
+             FOR EACH ROW WHEN (NEW.published_at IS NOT NULL) EXECUTE FUNCTION chaos_log_mark();",
+    )
+    .expect("mark log");
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+pub fn count(conn: &mut PgConnection, sql: &str) -> i64 {
+    try_count(conn, sql).expect(sql)
+}
+
+/// [`count`] for observations during faults, when the query may fail.
+pub fn try_count(conn: &mut PgConnection, sql: &str) -> QueryResult<i64> {
+    diesel::sql_query(sql).get_result::<Count>(conn).map(|c| c.n)
+}
+
+/// Rows of `sql` (one text column `line`) for an error message.
+fn lines(conn: &mut PgConnection, sql: &str) -> Vec<String> {
+    #[derive(QueryableByName)]
+    struct Line {
+        #[diesel(sql_type = Text)]
+        line: String,
+    }
+    diesel::sql_query(sql)
+        .load::<Line>(conn)
+        .expect(sql)
+        .into_iter()
+        .map(|l| l.line)
+        .collect()
+}
+
+/// Committed events still waiting for a listener: 0 once the pipeline has
+/// drained (each listener applied it, or it is in failed_jobs).
+pub fn outstanding(conn: &mut PgConnection) -> QueryResult<i64> {
+    try_count(
+        conn,
+        &format!(
+            "SELECT (SELECT count(*) FROM outbox_events WHERE published_at IS NULL)
+                  + (SELECT count(*) FROM outbox_events e WHERE NOT EXISTS
+                       (SELECT 1 FROM chaos_effects f WHERE f.listener = '{ORDERED}' AND f.event_id = e.event_id))
+                  + (SELECT count(*) FROM outbox_events e WHERE NOT EXISTS
+                       (SELECT 1 FROM chaos_effects f WHERE f.listener = '{AUDIT}' AND f.event_id = e.event_id)
+                     AND NOT EXISTS (SELECT 1 FROM failed_jobs j WHERE j.listener = '{AUDIT}' AND j.event_id = e.event_id))
+               AS n"
+        ),
+    )
+}
+
+/// A relay stopped (SIGSTOP) past its lease, and the rows it held then.
+pub struct Zombie {
+    pub relay_id: String,
+    pub held: Vec<i64>,
+}
+
+/// What the run counted, for the report.
+#[derive(Debug, Default)]
+pub struct Figures {
+    pub committed: usize,
+    pub in_doubt_committed: usize,
+    pub permanent_failures: usize,
+    pub transient_retried: usize,
+}
+
+#[derive(QueryableByName)]
+struct Committed {
+    #[diesel(sql_type = SqlUuid)]
+    event_id: Uuid,
+    #[diesel(sql_type = Text)]
+    aggregate: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct FailedJob {
+    #[diesel(sql_type = Text)]
+    listener: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<SqlUuid>)]
+    event_id: Option<Uuid>,
+    #[diesel(sql_type = Jsonb)]
+    errors: serde_json::Value,
+}
+
+/// Every promise of the run, checked against the database. Panics with
+/// the first broken one.
+pub fn verify(conn: &mut PgConnection, seed: u64, writers: &[WriterLog], zombie: Option<&Zombie>) -> Figures {
+    let mut figures = Figures::default();
+    let committed: Vec<Committed> = diesel::sql_query(
+        "SELECT event_id, aggregate_id AS aggregate, (payload->>'n')::bigint AS n FROM outbox_events ORDER BY seq",
+    )
+    .load(conn)
+    .expect("committed events");
+    figures.committed = committed.len();
+    let committed_ids: HashSet<Uuid> = committed.iter().map(|c| c.event_id).collect();
+
+    // What the writers know agrees with what committed.
+    for log in writers {
+        for id in &log.committed {
+            assert!(
+                committed_ids.contains(id),
+                "event {id} was committed but is not in the outbox"
+            );
+        }
+        for id in log.rolled_back.iter().chain(&log.killed) {
+            assert!(
+                !committed_ids.contains(id),
+                "event {id} of a rolled-back or killed transaction is in the outbox"
+            );
+        }
+        figures.in_doubt_committed += log
+            .in_doubt
+            .iter()
+            .filter(|id| committed_ids.contains(id))
+            .count();
+    }
+    // The domain write and its events committed together: each counter's
+    // ticks are exactly 1..=n.
+    let broken = lines(
+        conn,
+        "SELECT c.aggregate || ': counter ' || c.n || ', events ' || count(e.seq) || ', distinct ticks ' || count(DISTINCT (e.payload->>'n')) AS line
+           FROM chaos_counters c LEFT JOIN outbox_events e ON e.aggregate_id = c.aggregate
+          GROUP BY c.aggregate, c.n
+         HAVING count(e.seq) <> c.n OR count(DISTINCT (e.payload->>'n')) <> c.n
+             OR coalesce(max((e.payload->>'n')::bigint), 0) <> c.n
+          LIMIT 5",
+    );
+    assert!(broken.is_empty(), "domain rows and events disagree: {broken:?}");
+
+    // Every committed event was published, none given up on.
+    assert_eq!(
+        count(
+            conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL OR failed_at IS NOT NULL"
+        ),
+        0,
+        "committed events left unpublished or failed at the relay"
+    );
+
+    // Effects belong to committed events, and none happened twice.
+    let stray = count(
+        conn,
+        "SELECT count(*) AS n FROM chaos_effects f WHERE NOT EXISTS (SELECT 1 FROM outbox_events e WHERE e.event_id = f.event_id)",
+    );
+    assert_eq!(stray, 0, "effects of events that never committed");
+    let doubled = lines(
+        conn,
+        "SELECT listener || ' ' || event_id || ' x' || count(*) AS line FROM chaos_effects
+          GROUP BY listener, event_id HAVING count(*) > 1 LIMIT 5",
+    );
+    assert!(doubled.is_empty(), "effects applied twice: {doubled:?}");
+
+    // The ordered listener applied every event, each aggregate in order.
+    let effects = |conn: &mut PgConnection, listener: &str| -> HashSet<Uuid> {
+        #[derive(QueryableByName)]
+        struct Id {
+            #[diesel(sql_type = SqlUuid)]
+            event_id: Uuid,
+        }
+        diesel::sql_query("SELECT event_id FROM chaos_effects WHERE listener = $1")
+            .bind::<Text, _>(listener)
+            .load::<Id>(conn)
+            .expect("effects")
+            .into_iter()
+            .map(|r| r.event_id)
+            .collect()
+    };
+    let ordered = effects(conn, ORDERED);
+    let missing = committed
+        .iter()
+        .filter(|c| !ordered.contains(&c.event_id))
+        .count();
+    assert_eq!(missing, 0, "committed events the ordered listener never applied");
+    let out_of_order = lines(
+        conn,
+        &format!(
+            "SELECT aggregate || ': ' || prev || ' then ' || n AS line FROM (
+                 SELECT aggregate, n, lag(n) OVER (PARTITION BY aggregate ORDER BY id) AS prev
+                   FROM chaos_effects WHERE listener = '{ORDERED}') x
+              WHERE n <= prev LIMIT 5"
+        ),
+    );
+    assert!(
+        out_of_order.is_empty(),
+        "ordered listener out of order: {out_of_order:?}"
+    );
+
+    // The audit listener: each permanent failure once in failed_jobs with
+    // every try's error; every other event applied (transient failures
+    // retried away).
+    let audit = effects(conn, AUDIT);
+    let jobs: Vec<FailedJob> = diesel::sql_query("SELECT listener, event_id, errors FROM failed_jobs")
+        .load(conn)
+        .expect("failed jobs");
+    let mut failed: HashMap<Uuid, Vec<&FailedJob>> = HashMap::new();
+    for job in &jobs {
+        assert_eq!(
+            job.listener, AUDIT,
+            "a failed job of {}: {:?}",
+            job.listener, job.errors
+        );
+        let id = job
+            .event_id
+            .expect("failed jobs of chaos events name their event");
+        failed.entry(id).or_default().push(job);
+    }
+    for event in &committed {
+        let fate = fate(seed, &event.aggregate, event.n);
+        let jobs = failed.get(&event.event_id).map_or(&[][..], Vec::as_slice);
+        if fate.permanent {
+            figures.permanent_failures += 1;
+            assert_eq!(
+                jobs.len(),
+                1,
+                "permanent failure of {} in failed_jobs {} times",
+                event.event_id,
+                jobs.len()
+            );
+            let tries = jobs[0].errors.as_array().map_or(0, Vec::len);
+            assert_eq!(
+                tries as u32,
+                fate.transient_failures + 1,
+                "failed job of {} keeps {tries} errors, expected every try's: {}",
+                event.event_id,
+                jobs[0].errors
+            );
+            assert!(
+                !audit.contains(&event.event_id),
+                "a permanently failing event was applied"
+            );
+        } else {
+            if fate.transient_failures > 0 {
+                figures.transient_retried += 1;
+            }
+            assert!(
+                jobs.is_empty(),
+                "event {} with only transient failures ended in failed_jobs: {:?}",
+                event.event_id,
+                jobs[0].errors
+            );
+            assert!(
+                audit.contains(&event.event_id),
+                "audit never applied {}",
+                event.event_id
+            );
+        }
+    }
+
+    // The zombie relay marked none of the rows it held when it froze.
+    if let Some(zombie) = zombie {
+        let held = zombie
+            .held
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let marks = lines(
+            conn,
+            &format!(
+                "SELECT seq || ' by ' || marked_by AS line FROM chaos_marks
+                  WHERE seq IN ({held}) AND marked_by = 'outbox relay {}'",
+                zombie.relay_id
+            ),
+        );
+        assert!(
+            marks.is_empty(),
+            "the zombie relay marked rows after its lease ended: {marks:?}"
+        );
+    }
+    figures
+}
