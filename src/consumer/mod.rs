@@ -51,6 +51,9 @@ pub mod store;
 pub mod topology;
 pub mod worker;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use listener::{HandlerContext, ListenerError, ListenerOptions, QueuedListener};
 pub use message::{DecodeError, MAX_BODY_BYTES, ReceivedEvent, decode};
 pub use topology::ListenerQueues;

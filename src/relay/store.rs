@@ -10,7 +10,7 @@ use diesel::sql_types::{BigInt, Bool, Double, Integer, Nullable, Text, Timestamp
 use uuid::Uuid;
 
 use crate::cloudevents::EventRef;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::prepared::{Bind, Prepared};
 
 /// A row the relay holds a lease on and is about to publish.
@@ -94,12 +94,38 @@ impl ClaimedEvent {
 /// to this relay (in flight here): so an aggregate's events are only ever
 /// in one relay's hands, in order, and an aggregate whose head is failed,
 /// waiting for a retry, or held by another relay is skipped entirely.
-/// `FOR UPDATE SKIP LOCKED` keeps concurrent relays from waiting on each
-/// other; uncommitted rows are invisible, so a long open transaction
+/// Claims take turns: each runs in a transaction that first takes a
+/// transaction-scoped advisory lock ([`CLAIM_LOCK`]), so its statement's
+/// snapshot sees every lease committed by claims before it. (Row locks
+/// alone are not enough: they end with the other claim's commit, and a
+/// statement whose snapshot predates that commit cannot see its lease, so
+/// two relays could take the same rows.) A claim holds the lock for one
+/// statement, a few milliseconds; publishing runs in parallel. `FOR UPDATE
+/// SKIP LOCKED` still keeps claims off rows that marks or failure records
+/// are changing. Uncommitted rows are invisible, so a long open transaction
 /// delays only its own aggregate's later events (which writers serialize
 /// by locking the aggregate row) and nothing else. Nothing is claimed
 /// while the outbox is paused.
 pub fn claim_batch(
+    conn: &mut PgConnection,
+    relay_id: &str,
+    batch_size: i64,
+    lease_secs: f64,
+) -> Result<Vec<ClaimedEvent>> {
+    conn.transaction::<_, Error, _>(|conn| {
+        diesel::sql_query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind::<Integer, _>(CLAIM_LOCK.0)
+            .bind::<Integer, _>(CLAIM_LOCK.1)
+            .execute(conn)?;
+        claim_statement(conn, relay_id, batch_size, lease_secs)
+    })
+}
+
+/// The advisory lock (two-key form, which no single-key lock can collide
+/// with) that claims take turns on: `outb`, 1.
+pub const CLAIM_LOCK: (i32, i32) = (0x6f75_7462, 1);
+
+fn claim_statement(
     conn: &mut PgConnection,
     relay_id: &str,
     batch_size: i64,

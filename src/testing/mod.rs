@@ -8,12 +8,16 @@
 //! its host, port and credentials are used.
 
 mod broker;
+mod broker_user;
 mod events;
 mod proxy;
+mod roles;
 
 pub use broker::{ReceivedMessage, TEST_AMQP_PREFIX, TestExchange, delete_broker_objects};
+pub use broker_user::{TEST_USER_PREFIX, TestBrokerUser, literal};
 pub use events::{Ticked, record_interleaved, record_ticks};
 pub use proxy::{Fault, TcpProxy};
+pub use roles::{LEAST_PRIVILEGE_SQL, LeastPrivilegeRoles, TestRoles};
 
 use std::fmt;
 

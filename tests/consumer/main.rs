@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bad_input;
 mod broker;
 mod harness;
 mod support;
@@ -13,4 +14,5 @@ mod support;
 mod failed_jobs;
 mod faults;
 mod inbox;
+mod least_privilege;
 mod worker;

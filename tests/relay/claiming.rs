@@ -67,6 +67,48 @@ fn concurrent_claims_are_disjoint_and_keep_aggregates_whole() {
 }
 
 #[test]
+fn claims_racing_round_after_round_never_overlap() {
+    // A claim locks rows only for its own statement and records the claim
+    // as a lease row. A relay whose claim statement began before another
+    // relay's claim committed must still not take those rows: its snapshot
+    // cannot see the new lease, and the row locks are gone by then.
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    record_interleaved(&mut conn, 20, 5);
+    let relays = 6;
+    for round in 0..15 {
+        diesel::sql_query("DELETE FROM outbox_leases")
+            .execute(&mut conn)
+            .unwrap();
+        let start = std::sync::Arc::new(std::sync::Barrier::new(relays));
+        let claims: Vec<Vec<i64>> = (0..relays)
+            .map(|n| {
+                let (url, start) = (db.url().to_owned(), std::sync::Arc::clone(&start));
+                thread::spawn(move || {
+                    let mut conn = outbox::connect(&url).unwrap();
+                    start.wait();
+                    store::claim_batch(&mut conn, &format!("relay-{n}"), 10, 30.0)
+                        .unwrap()
+                        .into_iter()
+                        .map(|row| row.seq)
+                        .collect()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let mut seen = HashSet::new();
+        for seq in claims.iter().flatten() {
+            assert!(
+                seen.insert(*seq),
+                "round {round}: row {seq} claimed by two relays: {claims:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn an_expired_lease_cannot_mark_or_fail_and_the_rows_are_claimable_again() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();

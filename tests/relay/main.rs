@@ -8,7 +8,9 @@ mod support;
 
 mod claiming;
 mod faults;
+mod least_privilege;
 mod operating;
 mod operator_queries;
 mod ordering;
+mod oversized;
 mod publishing;

@@ -6,8 +6,25 @@ use crate::support::{RelayChild, eventually, run_outbox};
 
 #[test]
 fn bad_relay_configuration_is_refused_with_a_clear_error() {
-    let cases: [(&[&str], i32, &str); 6] = [
+    let cases: [(&[&str], i32, &str); 15] = [
         (&["relay", "--batch-size", "0"], 1, "batch size"),
+        (&["relay", "--batch-size=-1"], 2, "invalid value"),
+        (
+            &["relay", "--batch-size", "99999999999999999999999"],
+            2,
+            "--batch-size",
+        ),
+        (&["relay", "--max-in-flight", "0"], 1, "max in flight"),
+        (&["relay", "--max-attempts", "0"], 1, "max attempts"),
+        (&["relay", "--confirm-timeout", "0s"], 1, "confirm timeout"),
+        (&["relay", "--lease=-5s"], 2, "--lease"),
+        (
+            &["relay", "--poll-min", "50ms", "--poll-max", "10ms"],
+            1,
+            "poll bounds",
+        ),
+        (&["relay", "--exchange", "it's"], 1, "exchange name"),
+        (&["relay", "--exchange", "amq.topic"], 1, "reserved"),
         (&["relay", "--lease", "5s", "--confirm-timeout", "5s"], 1, "lease"),
         (
             &["relay", "--exchange", "orders\";drop table x;--"],
@@ -89,4 +106,32 @@ fn migrate_pause_and_resume() {
 
     let (status, _, stderr) = run_outbox(&["no-such-command"], &[]);
     assert_eq!(status, 2, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_settings_pass_through_and_fail_clearly_without_the_password() {
+    const SECRET: &str = "tls-hunter2-secret";
+    let db = TestDatabase::create().unwrap();
+    // Postgres: libpq's own reason for refusing verify-full without a CA.
+    let verify = format!(
+        "{}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        db.url().replace("postgres@", &format!("postgres:{SECRET}@"))
+    );
+    let (status, stdout, stderr) = run_outbox(&["status", "--database-url", &verify], &[]);
+    assert_eq!(status, 1, "{stderr}");
+    assert!(stderr.contains("root certificate file"), "{stderr}");
+    assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET), "{stderr}");
+    // RabbitMQ: amqps:// to the plain AMQP port fails the TLS handshake;
+    // the relay logs it and keeps retrying.
+    let amqps = format!("amqps://guest:{SECRET}@127.0.0.1:5672/%2f");
+    let mut relay = RelayChild::spawn(db.url(), &amqps, "outbox_test.never_declared", &[]);
+    eventually("the TLS failure logged", Duration::from_secs(30), || {
+        relay.logs().contains("cannot reach the broker")
+    })
+    .await;
+    relay.terminate();
+    let logs = relay.logs();
+    assert!(logs.contains("amqps://guest:***@"), "{logs}");
+    assert!(logs.contains("InvalidContentType"), "rustls' reason: {logs}");
+    assert!(!logs.contains(SECRET), "{logs}");
 }

@@ -160,6 +160,56 @@ fn passwords_are_never_printed() {
     assert!(!String::from_utf8_lossy(&help.stdout).contains("s3cret-pw"));
 }
 
+#[test]
+fn the_worker_logs_no_password_when_the_broker_refuses_it() {
+    // RabbitMQ checks this password (ACCESS_REFUSED); Postgres here trusts
+    // local connections, so its password is only carried, and must not be
+    // shown either.
+    const AMQP_SECRET: &str = "amqp-wrong-hunter2";
+    const PG_SECRET: &str = "pg-hunter2-secret";
+    let log = std::env::temp_dir().join(format!("chom-work-{}.log", uuid::Uuid::now_v7().simple()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chom"))
+        .args([
+            "work",
+            "--metrics-addr",
+            "off",
+            "--exchange",
+            "outbox_test.never_declared",
+        ])
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres:{PG_SECRET}@127.0.0.1:5432/unused"),
+        )
+        .env(
+            "AMQP_URL",
+            format!("amqp://guest:{AMQP_SECRET}@127.0.0.1:5672/%2f"),
+        )
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let logs = loop {
+        let logs = std::fs::read_to_string(&log).unwrap_or_default();
+        if logs.matches("cannot set up its broker session").count() >= 2
+            || std::time::Instant::now() > deadline
+        {
+            break logs;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        logs.contains("cannot set up its broker session"),
+        "refusal logged:\n{logs}"
+    );
+    assert!(logs.contains("guest:***@"), "the URL is shown redacted:\n{logs}");
+    assert!(!logs.contains(AMQP_SECRET) && !logs.contains(PG_SECRET), "{logs}");
+}
+
 /// Drops the database `migrate` created, even if the test fails.
 struct DropDatabase {
     admin: String,

@@ -1,0 +1,40 @@
+-- Least privilege for the outbox's Postgres roles.
+--
+-- Run as the owner of the outbox tables, in the service's database, after
+-- `outbox migrate` (the migrating role owns the tables; it is not one of
+-- these). Replace the passwords, or use another authentication method.
+-- Tested by tests/relay/least_privilege.rs (relay, writer) and
+-- tests/consumer/least_privilege.rs (worker), which run this file with the
+-- role names made unique.
+--
+-- CONNECT on the database and USAGE on the schema are granted to PUBLIC by
+-- default; grant them explicitly where PUBLIC's were revoked.
+
+-- The relay (`outbox relay`): reads, claims, marks and prunes events. It
+-- can read no domain table and cannot insert events.
+CREATE ROLE outbox_relay LOGIN PASSWORD 'change-me';
+GRANT USAGE ON SCHEMA public TO outbox_relay;
+-- SELECT ... FOR UPDATE SKIP LOCKED (claim), UPDATE (mark published or
+-- failed), DELETE (prune, or retention 0).
+GRANT SELECT, UPDATE, DELETE ON outbox_events TO outbox_relay;
+-- Claims are leases: one row per claimed batch.
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_leases TO outbox_relay;
+-- The pause switch (`outbox pause`/`resume` need UPDATE; the relay only reads).
+GRANT SELECT ON outbox_control TO outbox_relay;
+
+-- A write-path service records events in its own transactions: besides its
+-- domain grants it needs only INSERT (the seq identity needs no sequence
+-- grant). In practice grant this to the service's own role.
+CREATE ROLE outbox_writer LOGIN PASSWORD 'change-me';
+GRANT USAGE ON SCHEMA public TO outbox_writer;
+GRANT INSERT ON outbox_events TO outbox_writer;
+
+-- A worker (consumer): try counts, failed jobs, the inbox; plus whatever
+-- tables its listeners write (grant those separately). Operators' `outbox
+-- failed retry|forget|flush|prune` and `outbox pause|resume` need more
+-- (DELETE on failed_jobs, UPDATE on outbox_control): run them as an
+-- operator role, not as the worker.
+CREATE ROLE outbox_worker LOGIN PASSWORD 'change-me';
+GRANT USAGE ON SCHEMA public TO outbox_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON listener_attempts TO outbox_worker;
+GRANT SELECT, INSERT ON failed_jobs, processed_events TO outbox_worker;
