@@ -40,6 +40,7 @@ fn drain_latency_and_write_complete_at_a_tiny_size() {
     let latency = bench_json(&["latency", "--rate", "200", "--duration", "2s", "--warmup", "0s"]);
     assert_eq!(latency["events"], 400);
     let p50 = positive(&latency, "p50_ms");
+    positive(&latency, "raw_p50_ms");
     let p99 = positive(&latency, "p99_ms");
     let max = positive(&latency, "max_ms");
     assert!(p50 <= p99 && p99 <= max, "{latency}");
