@@ -403,6 +403,8 @@ impl Chaos {
 async fn chaos_run() {
     let plan = Plan::from_env();
     let _seed = SeedOnFailure(plan.seed);
+    // Dropped last: the services are up again whatever happens below.
+    let _restore = services::RestoreServices;
     eprintln!(
         "chaos seed {} ({} transactions over {:?}, service faults {})",
         plan.seed, plan.transactions, plan.spread, plan.service_faults

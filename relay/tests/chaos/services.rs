@@ -107,3 +107,31 @@ pub async fn restart_postgres() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Brings RabbitMQ and Postgres back if the run ends (or fails) while one
+/// of them is stopped, so no later test or CI step finds them down.
+pub struct RestoreServices;
+
+impl Drop for RestoreServices {
+    fn drop(&mut self) {
+        if !port_open(5672) && !run("rabbitmqctl", &["start_app"]) {
+            run("rabbitmq-server", &["-detached"]);
+        }
+        if !run("pg_isready", &["-h", "127.0.0.1", "-q"]) {
+            let version = std::fs::read_dir("/etc/postgresql")
+                .ok()
+                .and_then(|dir| dir.filter_map(|e| e.ok()?.file_name().into_string().ok()).min());
+            if let Some(version) = version {
+                run(
+                    "pg_ctlcluster",
+                    &["--skip-systemctl-redirect", &version, "main", "start"],
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !(port_open(5672) && run("pg_isready", &["-h", "127.0.0.1", "-q"])) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
