@@ -214,8 +214,17 @@ impl RelaySession {
         // jit = off: the claim query's row estimates are large enough to
         // trigger JIT compilation, which costs ~300 ms per claim for a query
         // that runs in a few milliseconds.
+        // idle_in_transaction_session_timeout: a claim holds the lock that
+        // claims take turns on for one short transaction; a relay frozen or
+        // cut off inside it (a GC-like pause, SIGSTOP, a partition) would
+        // otherwise stop every other relay from claiming until TCP gives up
+        // on it. The server ends such a session after 5 s, releasing the
+        // lock; the relay reconnects when it comes back.
         Self {
-            settings: format!("SET synchronous_commit = off; SET jit = off; SET application_name = '{name}'"),
+            settings: format!(
+                "SET synchronous_commit = off; SET jit = off; \
+                 SET idle_in_transaction_session_timeout = '5s'; SET application_name = '{name}'"
+            ),
         }
     }
 }
