@@ -81,6 +81,15 @@ impl Drop for SeedOnFailure {
     }
 }
 
+/// Sets the flag when dropped: the writers stop when the test unwinds.
+struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The run's exchange, tap queue and listener queues, deleted at the end
 /// (also when the test fails).
 struct BrokerNames {
@@ -459,14 +468,17 @@ async fn chaos_run() {
         zombie: None,
     };
 
-    // Writers on the blocking pool, each with its own share and seed.
+    // Writers on the blocking pool, each with its own share and seed; they
+    // stop early if the test fails (the runtime waits for them otherwise).
+    let stop_writers = StopOnDrop(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
     let started = Instant::now();
     let writer_tasks: Vec<_> = (0..plan.writers)
         .map(|w| {
             let url = db.url().to_owned();
             let share = plan.transactions / plan.writers + usize::from(w < plan.transactions % plan.writers);
             let (seed, spread) = (plan.seed.wrapping_add(w as u64 + 1), plan.spread);
-            tokio::task::spawn_blocking(move || writers::run_writer(&url, seed, share, spread))
+            let stop = std::sync::Arc::clone(&stop_writers.0);
+            tokio::task::spawn_blocking(move || writers::run_writer(&url, seed, share, spread, &stop))
         })
         .collect();
 

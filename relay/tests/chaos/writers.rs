@@ -87,8 +87,15 @@ struct Tick {
     n: i64,
 }
 
-/// Runs `transactions` transactions spread evenly over `spread`.
-pub fn run_writer(url: &str, seed: u64, transactions: usize, spread: Duration) -> WriterLog {
+/// Runs `transactions` transactions spread evenly over `spread`, or fewer
+/// if `stop` is set (the test failed and is unwinding).
+pub fn run_writer(
+    url: &str,
+    seed: u64,
+    transactions: usize,
+    spread: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> WriterLog {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut log = WriterLog::default();
     let give_up = Instant::now() + spread + Duration::from_secs(180);
@@ -96,6 +103,9 @@ pub fn run_writer(url: &str, seed: u64, transactions: usize, spread: Duration) -
     let mut admin = connect_until(url, give_up);
     let started = Instant::now();
     for i in 0..transactions {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
         let due = started + spread.mul_f64(i as f64 / transactions as f64);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
