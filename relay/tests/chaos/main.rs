@@ -257,7 +257,7 @@ struct Chaos {
     rng: StdRng,
     unexpected_exits: Vec<String>,
     relay_rss_broker_down_kib: u64,
-    zombie: Option<Zombie>,
+    zombies: Vec<Zombie>,
 }
 
 impl Chaos {
@@ -382,7 +382,7 @@ impl Chaos {
                 "chaos: relay {relay_id} frozen past its lease holding {} rows, resumed",
                 held.len()
             );
-            self.zombie = Some(Zombie { relay_id, held });
+            self.zombies.push(Zombie { relay_id, held });
             return;
         }
         eprintln!("chaos: relay 0 held no lease for 15 s; no zombie this cycle");
@@ -465,7 +465,7 @@ async fn chaos_run() {
         rng: StdRng::seed_from_u64(plan.seed),
         unexpected_exits: Vec::new(),
         relay_rss_broker_down_kib: 0,
-        zombie: None,
+        zombies: Vec::new(),
     };
 
     // Writers on the blocking pool, each with its own share and seed; they
@@ -553,10 +553,11 @@ async fn chaos_run() {
     );
     let unexpected = std::mem::take(&mut chaos.unexpected_exits);
     let rss = chaos.relay_rss_broker_down_kib;
-    let zombie = chaos.zombie.take();
+    let zombies = std::mem::take(&mut chaos.zombies);
     drop(chaos);
 
-    let figures = verify::verify(&mut conn, plan.seed, &logs_of_writers, zombie.as_ref());
+    let figures = verify::verify(&mut conn, plan.seed, &logs_of_writers, &zombies);
+    let zombie_rows: usize = zombies.iter().map(|z| z.held.len()).sum();
     let (published, distinct) = drain_tap(&names.tap).await;
     let transactions: usize = logs_of_writers.iter().map(|l| l.transactions).sum();
     let rolled_back: usize = logs_of_writers.iter().map(|l| l.rolled_back.len()).sum();
@@ -567,7 +568,7 @@ async fn chaos_run() {
          {rolled_back} rolled back, {killed} killed; {relay_kills} relay and {worker_kills} worker SIGKILLs; \
          drained {drain:.1?} after the faults stopped; {published} messages published for {distinct} events \
          ({} duplicate deliveries, {:.2}%); {} permanent failures in failed_jobs, {} events retried after transient failures; \
-         relay peak RSS while the broker was down {} KiB",
+         relay peak RSS while the broker was down {} KiB; {} zombie relays holding {zombie_rows} rows marked none of them",
         plan.seed,
         figures.committed,
         figures.in_doubt_committed,
@@ -575,7 +576,8 @@ async fn chaos_run() {
         100.0 * (published - distinct) as f64 / distinct.max(1) as f64,
         figures.permanent_failures,
         figures.transient_retried,
-        rss
+        rss,
+        zombies.len()
     );
     assert_eq!(
         distinct, figures.committed,

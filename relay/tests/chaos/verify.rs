@@ -112,7 +112,7 @@ struct FailedJob {
 
 /// Every promise of the run, checked against the database. Panics with
 /// the first broken one.
-pub fn verify(conn: &mut PgConnection, seed: u64, writers: &[WriterLog], zombie: Option<&Zombie>) -> Figures {
+pub fn verify(conn: &mut PgConnection, seed: u64, writers: &[WriterLog], zombies: &[Zombie]) -> Figures {
     let mut figures = Figures::default();
     let committed: Vec<Committed> = diesel::sql_query(
         "SELECT event_id, aggregate_id AS aggregate, (payload->>'n')::bigint AS n FROM outbox_events ORDER BY seq",
@@ -274,8 +274,8 @@ pub fn verify(conn: &mut PgConnection, seed: u64, writers: &[WriterLog], zombie:
         }
     }
 
-    // The zombie relay marked none of the rows it held when it froze.
-    if let Some(zombie) = zombie {
+    // No zombie relay marked any of the rows it held when it froze.
+    for zombie in zombies {
         let held = zombie
             .held
             .iter()
