@@ -911,6 +911,8 @@ fn run_in_inbox(
             locked: bool,
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             inserted: i64,
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            previous: i32,
         }
         let millis = options.timeout.as_millis().max(1).to_string();
         struct InboxClaimSql;
@@ -923,7 +925,12 @@ fn run_in_inbox(
                  SELECT $1, $2 FROM guard WHERE locked
                  ON CONFLICT DO NOTHING
                  RETURNING 1)
-             SELECT (SELECT locked FROM guard) AS locked, (SELECT count(*) FROM claimed) AS inserted",
+             SELECT (SELECT locked FROM guard) AS locked, (SELECT count(*) FROM claimed) AS inserted,
+                    -- Failed tries so far, also for a copy that carries no
+                    -- marker (a relay's duplicate publish): the handler's
+                    -- attempt number stays true at no extra round trip.
+                    COALESCE((SELECT attempts FROM listener_attempts
+                              WHERE listener = $1 AND event_id = $2), 0) AS previous",
             vec![Bind::Text(&name), Bind::Uuid(event.event_id), Bind::Text(&millis)],
         )
         .get_result::<Claim>(conn)
@@ -931,6 +938,8 @@ fn run_in_inbox(
         if !claim.locked {
             return Err(TxError::Busy);
         }
+        let previous = u32::try_from(claim.previous).unwrap_or(0);
+        let (attempt, clear_attempts) = (attempt.max(previous + 1), clear_attempts || previous > 0);
         if claim.inserted == 0 {
             if clear_attempts {
                 // A retry whose event another copy already handled.
