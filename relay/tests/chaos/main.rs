@@ -9,8 +9,8 @@
 //! Settings (environment):
 //! - `OUTBOX_CHAOS_SEED`: replay a run (every failed run prints its seed);
 //! - `OUTBOX_CHAOS_SECS` (default 60) and `OUTBOX_CHAOS_TRANSACTIONS`
-//!   (default 5,000): the soak is `OUTBOX_CHAOS_SECS=900
-//!   OUTBOX_CHAOS_TRANSACTIONS=100000`; the fault cycle repeats every 60 s;
+//!   (default 5,000): the soak is `OUTBOX_CHAOS_SECS=600
+//!   OUTBOX_CHAOS_TRANSACTIONS=15000`; the fault cycle repeats every 60 s;
 //! - `OUTBOX_CHAOS_SERVICE_FAULTS=0`: no broker or database restarts (for
 //!   runs beside other tests).
 
