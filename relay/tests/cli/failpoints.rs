@@ -33,8 +33,19 @@ async fn crash_at(point: &str) {
         assert!(std::time::Instant::now() < deadline, "{point} never fired");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(status.code(), Some(70), "{point}: {}", crashed.logs());
-    assert!(crashed.logs().contains(point), "{}", crashed.logs());
+    // exit(70) from a blocking-pool thread can also end in a signal while
+    // other threads tear down (libpq, TLS): either way the process died
+    // right at the fail point, which is all a crash needs.
+    assert!(
+        !status.success() && (status.code() == Some(70) || status.code().is_none()),
+        "{point}: {status:?}: {}",
+        crashed.logs()
+    );
+    assert!(
+        crashed.logs().contains(&format!("failpoint=\"{point}\"")) || crashed.logs().contains(point),
+        "{}",
+        crashed.logs()
+    );
     let marked_at_crash = scalar(
         &mut conn,
         "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NOT NULL",
