@@ -1,12 +1,8 @@
 //! The scenarios' private exchange and durable quorum queue (the queue type
 //! listeners use), deleted when dropped.
 
-use std::time::Duration;
-
 use anyhow::Context;
-use lapin::options::{
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
-};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 
@@ -84,40 +80,13 @@ impl BenchQueue {
 
 impl Drop for BenchQueue {
     fn drop(&mut self) {
-        delete_now(&self.amqp_url, vec![self.queue.clone()], self.exchange.clone());
+        outbox::testing::delete_broker_objects(
+            &self.amqp_url,
+            std::slice::from_ref(&self.queue),
+            std::slice::from_ref(&self.exchange),
+        );
         let _ = &self.connection;
     }
-}
-
-/// Deletes `queues` and `exchange` over a connection of its own, from a
-/// thread of its own (callable from Drop inside the runtime), giving up
-/// after 10 s.
-pub fn delete_now(amqp_url: &str, queues: Vec<String>, exchange: String) {
-    let url = amqp_url.to_owned();
-    let cleanup = std::thread::spawn(move || {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-            return;
-        };
-        runtime.block_on(async move {
-            let limit = Duration::from_secs(10);
-            if let Ok(Ok(connection)) =
-                tokio::time::timeout(limit, outbox::amqp::connect(&url, "outbox bench cleanup")).await
-            {
-                if let Ok(channel) = connection.create_channel().await {
-                    for queue in &queues {
-                        let _ = channel
-                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = connection.close(200, "bye".into()).await;
-            }
-        });
-    });
-    let _ = cleanup.join();
 }
 
 /// The queues of a scenario's listeners and its exchange, deleted when
@@ -133,10 +102,10 @@ pub struct BrokerCleanup {
 
 impl Drop for BrokerCleanup {
     fn drop(&mut self) {
-        delete_now(
+        outbox::testing::delete_broker_objects(
             &self.amqp_url,
-            std::mem::take(&mut self.queues),
-            self.exchange.clone(),
+            &self.queues,
+            std::slice::from_ref(&self.exchange),
         );
     }
 }
