@@ -24,6 +24,11 @@ pub const PUBLISHED_TOTAL: &str = "outbox_published_total";
 pub const PUBLISH_FAILURES_TOTAL: &str = "outbox_publish_failures_total";
 /// Time from an event's recording to the broker's confirm.
 pub const PUBLISH_LATENCY_SECONDS: &str = "outbox_publish_latency_seconds";
+/// Events the broker returned because no queue was bound to their type,
+/// by `event_type`; kept as unroutable (see `RelayConfig::strict_routing`).
+pub const UNROUTABLE_TOTAL: &str = "outbox_unroutable_total";
+/// Kept unroutable rows in the outbox (refreshed with the backlog).
+pub const UNROUTABLE_EVENTS: &str = "outbox_unroutable_events";
 /// Rows claimed by this relay.
 pub const CLAIMED_TOTAL: &str = "outbox_claimed_total";
 /// Rows this relay held (publishing or queued behind their aggregate).
@@ -56,6 +61,11 @@ pub fn describe() {
         Unit::Seconds,
         "Recording to broker confirm"
     );
+    describe_counter!(
+        UNROUTABLE_TOTAL,
+        "Events no queue was bound to, kept as unroutable, by event type"
+    );
+    describe_gauge!(UNROUTABLE_EVENTS, "Kept unroutable rows");
     describe_counter!(CLAIMED_TOTAL, "Rows claimed");
     describe_gauge!(IN_FLIGHT, "Rows held by this relay");
     describe_counter!(

@@ -23,6 +23,7 @@ diesel::table! {
         last_error -> Nullable<Text>,
         next_attempt_at -> Nullable<Timestamptz>,
         failed_at -> Nullable<Timestamptz>,
+        unroutable_at -> Nullable<Timestamptz>,
     }
 }
 

@@ -25,8 +25,8 @@ pub struct RelayArgs {
     /// Rows held at once (publishing or waiting behind their aggregate).
     #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = 2000)]
     max_in_flight: usize,
-    /// How long a claim is exclusive to this relay (at least twice the confirm timeout).
-    #[arg(long, env = "OUTBOX_LEASE", default_value = "30s", value_parser = parse_duration)]
+    /// How long a claim stays this relay's without a heartbeat (renewed every third of it); a crashed relay's rows are taken over after this.
+    #[arg(long, env = "OUTBOX_LEASE", default_value = "3s", value_parser = parse_duration)]
     lease: Duration,
     /// How long to wait for the broker's confirm of a message.
     #[arg(long, env = "OUTBOX_CONFIRM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -61,6 +61,9 @@ pub struct RelayArgs {
     /// CloudEvents `source` attribute of published events.
     #[arg(long, env = "OUTBOX_SOURCE", default_value = "/outbox")]
     source: String,
+    /// Retry an event no queue is bound to (holding its aggregate back) instead of keeping it as unroutable and going on.
+    #[arg(long, env = "OUTBOX_STRICT_ROUTING")]
+    strict_routing: bool,
     /// Address for GET /metrics and /health; "off" disables it.
     #[arg(long, env = "OUTBOX_METRICS_ADDR", default_value = "127.0.0.1:9187")]
     metrics_addr: String,
@@ -87,6 +90,7 @@ impl RelayArgs {
             prune_interval: self.prune_interval,
             shutdown_timeout: self.shutdown_timeout,
             source: self.source.clone(),
+            strict_routing: self.strict_routing,
             ..defaults
         }
     }

@@ -4,8 +4,9 @@
 //!
 //! `--json` prints one object: `database` (`backlog`,
 //! `oldest_unpublished_age_seconds`, `in_flight`, `failed`, `retrying`,
-//! `paused`, `paused_by`, `by_event_type: [{event_type, backlog,
-//! oldest_unpublished_age_seconds, failed}]`), `failed_jobs: [{listener,
+//! `paused`, `paused_by`, `unroutable`, `by_event_type: [{event_type,
+//! backlog, oldest_unpublished_age_seconds, failed}]`,
+//! `unroutable_by_event_type: [{event_type, count, last_at}]`), `failed_jobs: [{listener,
 //! queue, count}]`, and `listeners`: `null` without `--app`/`--listener`,
 //! else `[{listener, queue, depth, retry_depth, retry_queues: [{queue,
 //! depth}], dead_queue, dead_depth, failed_jobs}]` where a depth is `null`
@@ -46,6 +47,7 @@ struct DatabaseStatus {
     stats: outbox::relay::store::BacklogStats,
     paused_by: Option<String>,
     by_event_type: Vec<outbox::relay::store::EventTypeBacklog>,
+    unroutable_by_event_type: Vec<outbox::relay::store::UnroutableEvents>,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,6 +88,8 @@ pub fn run(database_url: &str, args: &StatusArgs) -> anyhow::Result<()> {
     let stats = outbox::relay::store::backlog_stats(&mut conn).context("cannot read the backlog")?;
     let by_event_type =
         outbox::relay::store::backlog_by_event_type(&mut conn).context("cannot read the backlog")?;
+    let unroutable_by_event_type =
+        outbox::relay::store::unroutable_by_event_type(&mut conn).context("cannot read unroutable events")?;
     let paused_by = outbox::control::paused_by(&mut conn).context("cannot read the pause switch")?;
     let failed: Vec<FailedCount> = outbox::failed_jobs::count_by_listener(&mut conn)
         .context("cannot count failed jobs")?
@@ -105,6 +109,7 @@ pub fn run(database_url: &str, args: &StatusArgs) -> anyhow::Result<()> {
             stats,
             paused_by,
             by_event_type,
+            unroutable_by_event_type,
         },
         failed_jobs: failed,
         listeners,
@@ -213,6 +218,25 @@ fn print_text(status: &Status) {
             })
             .collect();
         print!("{}", table(&["EVENT TYPE", "BACKLOG", "FAILED", "OLDEST"], &rows));
+    }
+    if !db.unroutable_by_event_type.is_empty() {
+        println!();
+        println!(
+            "unroutable: {} kept events had no queue bound to their type (replay them once a listener exists)",
+            s.unroutable
+        );
+        let rows: Vec<[String; 3]> = db
+            .unroutable_by_event_type
+            .iter()
+            .map(|u| {
+                [
+                    u.event_type.clone(),
+                    u.count.to_string(),
+                    u.last_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                ]
+            })
+            .collect();
+        print!("{}", table(&["EVENT TYPE", "UNROUTABLE", "LAST"], &rows));
     }
     println!();
     match &status.listeners {

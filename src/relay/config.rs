@@ -25,9 +25,11 @@ pub struct RelayConfig {
     /// Claimed rows held at once (publishing or waiting behind an earlier
     /// event of their aggregate); bounds memory. Default 4 x `batch_size`.
     pub max_in_flight: usize,
-    /// How long a claim is exclusive. A relay that has not published and
-    /// marked its rows by then loses them to another relay (and can no
-    /// longer mark them). At least twice `confirm_timeout`. Default 30 s.
+    /// How long a claim stays exclusive without a heartbeat. A running
+    /// relay renews its leases every third of this, so a lease only ends
+    /// when its relay died, froze or lost the database: then another relay
+    /// takes the rows over (and the old one can no longer mark them). This
+    /// is the takeover time after a crash. At least 500 ms. Default 3 s.
     pub lease: Duration,
     /// How long to wait for the broker's confirm of one message before
     /// counting a failed attempt. Default 10 s.
@@ -62,6 +64,14 @@ pub struct RelayConfig {
     pub source: String,
     /// AMQP `app_id` property. Default `outbox-relay`.
     pub app_id: String,
+    /// What an event the broker returns as unroutable (no queue bound to
+    /// its type) does. `false` (the default): it counts as published to
+    /// nobody: it is kept with `unroutable_at` set (for `outbox replay`
+    /// once a listener exists), counted in `outbox status` and
+    /// `outbox_unroutable_total`, and its aggregate goes on. `true`: it is
+    /// a failed attempt, retried with backoff, and holds its aggregate
+    /// back until a queue is bound (the strict behaviour).
+    pub strict_routing: bool,
 }
 
 impl std::fmt::Debug for RelayConfig {
@@ -84,6 +94,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("prune_interval", &self.prune_interval)
             .field("prune_batch", &self.prune_batch)
             .field("source", &self.source)
+            .field("strict_routing", &self.strict_routing)
             .finish_non_exhaustive()
     }
 }
@@ -97,7 +108,7 @@ impl Default for RelayConfig {
             relay_id: default_relay_id(),
             batch_size: 500,
             max_in_flight: 2000,
-            lease: Duration::from_secs(30),
+            lease: Duration::from_secs(3),
             confirm_timeout: Duration::from_secs(10),
             poll_min: Duration::from_millis(5),
             poll_max: Duration::from_millis(100),
@@ -112,6 +123,7 @@ impl Default for RelayConfig {
             stats_interval: Duration::from_secs(5),
             source: "/outbox".to_owned(),
             app_id: "outbox-relay".to_owned(),
+            strict_routing: false,
         }
     }
 }
@@ -128,7 +140,19 @@ pub fn default_relay_id() -> String {
     format!("{host}-{}-{}", std::process::id(), &random[24..])
 }
 
+/// Shortest lease: renewals every third of it must fit a database round
+/// trip with room to spare.
+const MIN_LEASE: Duration = Duration::from_millis(500);
+/// Longest lease: a crashed relay's rows wait this long.
+const MAX_LEASE: Duration = Duration::from_secs(600);
+
 impl RelayConfig {
+    /// How often a relay renews its leases: a third of the lease, so two
+    /// renewals in a row may fail before a lease ends.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.lease / 3
+    }
+
     /// Checks every setting; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
         let bad = |message: String| Err(Error::Config(message));
@@ -170,10 +194,10 @@ impl RelayConfig {
         if self.confirm_timeout.is_zero() {
             return bad("confirm timeout must be positive".into());
         }
-        if self.lease < self.confirm_timeout * 2 {
+        if self.lease < MIN_LEASE || self.lease > MAX_LEASE {
             return bad(format!(
-                "lease ({:?}) must be at least twice the confirm timeout ({:?}): a row is only published while its lease outlasts a whole confirm wait, or another relay could take it over mid-confirm",
-                self.lease, self.confirm_timeout
+                "lease ({:?}) must be between {MIN_LEASE:?} and {MAX_LEASE:?}: it is renewed every third of it, and it is how long a crashed relay's rows wait",
+                self.lease
             ));
         }
         if self.poll_min.is_zero() || self.poll_max < self.poll_min {
@@ -257,8 +281,7 @@ mod tests {
             ),
             (
                 RelayConfig {
-                    lease: Duration::from_secs(5),
-                    confirm_timeout: Duration::from_secs(5),
+                    lease: Duration::from_millis(100),
                     ..RelayConfig::default()
                 },
                 "lease",

@@ -56,9 +56,6 @@ pub(crate) enum SessionEnd {
 
 struct HeldRow {
     row: ClaimedEvent,
-    /// Local instant before which the lease is certainly still ours (taken
-    /// before the claim query ran, so it errs early).
-    lease_deadline: Instant,
 }
 
 /// An aggregate's claimed rows, oldest first; only the head is ever in
@@ -81,6 +78,8 @@ type ConfirmFuture = Pin<Box<dyn Future<Output = Confirmed> + Send>>;
 #[derive(Default)]
 struct Pending {
     to_mark: Vec<LeasedSeq>,
+    /// Returned by the broker as unroutable: marked, kept, flagged.
+    to_mark_unroutable: Vec<LeasedSeq>,
     failures: Vec<PublishFailure>,
     releases: Vec<LeasedSeq>,
     /// Leases whose rows are all settled and flushed.
@@ -90,6 +89,7 @@ struct Pending {
 impl Pending {
     fn is_empty(&self) -> bool {
         self.to_mark.is_empty()
+            && self.to_mark_unroutable.is_empty()
             && self.failures.is_empty()
             && self.releases.is_empty()
             && self.finished_leases.is_empty()
@@ -97,6 +97,7 @@ impl Pending {
 
     fn absorb(&mut self, mut other: Pending) {
         self.to_mark.append(&mut other.to_mark);
+        self.to_mark_unroutable.append(&mut other.to_mark_unroutable);
         self.failures.append(&mut other.failures);
         self.releases.append(&mut other.releases);
         self.finished_leases.append(&mut other.finished_leases);
@@ -131,6 +132,13 @@ pub(crate) struct Session<'a> {
     pending: Pending,
     lane: Option<JoinHandle<LaneResult>>,
     mark_lane: Option<JoinHandle<LaneResult>>,
+    /// The lease renewal running now, if any.
+    heartbeat: Option<JoinHandle<HeartbeatResult>>,
+    next_heartbeat: Instant,
+    /// Local instant before which each lease of this session is certainly
+    /// still ours: taken before the claim or the renewal that set it ran,
+    /// so it errs early.
+    lease_deadlines: HashMap<i64, Instant>,
     /// Rows of each of this session's leases not yet settled in the
     /// database; a lease is deleted when its count reaches zero.
     lease_rows: HashMap<i64, usize>,
@@ -157,6 +165,9 @@ impl<'a> Session<'a> {
             pending: Pending::default(),
             lane: None,
             mark_lane: None,
+            heartbeat: None,
+            next_heartbeat: Instant::now(),
+            lease_deadlines: HashMap::new(),
             lease_rows: HashMap::new(),
             generation: 0,
             blocked: HashMap::new(),
@@ -184,6 +195,7 @@ impl<'a> Session<'a> {
             }
             self.maybe_start_lane();
             self.maybe_start_mark_lane();
+            self.maybe_start_heartbeat();
             if self.stopping
                 && self.in_flight.is_empty()
                 && self.lane.is_none()
@@ -194,6 +206,8 @@ impl<'a> Session<'a> {
             }
             let can_claim = !self.stopping && self.held + config.batch_size <= config.max_in_flight;
             let poll_at = tokio::time::Instant::from_std(self.next_poll);
+            let heartbeat_at = tokio::time::Instant::from_std(self.next_heartbeat);
+            let heartbeat_due = self.heartbeat.is_none() && !self.lease_deadlines.is_empty();
             tokio::select! {
                 () = &mut shutdown, if !self.stopping => {
                     tracing::info!(relay_id = %config.relay_id, in_flight = self.in_flight.len(), "relay stopping: no new claims, draining confirms");
@@ -222,6 +236,11 @@ impl<'a> Session<'a> {
                         return SessionEnd::BrokerLost(reason);
                     }
                 }
+                joined = wait_heartbeat(&mut self.heartbeat), if self.heartbeat.is_some() => {
+                    self.heartbeat = None;
+                    self.on_heartbeat_done(joined);
+                }
+                () = tokio::time::sleep_until(heartbeat_at), if heartbeat_due => {}
                 () = tokio::time::sleep_until(poll_at), if self.lane.is_none() && can_claim => {}
                 // Wake up regularly to notice a dead connection while idle.
                 () = tokio::time::sleep(config.poll_max) => {}
@@ -263,15 +282,65 @@ impl<'a> Session<'a> {
         }));
     }
 
+    /// Starts a lease renewal when one is due and this session holds leases.
+    fn maybe_start_heartbeat(&mut self) {
+        let now = Instant::now();
+        if self.heartbeat.is_some() || self.lease_deadlines.is_empty() || now < self.next_heartbeat {
+            return;
+        }
+        self.next_heartbeat = now + self.shared.config.heartbeat_interval();
+        let shared = self.shared.clone_for_lane();
+        self.heartbeat = Some(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let renewed = shared.pool.get().map_err(Error::from).and_then(|mut conn| {
+                store::renew_leases(
+                    &mut conn,
+                    &shared.config.relay_id,
+                    shared.config.lease.as_secs_f64(),
+                )
+            });
+            HeartbeatResult { started, renewed }
+        }));
+    }
+
+    /// Moves the deadline of every renewed lease. A lease the renewal did
+    /// not find has ended: its deadline stays, so its rows are given back
+    /// instead of published (another relay may hold them now).
+    fn on_heartbeat_done(&mut self, joined: std::result::Result<HeartbeatResult, tokio::task::JoinError>) {
+        match joined {
+            Ok(HeartbeatResult {
+                started,
+                renewed: Ok(ids),
+            }) => {
+                let deadline = started + self.shared.config.lease;
+                for id in ids {
+                    if let Some(current) = self.lease_deadlines.get_mut(&id) {
+                        *current = (*current).max(deadline);
+                    }
+                }
+            }
+            Ok(HeartbeatResult {
+                renewed: Err(error), ..
+            }) => {
+                self.shared.health.set_database_ok(false);
+                tracing::warn!(error = %error_chain(&error), "cannot renew leases; rows whose lease ends are given back");
+            }
+            Err(e) => tracing::error!(error = %e, "relay heartbeat job panicked"),
+        }
+    }
+
     /// Starts a mark job if none runs and rows wait to be marked.
     fn maybe_start_mark_lane(&mut self) {
         if self.mark_lane.is_some()
-            || (self.pending.to_mark.is_empty() && self.pending.finished_leases.is_empty())
+            || (self.pending.to_mark.is_empty()
+                && self.pending.to_mark_unroutable.is_empty()
+                && self.pending.finished_leases.is_empty())
         {
             return;
         }
         let pending = Pending {
             to_mark: std::mem::take(&mut self.pending.to_mark),
+            to_mark_unroutable: std::mem::take(&mut self.pending.to_mark_unroutable),
             finished_leases: std::mem::take(&mut self.pending.finished_leases),
             ..Pending::default()
         };
@@ -314,6 +383,7 @@ impl<'a> Session<'a> {
             let settled = flushed
                 .to_mark
                 .iter()
+                .chain(flushed.to_mark_unroutable.iter())
                 .chain(flushed.releases.iter())
                 .map(|(_, lease)| *lease)
                 .chain(flushed.failures.iter().map(|f| f.lease_id));
@@ -322,6 +392,7 @@ impl<'a> Session<'a> {
                     *count = count.saturating_sub(1);
                     if *count == 0 {
                         self.lease_rows.remove(&lease);
+                        self.lease_deadlines.remove(&lease);
                         self.pending.finished_leases.push(lease);
                     }
                 }
@@ -371,6 +442,12 @@ impl<'a> Session<'a> {
         rows: Vec<ClaimedEvent>,
     ) -> std::result::Result<(), String> {
         let lease_deadline = claim_started + self.shared.config.lease;
+        if let Some(first) = rows.first() {
+            // One lease per claim; renewals move it later.
+            self.lease_deadlines
+                .entry(first.lease_id)
+                .or_insert(lease_deadline);
+        }
         let mut new_heads = Vec::new();
         for row in rows {
             let key = (row.aggregate_type.clone(), row.aggregate_id.clone());
@@ -388,7 +465,7 @@ impl<'a> Session<'a> {
             if chain.rows.is_empty() {
                 new_heads.push(key);
             }
-            chain.rows.push_back(HeldRow { row, lease_deadline });
+            chain.rows.push_back(HeldRow { row });
         }
         for key in new_heads {
             self.publish_head(key).await?;
@@ -397,16 +474,21 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Publishes the head of `key`'s chain, unless its lease would run out
-    /// before a confirm could arrive (then the chain is given back).
+    /// Publishes the head of `key`'s chain, unless its lease may end before
+    /// the next renewal could extend it (then the chain is given back: its
+    /// relay froze or lost the database long enough that another relay may
+    /// take the rows over).
     async fn publish_head(&mut self, key: AggregateKey) -> std::result::Result<(), String> {
         let confirm_timeout = self.shared.config.confirm_timeout;
+        let margin = self.shared.config.heartbeat_interval();
         let (seq, event_id, lease_ok) = match self.chains.get(&key) {
             Some(chain) if !chain.head_in_flight => match chain.rows.front() {
                 Some(head) => (
                     head.row.seq,
                     head.row.event_id,
-                    Instant::now() + confirm_timeout < head.lease_deadline,
+                    self.lease_deadlines
+                        .get(&head.row.lease_id)
+                        .is_some_and(|deadline| Instant::now() + margin < *deadline),
                 ),
                 None => {
                     self.chains.remove(&key);
@@ -458,6 +540,7 @@ impl<'a> Session<'a> {
             outcome,
         } = confirmed;
         crash_point!("relay::after_confirm");
+        let mut unroutable = false;
         let failure = match outcome {
             Ok(Ok(confirmation)) => {
                 let acked = confirmation.is_ack();
@@ -475,7 +558,13 @@ impl<'a> Session<'a> {
                     }
                 }
                 // Checked on every confirm: a set lookup, no allocation.
-                if self.returned.remove(&event_id) {
+                let returned = self.returned.remove(&event_id);
+                if returned && !self.shared.config.strict_routing && acked {
+                    // Routed to no queue: published to nobody. Kept and
+                    // flagged rather than retried, so its aggregate goes on.
+                    unroutable = true;
+                    None
+                } else if returned {
                     let event_type = self
                         .chains
                         .get(&key)
@@ -524,8 +613,16 @@ impl<'a> Session<'a> {
                             .num_microseconds()
                             .unwrap_or(0);
                         metrics::histogram!(m::PUBLISH_LATENCY_SECONDS).record(latency.max(0) as f64 / 1e6);
-                        tracing::debug!(seq, event_id = %done.row.event_id, event_type = %done.row.event_type, "published");
-                        self.pending.to_mark.push((seq, done.row.lease_id));
+                        if unroutable {
+                            metrics::counter!(m::UNROUTABLE_TOTAL, "event_type" => done.row.event_type.clone())
+                                .increment(1);
+                            tracing::warn!(seq, event_id = %done.row.event_id, event_type = %done.row.event_type,
+                                "no queue is bound to this event type: kept as unroutable (replay it once a listener exists)");
+                            self.pending.to_mark_unroutable.push((seq, done.row.lease_id));
+                        } else {
+                            tracing::debug!(seq, event_id = %done.row.event_id, event_type = %done.row.event_type, "published");
+                            self.pending.to_mark.push((seq, done.row.lease_id));
+                        }
                     }
                     chain_done = chain.rows.is_empty();
                 }
@@ -595,6 +692,10 @@ impl<'a> Session<'a> {
     /// of a lost connection count a failed attempt; everything else held is
     /// given back. Best effort: leases expire anyway if this fails.
     async fn finish(&mut self, end: &SessionEnd) {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            let _ = heartbeat.await;
+        }
+        self.lease_deadlines.clear();
         for lane in [self.lane.take(), self.mark_lane.take()].into_iter().flatten() {
             let joined = lane.await;
             if let Ok(result) = joined {
@@ -651,6 +752,22 @@ impl<'a> Session<'a> {
     }
 }
 
+/// A lease renewal's outcome: when it started (the new deadlines count
+/// from then) and the leases it renewed.
+struct HeartbeatResult {
+    started: Instant,
+    renewed: Result<Vec<i64>>,
+}
+
+async fn wait_heartbeat(
+    heartbeat: &mut Option<JoinHandle<HeartbeatResult>>,
+) -> std::result::Result<HeartbeatResult, tokio::task::JoinError> {
+    match heartbeat {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn wait_lane(
     lane: &mut Option<JoinHandle<LaneResult>>,
 ) -> std::result::Result<LaneResult, tokio::task::JoinError> {
@@ -672,7 +789,7 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
     let config = &ctx.config;
     let mut result = LaneResult {
         unflushed: None,
-        attempted_marks: pending.to_mark.len(),
+        attempted_marks: pending.to_mark.len() + pending.to_mark_unroutable.len(),
         flushed: None,
         marked: 0,
         newly_failed: 0,
@@ -692,10 +809,11 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
     let delete = config.retention.is_zero();
     let flush_started = Instant::now();
     let flushed = (|| -> Result<(usize, usize)> {
-        if !pending.to_mark.is_empty() {
+        if !pending.to_mark.is_empty() || !pending.to_mark_unroutable.is_empty() {
             crash_point!("relay::before_mark");
         }
-        let marked = store::mark_published(&mut conn, &config.relay_id, &pending.to_mark, delete)?.len();
+        let marked = store::mark_published(&mut conn, &config.relay_id, &pending.to_mark, delete)?.len()
+            + store::mark_unroutable(&mut conn, &config.relay_id, &pending.to_mark_unroutable)?.len();
         if marked > 0 {
             crash_point!("relay::after_mark");
         }

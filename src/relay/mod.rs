@@ -107,8 +107,8 @@ impl Relay {
     pub fn new(config: RelayConfig) -> Result<Self> {
         config.validate()?;
         let pool = Pool::builder()
-            // Claim lane, mark lane, maintenance services.
-            .max_size(4)
+            // Claim lane, mark lane, heartbeat, maintenance services.
+            .max_size(5)
             .min_idle(Some(0))
             .connection_timeout(Duration::from_secs(5))
             .connection_customizer(Box::new(RelaySession::new(&config.relay_id)))
@@ -289,6 +289,10 @@ async fn wait_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, period: Dur
     }
 }
 
+/// How long unroutable rows are kept when published rows are not
+/// (retention 0).
+const UNROUTABLE_RETENTION_WITHOUT_HISTORY: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// The pruner: deletes published rows older than the retention, in bounded
 /// batches, so the table does not grow without bound, and leases of relays
 /// that died.
@@ -301,10 +305,13 @@ async fn run_pruner(ctx: LaneContext, mut stop: tokio::sync::watch::Receiver<boo
         if let Err(error) = run_blocking(&ctx.pool, store::delete_expired_leases).await {
             tracing::warn!(error = %error_chain(&error), "cannot delete expired leases; will try again");
         }
-        if config.retention.is_zero() {
-            // Rows are deleted as they are published.
-            continue;
-        }
+        // With retention 0 published rows are deleted on publish; what is
+        // left published is kept unroutable rows, pruned after a week.
+        let retention = if config.retention.is_zero() {
+            UNROUTABLE_RETENTION_WITHOUT_HISTORY.as_secs_f64()
+        } else {
+            retention
+        };
         let mut total = 0usize;
         loop {
             match run_blocking(&ctx.pool, move |conn| {
@@ -341,6 +348,7 @@ async fn run_backlog_gauges(ctx: LaneContext, mut stop: tokio::sync::watch::Rece
                 metrics::gauge!(m::OLDEST_UNPUBLISHED_AGE_SECONDS).set(stats.oldest_unpublished_age_seconds);
                 metrics::gauge!(m::FAILED_EVENTS).set(stats.failed as f64);
                 metrics::gauge!(m::PAUSED).set(if stats.paused { 1.0 } else { 0.0 });
+                metrics::gauge!(m::UNROUTABLE_EVENTS).set(stats.unroutable as f64);
             }
             Err(error) => tracing::debug!(error = %error_chain(&error), "cannot read backlog figures"),
         }

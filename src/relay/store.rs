@@ -93,7 +93,9 @@ impl ClaimedEvent {
 /// aggregate is either claimed by this same statement or already leased
 /// to this relay (in flight here): so an aggregate's events are only ever
 /// in one relay's hands, in order, and an aggregate whose head is failed,
-/// waiting for a retry, or held by another relay is skipped entirely.
+/// waiting for a retry, or held by another relay is skipped entirely: its
+/// queued rows are not even read into the claim's window, so however many
+/// there are, they never keep other aggregates' rows from being claimed.
 /// Claims take turns: each runs in a transaction that first takes a
 /// transaction-scoped advisory lock ([`CLAIM_LOCK`]), so its statement's
 /// snapshot sees every lease committed by claims before it. (Row locks
@@ -136,6 +138,23 @@ fn claim_statement(
         "WITH live AS MATERIALIZED (
              SELECT owner, unnest(seqs) AS seq FROM outbox_leases WHERE expires_at > now()
          ),
+         -- Aggregates whose head no row of this claim may pass: held by
+         -- another relay, waiting for a retry, or failed. Their queued rows
+         -- are kept out of the window, so a blocked aggregate with any
+         -- number of queued events never crowds out the others.
+         blocked AS MATERIALIZED (
+             SELECT e.aggregate_type, e.aggregate_id
+             FROM outbox_events e
+             -- An array keeps this on the primary key instead of a scan.
+             WHERE e.seq = ANY(ARRAY(SELECT seq FROM live WHERE owner <> $1))
+               AND e.published_at IS NULL
+             UNION
+             SELECT e.aggregate_type, e.aggregate_id
+             FROM outbox_events e
+             -- On the small outbox_events_retrying index.
+             WHERE e.published_at IS NULL AND e.attempts > 0
+               AND (e.failed_at IS NOT NULL OR e.next_attempt_at > now())
+         ),
          win AS MATERIALIZED (
              SELECT e.seq, e.aggregate_type, e.aggregate_id
              FROM outbox_events e
@@ -144,6 +163,7 @@ fn claim_statement(
                AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
                -- NOT IN over a materialized set runs as one hashed lookup.
                AND e.seq NOT IN (SELECT seq FROM live)
+               AND (e.aggregate_type, e.aggregate_id) NOT IN (SELECT aggregate_type, aggregate_id FROM blocked)
                AND NOT (SELECT paused FROM outbox_control WHERE id)
              ORDER BY e.seq
              LIMIT $2
@@ -261,6 +281,60 @@ pub fn mark_published(
         .load::<Seq>(conn)?
     };
     Ok(marked.into_iter().map(|row| row.seq).collect())
+}
+
+/// Marks rows the broker returned as unroutable (no queue bound to their
+/// type) published to nobody: `published_at` and `unroutable_at` are set,
+/// and the row is kept (also with retention 0) so it can be replayed once
+/// a listener exists. Guarded by a live lease of `relay_id` like
+/// [`mark_published`]. Returns the seqs marked.
+pub fn mark_unroutable(conn: &mut PgConnection, relay_id: &str, rows: &[LeasedSeq]) -> Result<Vec<i64>> {
+    #[derive(QueryableByName)]
+    struct Seq {
+        #[diesel(sql_type = BigInt)]
+        seq: i64,
+    }
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (seqs, leases) = split(rows);
+    struct MarkUnroutableSql;
+    let marked = Prepared::<MarkUnroutableSql>::new(
+        "UPDATE outbox_events e
+         SET published_at = now(), unroutable_at = now()
+         FROM unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
+         JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
+         WHERE e.seq = m.seq AND e.published_at IS NULL
+         RETURNING e.seq",
+        vec![
+            Bind::BigIntArray(&seqs),
+            Bind::BigIntArray(&leases),
+            Bind::Text(relay_id),
+        ],
+    )
+    .load::<Seq>(conn)?;
+    Ok(marked.into_iter().map(|row| row.seq).collect())
+}
+
+/// The heartbeat: extends every live lease of `relay_id` to `lease_secs`
+/// from now and returns their ids. A lease that already ended is not
+/// revived (another relay may hold its rows now); its id is missing from
+/// the answer, and the relay must stop publishing its rows.
+pub fn renew_leases(conn: &mut PgConnection, relay_id: &str, lease_secs: f64) -> Result<Vec<i64>> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    struct RenewLeasesSql;
+    let renewed = Prepared::<RenewLeasesSql>::new(
+        "UPDATE outbox_leases SET expires_at = now() + make_interval(secs => $2)
+         WHERE owner = $1 AND expires_at > now()
+         RETURNING id",
+        vec![Bind::Text(relay_id), Bind::Double(lease_secs)],
+    )
+    .load::<Id>(conn)?;
+    Ok(renewed.into_iter().map(|row| row.id).collect())
 }
 
 /// One failed publish attempt.
@@ -419,6 +493,10 @@ pub struct BacklogStats {
     /// Whether relays are paused.
     #[diesel(sql_type = Bool)]
     pub paused: bool,
+    /// Kept rows the broker returned as unroutable (no queue was bound to
+    /// their type), published to nobody; see [`mark_unroutable`].
+    #[diesel(sql_type = BigInt)]
+    pub unroutable: i64,
 }
 
 /// Reads the backlog figures.
@@ -431,7 +509,8 @@ pub fn backlog_stats(conn: &mut PgConnection) -> Result<BacklogStats> {
                 )) AS in_flight,
                 count(*) FILTER (WHERE failed_at IS NOT NULL) AS failed,
                 count(*) FILTER (WHERE failed_at IS NULL AND next_attempt_at > now()) AS retrying,
-                (SELECT paused FROM outbox_control WHERE id) AS paused
+                (SELECT paused FROM outbox_control WHERE id) AS paused,
+                (SELECT count(*) FROM outbox_events WHERE unroutable_at IS NOT NULL) AS unroutable
          FROM outbox_events WHERE published_at IS NULL",
     )
     .get_result(conn)?)
@@ -464,6 +543,31 @@ pub fn backlog_by_event_type(conn: &mut PgConnection) -> Result<Vec<EventTypeBac
          FROM outbox_events WHERE published_at IS NULL
          GROUP BY event_type
          ORDER BY backlog DESC, event_type",
+    )
+    .load(conn)?)
+}
+
+/// Kept unroutable rows of one event type, for `outbox status`.
+#[derive(Debug, Clone, QueryableByName, serde::Serialize)]
+pub struct UnroutableEvents {
+    /// The event type no queue was bound to.
+    #[diesel(sql_type = Text)]
+    pub event_type: String,
+    /// Rows of this type kept as unroutable.
+    #[diesel(sql_type = BigInt)]
+    pub count: i64,
+    /// When the latest of them was returned.
+    #[diesel(sql_type = Timestamptz)]
+    pub last_at: DateTime<Utc>,
+}
+
+/// Unroutable rows per event type, largest first.
+pub fn unroutable_by_event_type(conn: &mut PgConnection) -> Result<Vec<UnroutableEvents>> {
+    Ok(diesel::sql_query(
+        "SELECT event_type, count(*) AS count, max(unroutable_at) AS last_at
+         FROM outbox_events WHERE unroutable_at IS NOT NULL
+         GROUP BY event_type
+         ORDER BY count DESC, event_type",
     )
     .load(conn)?)
 }

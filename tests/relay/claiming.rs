@@ -174,6 +174,55 @@ fn an_expired_lease_cannot_mark_or_fail_and_the_rows_are_claimable_again() {
     );
 }
 
+#[test]
+fn a_renewed_lease_outlives_its_first_term_and_an_ended_one_is_not_revived() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    record_ticks(&mut conn, "kept", 0..2);
+    record_ticks(&mut conn, "lost", 0..2);
+    let kept = store::claim_batch(&mut conn, "alive", 2, 1.0).unwrap();
+    let lost = store::claim_batch(&mut conn, "frozen", 2, 0.3).unwrap();
+    assert_eq!((kept.len(), lost.len()), (2, 2));
+    // The frozen relay never renews; its lease ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while scalar(
+        &mut conn,
+        "SELECT count(*) AS n FROM outbox_leases WHERE owner = 'frozen' AND expires_at > now()",
+    ) > 0
+    {
+        assert!(std::time::Instant::now() < deadline, "lease never expired");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // A renewal finds only live leases of its own relay.
+    assert!(store::renew_leases(&mut conn, "frozen", 30.0).unwrap().is_empty());
+    let renewed = store::renew_leases(&mut conn, "alive", 30.0).unwrap();
+    assert_eq!(renewed, vec![kept[0].lease_id]);
+    // Past its first term (1 s) the renewed lease still holds its rows.
+    let first_term_over = format!(
+        "SELECT count(*) AS n FROM outbox_leases WHERE id = {} AND created_at + interval '1100 ms' < now()",
+        kept[0].lease_id
+    );
+    while scalar(&mut conn, &first_term_over) == 0 {
+        assert!(std::time::Instant::now() < deadline, "first term never ended");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let reclaimed = store::claim_batch(&mut conn, "other", 10, 30.0).unwrap();
+    assert_eq!(
+        reclaimed
+            .iter()
+            .map(|r| r.aggregate_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["lost", "lost"]
+    );
+    let rows: Vec<(i64, i64)> = kept.iter().map(|r| (r.seq, r.lease_id)).collect();
+    assert_eq!(
+        store::mark_published(&mut conn, "alive", &rows, false)
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crashed_relays_rows_are_published_once_its_lease_ends() {
     let db = TestDatabase::create().unwrap();

@@ -9,6 +9,7 @@ mod support;
 mod claiming;
 mod faults;
 mod least_privilege;
+mod liveness;
 mod operating;
 mod operator_queries;
 mod ordering;

@@ -3,7 +3,7 @@ use std::time::Duration;
 use diesel::prelude::*;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use outbox::{DomainEvent, Error, Metadata, TestDatabase};
+use outbox::{DomainEvent, Error, Metadata, RelayConfig, TestDatabase};
 use serde::Serialize;
 
 use outbox::testing::TestExchange;
@@ -122,7 +122,7 @@ fn record_reset(conn: &mut PgConnection, aggregate: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn unroutable_event_retries_with_backoff_and_holds_back_its_aggregate_only() {
+async fn with_strict_routing_an_unroutable_event_retries_and_holds_back_its_aggregate_only() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
     // Only counter.ticked is routed: counter.reset comes back unroutable.
@@ -130,7 +130,10 @@ async fn unroutable_event_retries_with_backoff_and_holds_back_its_aggregate_only
     record_reset(&mut conn, "held");
     crate::support::record_ticks(&mut conn, "held", 1..3);
     crate::support::record_ticks(&mut conn, "free", 0..3);
-    let relay = RunningRelay::start(relay_config(&db, &broker));
+    let relay = RunningRelay::start(RelayConfig {
+        strict_routing: true,
+        ..relay_config(&db, &broker)
+    });
 
     broker.wait_for_distinct(3, Duration::from_secs(20)).await;
     eventually(
@@ -175,6 +178,78 @@ async fn unroutable_event_retries_with_backoff_and_holds_back_its_aggregate_only
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_no_queue_is_bound_to_is_kept_as_unroutable_and_its_aggregate_goes_on() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    // A bound and an unbound type on one aggregate: counter.reset (unbound)
+    // is its head, counter.ticked (bound) follows.
+    let broker = TestExchange::with_binding(Some("counter.ticked")).await.unwrap();
+    record_reset(&mut conn, "mixed");
+    crate::support::record_ticks(&mut conn, "mixed", 1..4);
+    let relay = RunningRelay::start(relay_config(&db, &broker));
+    broker.wait_for_distinct(3, Duration::from_secs(20)).await;
+    assert_eq!(broker.first_arrival_order("n")["mixed"], vec![1, 2, 3]);
+    eventually("every row marked", Duration::from_secs(20), || {
+        unpublished(&mut conn) == 0
+    })
+    .await;
+    relay.stop().await;
+    // The unbound event was tried once, is kept and flagged, not failed.
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events
+             WHERE event_type = 'counter.reset' AND unroutable_at IS NOT NULL
+               AND published_at IS NOT NULL AND attempts = 0 AND failed_at IS NULL"
+        ),
+        1
+    );
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE event_type = 'counter.ticked' AND unroutable_at IS NOT NULL"
+        ),
+        0
+    );
+    let stats = outbox::relay::store::backlog_stats(&mut conn).unwrap();
+    assert_eq!((stats.unroutable, stats.backlog), (1, 0));
+    let by_type = outbox::relay::store::unroutable_by_event_type(&mut conn).unwrap();
+    assert_eq!(by_type.len(), 1);
+    assert_eq!(
+        (by_type[0].event_type.as_str(), by_type[0].count),
+        ("counter.reset", 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_retention_zero_unroutable_events_are_still_kept() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    let broker = TestExchange::with_binding(Some("counter.ticked")).await.unwrap();
+    record_reset(&mut conn, "kept");
+    crate::support::record_ticks(&mut conn, "kept", 1..3);
+    let relay = RunningRelay::start(RelayConfig {
+        retention: Duration::ZERO,
+        ..relay_config(&db, &broker)
+    });
+    broker.wait_for_distinct(2, Duration::from_secs(20)).await;
+    eventually(
+        "the routed rows deleted on publish",
+        Duration::from_secs(20),
+        || scalar(&mut conn, "SELECT count(*) AS n FROM outbox_events") == 1,
+    )
+    .await;
+    relay.stop().await;
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE event_type = 'counter.reset' AND unroutable_at IS NOT NULL"
+        ),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exhausted_attempts_mark_the_row_failed_until_an_operator_retries() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
@@ -183,6 +258,7 @@ async fn exhausted_attempts_mark_the_row_failed_until_an_operator_retries() {
     crate::support::record_ticks(&mut conn, "a", 1..2);
     let config = outbox::RelayConfig {
         max_attempts: 2,
+        strict_routing: true,
         ..relay_config(&db, &broker)
     };
     let relay = RunningRelay::start(config);
