@@ -1,3 +1,4 @@
+use diesel::RunQueryDsl;
 use std::time::Duration;
 
 use outbox::TestDatabase;
@@ -62,4 +63,74 @@ async fn relay_killed_with_sigkill_mid_batch_loses_nothing_and_sigterm_stops_cle
         "SIGKILL mid-batch: {} duplicate deliveries of {total}",
         exchange.received().len() - total
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_relays_aggregates_are_taken_over_within_its_lease() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    let exchange = TestExchange::new().await.unwrap();
+    let total = record_interleaved(&mut conn, 200, 40);
+    // Default lease (3 s, heartbeated); two relays share the drain.
+    let small = ["--batch-size", "100"];
+    let mut doomed = RelayChild::spawn(
+        db.url(),
+        outbox::DEFAULT_AMQP_URL,
+        &exchange.exchange,
+        &[&small[..], &["--relay-id", "takeover-doomed"]].concat(),
+    );
+    let mut survivor = RelayChild::spawn(
+        db.url(),
+        outbox::DEFAULT_AMQP_URL,
+        &exchange.exchange,
+        &[&small[..], &["--relay-id", "takeover-survivor"]].concat(),
+    );
+    let held_sql = "SELECT count(*) AS n FROM outbox_leases l CROSS JOIN unnest(l.seqs) AS s(seq)
+                      JOIN outbox_events e ON e.seq = s.seq
+                     WHERE l.owner = 'takeover-doomed' AND l.expires_at > now() AND e.published_at IS NULL";
+    eventually("the doomed relay holds rows", Duration::from_secs(30), || {
+        scalar(&mut conn, held_sql) > 0
+    })
+    .await;
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+    let killed = std::time::Instant::now();
+    // What it still held when it died (marks it sent may have landed).
+    diesel::sql_query(
+        "CREATE TABLE takeover_held AS
+         SELECT e.seq FROM outbox_leases l CROSS JOIN unnest(l.seqs) AS s(seq)
+           JOIN outbox_events e ON e.seq = s.seq
+          WHERE l.owner = 'takeover-doomed' AND e.published_at IS NULL",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let held = scalar(&mut conn, "SELECT count(*) AS n FROM takeover_held");
+    eventually(
+        "the survivor publishes the dead relay's rows",
+        Duration::from_secs(30),
+        || {
+            scalar(
+                &mut conn,
+                "SELECT count(*) AS n FROM outbox_events WHERE seq IN (SELECT seq FROM takeover_held) AND published_at IS NULL",
+            ) == 0
+        },
+    )
+    .await;
+    let takeover = killed.elapsed();
+    eprintln!("SIGKILL with {held} rows held: taken over and published {takeover:?} after the kill");
+    // The lease is 3 s; the rest is slack for a loaded 2-core CI machine.
+    assert!(
+        takeover < Duration::from_secs(8),
+        "the dead relay's {held} rows waited {takeover:?}; logs:\n{}",
+        survivor.logs()
+    );
+    exchange.wait_for_distinct(total, Duration::from_secs(60)).await;
+    assert!(survivor.terminate().success(), "{}", survivor.logs());
+    for (aggregate, ns) in exchange.first_arrival_order("n") {
+        assert_eq!(
+            ns,
+            (0..40).collect::<Vec<_>>(),
+            "aggregate {aggregate} out of order"
+        );
+    }
 }
