@@ -34,6 +34,10 @@ pub struct RelayConfig {
     /// How long to wait for the broker's confirm of one message before
     /// counting a failed attempt. Default 10 s.
     pub confirm_timeout: Duration,
+    /// Longest time a confirmed row waits to be marked published, so that
+    /// marks go out many rows a statement (a full batch goes at once).
+    /// Delivery does not wait for it. Default 5 ms.
+    pub mark_delay: Duration,
     /// Shortest wait between claims when rows keep coming. Default 5 ms.
     pub poll_min: Duration,
     /// Longest wait between claims when idle; the wait doubles from
@@ -85,6 +89,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("lease", &self.lease)
             .field("confirm_timeout", &self.confirm_timeout)
+            .field("mark_delay", &self.mark_delay)
             .field("poll_min", &self.poll_min)
             .field("poll_max", &self.poll_max)
             .field("max_attempts", &self.max_attempts)
@@ -110,6 +115,7 @@ impl Default for RelayConfig {
             max_in_flight: 2000,
             lease: Duration::from_secs(3),
             confirm_timeout: Duration::from_secs(10),
+            mark_delay: Duration::from_millis(5),
             poll_min: Duration::from_millis(5),
             poll_max: Duration::from_millis(100),
             max_attempts: 20,
@@ -198,6 +204,12 @@ impl RelayConfig {
             return bad(format!(
                 "lease ({:?}) must be between {MIN_LEASE:?} and {MAX_LEASE:?}: it is renewed every third of it, and it is how long a crashed relay's rows wait",
                 self.lease
+            ));
+        }
+        if self.mark_delay > Duration::from_secs(1) || self.mark_delay >= self.lease / 3 {
+            return bad(format!(
+                "mark delay ({:?}) must be at most 1 s and shorter than a third of the lease",
+                self.mark_delay
             ));
         }
         if self.poll_min.is_zero() || self.poll_max < self.poll_min {

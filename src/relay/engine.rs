@@ -132,6 +132,8 @@ pub(crate) struct Session<'a> {
     pending: Pending,
     lane: Option<JoinHandle<LaneResult>>,
     mark_lane: Option<JoinHandle<LaneResult>>,
+    /// When the rows waiting to be marked must be marked at the latest.
+    mark_at: Option<Instant>,
     /// The lease renewal running now, if any.
     heartbeat: Option<JoinHandle<HeartbeatResult>>,
     next_heartbeat: Instant,
@@ -165,6 +167,7 @@ impl<'a> Session<'a> {
             pending: Pending::default(),
             lane: None,
             mark_lane: None,
+            mark_at: None,
             heartbeat: None,
             next_heartbeat: Instant::now(),
             lease_deadlines: HashMap::new(),
@@ -241,6 +244,7 @@ impl<'a> Session<'a> {
                     self.on_heartbeat_done(joined);
                 }
                 () = tokio::time::sleep_until(heartbeat_at), if heartbeat_due => {}
+                () = sleep_until_instant(self.mark_at), if self.mark_lane.is_none() && self.mark_at.is_some() => {}
                 () = tokio::time::sleep_until(poll_at), if self.lane.is_none() && can_claim => {}
                 // Wake up regularly to notice a dead connection while idle.
                 () = tokio::time::sleep(config.poll_max) => {}
@@ -329,15 +333,26 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Starts a mark job if none runs and rows wait to be marked.
+    /// Starts a mark job if none runs and rows wait to be marked: once a
+    /// batch of them waits, or the first of them has waited `mark_delay`
+    /// (marking many rows in one statement costs little more than one; the
+    /// messages are already confirmed, so only bookkeeping waits).
     fn maybe_start_mark_lane(&mut self) {
-        if self.mark_lane.is_some()
-            || (self.pending.to_mark.is_empty()
-                && self.pending.to_mark_unroutable.is_empty()
-                && self.pending.finished_leases.is_empty())
-        {
+        if self.mark_lane.is_some() {
             return;
         }
+        let waiting = self.pending.to_mark.len() + self.pending.to_mark_unroutable.len();
+        if waiting == 0 && self.pending.finished_leases.is_empty() {
+            self.mark_at = None;
+            return;
+        }
+        let due = *self
+            .mark_at
+            .get_or_insert_with(|| Instant::now() + self.shared.config.mark_delay);
+        if waiting < self.shared.config.batch_size && !self.stopping && Instant::now() < due {
+            return;
+        }
+        self.mark_at = None;
         let pending = Pending {
             to_mark: std::mem::take(&mut self.pending.to_mark),
             to_mark_unroutable: std::mem::take(&mut self.pending.to_mark_unroutable),
@@ -749,6 +764,14 @@ impl<'a> Session<'a> {
             }
             Err(e) => tracing::error!(error = %e, "relay settle job panicked"),
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_instant(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -102,9 +102,12 @@ impl ClaimedEvent {
 /// alone are not enough: they end with the other claim's commit, and a
 /// statement whose snapshot predates that commit cannot see its lease, so
 /// two relays could take the same rows.) A claim holds the lock for one
-/// statement, a few milliseconds; publishing runs in parallel. `FOR UPDATE
-/// SKIP LOCKED` still keeps claims off rows that marks or failure records
-/// are changing. Uncommitted rows are invisible, so a long open transaction
+/// statement, a few milliseconds; publishing runs in parallel. Rows are
+/// not locked (a row lock writes to every claimed row): marks and failure
+/// records change only rows under a live lease, which the claim's snapshot
+/// already leaves out; a row whose lease ended while its mark was running
+/// may be claimed again and published twice, which at-least-once allows.
+/// Uncommitted rows are invisible, so a long open transaction
 /// delays only its own aggregate's later events (which writers serialize
 /// by locking the aggregate row) and nothing else. Nothing is claimed
 /// while the outbox is paused.
@@ -152,11 +155,17 @@ fn claim_statement(
              SELECT e.aggregate_type, e.aggregate_id
              FROM outbox_events e
              -- On the small outbox_events_retrying index.
-             WHERE e.published_at IS NULL AND e.attempts > 0
+             WHERE e.published_at IS NULL
+               AND (e.failed_at IS NOT NULL OR e.next_attempt_at IS NOT NULL)
                AND (e.failed_at IS NOT NULL OR e.next_attempt_at > now())
          ),
-         win AS MATERIALIZED (
-             SELECT e.seq, e.aggregate_type, e.aggregate_id
+         -- The first rows in seq order that are neither leased nor behind a
+         -- blocked head. Every earlier unpublished row of a chosen row's
+         -- aggregate is then in this window too, or leased to this relay
+         -- (any other reason to leave it out blocks the whole aggregate),
+         -- so the window can be taken whole without breaking order.
+         claimed AS MATERIALIZED (
+             SELECT e.seq
              FROM outbox_events e
              WHERE e.published_at IS NULL
                AND e.failed_at IS NULL
@@ -167,38 +176,6 @@ fn claim_statement(
                AND NOT (SELECT paused FROM outbox_control WHERE id)
              ORDER BY e.seq
              LIMIT $2
-             FOR UPDATE OF e SKIP LOCKED
-         ),
-         aggs AS (
-             SELECT aggregate_type, aggregate_id, max(seq) AS last_seq
-             FROM win GROUP BY aggregate_type, aggregate_id
-         ),
-         backlog AS MATERIALIZED (
-             SELECT a.aggregate_type, a.aggregate_id, u.seq
-             FROM aggs a
-             CROSS JOIN LATERAL (
-                 SELECT p.seq
-                 FROM outbox_events p
-                 WHERE p.aggregate_type = a.aggregate_type
-                   AND p.aggregate_id = a.aggregate_id
-                   AND p.published_at IS NULL
-                   AND p.seq <= a.last_seq
-                 ORDER BY p.seq
-             ) u
-         ),
-         lines AS (
-             SELECT b.seq,
-                    w.seq IS NOT NULL AS in_window,
-                    -- COALESCE: a row leased to nobody gives NULL, which
-                    -- bool_and would skip, letting later rows jump the queue.
-                    bool_and(w.seq IS NOT NULL OR COALESCE(l.owner = $1, FALSE))
-                        OVER (PARTITION BY b.aggregate_type, b.aggregate_id ORDER BY b.seq) AS ready
-             FROM backlog b
-             LEFT JOIN win w ON w.seq = b.seq
-             LEFT JOIN live l ON l.seq = b.seq
-         ),
-         claimed AS MATERIALIZED (
-             SELECT seq FROM lines WHERE in_window AND ready
          ),
          lease AS (
              INSERT INTO outbox_leases (owner, expires_at, seqs)

@@ -32,7 +32,7 @@ use outbox::{Metadata, Outbox};
 use serde::Serialize;
 
 use super::broker::BenchQueue;
-use super::drain::unpublished;
+use super::drain::backlog_is_empty;
 use super::process::{RelayProcess, memory_kib};
 use super::stats::{median, ms, percentile};
 use super::{BenchTarget, Report, drop_database, scratch_database};
@@ -293,13 +293,13 @@ async fn deliver(target: &BenchTarget, db_url: &str, timeout: Duration) -> anyho
     let mut conn = tokio::task::spawn_blocking(move || outbox::connect(&url)).await??;
     loop {
         let (back, remaining) = tokio::task::spawn_blocking(move || {
-            let remaining = unpublished(&mut conn);
-            (conn, remaining)
+            let empty = backlog_is_empty(&mut conn);
+            (conn, empty)
         })
         .await?;
         conn = back;
         relay.sample_memory();
-        if remaining? == 0 {
+        if remaining? {
             break;
         }
         anyhow::ensure!(
