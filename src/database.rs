@@ -15,6 +15,24 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/outbo
 /// An r2d2 pool of diesel Postgres connections.
 pub type PgPool = Pool<ConnectionManager<PgConnection>>;
 
+/// Checks that `url` is a postgres:// URL that parses; the error shows it
+/// with its password redacted.
+pub fn validate_database_url(url: &str) -> Result<()> {
+    if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+        return Err(Error::Config(format!(
+            "database URL {} must start with postgres:// or postgresql://",
+            redact_url(url)
+        )));
+    }
+    if let Err(e) = url::Url::parse(url) {
+        return Err(Error::Config(format!(
+            "database URL {} does not parse: {e}",
+            redact_url(url)
+        )));
+    }
+    Ok(())
+}
+
 /// Opens one connection. The error names the URL with its password
 /// redacted.
 pub fn connect(url: &str) -> Result<PgConnection> {

@@ -22,6 +22,7 @@
 //! | RabbitMQ connection, exchange | [`amqp`] | [`DEFAULT_AMQP_URL`], [`DEFAULT_EXCHANGE`] |
 //! | the wire format | [`cloudevents`] | [`cloudevents::encode_body`] |
 //! | publishing committed events | [`relay`] | [`Relay`], [`RelayConfig`] |
+//! | writers waking relays after commit | [`wake`] | [`wake::WakeSender`], [`wake::WakeListener`] |
 //! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |
 //! | metric names, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`] |
 //! | per-test databases (feature `testing`) | `testing` | `TestDatabase` |
@@ -79,6 +80,7 @@ pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transaction;
+pub mod wake;
 
 pub use amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE};
 pub use consumer::{

@@ -15,6 +15,7 @@ use crate::fake::EventFake;
 use crate::record::{ensure_in_transaction, insert_envelopes};
 use crate::registry::Registry;
 use crate::transaction::OutboxTx;
+use crate::wake::WakeSender;
 
 /// Where recorded events go.
 #[derive(Clone)]
@@ -29,6 +30,8 @@ struct Inner {
     max_payload_bytes: usize,
     registry: Registry,
     sink: Sink,
+    /// Wakes relays after each commit that recorded events.
+    wake: Option<WakeSender>,
 }
 
 /// The recording side of the outbox, configured once per service.
@@ -52,6 +55,7 @@ impl fmt::Debug for Outbox {
             .field("max_payload_bytes", &self.inner.max_payload_bytes)
             .field("registry", &self.inner.registry)
             .field("fake", &matches!(self.inner.sink, Sink::Fake(_)))
+            .field("wakes_relays", &self.inner.wake.is_some())
             .finish()
     }
 }
@@ -65,7 +69,7 @@ impl Default for Outbox {
 impl Outbox {
     /// An outbox with the default payload cap and no sync listeners.
     pub fn new() -> Self {
-        Self::from_parts(DEFAULT_MAX_PAYLOAD_BYTES, Registry::new(), Sink::Database)
+        Self::from_parts(DEFAULT_MAX_PAYLOAD_BYTES, Registry::new(), Sink::Database, None)
     }
 
     /// Starts configuring an outbox.
@@ -88,17 +92,39 @@ impl Outbox {
     /// after commit.
     pub fn fake_with(registry: Registry) -> (Self, EventFake) {
         let fake = EventFake::default();
-        let outbox = Self::from_parts(DEFAULT_MAX_PAYLOAD_BYTES, registry, Sink::Fake(fake.clone()));
+        let outbox = Self::from_parts(
+            DEFAULT_MAX_PAYLOAD_BYTES,
+            registry,
+            Sink::Fake(fake.clone()),
+            None,
+        );
         (outbox, fake)
     }
 
-    fn from_parts(max_payload_bytes: usize, registry: Registry, sink: Sink) -> Self {
+    fn from_parts(
+        max_payload_bytes: usize,
+        registry: Registry,
+        sink: Sink,
+        wake: Option<WakeSender>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 max_payload_bytes,
                 registry,
                 sink,
+                wake,
             }),
+        }
+    }
+
+    /// Wakes the relays, if this outbox was built with
+    /// [`OutboxBuilder::wake_relays`]: call it after committing a
+    /// transaction in which you recorded events with [`Outbox::record`]
+    /// or [`crate::record`] ([`Outbox::transaction`] does it for you).
+    /// Never blocks; many calls close together send one wake-up.
+    pub fn wake_relays(&self) {
+        if let Some(wake) = &self.inner.wake {
+            wake.wake();
         }
     }
 
@@ -204,6 +230,9 @@ impl Outbox {
         });
         match outcome {
             Ok((value, committed)) => {
+                if !committed.is_empty() {
+                    self.wake_relays();
+                }
                 self.inner.registry.run_sync_listeners(&committed);
                 if let Sink::Fake(fake) = &self.inner.sink {
                     fake.push(committed);
@@ -230,10 +259,25 @@ impl<E> From<diesel::result::Error> for TransactionError<E> {
 }
 
 /// Configures an [`Outbox`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct OutboxBuilder {
     max_payload_bytes: Option<usize>,
     registry: Registry,
+    wake_relays: Option<String>,
+}
+
+impl fmt::Debug for OutboxBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboxBuilder")
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("registry", &self.registry)
+            // The URL may carry a password.
+            .field(
+                "wake_relays",
+                &self.wake_relays.as_deref().map(crate::database::redact_url),
+            )
+            .finish()
+    }
 }
 
 impl OutboxBuilder {
@@ -253,6 +297,17 @@ impl OutboxBuilder {
         self
     }
 
+    /// Wake relays as soon as a transaction that recorded events commits,
+    /// through a `NOTIFY` sent from a thread and connection of the outbox's
+    /// own to the database at `database_url` (the one the events are in),
+    /// never inside the writer's transaction. Default: off, and relays find
+    /// new events by polling (up to `--poll-max` later, 100 ms by default).
+    #[must_use]
+    pub fn wake_relays(mut self, database_url: &str) -> Self {
+        self.wake_relays = Some(database_url.to_owned());
+        self
+    }
+
     /// Checks the configuration and builds the outbox.
     pub fn build(self) -> Result<Outbox> {
         let max = self.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
@@ -261,6 +316,7 @@ impl OutboxBuilder {
                 "max_payload_bytes must be between 1 and {MAX_PAYLOAD_BYTES_LIMIT}, not {max}"
             )));
         }
-        Ok(Outbox::from_parts(max, self.registry, Sink::Database))
+        let wake = self.wake_relays.as_deref().map(WakeSender::start).transpose()?;
+        Ok(Outbox::from_parts(max, self.registry, Sink::Database, wake))
     }
 }

@@ -64,6 +64,9 @@ pub struct RelayArgs {
     /// Retry an event no queue is bound to (holding its aggregate back) instead of keeping it as unroutable and going on.
     #[arg(long, env = "OUTBOX_STRICT_ROUTING")]
     strict_routing: bool,
+    /// Do not LISTEN for writers' wake-ups; find new events by polling only.
+    #[arg(long, env = "OUTBOX_NO_WAKE_UP")]
+    no_wake_up: bool,
     /// Address for GET /metrics and /health; "off" disables it.
     #[arg(long, env = "OUTBOX_METRICS_ADDR", default_value = "127.0.0.1:9187")]
     metrics_addr: String,
@@ -91,6 +94,7 @@ impl RelayArgs {
             shutdown_timeout: self.shutdown_timeout,
             source: self.source.clone(),
             strict_routing: self.strict_routing,
+            wake_up: !self.no_wake_up,
             ..defaults
         }
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE, validate_amqp_name, validate_amqp_url};
-use crate::database::{DEFAULT_DATABASE_URL, redact_url};
+use crate::database::{DEFAULT_DATABASE_URL, redact_url, validate_database_url};
 use crate::error::{Error, Result};
 
 /// How a relay connects, claims, publishes, retries and prunes.
@@ -76,6 +76,9 @@ pub struct RelayConfig {
     /// a failed attempt, retried with backoff, and holds its aggregate
     /// back until a queue is bound (the strict behaviour).
     pub strict_routing: bool,
+    /// `LISTEN` for writers' wake-ups (see [`crate::wake`]) and claim at
+    /// once when one arrives; polling stays the fallback. Default on.
+    pub wake_up: bool,
 }
 
 impl std::fmt::Debug for RelayConfig {
@@ -100,6 +103,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("prune_batch", &self.prune_batch)
             .field("source", &self.source)
             .field("strict_routing", &self.strict_routing)
+            .field("wake_up", &self.wake_up)
             .finish_non_exhaustive()
     }
 }
@@ -130,6 +134,7 @@ impl Default for RelayConfig {
             source: "/outbox".to_owned(),
             app_id: "outbox-relay".to_owned(),
             strict_routing: false,
+            wake_up: true,
         }
     }
 }
@@ -162,18 +167,7 @@ impl RelayConfig {
     /// Checks every setting; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
         let bad = |message: String| Err(Error::Config(message));
-        if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
-            return bad(format!(
-                "database URL {} must start with postgres:// or postgresql://",
-                redact_url(&self.database_url)
-            ));
-        }
-        if let Err(e) = url::Url::parse(&self.database_url) {
-            return bad(format!(
-                "database URL {} does not parse: {e}",
-                redact_url(&self.database_url)
-            ));
-        }
+        validate_database_url(&self.database_url)?;
         validate_amqp_url(&self.amqp_url)?;
         validate_amqp_name("exchange", &self.exchange)?;
         if self.exchange.starts_with("amq.") {

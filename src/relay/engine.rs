@@ -150,6 +150,8 @@ pub(crate) struct Session<'a> {
     /// generation could still see their old leases.
     blocked: HashMap<AggregateKey, u64>,
     next_poll: Instant,
+    /// A wake-up arrived that no claim started since has covered.
+    wake_pending: bool,
     idle_delay: Duration,
     db_backoff: Duration,
     stopping: bool,
@@ -175,6 +177,7 @@ impl<'a> Session<'a> {
             generation: 0,
             blocked: HashMap::new(),
             next_poll: Instant::now(),
+            wake_pending: false,
             idle_delay: shared.config.poll_min,
             db_backoff: shared.config.poll_min,
             stopping: false,
@@ -243,6 +246,15 @@ impl<'a> Session<'a> {
                     self.heartbeat = None;
                     self.on_heartbeat_done(joined);
                 }
+                () = self.shared.woken.notified(), if !self.stopping => {
+                    // Writers committed: claim now (or right after the
+                    // claim running now, which may predate their commit).
+                    self.wake_pending = true;
+                    self.idle_delay = config.poll_min;
+                    if self.lane.is_none() {
+                        self.next_poll = Instant::now();
+                    }
+                }
                 () = tokio::time::sleep_until(heartbeat_at), if heartbeat_due => {}
                 () = sleep_until_instant(self.mark_at), if self.mark_lane.is_none() && self.mark_at.is_some() => {}
                 () = tokio::time::sleep_until(poll_at), if self.lane.is_none() && can_claim => {}
@@ -271,6 +283,8 @@ impl<'a> Session<'a> {
             ..Pending::default()
         };
         let claim_generation = if claim {
+            // This claim's snapshot is taken after every wake-up so far.
+            self.wake_pending = false;
             self.generation += 1;
             // Cuts recorded before this claim are flushed by this very job
             // before it claims, so they no longer need guarding.
@@ -443,6 +457,9 @@ impl<'a> Session<'a> {
                 self.idle_delay = (self.idle_delay * 2).min(config.poll_max);
                 now + self.idle_delay
             };
+            if self.wake_pending {
+                self.next_poll = now;
+            }
             self.accept_claimed(generation, claim_started, rows).await?;
         }
         Ok(())

@@ -76,6 +76,8 @@ pub(crate) struct Shared {
     pub(crate) config: Arc<RelayConfig>,
     pub(crate) pool: PgPool,
     pub(crate) health: Arc<Health>,
+    /// Notified when writers committed events (see [`crate::wake`]).
+    pub(crate) woken: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -118,6 +120,7 @@ impl Relay {
                 config: Arc::new(config),
                 pool,
                 health: Arc::new(Health::default()),
+                woken: Arc::new(tokio::sync::Notify::new()),
             },
         })
     }
@@ -140,6 +143,15 @@ impl Relay {
         m::describe();
         tracing::info!(relay_id = %config.relay_id, exchange = %config.exchange, "relay starting");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Dropped (and its thread joined) when the relay stops.
+        let _listener = if config.wake_up {
+            Some(crate::wake::WakeListener::start(
+                &config.database_url,
+                Arc::clone(&self.shared.woken),
+            )?)
+        } else {
+            None
+        };
         let maintenance = [
             tokio::spawn(run_pruner(self.shared.clone_for_lane(), stop_rx.clone())),
             tokio::spawn(run_backlog_gauges(self.shared.clone_for_lane(), stop_rx.clone())),

@@ -15,3 +15,4 @@ mod operator_queries;
 mod ordering;
 mod oversized;
 mod publishing;
+mod wake;

@@ -205,7 +205,10 @@ pub async fn run(config: DemoConfig, progress: impl Fn(&str)) -> Result<DemoRepo
         concurrency: Some(4),
     };
     let registry = listeners::registry(&listener_config)?;
-    let outbox = Outbox::builder().registry(registry.clone()).build()?;
+    let outbox = Outbox::builder()
+        .registry(registry.clone())
+        .wake_relays(&config.database_url)
+        .build()?;
     let retry_policy = format!(
         "demo mode: {tries} tries with {} between them (the seed's default is 3 tries, 30s/60s/120s)",
         backoff

@@ -422,7 +422,9 @@ fn run(cli: Cli) -> Result<()> {
     let url = cli.database_url.as_str();
     // The write path runs RecordMetrics after each commit.
     let registry = chom::listeners::registry(&chom::listeners::ListenerConfig::default())?;
-    let outbox = Outbox::builder().registry(registry).build()?;
+    // Commits wake the relays (`outbox relay` LISTENs) instead of waiting
+    // for their next poll.
+    let outbox = Outbox::builder().registry(registry).wake_relays(url).build()?;
     match cli.command {
         Command::Migrate(args) => migrate(url, &args),
         Command::Tenant(TenantCommand::Create { name, output }) => {

@@ -101,6 +101,12 @@ pub fn run_writer(
     let give_up = Instant::now() + spread + Duration::from_secs(180);
     let mut conn = connect_until(url, give_up);
     let mut admin = connect_until(url, give_up);
+    // Every commit wakes the relays: the relay SIGKILLs of the run land in
+    // a steady storm of wake-ups.
+    let waker = outbox::Outbox::builder()
+        .wake_relays(url)
+        .build()
+        .expect("an outbox that wakes relays");
     let started = Instant::now();
     for i in 0..transactions {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -151,7 +157,10 @@ pub fn run_writer(
         });
         log.transactions += 1;
         match result {
-            Ok(()) => log.committed.extend(ids),
+            Ok(()) => {
+                waker.wake_relays();
+                log.committed.extend(ids);
+            }
             Err(WriteError::Rollback) => log.rolled_back.extend(ids),
             Err(error @ (WriteError::Database(_) | WriteError::Outbox(_))) => {
                 log.last_error = Some(match error {
