@@ -117,10 +117,16 @@ impl Outbox {
         }
     }
 
+    /// The wake-up sender, if this outbox was built with
+    /// [`OutboxBuilder::wake_relays`].
+    pub fn wake_sender(&self) -> Option<&WakeSender> {
+        self.inner.wake.as_ref()
+    }
+
     /// Wakes the relays, if this outbox was built with
     /// [`OutboxBuilder::wake_relays`]: call it after committing a
     /// transaction in which you recorded events with [`Outbox::record`]
-    /// or [`crate::record`] ([`Outbox::transaction`] does it for you).
+    /// or [`crate::record()`] ([`Outbox::transaction`] does it for you).
     /// Never blocks; many calls close together send one wake-up.
     pub fn wake_relays(&self) {
         if let Some(wake) = &self.inner.wake {

@@ -26,7 +26,7 @@ pub struct DrainArgs {
     #[arg(long, default_value_t = 1000)]
     aggregates: usize,
     /// Relay process counts to measure, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     relays: Vec<usize>,
     /// The relays' --batch-size.
     #[arg(long, default_value_t = 500)]
@@ -184,7 +184,21 @@ pub fn unpublished(conn: &mut PgConnection) -> anyhow::Result<i64> {
     )
 }
 
-async fn blocking<T: Send + 'static>(
+/// Runs blocking `work` on `conn` on the blocking pool and hands the
+/// connection back with the result.
+pub async fn on_connection<T: Send + 'static>(
+    mut conn: PgConnection,
+    work: impl FnOnce(&mut PgConnection) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<(PgConnection, T)> {
+    let (conn, outcome) = blocking(move || {
+        let outcome = work(&mut conn);
+        Ok((conn, outcome))
+    })
+    .await?;
+    Ok((conn, outcome?))
+}
+
+pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(work)
@@ -195,11 +209,21 @@ async fn blocking<T: Send + 'static>(
 /// Publishes the stored events the way a minimal hand-written publisher
 /// would: pre-encoded bodies, one channel, confirms pipelined in a window.
 /// Returns (events, time, (seconds, confirmed) samples about every 100 ms).
-async fn raw_publish(
-    queue: &BenchQueue,
-    url: String,
-    window: usize,
-) -> anyhow::Result<(usize, Duration, Vec<(f64, u64)>)> {
+/// A stored event encoded as the relay would send it.
+pub struct EncodedEvent {
+    /// Routing key (the event type).
+    pub routing_key: String,
+    /// The aggregate, for publishers that keep its order.
+    pub aggregate: String,
+    /// CloudEvents body.
+    pub body: Vec<u8>,
+    /// AMQP properties.
+    pub properties: lapin::BasicProperties,
+}
+
+/// Every stored event in seq order, encoded as the relay encodes them, so
+/// a raw publisher pays no encoding during its measured run.
+pub async fn encoded_backlog(url: String) -> anyhow::Result<Vec<EncodedEvent>> {
     let rows: Vec<ClaimedEvent> = blocking(move || {
         let mut conn = outbox::connect(&url)?;
         Ok(diesel::sql_query(
@@ -211,17 +235,27 @@ async fn raw_publish(
         .load::<ClaimedEvent>(&mut conn)?)
     })
     .await?;
-    let messages = rows
+    Ok(rows
         .iter()
         .map(|row| {
             let event = row.as_event_ref();
-            Ok((
-                row.event_type.clone(),
-                outbox::cloudevents::encode_body(&event, "/outbox")?,
-                outbox::cloudevents::amqp_properties(&event, "outbox-bench")?,
-            ))
+            Ok(EncodedEvent {
+                routing_key: row.event_type.clone(),
+                aggregate: row.aggregate_id.clone(),
+                body: outbox::cloudevents::encode_body(&event, "/outbox")?,
+                properties: outbox::cloudevents::amqp_properties(&event, "outbox-bench")?,
+            })
         })
-        .collect::<outbox::Result<Vec<_>>>()?;
+        .collect::<outbox::Result<Vec<_>>>()?)
+}
+
+async fn raw_publish(
+    queue: &BenchQueue,
+    url: String,
+    window: usize,
+) -> anyhow::Result<(usize, Duration, Vec<(f64, u64)>)> {
+    let messages = encoded_backlog(url).await?;
+    let count = messages.len();
     let connection = queue.connect("outbox bench raw publisher").await?;
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -230,7 +264,13 @@ async fn raw_publish(
     let mut progress = Vec::new();
     let mut sampled = started;
     let mut sent = 0u64;
-    for (routing_key, body, properties) in messages {
+    for EncodedEvent {
+        routing_key,
+        body,
+        properties,
+        ..
+    } in messages
+    {
         if sampled.elapsed() >= Duration::from_millis(100) {
             sampled = Instant::now();
             progress.push((started.elapsed().as_secs_f64(), sent - confirms.len() as u64));
@@ -266,7 +306,7 @@ async fn raw_publish(
     progress.push((elapsed.as_secs_f64(), sent));
     let _ = channel.close(200, "done".into()).await;
     let _ = connection.close(200, "done".into()).await;
-    Ok((rows.len(), elapsed, progress))
+    Ok((count, elapsed, progress))
 }
 
 /// Runs the scenario.
@@ -303,61 +343,16 @@ async fn measure(target: &BenchTarget, args: &DrainArgs, db: &TestDatabase) -> a
         blocking(move || fill_backlog(&url, events, aggregates)).await?;
         let batch = args.batch_size.to_string();
         let in_flight = args.max_in_flight.to_string();
-        let started = Instant::now();
-        let mut processes = (0..relays)
-            .map(|_| {
-                RelayProcess::spawn(
-                    db.url(),
-                    &target.amqp_url,
-                    &queue.exchange,
-                    &["--batch-size", &batch, "--max-in-flight", &in_flight],
-                )
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let url = db.url().to_owned();
-        let mut conn = blocking(move || Ok(outbox::connect(&url)?)).await?;
-        let mut progress = Vec::new();
-        let mut last_count = Instant::now();
-        let seconds = loop {
-            // Emptiness every 20 ms, a count for the progress chart every
-            // 500 ms: counting often would take CPU from the relays.
-            let count_now = last_count.elapsed() >= Duration::from_millis(500);
-            let (back, probe) = blocking(move || {
-                let probe = if count_now {
-                    unpublished(&mut conn).map(Some)
-                } else {
-                    backlog_is_empty(&mut conn).map(|empty| empty.then_some(0))
-                };
-                Ok((conn, probe))
-            })
-            .await?;
-            conn = back;
-            let remaining = probe?;
-            for process in &mut processes {
-                process.sample_memory();
-            }
-            let elapsed = started.elapsed();
-            if let Some(remaining) = remaining {
-                last_count = Instant::now();
-                progress.push((
-                    elapsed.as_secs_f64(),
-                    args.events as u64 - remaining.max(0) as u64,
-                ));
-                if remaining == 0 {
-                    break elapsed.as_secs_f64();
-                }
-            }
-            anyhow::ensure!(
-                elapsed < args.timeout,
-                "backlog not drained within {:?}",
-                args.timeout
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let peak_rss_mib = processes
-            .into_iter()
-            .map(RelayProcess::stop)
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (seconds, peak_rss_mib, progress) = relay_drain(
+            target,
+            db,
+            &queue,
+            relays,
+            &["--batch-size", &batch, "--max-in-flight", &in_flight],
+            args.events,
+            args.timeout,
+        )
+        .await?;
         let rate = args.events as f64 / seconds;
         runs.push(DrainRun {
             relays,
@@ -378,4 +373,60 @@ async fn measure(target: &BenchTarget, args: &DrainArgs, db: &TestDatabase) -> a
         raw_progress,
         runs,
     })
+}
+
+/// Starts `relays` relay processes with `relay_args` on the backlog of
+/// `events` rows in `db` and waits until it is empty. Returns (seconds,
+/// each relay's peak RSS in MiB, (seconds, published) samples).
+pub async fn relay_drain(
+    target: &BenchTarget,
+    db: &TestDatabase,
+    queue: &BenchQueue,
+    relays: usize,
+    relay_args: &[&str],
+    events: usize,
+    timeout: Duration,
+) -> anyhow::Result<(f64, Vec<f64>, Vec<(f64, u64)>)> {
+    {
+        let started = Instant::now();
+        let mut processes = (0..relays)
+            .map(|_| RelayProcess::spawn(db.url(), &target.amqp_url, &queue.exchange, relay_args))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let url = db.url().to_owned();
+        let mut conn = blocking(move || Ok(outbox::connect(&url)?)).await?;
+        let mut progress = Vec::new();
+        let mut last_count = Instant::now();
+        let seconds = loop {
+            // Emptiness every 20 ms, a count for the progress chart every
+            // 500 ms: counting often would take CPU from the relays.
+            let count_now = last_count.elapsed() >= Duration::from_millis(500);
+            let (back, remaining) = on_connection(conn, move |conn| {
+                if count_now {
+                    unpublished(conn).map(Some)
+                } else {
+                    backlog_is_empty(conn).map(|empty| empty.then_some(0))
+                }
+            })
+            .await?;
+            conn = back;
+            for process in &mut processes {
+                process.sample_memory();
+            }
+            let elapsed = started.elapsed();
+            if let Some(remaining) = remaining {
+                last_count = Instant::now();
+                progress.push((elapsed.as_secs_f64(), events as u64 - remaining.max(0) as u64));
+                if remaining == 0 {
+                    break elapsed.as_secs_f64();
+                }
+            }
+            anyhow::ensure!(elapsed < timeout, "backlog not drained within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let peak_rss_mib = processes
+            .into_iter()
+            .map(RelayProcess::stop)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((seconds, peak_rss_mib, progress))
+    }
 }

@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use diesel::Connection;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -33,6 +32,9 @@ pub struct LatencyArgs {
     /// Aggregates the events are spread over.
     #[arg(long, default_value_t = 1000)]
     aggregates: usize,
+    /// Writers do not wake the relay and it does not listen (polling only).
+    #[arg(long)]
+    no_wake_up: bool,
 }
 
 /// The latency figures.
@@ -40,6 +42,8 @@ pub struct LatencyArgs {
 pub struct LatencyReport {
     /// Target rate, events/s.
     pub target_rate: f64,
+    /// Whether commits woke the relay (else it found them by polling).
+    pub wake_up: bool,
     /// Rate the writer achieved, events/s.
     pub achieved_rate: f64,
     /// Events measured (after the warm-up).
@@ -71,13 +75,18 @@ pub struct LatencyReport {
 impl Report for LatencyReport {
     fn table(&self) -> String {
         format!(
-            "latency: {:.0} events/s target ({:.0} achieved), one per transaction, {} events measured\n\
+            "latency: {:.0} events/s target ({:.0} achieved), one per transaction, {} events measured, {}\n\
              {:<44} {:>8} {:>8} {:>8} {:>8} {:>16}\n\
              {:<44} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>16}\n\
              {:<44} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>16.1}\n",
             self.target_rate,
             self.achieved_rate,
             self.events,
+            if self.wake_up {
+                "writers wake the relay"
+            } else {
+                "relay polling only"
+            },
             "",
             "p50 ms",
             "p99 ms",
@@ -248,12 +257,19 @@ async fn measure(
 
     let mut raw = measure_raw(&queue, &arrivals, args).await?;
 
-    let mut relay = RelayProcess::spawn(db.url(), &target.amqp_url, &queue.exchange, &[])?;
+    let relay_args: &[&str] = if args.no_wake_up { &["--no-wake-up"] } else { &[] };
+    let mut relay = RelayProcess::spawn(db.url(), &target.amqp_url, &queue.exchange, relay_args)?;
+    let wake_up = !args.no_wake_up;
     let total = (args.rate * args.duration.as_secs_f64()).round() as u64;
     let warmup_events = (args.rate * args.warmup.as_secs_f64()).round() as u64;
     let (url, rate, aggregates) = (db.url().to_owned(), args.rate, args.aggregates);
     let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<(String, Instant)>, f64)> {
         let mut conn = outbox::connect(&url)?;
+        let outbox = if wake_up {
+            outbox::Outbox::builder().wake_relays(&url).build()?
+        } else {
+            outbox::Outbox::new()
+        };
         let mut commits = Vec::with_capacity(total as usize);
         let started = Instant::now();
         for n in 0..total {
@@ -261,14 +277,11 @@ async fn measure(
             if let Some(wait) = slot.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            let id = conn.transaction::<_, outbox::Error, _>(|conn| {
-                outbox::record(
-                    conn,
-                    &Probe {
-                        n,
-                        aggregate: n as usize % aggregates,
-                    },
-                )
+            let id = outbox.transaction::<_, outbox::Error, _>(&mut conn, |tx| {
+                tx.record(&Probe {
+                    n,
+                    aggregate: n as usize % aggregates,
+                })
             })?;
             commits.push((id.to_string(), Instant::now()));
         }
@@ -306,6 +319,7 @@ async fn measure(
     let samples_ms: Vec<f64> = latencies.iter().map(|d| ms(*d)).collect();
     let report = LatencyReport {
         target_rate: args.rate,
+        wake_up,
         achieved_rate,
         events: latencies.len(),
         p50_ms: ms(percentile(&mut latencies, 0.50)),

@@ -8,11 +8,13 @@
 mod broker;
 mod consume;
 mod drain;
+mod hot;
 mod latency;
 mod plot;
 mod process;
 mod seed;
 mod stats;
+mod takeover;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +48,17 @@ enum Scenario {
     ///
     /// Example: outbox bench drain --events 100000 --aggregates 1000
     Drain(drain::DrainArgs),
+    /// Hot aggregates: a backlog on 1, 10 and 100 aggregates, one relay,
+    /// next to a raw publisher held to the same order rule (at most one
+    /// unconfirmed message per aggregate).
+    ///
+    /// Example: outbox bench hot --events 20000 --aggregates 1,10,100
+    Hot(hot::HotArgs),
+    /// Takeover: two relays drain a backlog, one is SIGKILLed while holding
+    /// rows; the time until the other has published all of them.
+    ///
+    /// Example: outbox bench takeover --events 20000 --rounds 3
+    Takeover(takeover::TakeoverArgs),
     /// Steady load, one event per transaction: commit -> delivered to a
     /// consumer through a relay process, p50/p99/p999/max.
     ///
@@ -94,10 +107,18 @@ pub struct AllArgs {
 pub struct AllReport {
     /// `outbox bench write`.
     pub write: write::WriteReport,
-    /// `outbox bench drain`.
+    /// `outbox bench drain` (100k events on 1,000 aggregates, 1, 2 and 4 relays).
     pub drain: drain::DrainReport,
-    /// `outbox bench latency`.
+    /// `outbox bench drain --events 1000000 --aggregates 10000 --relays 1`.
+    pub drain_large: drain::DrainReport,
+    /// `outbox bench hot`.
+    pub hot: hot::HotReport,
+    /// `outbox bench takeover`.
+    pub takeover: takeover::TakeoverReport,
+    /// `outbox bench latency` (1,000 events/s).
     pub latency: latency::LatencyReport,
+    /// `outbox bench latency --rate 5000`.
+    pub latency_high: latency::LatencyReport,
     /// `outbox bench consume`.
     pub consume: consume::ConsumeReport,
     /// `outbox bench seed`.
@@ -120,15 +141,47 @@ fn scenario_args(line: &[&str]) -> anyhow::Result<Scenario> {
     )
 }
 
-/// The argument lines `outbox bench all` runs, in order.
-fn all_lines(quick: bool) -> [Vec<&'static str>; 5] {
+/// The argument lines `outbox bench all` runs.
+struct AllLines {
+    write: Vec<&'static str>,
+    drain: Vec<&'static str>,
+    drain_large: Vec<&'static str>,
+    hot: Vec<&'static str>,
+    takeover: Vec<&'static str>,
+    latency: Vec<&'static str>,
+    latency_high: Vec<&'static str>,
+    consume: Vec<&'static str>,
+    seed: Vec<&'static str>,
+}
+
+fn all_lines(quick: bool) -> AllLines {
     if quick {
-        [
-            vec!["write", "--writers", "2", "--duration", "1s", "--rounds", "1"],
-            vec!["drain", "--events", "300", "--aggregates", "10", "--relays", "1"],
-            vec!["latency", "--rate", "200", "--duration", "1s", "--warmup", "0s"],
-            vec!["consume", "--messages", "50"],
-            vec![
+        AllLines {
+            write: vec!["write", "--writers", "2", "--duration", "1s", "--rounds", "1"],
+            drain: vec![
+                "drain",
+                "--events",
+                "300",
+                "--aggregates",
+                "10",
+                "--relays",
+                "1,2",
+            ],
+            drain_large: vec!["drain", "--events", "500", "--aggregates", "100", "--relays", "1"],
+            hot: vec!["hot", "--events", "200", "--aggregates", "1,10"],
+            takeover: vec![
+                "takeover",
+                "--events",
+                "3000",
+                "--aggregates",
+                "100",
+                "--rounds",
+                "1",
+            ],
+            latency: vec!["latency", "--rate", "200", "--duration", "1s", "--warmup", "0s"],
+            latency_high: vec!["latency", "--rate", "500", "--duration", "1s", "--warmup", "0s"],
+            consume: vec!["consume", "--messages", "50"],
+            seed: vec![
                 "seed",
                 "--creates",
                 "20",
@@ -139,16 +192,37 @@ fn all_lines(quick: bool) -> [Vec<&'static str>; 5] {
                 "--events",
                 "50",
             ],
-        ]
+        }
     } else {
-        [
-            vec!["write"],
-            vec!["drain"],
-            vec!["latency"],
-            vec!["consume"],
-            vec!["seed"],
-        ]
+        AllLines {
+            write: vec!["write"],
+            drain: vec!["drain"],
+            drain_large: vec![
+                "drain",
+                "--events",
+                "1000000",
+                "--aggregates",
+                "10000",
+                "--relays",
+                "1",
+            ],
+            hot: vec!["hot"],
+            takeover: vec!["takeover"],
+            latency: vec!["latency"],
+            latency_high: vec!["latency", "--rate", "5000"],
+            consume: vec!["consume"],
+            seed: vec!["seed"],
+        }
     }
+}
+
+macro_rules! scenario {
+    ($line:expr, $variant:ident) => {{
+        let Scenario::$variant(args) = scenario_args(&$line)? else {
+            anyhow::bail!("built-in sizes {:?} parsed as another scenario", $line);
+        };
+        args
+    }};
 }
 
 async fn run_all(
@@ -157,36 +231,47 @@ async fn run_all(
     json: bool,
     plot: Option<&Path>,
 ) -> anyhow::Result<AllReport> {
-    let [write_line, drain_line, latency_line, consume_line, seed_line] = all_lines(args.quick);
+    let lines = all_lines(args.quick);
     let show = |table: String| {
         if !json {
             println!("{table}");
         }
     };
-    let Scenario::Write(write_args) = scenario_args(&write_line)? else {
-        anyhow::bail!("write sizes parsed as another scenario");
-    };
-    let write = write::run(target, &write_args).await.context("write")?;
+    let write = write::run(target, &scenario!(lines.write, Write))
+        .await
+        .context("write")?;
     show(write.table());
-    let Scenario::Drain(drain_args) = scenario_args(&drain_line)? else {
-        anyhow::bail!("drain sizes parsed as another scenario");
-    };
-    let drain = drain::run(target, &drain_args).await.context("drain")?;
+    let drain = drain::run(target, &scenario!(lines.drain, Drain))
+        .await
+        .context("drain")?;
     show(drain.table());
-    let Scenario::Latency(latency_args) = scenario_args(&latency_line)? else {
-        anyhow::bail!("latency sizes parsed as another scenario");
-    };
-    let latency = latency::run(target, &latency_args).await.context("latency")?;
+    let drain_large = drain::run(target, &scenario!(lines.drain_large, Drain))
+        .await
+        .context("large drain")?;
+    show(drain_large.table());
+    let hot = hot::run(target, &scenario!(lines.hot, Hot))
+        .await
+        .context("hot")?;
+    show(hot.table());
+    let takeover = takeover::run(target, &scenario!(lines.takeover, Takeover))
+        .await
+        .context("takeover")?;
+    show(takeover.table());
+    let latency = latency::run(target, &scenario!(lines.latency, Latency))
+        .await
+        .context("latency")?;
     show(latency.table());
-    let Scenario::Consume(consume_args) = scenario_args(&consume_line)? else {
-        anyhow::bail!("consume sizes parsed as another scenario");
-    };
-    let consume = consume::run(target, &consume_args).await.context("consume")?;
+    let latency_high = latency::run(target, &scenario!(lines.latency_high, Latency))
+        .await
+        .context("latency at the higher rate")?;
+    show(latency_high.table());
+    let consume = consume::run(target, &scenario!(lines.consume, Consume))
+        .await
+        .context("consume")?;
     show(consume.table());
-    let Scenario::Seed(seed_args) = scenario_args(&seed_line)? else {
-        anyhow::bail!("seed sizes parsed as another scenario");
-    };
-    let seed = seed::run(target, &seed_args).await.context("seed")?;
+    let seed = seed::run(target, &scenario!(lines.seed, Seed))
+        .await
+        .context("seed")?;
     show(seed.table());
     if let Some(dir) = plot {
         written(plot::drain(dir, &drain)?);
@@ -195,7 +280,11 @@ async fn run_all(
     Ok(AllReport {
         write,
         drain,
+        drain_large,
+        hot,
+        takeover,
         latency,
+        latency_high,
         consume,
         seed,
     })
@@ -268,6 +357,10 @@ pub fn run(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
             print(args.json, &report)
         }
         Scenario::Write(write) => print(args.json, &runtime.block_on(write::run(&target, write))?),
+        Scenario::Hot(hot) => print(args.json, &runtime.block_on(hot::run(&target, hot))?),
+        Scenario::Takeover(takeover) => {
+            print(args.json, &runtime.block_on(takeover::run(&target, takeover))?)
+        }
         Scenario::Consume(consume) => print(args.json, &runtime.block_on(consume::run(&target, consume))?),
         Scenario::Seed(seed) => print(args.json, &runtime.block_on(seed::run(&target, seed))?),
         Scenario::All(all) => {
@@ -288,7 +381,11 @@ impl Report for AllReport {
         [
             self.write.table(),
             self.drain.table(),
+            self.drain_large.table(),
+            self.hot.table(),
+            self.takeover.table(),
             self.latency.table(),
+            self.latency_high.table(),
             self.consume.table(),
             self.seed.table(),
         ]

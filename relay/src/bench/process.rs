@@ -76,6 +76,13 @@ impl RelayProcess {
         self.peak_rss_kib as f64 / 1024.0
     }
 
+    /// SIGKILL, as a crash would, and waits for the exit.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().context("cannot kill the child process")?;
+        self.child.wait().context("cannot wait for the child process")?;
+        Ok(())
+    }
+
     /// Sends SIGTERM and waits (up to 30 s, then SIGKILL) for the exit.
     pub fn stop(mut self) -> anyhow::Result<f64> {
         self.sample_memory();

@@ -224,6 +224,12 @@ fn observe<T>(
     }
 }
 
+/// How long after a fault step relay kills count for the takeover bound.
+const CALM_AFTER_FAULT: Duration = Duration::from_secs(10);
+/// A dead relay's rows are published by another within this: the chaos
+/// relays' lease (2 s) plus room for a loaded 2-core machine.
+const TAKEOVER_BOUND: Duration = Duration::from_secs(8);
+
 /// The faults of one cycle, at fractions of the cycle.
 #[derive(Debug, Clone, Copy)]
 enum Step {
@@ -258,6 +264,11 @@ struct Chaos {
     relay_rss_broker_down_kib: u64,
     /// Rows each frozen relay held (the marks are audited in the database).
     zombies: Vec<usize>,
+    /// When the last fault step ended: relay kills well after it are
+    /// timed (takeover bound), kills in a fault's wake are not.
+    calm_since: Instant,
+    /// Relay kills whose held rows were recorded for the takeover bound.
+    timed_kills: usize,
 }
 
 impl Chaos {
@@ -293,6 +304,11 @@ impl Chaos {
 
     async fn run_step(&mut self, step: Step, db: &TestDatabase, conn: &mut PgConnection, services: bool) {
         eprintln!("chaos: {step:?}");
+        self.run_fault(step, db, conn, services).await;
+        self.calm_since = Instant::now();
+    }
+
+    async fn run_fault(&mut self, step: Step, db: &TestDatabase, conn: &mut PgConnection, services: bool) {
         match step {
             Step::Zombie => self.make_zombie(db, conn).await,
             Step::Latency => {
@@ -399,11 +415,33 @@ impl Chaos {
     /// SIGKILLs (and restarts) every process whose time has come; each
     /// slot draws its next kill from its own range: relays every 2 to 8 s,
     /// workers every 3 to 6 s.
-    fn kill_due(&mut self, relay_kills: &mut [Instant], worker_kills: &mut [Instant]) {
+    fn kill_due(
+        &mut self,
+        relay_kills: &mut [Instant],
+        worker_kills: &mut [Instant],
+        db: &TestDatabase,
+        conn: &mut PgConnection,
+    ) {
         let now = Instant::now();
+        // Past a fault's aftermath (reconnect backoff up to 30 s is not
+        // what the takeover bound is about).
+        let calm = self.calm_since.elapsed() > CALM_AFTER_FAULT;
         for (slot, due) in self.relays.iter_mut().zip(relay_kills.iter_mut()) {
             if now >= *due {
+                let killed_id = slot.id.clone();
                 slot.kill_and_restart();
+                if calm {
+                    // What the dead relay still held, and when it died.
+                    let record = format!(
+                        "INSERT INTO chaos_kill_holds (relay, seq, killed_at)
+                         SELECT l.owner, e.seq, clock_timestamp()
+                           FROM outbox_leases l CROSS JOIN unnest(l.seqs) AS s(seq)
+                           JOIN outbox_events e ON e.seq = s.seq
+                          WHERE l.owner = '{killed_id}' AND l.expires_at > now() AND e.published_at IS NULL"
+                    );
+                    observe(db, conn, |c| diesel::sql_query(&record).execute(c));
+                    self.timed_kills += 1;
+                }
                 *due = now + Duration::from_millis(self.rng.random_range(2000..8000));
             }
         }
@@ -474,6 +512,8 @@ async fn chaos_run() {
         unexpected_exits: Vec::new(),
         relay_rss_broker_down_kib: 0,
         zombies: Vec::new(),
+        calm_since: Instant::now(),
+        timed_kills: 0,
     };
 
     // Writers on the blocking pool, each with its own share and seed; they
@@ -518,7 +558,7 @@ async fn chaos_run() {
                 relay_kills[0] = Instant::now() + Duration::from_secs(3);
             }
         }
-        chaos.kill_due(&mut relay_kills, &mut worker_kills);
+        chaos.kill_due(&mut relay_kills, &mut worker_kills, &db, &mut conn);
         chaos.check_exits();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -562,9 +602,21 @@ async fn chaos_run() {
     let unexpected = std::mem::take(&mut chaos.unexpected_exits);
     let rss = chaos.relay_rss_broker_down_kib;
     let zombies = std::mem::take(&mut chaos.zombies);
+    let timed_kills = chaos.timed_kills;
     drop(chaos);
 
     let figures = verify::verify(&mut conn, plan.seed, &logs_of_writers);
+    let takeover = verify::takeover_after_kills(&mut conn);
+    eprintln!(
+        "chaos: {timed_kills} relay SIGKILLs away from other faults (writers waking the relays on every commit): \
+         {} rows held, all published at most {:.2} s after their relay's death (lease 2 s)",
+        takeover.rows, takeover.worst_seconds
+    );
+    assert!(
+        takeover.worst_seconds <= TAKEOVER_BOUND.as_secs_f64(),
+        "a dead relay's rows waited {:.2} s (bound {TAKEOVER_BOUND:?})",
+        takeover.worst_seconds
+    );
     let zombie_rows: usize = zombies.iter().sum();
     let (published, distinct) = drain_tap(&names.tap).await;
     let transactions: usize = logs_of_writers.iter().map(|l| l.transactions).sum();

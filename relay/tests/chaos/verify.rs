@@ -27,7 +27,9 @@ pub fn install_mark_log(conn: &mut PgConnection) {
          CREATE TRIGGER chaos_log_mark AFTER UPDATE OF published_at ON outbox_events
              FOR EACH ROW WHEN (NEW.published_at IS NOT NULL) EXECUTE FUNCTION chaos_log_mark();
          -- Rows a frozen relay held, and when each of its leases ended.
-         CREATE TABLE chaos_zombie_holds (relay text NOT NULL, seq bigint NOT NULL, expires_at timestamptz NOT NULL);",
+         CREATE TABLE chaos_zombie_holds (relay text NOT NULL, seq bigint NOT NULL, expires_at timestamptz NOT NULL);
+         -- Rows a SIGKILLed relay held, and when it died.
+         CREATE TABLE chaos_kill_holds (relay text NOT NULL, seq bigint NOT NULL, killed_at timestamptz NOT NULL);",
     )
     .expect("mark log");
 }
@@ -288,4 +290,35 @@ pub fn verify(conn: &mut PgConnection, seed: u64, writers: &[WriterLog]) -> Figu
         "a zombie relay marked rows after its lease ended: {late:?}"
     );
     figures
+}
+
+/// How fast the rows of SIGKILLed relays were published by another.
+pub struct Takeover {
+    /// Rows the killed relays held.
+    pub rows: i64,
+    /// The longest from a relay's death to one of its rows' mark, seconds.
+    pub worst_seconds: f64,
+}
+
+/// Measures [`Takeover`] from the mark log.
+pub fn takeover_after_kills(conn: &mut PgConnection) -> Takeover {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
+        rows: i64,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        worst: f64,
+    }
+    let row: Row = diesel::sql_query(
+        "SELECT count(*) AS rows,
+                COALESCE(max(EXTRACT(EPOCH FROM first_mark - h.killed_at)), 0)::float8 AS worst
+           FROM chaos_kill_holds h
+           CROSS JOIN LATERAL (SELECT min(m.at) AS first_mark FROM chaos_marks m WHERE m.seq = h.seq) m",
+    )
+    .get_result(conn)
+    .expect("takeover figures");
+    Takeover {
+        rows: row.rows,
+        worst_seconds: row.worst,
+    }
 }
