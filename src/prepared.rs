@@ -12,7 +12,9 @@ use std::marker::PhantomData;
 
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Double, Integer, Text, Untyped, Uuid as SqlUuid};
+use diesel::sql_types::{
+    Array, BigInt, Double, Integer, Jsonb, Nullable, Text, Timestamptz, Untyped, Uuid as SqlUuid,
+};
 use diesel::{PgConnection, QueryResult, RunQueryDsl};
 
 /// A bind value of a [`Prepared`] statement, for placeholder `$n` at
@@ -20,6 +22,9 @@ use diesel::{PgConnection, QueryResult, RunQueryDsl};
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Bind<'a> {
     Text(&'a str),
+    NullableText(Option<&'a str>),
+    Timestamptz(&'a chrono::DateTime<chrono::Utc>),
+    Jsonb(&'a crate::envelope::JsonPayload),
     BigInt(i64),
     Integer(i32),
     Double(f64),
@@ -80,6 +85,11 @@ impl<M> QueryFragment<Pg> for Prepared<'_, M> {
                 })?;
             match bind {
                 Bind::Text(value) => out.push_bind_param::<Text, str>(value)?,
+                Bind::NullableText(value) => out.push_bind_param::<Nullable<Text>, Option<&str>>(value)?,
+                Bind::Timestamptz(value) => {
+                    out.push_bind_param::<Timestamptz, chrono::DateTime<chrono::Utc>>(value)?;
+                }
+                Bind::Jsonb(value) => out.push_bind_param::<Jsonb, crate::envelope::JsonPayload>(value)?,
                 Bind::BigInt(value) => out.push_bind_param::<BigInt, i64>(value)?,
                 Bind::Integer(value) => out.push_bind_param::<Integer, i32>(value)?,
                 Bind::Double(value) => out.push_bind_param::<Double, f64>(value)?,

@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use diesel::PgConnection;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use lapin::Confirmation;
 use tokio::task::JoinHandle;
@@ -114,6 +115,9 @@ struct LaneResult {
     newly_failed: usize,
     claimed: Option<(u64, Instant, Vec<ClaimedEvent>)>,
     error: Option<Error>,
+    /// The lane's connection, handed back for its next job (dropped after
+    /// an error, so the next job opens a fresh one).
+    conn: Option<PgConnection>,
 }
 
 pub(crate) struct Session<'a> {
@@ -132,6 +136,10 @@ pub(crate) struct Session<'a> {
     pending: Pending,
     lane: Option<JoinHandle<LaneResult>>,
     mark_lane: Option<JoinHandle<LaneResult>>,
+    /// Each lane keeps one connection of its own between jobs: no pool
+    /// checkout (and its `SELECT 1`) per claim or mark.
+    claim_conn: Option<PgConnection>,
+    mark_conn: Option<PgConnection>,
     /// When the rows waiting to be marked must be marked at the latest.
     mark_at: Option<Instant>,
     /// The lease renewal running now, if any.
@@ -169,6 +177,8 @@ impl<'a> Session<'a> {
             pending: Pending::default(),
             lane: None,
             mark_lane: None,
+            claim_conn: None,
+            mark_conn: None,
             mark_at: None,
             heartbeat: None,
             next_heartbeat: Instant::now(),
@@ -232,12 +242,20 @@ impl<'a> Session<'a> {
                 }
                 joined = wait_lane(&mut self.lane), if self.lane.is_some() => {
                     self.lane = None;
+                    let joined = joined.map(|mut result| {
+                        self.claim_conn = result.conn.take();
+                        result
+                    });
                     if let Err(reason) = self.on_lane_done(joined).await {
                         return SessionEnd::BrokerLost(reason);
                     }
                 }
                 joined = wait_lane(&mut self.mark_lane), if self.mark_lane.is_some() => {
                     self.mark_lane = None;
+                    let joined = joined.map(|mut result| {
+                        self.mark_conn = result.conn.take();
+                        result
+                    });
                     if let Err(reason) = self.on_lane_done(joined).await {
                         return SessionEnd::BrokerLost(reason);
                     }
@@ -295,8 +313,9 @@ impl<'a> Session<'a> {
             None
         };
         let shared = self.shared.clone_for_lane();
+        let conn = self.claim_conn.take();
         self.lane = Some(tokio::task::spawn_blocking(move || {
-            run_lane_job(&shared, pending, claim_generation)
+            run_lane_job(&shared, conn, pending, claim_generation)
         }));
     }
 
@@ -374,8 +393,9 @@ impl<'a> Session<'a> {
             ..Pending::default()
         };
         let shared = self.shared.clone_for_lane();
+        let conn = self.mark_conn.take();
         self.mark_lane = Some(tokio::task::spawn_blocking(move || {
-            run_lane_job(&shared, pending, None)
+            run_lane_job(&shared, conn, pending, None)
         }));
     }
 
@@ -754,8 +774,9 @@ impl<'a> Session<'a> {
         metrics::gauge!(m::IN_FLIGHT).set(0.0);
         let pending = std::mem::take(&mut self.pending);
         let shared = self.shared.clone_for_lane();
+        let conn = self.claim_conn.take().or_else(|| self.mark_conn.take());
         let outcome = tokio::task::spawn_blocking(move || {
-            let result = run_lane_job(&shared, pending, None);
+            let result = run_lane_job(&shared, conn, pending, None);
             if result.error.is_none() {
                 // Nothing of ours should stay leased after this session.
                 let released = shared
@@ -825,7 +846,12 @@ pub(crate) struct LaneContext {
 
 /// Flushes `pending`, then claims if `claim_generation` is set. Runs on the
 /// blocking pool.
-fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u64>) -> LaneResult {
+fn run_lane_job(
+    ctx: &LaneContext,
+    conn: Option<PgConnection>,
+    pending: Pending,
+    claim_generation: Option<u64>,
+) -> LaneResult {
     let config = &ctx.config;
     let mut result = LaneResult {
         unflushed: None,
@@ -835,14 +861,15 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
         newly_failed: 0,
         claimed: None,
         error: None,
+        conn: None,
     };
     let pending_is_empty = pending.is_empty();
-    let mut conn = match ctx.pool.get() {
+    let mut conn = match conn.map_or_else(|| crate::relay::open_session(config), Ok) {
         Ok(conn) => conn,
         Err(e) => {
             result.unflushed = Some(pending);
             result.attempted_marks = 0;
-            result.error = Some(Error::from(e));
+            result.error = Some(e);
             return result;
         }
     };
@@ -904,6 +931,9 @@ fn run_lane_job(ctx: &LaneContext, pending: Pending, claim_generation: Option<u6
             }
             Err(e) => result.error = Some(e),
         }
+    }
+    if result.error.is_none() {
+        result.conn = Some(conn);
     }
     result
 }

@@ -168,8 +168,9 @@ impl Relay {
     pub fn new(config: RelayConfig) -> Result<Self> {
         config.validate()?;
         let pool = Pool::builder()
-            // Claim lane, mark lane, heartbeat, maintenance services.
-            .max_size(5)
+            // Heartbeat, maintenance services (the claim and mark lanes
+            // keep connections of their own).
+            .max_size(4)
             .min_idle(Some(0))
             .connection_timeout(Duration::from_secs(5))
             .connection_customizer(Box::new(RelaySession::new(&config.relay_id)))
@@ -254,6 +255,15 @@ impl Relay {
         tracing::info!(relay_id = %config.relay_id, "relay stopped");
         Ok(())
     }
+}
+
+/// Opens a connection of the relay's own (outside the pool) with the
+/// relay's session settings, for a lane that keeps it between jobs.
+pub(crate) fn open_session(config: &RelayConfig) -> Result<PgConnection> {
+    use diesel::connection::SimpleConnection;
+    let mut conn = crate::database::connect(&config.database_url)?;
+    conn.batch_execute(&RelaySession::new(&config.relay_id).settings)?;
+    Ok(conn)
 }
 
 /// Session settings of the relay's own connections.

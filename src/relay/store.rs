@@ -10,7 +10,7 @@ use diesel::sql_types::{BigInt, Bool, Double, Integer, Nullable, Text, Timestamp
 use uuid::Uuid;
 
 use crate::cloudevents::EventRef;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::prepared::{Bind, Prepared};
 
 /// A row the relay holds a lease on and is about to publish.
@@ -96,9 +96,10 @@ impl ClaimedEvent {
 /// waiting for a retry, or held by another relay is skipped entirely: its
 /// queued rows are not even read into the claim's window, so however many
 /// there are, they never keep other aggregates' rows from being claimed.
-/// Claims take turns: each runs in a transaction that first takes a
-/// transaction-scoped advisory lock ([`CLAIM_LOCK`]), so its statement's
-/// snapshot sees every lease committed by claims before it. (Row locks
+/// Claims take turns: each first takes a transaction-scoped advisory lock
+/// ([`CLAIM_LOCK`]), and only then runs its query, whose snapshot
+/// therefore sees every lease committed by claims before it (both inside
+/// the `outbox_claim_batch` function, one round trip). (Row locks
 /// alone are not enough: they end with the other claim's commit, and a
 /// statement whose snapshot predates that commit cannot see its lease, so
 /// two relays could take the same rows.) A claim holds the lock for one
@@ -117,90 +118,25 @@ pub fn claim_batch(
     batch_size: i64,
     lease_secs: f64,
 ) -> Result<Vec<ClaimedEvent>> {
-    conn.transaction::<_, Error, _>(|conn| {
-        diesel::sql_query("SELECT pg_advisory_xact_lock($1, $2)")
-            .bind::<Integer, _>(CLAIM_LOCK.0)
-            .bind::<Integer, _>(CLAIM_LOCK.1)
-            .execute(conn)?;
-        claim_statement(conn, relay_id, batch_size, lease_secs)
-    })
-}
-
-/// The advisory lock (two-key form, which no single-key lock can collide
-/// with) that claims take turns on: `outb`, 1.
-pub const CLAIM_LOCK: (i32, i32) = (0x6f75_7462, 1);
-
-fn claim_statement(
-    conn: &mut PgConnection,
-    relay_id: &str,
-    batch_size: i64,
-    lease_secs: f64,
-) -> Result<Vec<ClaimedEvent>> {
+    // One round trip: the function takes the claim lock, then runs the
+    // claim with a snapshot taken after the lock was granted (see the
+    // migration that creates it for the query).
     struct ClaimSql;
-    let rows = Prepared::<ClaimSql>::new(
-        "WITH live AS MATERIALIZED (
-             SELECT owner, unnest(seqs) AS seq FROM outbox_leases WHERE expires_at > now()
-         ),
-         -- Aggregates whose head no row of this claim may pass: held by
-         -- another relay, waiting for a retry, or failed. Their queued rows
-         -- are kept out of the window, so a blocked aggregate with any
-         -- number of queued events never crowds out the others.
-         blocked AS MATERIALIZED (
-             SELECT e.aggregate_type, e.aggregate_id
-             FROM outbox_events e
-             -- An array keeps this on the primary key instead of a scan.
-             WHERE e.seq = ANY(ARRAY(SELECT seq FROM live WHERE owner <> $1))
-               AND e.published_at IS NULL
-             UNION
-             SELECT e.aggregate_type, e.aggregate_id
-             FROM outbox_events e
-             -- On the small outbox_events_retrying index.
-             WHERE e.published_at IS NULL
-               AND (e.failed_at IS NOT NULL OR e.next_attempt_at IS NOT NULL)
-               AND (e.failed_at IS NOT NULL OR e.next_attempt_at > now())
-         ),
-         -- The first rows in seq order that are neither leased nor behind a
-         -- blocked head. Every earlier unpublished row of a chosen row's
-         -- aggregate is then in this window too, or leased to this relay
-         -- (any other reason to leave it out blocks the whole aggregate),
-         -- so the window can be taken whole without breaking order.
-         claimed AS MATERIALIZED (
-             SELECT e.seq
-             FROM outbox_events e
-             WHERE e.published_at IS NULL
-               AND e.failed_at IS NULL
-               AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
-               -- NOT IN over a materialized set runs as one hashed lookup.
-               AND e.seq NOT IN (SELECT seq FROM live)
-               AND (e.aggregate_type, e.aggregate_id) NOT IN (SELECT aggregate_type, aggregate_id FROM blocked)
-               AND NOT (SELECT paused FROM outbox_control WHERE id)
-             ORDER BY e.seq
-             LIMIT $2
-         ),
-         lease AS (
-             INSERT INTO outbox_leases (owner, expires_at, seqs)
-             SELECT $1, now() + make_interval(secs => $3), array_agg(seq ORDER BY seq)
-             FROM claimed
-             HAVING count(*) > 0
-             RETURNING id
-         )
-         SELECT e.seq, e.event_id, e.event_type, e.aggregate_type, e.aggregate_id, e.tenant_id,
-                e.occurred_at, e.recorded_at, e.actor, e.correlation_id, e.causation_id,
-                e.traceparent, e.schema_version, e.payload::text AS payload, e.attempts,
-                (SELECT id FROM lease) AS lease_id
-         FROM outbox_events e
-         -- An array keeps this on the primary key instead of a scan.
-         WHERE e.seq = ANY(ARRAY(SELECT seq FROM claimed))
-         ORDER BY e.seq",
+    Ok(Prepared::<ClaimSql>::new(
+        "SELECT * FROM outbox_claim_batch($1, $2, $3)",
         vec![
             Bind::Text(relay_id),
             Bind::BigInt(batch_size),
             Bind::Double(lease_secs),
         ],
     )
-    .load::<ClaimedEvent>(conn)?;
-    Ok(rows)
+    .load::<ClaimedEvent>(conn)?)
 }
+
+/// The advisory lock (two-key form, which no single-key lock can collide
+/// with) that claims take turns on: `outb`, 1. `outbox_claim_batch` takes
+/// it with these numbers.
+pub const CLAIM_LOCK: (i32, i32) = (0x6f75_7462, 1);
 
 /// A row and the lease it is held under.
 pub type LeasedSeq = (i64, i64);

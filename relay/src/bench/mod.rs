@@ -172,9 +172,9 @@ fn all_lines(quick: bool) -> AllLines {
             takeover: vec![
                 "takeover",
                 "--events",
-                "3000",
+                "20000",
                 "--aggregates",
-                "100",
+                "1000",
                 "--rounds",
                 "1",
             ],

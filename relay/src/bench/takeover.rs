@@ -148,15 +148,23 @@ async fn measure(
             &queue.exchange,
             &["--relay-id", &survivor_id],
         )?;
-        // Kill once the doomed relay holds rows and has published some.
+        // Kill mid-drain: once both relays are under way (200 ms) and the
+        // doomed one holds rows.
         let started = Instant::now();
         loop {
             let id = doomed_id.clone();
-            let (back, held) = on_connection(conn, move |conn| held_rows(conn, &id)).await?;
+            let (back, (held, empty)) = on_connection(conn, move |conn| {
+                Ok((held_rows(conn, &id)?, backlog_is_empty(conn)?))
+            })
+            .await?;
             conn = back;
-            if held.len() >= 50 && started.elapsed() > Duration::from_millis(300) {
+            if !held.is_empty() && started.elapsed() > Duration::from_millis(200) {
                 break;
             }
+            anyhow::ensure!(
+                !empty,
+                "the backlog drained before the doomed relay was killed: use more --events"
+            );
             anyhow::ensure!(
                 started.elapsed() < args.timeout,
                 "the doomed relay never held rows"
