@@ -30,6 +30,7 @@ pub(crate) enum Bind<'a> {
     Double(f64),
     Uuid(uuid::Uuid),
     BigIntArray(&'a [i64]),
+    NullableBigIntArray(Option<&'a [i64]>),
     TextArray(&'a [String]),
     DoubleArray(&'a [f64]),
 }
@@ -95,6 +96,9 @@ impl<M> QueryFragment<Pg> for Prepared<'_, M> {
                 Bind::Double(value) => out.push_bind_param::<Double, f64>(value)?,
                 Bind::Uuid(value) => out.push_bind_param::<SqlUuid, uuid::Uuid>(value)?,
                 Bind::BigIntArray(values) => out.push_bind_param::<Array<BigInt>, [i64]>(values)?,
+                Bind::NullableBigIntArray(values) => {
+                    out.push_bind_param::<Nullable<Array<BigInt>>, Option<&[i64]>>(values)?;
+                }
                 Bind::TextArray(values) => out.push_bind_param::<Array<Text>, [String]>(values)?,
                 Bind::DoubleArray(values) => out.push_bind_param::<Array<Double>, [f64]>(values)?,
             }

@@ -24,7 +24,13 @@ CREATE INDEX outbox_events_unroutable
 -- taken after the lock is granted: in a VOLATILE plpgsql function each
 -- statement takes a fresh snapshot, which gives exactly that in one call
 -- (outbox::relay::store::claim_batch documents the rules).
-CREATE FUNCTION outbox_claim_batch(p_owner TEXT, p_batch BIGINT, p_lease_secs FLOAT8)
+--
+-- p_mine: the leases the calling relay session holds. Only rows under them
+-- count as its own; any other live lease, even one with the caller's owner
+-- name (left by an earlier session of the same relay, or by a statement
+-- that reached the server after its session ended), blocks its aggregate
+-- like another relay's. NULL: every lease owned by p_owner is the caller's.
+CREATE FUNCTION outbox_claim_batch(p_owner TEXT, p_mine BIGINT[], p_batch BIGINT, p_lease_secs FLOAT8)
 RETURNS TABLE (
     seq BIGINT, event_id UUID, event_type TEXT, aggregate_type TEXT, aggregate_id TEXT,
     tenant_id TEXT, occurred_at TIMESTAMPTZ, recorded_at TIMESTAMPTZ, actor TEXT,
@@ -38,7 +44,9 @@ BEGIN
     PERFORM pg_advisory_xact_lock(1869968482, 1);
     RETURN QUERY
     WITH live AS MATERIALIZED (
-        SELECT l.owner, unnest(l.seqs) AS seq FROM outbox_leases l WHERE l.expires_at > now()
+        SELECT (CASE WHEN p_mine IS NULL THEN l.owner = p_owner ELSE l.id = ANY(p_mine) END) AS mine,
+               unnest(l.seqs) AS seq
+        FROM outbox_leases l WHERE l.expires_at > now()
     ),
     -- Aggregates whose head no row of this claim may pass: held by another
     -- relay, waiting for a retry, or failed. Their queued rows are kept out
@@ -48,7 +56,7 @@ BEGIN
         SELECT e.aggregate_type, e.aggregate_id
         FROM outbox_events e
         -- An array keeps this on the primary key instead of a scan.
-        WHERE e.seq = ANY(ARRAY(SELECT v.seq FROM live v WHERE v.owner <> p_owner))
+        WHERE e.seq = ANY(ARRAY(SELECT v.seq FROM live v WHERE NOT v.mine))
           AND e.published_at IS NULL
         UNION
         SELECT e.aggregate_type, e.aggregate_id

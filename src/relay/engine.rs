@@ -300,7 +300,7 @@ impl<'a> Session<'a> {
             releases: std::mem::take(&mut self.pending.releases),
             ..Pending::default()
         };
-        let claim_generation = if claim {
+        let claim_job = if claim {
             // This claim's snapshot is taken after every wake-up so far.
             self.wake_pending = false;
             self.generation += 1;
@@ -308,14 +308,16 @@ impl<'a> Session<'a> {
             // before it claims, so they no longer need guarding.
             let current = self.generation;
             self.blocked.retain(|_, generation| *generation >= current);
-            Some(current)
+            // Only this session's leases are its own to claim behind.
+            let held: Vec<i64> = self.lease_deadlines.keys().copied().collect();
+            Some((current, held))
         } else {
             None
         };
         let shared = self.shared.clone_for_lane();
         let conn = self.claim_conn.take();
         self.lane = Some(tokio::task::spawn_blocking(move || {
-            run_lane_job(&shared, conn, pending, claim_generation)
+            run_lane_job(&shared, conn, pending, claim_job)
         }));
     }
 
@@ -327,12 +329,14 @@ impl<'a> Session<'a> {
         }
         self.next_heartbeat = now + self.shared.config.heartbeat_interval();
         let shared = self.shared.clone_for_lane();
+        let held: Vec<i64> = self.lease_deadlines.keys().copied().collect();
         self.heartbeat = Some(tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let renewed = shared.pool.get().map_err(Error::from).and_then(|mut conn| {
                 store::renew_leases(
                     &mut conn,
                     &shared.config.relay_id,
+                    &held,
                     shared.config.lease.as_secs_f64(),
                 )
             });
@@ -844,13 +848,14 @@ pub(crate) struct LaneContext {
     pub(crate) pool: crate::database::PgPool,
 }
 
-/// Flushes `pending`, then claims if `claim_generation` is set. Runs on the
+/// Flushes `pending`, then claims if `claim` (generation, this session's
+/// leases) is set. Runs on the
 /// blocking pool.
 fn run_lane_job(
     ctx: &LaneContext,
     conn: Option<PgConnection>,
     pending: Pending,
-    claim_generation: Option<u64>,
+    claim: Option<(u64, Vec<i64>)>,
 ) -> LaneResult {
     let config = &ctx.config;
     let mut result = LaneResult {
@@ -917,10 +922,16 @@ fn run_lane_job(
             return result;
         }
     }
-    if let Some(generation) = claim_generation {
+    if let Some((generation, held)) = claim {
         let started = Instant::now();
         let batch = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
-        match store::claim_batch(&mut conn, &config.relay_id, batch, config.lease.as_secs_f64()) {
+        match store::claim_batch_holding(
+            &mut conn,
+            &config.relay_id,
+            &held,
+            batch,
+            config.lease.as_secs_f64(),
+        ) {
             Ok(rows) => {
                 tracing::trace!(
                     rows = rows.len(),

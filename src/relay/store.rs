@@ -112,9 +112,39 @@ impl ClaimedEvent {
 /// delays only its own aggregate's later events (which writers serialize
 /// by locking the aggregate row) and nothing else. Nothing is claimed
 /// while the outbox is paused.
+///
+/// Every live lease owned by `relay_id` counts as the caller's here; a
+/// relay process uses [`claim_batch_holding`] instead.
 pub fn claim_batch(
     conn: &mut PgConnection,
     relay_id: &str,
+    batch_size: i64,
+    lease_secs: f64,
+) -> Result<Vec<ClaimedEvent>> {
+    claim(conn, relay_id, None, batch_size, lease_secs)
+}
+
+/// [`claim_batch`] for a relay session that holds exactly the leases
+/// `held`: rows under any other lease, even one in `relay_id`'s name (left
+/// by an earlier session, or written by a statement that reached the
+/// server after its session had ended), block their aggregate as another
+/// relay's would. Without this, an earlier session's lease that nobody
+/// publishes would let this session take the rows queued behind it, out
+/// of order.
+pub fn claim_batch_holding(
+    conn: &mut PgConnection,
+    relay_id: &str,
+    held: &[i64],
+    batch_size: i64,
+    lease_secs: f64,
+) -> Result<Vec<ClaimedEvent>> {
+    claim(conn, relay_id, Some(held), batch_size, lease_secs)
+}
+
+fn claim(
+    conn: &mut PgConnection,
+    relay_id: &str,
+    held: Option<&[i64]>,
     batch_size: i64,
     lease_secs: f64,
 ) -> Result<Vec<ClaimedEvent>> {
@@ -123,9 +153,10 @@ pub fn claim_batch(
     // migration that creates it for the query).
     struct ClaimSql;
     Ok(Prepared::<ClaimSql>::new(
-        "SELECT * FROM outbox_claim_batch($1, $2, $3)",
+        "SELECT * FROM outbox_claim_batch($1, $2, $3, $4)",
         vec![
             Bind::Text(relay_id),
+            Bind::NullableBigIntArray(held),
             Bind::BigInt(batch_size),
             Bind::Double(lease_secs),
         ],
@@ -229,11 +260,18 @@ pub fn mark_unroutable(conn: &mut PgConnection, relay_id: &str, rows: &[LeasedSe
     Ok(marked.into_iter().map(|row| row.seq).collect())
 }
 
-/// The heartbeat: extends every live lease of `relay_id` to `lease_secs`
-/// from now and returns their ids. A lease that already ended is not
-/// revived (another relay may hold its rows now); its id is missing from
-/// the answer, and the relay must stop publishing its rows.
-pub fn renew_leases(conn: &mut PgConnection, relay_id: &str, lease_secs: f64) -> Result<Vec<i64>> {
+/// The heartbeat: extends the live leases `held` of `relay_id` to
+/// `lease_secs` from now and returns the ids it extended. A lease that
+/// already ended is not revived (another relay may hold its rows now); its
+/// id is missing from the answer, and the relay must stop publishing its
+/// rows. Only the caller's own leases are named: a lease its relay no
+/// longer knows of (an earlier session's) must run out, not live forever.
+pub fn renew_leases(
+    conn: &mut PgConnection,
+    relay_id: &str,
+    held: &[i64],
+    lease_secs: f64,
+) -> Result<Vec<i64>> {
     #[derive(QueryableByName)]
     struct Id {
         #[diesel(sql_type = BigInt)]
@@ -242,9 +280,13 @@ pub fn renew_leases(conn: &mut PgConnection, relay_id: &str, lease_secs: f64) ->
     struct RenewLeasesSql;
     let renewed = Prepared::<RenewLeasesSql>::new(
         "UPDATE outbox_leases SET expires_at = now() + make_interval(secs => $2)
-         WHERE owner = $1 AND expires_at > now()
+         WHERE owner = $1 AND id = ANY($3) AND expires_at > now()
          RETURNING id",
-        vec![Bind::Text(relay_id), Bind::Double(lease_secs)],
+        vec![
+            Bind::Text(relay_id),
+            Bind::Double(lease_secs),
+            Bind::BigIntArray(held),
+        ],
     )
     .load::<Id>(conn)?;
     Ok(renewed.into_iter().map(|row| row.id).collect())

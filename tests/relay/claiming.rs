@@ -194,8 +194,18 @@ fn a_renewed_lease_outlives_its_first_term_and_an_ended_one_is_not_revived() {
         thread::sleep(Duration::from_millis(20));
     }
     // A renewal finds only live leases of its own relay.
-    assert!(store::renew_leases(&mut conn, "frozen", 30.0).unwrap().is_empty());
-    let renewed = store::renew_leases(&mut conn, "alive", 30.0).unwrap();
+    assert!(
+        store::renew_leases(&mut conn, "frozen", &[lost[0].lease_id], 30.0)
+            .unwrap()
+            .is_empty()
+    );
+    // Naming another relay's lease renews nothing either.
+    assert!(
+        store::renew_leases(&mut conn, "frozen", &[kept[0].lease_id], 30.0)
+            .unwrap()
+            .is_empty()
+    );
+    let renewed = store::renew_leases(&mut conn, "alive", &[kept[0].lease_id], 30.0).unwrap();
     assert_eq!(renewed, vec![kept[0].lease_id]);
     // Past its first term (1 s) the renewed lease still holds its rows.
     let first_term_over = format!(
@@ -220,6 +230,49 @@ fn a_renewed_lease_outlives_its_first_term_and_an_ended_one_is_not_revived() {
             .unwrap()
             .len(),
         2
+    );
+}
+
+#[test]
+fn a_lease_an_earlier_session_left_blocks_its_aggregate_and_is_not_renewed() {
+    // A relay session that ended without giving back its lease (the
+    // database was unreachable), or a claim that reached the server after
+    // its session had ended, leaves a live lease in the relay's name that
+    // no session publishes. The next session of the same relay must not
+    // take the rows queued behind it (they would go out first), and its
+    // heartbeat must not keep that lease alive.
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    record_ticks(&mut conn, "stale", 0..3);
+    record_ticks(&mut conn, "fresh", 0..2);
+    let orphaned = store::claim_batch(&mut conn, "relay-x", 1, 60.0).unwrap();
+    assert_eq!(orphaned.len(), 1);
+    assert_eq!(orphaned[0].aggregate_id, "stale");
+    let claimed = store::claim_batch_holding(&mut conn, "relay-x", &[], 10, 30.0).unwrap();
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|r| r.aggregate_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["fresh", "fresh"]
+    );
+    let renewed = store::renew_leases(&mut conn, "relay-x", &[claimed[0].lease_id], 30.0).unwrap();
+    assert_eq!(renewed, vec![claimed[0].lease_id]);
+    // Holding the lease, the session may take the rows behind it.
+    let behind = store::claim_batch_holding(
+        &mut conn,
+        "relay-x",
+        &[orphaned[0].lease_id, claimed[0].lease_id],
+        10,
+        30.0,
+    )
+    .unwrap();
+    assert_eq!(
+        behind
+            .iter()
+            .map(|r| serde_json::from_str::<Ticked>(&r.payload).unwrap().n)
+            .collect::<Vec<_>>(),
+        vec![1, 2]
     );
 }
 
