@@ -224,8 +224,20 @@ fn observe<T>(
     }
 }
 
+/// Records what the SIGKILLed relay `relay_id` still held, and when it died.
+fn record_kill_holds(db: &TestDatabase, conn: &mut PgConnection, relay_id: &str) {
+    let record = format!(
+        "INSERT INTO chaos_kill_holds (relay, seq, killed_at)
+         SELECT l.owner, e.seq, clock_timestamp()
+           FROM outbox_leases l CROSS JOIN unnest(l.seqs) AS s(seq)
+           JOIN outbox_events e ON e.seq = s.seq
+          WHERE l.owner = '{relay_id}' AND l.expires_at > now() AND e.published_at IS NULL"
+    );
+    observe(db, conn, |c| diesel::sql_query(&record).execute(c));
+}
+
 /// How long after a fault step relay kills count for the takeover bound.
-const CALM_AFTER_FAULT: Duration = Duration::from_secs(10);
+const CALM_AFTER_FAULT: Duration = Duration::from_secs(4);
 /// A dead relay's rows are published by another within this: the chaos
 /// relays' lease (2 s) plus room for a loaded 2-core machine.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(8);
@@ -234,6 +246,8 @@ const TAKEOVER_BOUND: Duration = Duration::from_secs(8);
 #[derive(Debug, Clone, Copy)]
 enum Step {
     Zombie,
+    /// Once calm, SIGKILL a relay while it holds rows: a timed takeover.
+    KillRelay,
     Latency,
     AmqpBlackhole,
     PostgresBlackhole,
@@ -243,8 +257,9 @@ enum Step {
     KillBroker,
 }
 
-const CYCLE: [(f64, Step); 8] = [
+const CYCLE: [(f64, Step); 9] = [
     (0.08, Step::Zombie),
+    (0.18, Step::KillRelay),
     (0.25, Step::Latency),
     (0.35, Step::AmqpBlackhole),
     (0.42, Step::PostgresBlackhole),
@@ -346,8 +361,40 @@ impl Chaos {
                 self.hold(Duration::from_secs(2), true).await;
                 services::wait_for_rabbitmq(Duration::from_secs(120)).await;
             }
+            Step::KillRelay => self.kill_relay_holding_rows(db, conn).await,
             Step::StopBroker | Step::RestartPostgres | Step::KillBroker => {}
         }
+    }
+
+    /// Waits until the last fault is [`CALM_AFTER_FAULT`] behind, then
+    /// SIGKILLs relay 1 as soon as it holds rows (within 10 s) and records
+    /// them for the takeover bound.
+    async fn kill_relay_holding_rows(&mut self, db: &TestDatabase, conn: &mut PgConnection) {
+        if let Some(wait) = (self.calm_since + CALM_AFTER_FAULT).checked_duration_since(Instant::now()) {
+            self.hold(wait, false).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let relay_id = self.relays[1].id.clone();
+            let held = observe(db, conn, |c| {
+                verify::try_count(
+                    c,
+                    &format!(
+                        "SELECT count(*) AS n FROM outbox_leases l CROSS JOIN unnest(l.seqs) AS s(seq)
+                           JOIN outbox_events e ON e.seq = s.seq
+                          WHERE l.owner = '{relay_id}' AND l.expires_at > now() AND e.published_at IS NULL"
+                    ),
+                )
+            });
+            if held > 0 {
+                self.relays[1].kill_and_restart();
+                record_kill_holds(db, conn, &relay_id);
+                self.timed_kills += 1;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        eprintln!("chaos: relay 1 held no rows for 10 s; no timed kill this cycle");
     }
 
     /// SIGSTOPs relay 0 while it holds a lease, waits until the other relay
@@ -431,15 +478,7 @@ impl Chaos {
                 let killed_id = slot.id.clone();
                 slot.kill_and_restart();
                 if calm {
-                    // What the dead relay still held, and when it died.
-                    let record = format!(
-                        "INSERT INTO chaos_kill_holds (relay, seq, killed_at)
-                         SELECT l.owner, e.seq, clock_timestamp()
-                           FROM outbox_leases l CROSS JOIN unnest(l.seqs) AS s(seq)
-                           JOIN outbox_events e ON e.seq = s.seq
-                          WHERE l.owner = '{killed_id}' AND l.expires_at > now() AND e.published_at IS NULL"
-                    );
-                    observe(db, conn, |c| diesel::sql_query(&record).execute(c));
+                    record_kill_holds(db, conn, &killed_id);
                     self.timed_kills += 1;
                 }
                 *due = now + Duration::from_millis(self.rng.random_range(2000..8000));
@@ -512,7 +551,10 @@ async fn chaos_run() {
         unexpected_exits: Vec::new(),
         relay_rss_broker_down_kib: 0,
         zombies: Vec::new(),
-        calm_since: Instant::now(),
+        // The start counts as calm.
+        calm_since: Instant::now()
+            .checked_sub(CALM_AFTER_FAULT)
+            .unwrap_or_else(Instant::now),
         timed_kills: 0,
     };
 
