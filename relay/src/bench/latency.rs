@@ -35,6 +35,11 @@ pub struct LatencyArgs {
     /// Writers do not wake the relay and it does not listen (polling only).
     #[arg(long)]
     no_wake_up: bool,
+    /// Writer threads sharing the rate, each with its own connection (a
+    /// commit waits for its WAL flush, so one writer reaches only about
+    /// 1,000 commits/s here). Default: one per 400 events/s.
+    #[arg(long)]
+    writers: Option<usize>,
 }
 
 /// The latency figures.
@@ -44,6 +49,8 @@ pub struct LatencyReport {
     pub target_rate: f64,
     /// Whether commits woke the relay (else it found them by polling).
     pub wake_up: bool,
+    /// Writer threads.
+    pub writers: usize,
     /// Rate the writer achieved, events/s.
     pub achieved_rate: f64,
     /// Events measured (after the warm-up).
@@ -75,12 +82,13 @@ pub struct LatencyReport {
 impl Report for LatencyReport {
     fn table(&self) -> String {
         format!(
-            "latency: {:.0} events/s target ({:.0} achieved), one per transaction, {} events measured, {}\n\
+            "latency: {:.0} events/s target ({:.0} achieved by {} writers), one per transaction, {} events measured, {}\n\
              {:<44} {:>8} {:>8} {:>8} {:>8} {:>16}\n\
              {:<44} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>16}\n\
              {:<44} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>16.1}\n",
             self.target_rate,
             self.achieved_rate,
+            self.writers,
             self.events,
             if self.wake_up {
                 "writers wake the relay"
@@ -263,29 +271,55 @@ async fn measure(
     let total = (args.rate * args.duration.as_secs_f64()).round() as u64;
     let warmup_events = (args.rate * args.warmup.as_secs_f64()).round() as u64;
     let (url, rate, aggregates) = (db.url().to_owned(), args.rate, args.aggregates);
+    let writers = args
+        .writers
+        .unwrap_or_else(|| (rate / 400.0).ceil() as usize)
+        .clamp(1, 64);
     let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<(String, Instant)>, f64)> {
-        let mut conn = outbox::connect(&url)?;
+        // One Outbox (and so one wake-up sender) for all writers, as in a
+        // service.
         let outbox = if wake_up {
             outbox::Outbox::builder().wake_relays(&url).build()?
         } else {
             outbox::Outbox::new()
         };
-        let mut commits = Vec::with_capacity(total as usize);
         let started = Instant::now();
-        for n in 0..total {
-            let slot = started + Duration::from_secs_f64(n as f64 / rate);
-            if let Some(wait) = slot.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            let id = outbox.transaction::<_, outbox::Error, _>(&mut conn, |tx| {
-                tx.record(&Probe {
-                    n,
-                    aggregate: n as usize % aggregates,
+        let threads: Vec<_> = (0..writers as u64)
+            .map(|w| {
+                let (url, outbox) = (url.clone(), outbox.clone());
+                std::thread::spawn(move || -> anyhow::Result<Vec<(String, Instant)>> {
+                    let mut conn = outbox::connect(&url)?;
+                    let mut commits = Vec::new();
+                    // Writer w commits events w, w + writers, ... on the
+                    // shared schedule.
+                    for n in (w..total).step_by(writers) {
+                        let slot = started + Duration::from_secs_f64(n as f64 / rate);
+                        if let Some(wait) = slot.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let id = outbox.transaction::<_, outbox::Error, _>(&mut conn, |tx| {
+                            tx.record(&Probe {
+                                n,
+                                aggregate: n as usize % aggregates,
+                            })
+                        })?;
+                        commits.push((id.to_string(), Instant::now()));
+                    }
+                    Ok(commits)
                 })
-            })?;
-            commits.push((id.to_string(), Instant::now()));
+            })
+            .collect();
+        let mut commits = Vec::with_capacity(total as usize);
+        for thread in threads {
+            commits.extend(
+                thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a writer thread panicked"))??,
+            );
         }
         let achieved = total as f64 / started.elapsed().as_secs_f64();
+        // In commit order, for the warm-up cut and the samples.
+        commits.sort_by_key(|(_, committed)| *committed);
         Ok((commits, achieved))
     });
     // Sample the relay's memory while the writer runs.
@@ -320,6 +354,7 @@ async fn measure(
     let report = LatencyReport {
         target_rate: args.rate,
         wake_up,
+        writers,
         achieved_rate,
         events: latencies.len(),
         p50_ms: ms(percentile(&mut latencies, 0.50)),

@@ -55,8 +55,9 @@ pub struct WriteReport {
     /// far fewer than the commits).
     pub notifies_sent: u64,
     /// The same two transactions run by pgbench (`-M prepared`, same
-    /// writers and duration): (domain row only, domain row + the outbox
-    /// row `record` inserts), transactions/s; `None` without pgbench.
+    /// writers and duration, in every round): (domain row only, domain row
+    /// and the outbox row `record` inserts), medians of rounds,
+    /// transactions/s; `None` without pgbench.
     pub pgbench_tps: Option<(f64, f64)>,
     /// What `record` costs over the same SQL sent by pgbench:
     /// 1 - outbox_tps / pgbench outbox tps.
@@ -286,10 +287,17 @@ pub async fn run(target: &BenchTarget, args: &WriteArgs) -> anyhow::Result<Write
         let mut outbox_latencies = Vec::new();
         let mut wake_latencies = Vec::new();
         let mut per_round = Vec::new();
+        let mut pgbench_rounds = Vec::new();
         for _ in 0..rounds {
             let (plain_rate, plain) = phase(db.url(), writers, duration, false, None)?;
             let (outbox_rate, with) = phase(db.url(), writers, duration, true, None)?;
             let (wake_rate, woken) = phase(db.url(), writers, duration, true, Some(&waker))?;
+            // pgbench in every round too, so both see the same conditions.
+            let raw_plain = pgbench_tps(db.url(), writers, duration, &pgbench_script(false))?;
+            let raw_outbox = pgbench_tps(db.url(), writers, duration, &pgbench_script(true))?;
+            if let Some(both) = raw_plain.zip(raw_outbox) {
+                pgbench_rounds.push(both);
+            }
             plain_latencies.extend(plain);
             outbox_latencies.extend(with);
             wake_latencies.extend(woken);
@@ -302,9 +310,12 @@ pub async fn run(target: &BenchTarget, args: &WriteArgs) -> anyhow::Result<Write
         let outbox_p50 = ms(percentile(&mut outbox_latencies, 0.5));
         let wake_p50 = ms(percentile(&mut wake_latencies, 0.5));
         let notifies_sent = waker_sent(&waker);
-        let pgbench_plain = pgbench_tps(db.url(), writers, duration, &pgbench_script(false))?;
-        let pgbench_outbox = pgbench_tps(db.url(), writers, duration, &pgbench_script(true))?;
-        let pgbench = pgbench_plain.zip(pgbench_outbox);
+        let pgbench = (!pgbench_rounds.is_empty()).then(|| {
+            (
+                median(&pgbench_rounds.iter().map(|r| r.0).collect::<Vec<_>>()),
+                median(&pgbench_rounds.iter().map(|r| r.1).collect::<Vec<_>>()),
+            )
+        });
         Ok(WriteReport {
             writers,
             plain_tps,
