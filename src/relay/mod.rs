@@ -203,8 +203,8 @@ impl Relay {
         m::describe();
         tracing::info!(relay_id = %config.relay_id, exchange = %config.exchange, "relay starting");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        // Dropped (and its thread joined) when the relay stops.
-        let _listener = if config.wake_up {
+        // Stopped when the relay stops (below).
+        let listener = if config.wake_up {
             Some(crate::wake::WakeListener::start(
                 &config.database_url,
                 Arc::clone(&self.shared.woken),
@@ -252,6 +252,8 @@ impl Relay {
         for task in maintenance {
             let _ = task.await;
         }
+        // Dropping joins the listener's thread: off the async workers.
+        let _ = tokio::task::spawn_blocking(move || drop(listener)).await;
         tracing::info!(relay_id = %config.relay_id, "relay stopped");
         Ok(())
     }

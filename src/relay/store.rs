@@ -186,45 +186,32 @@ pub fn mark_published(
     rows: &[LeasedSeq],
     delete: bool,
 ) -> Result<Vec<i64>> {
-    #[derive(QueryableByName)]
-    struct Seq {
-        #[diesel(sql_type = BigInt)]
-        seq: i64,
-    }
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let (seqs, leases) = split(rows);
     struct DeletePublishedSql;
     struct MarkPublishedSql;
-    let binds = vec![
-        Bind::BigIntArray(&seqs),
-        Bind::BigIntArray(&leases),
-        Bind::Text(relay_id),
-    ];
-    let marked = if delete {
-        Prepared::<DeletePublishedSql>::new(
+    if delete {
+        mark::<DeletePublishedSql>(
+            conn,
             "DELETE FROM outbox_events e
              USING unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
              JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
              WHERE e.seq = m.seq AND e.published_at IS NULL
              RETURNING e.seq",
-            binds,
+            relay_id,
+            rows,
         )
-        .load::<Seq>(conn)?
     } else {
-        Prepared::<MarkPublishedSql>::new(
+        mark::<MarkPublishedSql>(
+            conn,
             "UPDATE outbox_events e
              SET published_at = now()
              FROM unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
              JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
              WHERE e.seq = m.seq AND e.published_at IS NULL
              RETURNING e.seq",
-            binds,
+            relay_id,
+            rows,
         )
-        .load::<Seq>(conn)?
-    };
-    Ok(marked.into_iter().map(|row| row.seq).collect())
+    }
 }
 
 /// Marks rows the broker returned as unroutable (no queue bound to their
@@ -233,6 +220,28 @@ pub fn mark_published(
 /// a listener exists. Guarded by a live lease of `relay_id` like
 /// [`mark_published`]. Returns the seqs marked.
 pub fn mark_unroutable(conn: &mut PgConnection, relay_id: &str, rows: &[LeasedSeq]) -> Result<Vec<i64>> {
+    struct MarkUnroutableSql;
+    mark::<MarkUnroutableSql>(
+        conn,
+        "UPDATE outbox_events e
+         SET published_at = now(), unroutable_at = now()
+         FROM unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
+         JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
+         WHERE e.seq = m.seq AND e.published_at IS NULL
+         RETURNING e.seq",
+        relay_id,
+        rows,
+    )
+}
+
+/// Runs a mark statement `sql` (`$1` seqs, `$2` their leases, `$3` the
+/// relay; returning the seqs it changed), prepared under marker `M`.
+fn mark<M: 'static>(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    relay_id: &str,
+    rows: &[LeasedSeq],
+) -> Result<Vec<i64>> {
     #[derive(QueryableByName)]
     struct Seq {
         #[diesel(sql_type = BigInt)]
@@ -242,14 +251,8 @@ pub fn mark_unroutable(conn: &mut PgConnection, relay_id: &str, rows: &[LeasedSe
         return Ok(Vec::new());
     }
     let (seqs, leases) = split(rows);
-    struct MarkUnroutableSql;
-    let marked = Prepared::<MarkUnroutableSql>::new(
-        "UPDATE outbox_events e
-         SET published_at = now(), unroutable_at = now()
-         FROM unnest($1::bigint[], $2::bigint[]) AS m(seq, lease_id)
-         JOIN outbox_leases l ON l.id = m.lease_id AND l.owner = $3 AND l.expires_at > now()
-         WHERE e.seq = m.seq AND e.published_at IS NULL
-         RETURNING e.seq",
+    let marked = Prepared::<M>::new(
+        sql,
         vec![
             Bind::BigIntArray(&seqs),
             Bind::BigIntArray(&leases),

@@ -8,10 +8,9 @@ use std::time::Duration;
 use diesel::prelude::*;
 use outbox::relay::store;
 use outbox::testing::TestExchange;
-use outbox::{DomainEvent, Error, RelayConfig, TestDatabase};
-use serde::Serialize;
+use outbox::{Error, RelayConfig, TestDatabase};
 
-use crate::support::{RunningRelay, Ticked, relay_config, scalar};
+use crate::support::{RunningRelay, Ticked, record_reset, relay_config, scalar};
 
 const BATCH: usize = 50;
 const QUEUED: i64 = 4 * BATCH as i64;
@@ -26,23 +25,6 @@ enum Blocker {
     Failed,
     /// The head's type has no queue, and the relay retries it (strict).
     UnroutableStrict,
-}
-
-#[derive(Serialize)]
-struct Renamed {
-    aggregate: String,
-}
-
-impl DomainEvent for Renamed {
-    fn event_type(&self) -> &'static str {
-        "counter.renamed"
-    }
-    fn aggregate_type(&self) -> &'static str {
-        "counter"
-    }
-    fn aggregate_id(&self) -> String {
-        self.aggregate.clone()
-    }
 }
 
 /// Records `ticks` of `aggregate` in one transaction.
@@ -70,17 +52,7 @@ async fn blocked_aggregate_never_delays_another(blocker: Blocker) {
         _ => TestExchange::new().await.unwrap(),
     };
     match blocker {
-        Blocker::UnroutableStrict => {
-            conn.transaction::<_, Error, _>(|conn| {
-                outbox::record(
-                    conn,
-                    &Renamed {
-                        aggregate: "stuck".into(),
-                    },
-                )
-            })
-            .unwrap();
-        }
+        Blocker::UnroutableStrict => record_reset(&mut conn, "stuck"),
         _ => record_queue(&mut conn, "stuck", 0..1),
     }
     record_queue(&mut conn, "stuck", 1..QUEUED + 1);

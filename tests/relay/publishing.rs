@@ -3,12 +3,11 @@ use std::time::Duration;
 use diesel::prelude::*;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use outbox::{DomainEvent, Error, Metadata, RelayConfig, TestDatabase};
-use serde::Serialize;
+use outbox::{Error, Metadata, RelayConfig, TestDatabase};
 
 use outbox::testing::TestExchange;
 
-use crate::support::{RunningRelay, Ticked, eventually, relay_config, scalar, unpublished};
+use crate::support::{RunningRelay, Ticked, eventually, record_reset, relay_config, scalar, unpublished};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -90,35 +89,6 @@ async fn publishes_committed_events_with_the_contract_envelope() {
         0,
         "no lease left behind"
     );
-}
-
-#[derive(Serialize)]
-struct Reset {
-    aggregate: String,
-}
-
-impl DomainEvent for Reset {
-    fn event_type(&self) -> &'static str {
-        "counter.reset"
-    }
-    fn aggregate_type(&self) -> &'static str {
-        "counter"
-    }
-    fn aggregate_id(&self) -> String {
-        self.aggregate.clone()
-    }
-}
-
-fn record_reset(conn: &mut PgConnection, aggregate: &str) {
-    conn.transaction::<_, Error, _>(|conn| {
-        outbox::record(
-            conn,
-            &Reset {
-                aggregate: aggregate.into(),
-            },
-        )
-    })
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

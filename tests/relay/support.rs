@@ -24,6 +24,38 @@ pub fn record_interleaved(conn: &mut PgConnection, aggregates: usize, per_aggreg
     outbox::testing::record_interleaved(conn, aggregates, 0..per_aggregate).unwrap()
 }
 
+/// A counter reset: the event type tests leave without a queue
+/// (`TestExchange::with_binding(Some("counter.ticked"))`).
+#[derive(serde::Serialize)]
+pub struct Reset {
+    pub aggregate: String,
+}
+
+impl outbox::DomainEvent for Reset {
+    fn event_type(&self) -> &'static str {
+        "counter.reset"
+    }
+    fn aggregate_type(&self) -> &'static str {
+        "counter"
+    }
+    fn aggregate_id(&self) -> String {
+        self.aggregate.clone()
+    }
+}
+
+/// Records one [`Reset`] of `aggregate` in its own transaction.
+pub fn record_reset(conn: &mut PgConnection, aggregate: &str) {
+    conn.transaction::<_, outbox::Error, _>(|conn| {
+        outbox::record(
+            conn,
+            &Reset {
+                aggregate: aggregate.into(),
+            },
+        )
+    })
+    .unwrap();
+}
+
 pub fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
     #[derive(QueryableByName)]
     struct N {

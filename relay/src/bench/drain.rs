@@ -387,46 +387,44 @@ pub async fn relay_drain(
     events: usize,
     timeout: Duration,
 ) -> anyhow::Result<(f64, Vec<f64>, Vec<(f64, u64)>)> {
-    {
-        let started = Instant::now();
-        let mut processes = (0..relays)
-            .map(|_| RelayProcess::spawn(db.url(), &target.amqp_url, &queue.exchange, relay_args))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let url = db.url().to_owned();
-        let mut conn = blocking(move || Ok(outbox::connect(&url)?)).await?;
-        let mut progress = Vec::new();
-        let mut last_count = Instant::now();
-        let seconds = loop {
-            // Emptiness every 20 ms, a count for the progress chart every
-            // 500 ms: counting often would take CPU from the relays.
-            let count_now = last_count.elapsed() >= Duration::from_millis(500);
-            let (back, remaining) = on_connection(conn, move |conn| {
-                if count_now {
-                    unpublished(conn).map(Some)
-                } else {
-                    backlog_is_empty(conn).map(|empty| empty.then_some(0))
-                }
-            })
-            .await?;
-            conn = back;
-            for process in &mut processes {
-                process.sample_memory();
+    let started = Instant::now();
+    let mut processes = (0..relays)
+        .map(|_| RelayProcess::spawn(db.url(), &target.amqp_url, &queue.exchange, relay_args))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let url = db.url().to_owned();
+    let mut conn = blocking(move || Ok(outbox::connect(&url)?)).await?;
+    let mut progress = Vec::new();
+    let mut last_count = Instant::now();
+    let seconds = loop {
+        // Emptiness every 20 ms, a count for the progress chart every
+        // 500 ms: counting often would take CPU from the relays.
+        let count_now = last_count.elapsed() >= Duration::from_millis(500);
+        let (back, remaining) = on_connection(conn, move |conn| {
+            if count_now {
+                unpublished(conn).map(Some)
+            } else {
+                backlog_is_empty(conn).map(|empty| empty.then_some(0))
             }
-            let elapsed = started.elapsed();
-            if let Some(remaining) = remaining {
-                last_count = Instant::now();
-                progress.push((elapsed.as_secs_f64(), events as u64 - remaining.max(0) as u64));
-                if remaining == 0 {
-                    break elapsed.as_secs_f64();
-                }
+        })
+        .await?;
+        conn = back;
+        for process in &mut processes {
+            process.sample_memory();
+        }
+        let elapsed = started.elapsed();
+        if let Some(remaining) = remaining {
+            last_count = Instant::now();
+            progress.push((elapsed.as_secs_f64(), events as u64 - remaining.max(0) as u64));
+            if remaining == 0 {
+                break elapsed.as_secs_f64();
             }
-            anyhow::ensure!(elapsed < timeout, "backlog not drained within {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let peak_rss_mib = processes
-            .into_iter()
-            .map(RelayProcess::stop)
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok((seconds, peak_rss_mib, progress))
-    }
+        }
+        anyhow::ensure!(elapsed < timeout, "backlog not drained within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let peak_rss_mib = processes
+        .into_iter()
+        .map(RelayProcess::stop)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((seconds, peak_rss_mib, progress))
 }
