@@ -5,7 +5,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::database::redact_url;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unconfirmed};
 
 /// Where the outbox looks for RabbitMQ when `AMQP_URL` is not set.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -119,7 +119,8 @@ pub async fn queue_depth(connection: &Connection, name: &str) -> Result<Option<u
 /// Publishes one persistent message straight to `queue` (through the
 /// default exchange, `mandatory`) and waits up to `confirm_timeout` for the
 /// broker's confirm. `channel` must be in confirm mode. A return (no such
-/// queue), a nack or no confirm in time is [`Error::Unconfirmed`]; one
+/// queue), a nack or no confirm in time is [`Error::Unconfirmed`] with its
+/// [`Unconfirmed`] reason; one
 /// message at a time, so a return cannot be mistaken for another's.
 pub async fn publish_to_queue(
     channel: &Channel,
@@ -146,16 +147,33 @@ pub async fn publish_to_queue(
         })?;
     let confirmation = tokio::time::timeout(confirm_timeout, confirm)
         .await
-        .map_err(|_| Error::Unconfirmed(format!("no confirm from {queue} within {confirm_timeout:?}")))?
+        .map_err(|_| Error::Unconfirmed {
+            context: format!("publish to {queue}"),
+            reason: Unconfirmed::TimedOut(confirm_timeout),
+        })?
         .map_err(|source| Error::Broker {
             context: format!("publishing to {queue}"),
             source,
         })?;
     match confirmation {
         lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(()),
-        lapin::Confirmation::Ack(Some(_)) => Err(Error::Unconfirmed(format!(
-            "queue {queue} does not exist (message returned)"
-        ))),
-        lapin::Confirmation::Nack(_) => Err(Error::Unconfirmed(format!("{queue} refused the message"))),
+        // A mandatory publish to the default exchange comes back only when
+        // the queue does not exist.
+        lapin::Confirmation::Ack(Some(_)) => Err(Error::Unconfirmed {
+            context: format!("publish to {queue} (no such queue)"),
+            reason: Unconfirmed::Unroutable,
+        }),
+        lapin::Confirmation::Nack(_) => Err(Error::Unconfirmed {
+            context: format!("publish to {queue}"),
+            reason: Unconfirmed::Nacked,
+        }),
     }
+}
+
+/// How a relay's or a worker's broker session ended.
+pub(crate) enum SessionEnd {
+    /// Shutdown was requested and the session drained.
+    Shutdown,
+    /// The broker connection was lost; reconnect and start a new session.
+    BrokerLost(String),
 }

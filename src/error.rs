@@ -1,4 +1,9 @@
-//! The library's error type.
+//! The library's error types: [`Error`] for its own operations,
+//! [`ListenerError`] for what a queued listener returns, [`BoxError`] for a
+//! sync listener, and [`error_chain`] to print any of them whole.
+
+use std::fmt;
+use std::time::Duration;
 
 use diesel::result::ConnectionError;
 
@@ -78,8 +83,129 @@ pub enum Error {
     /// The thing named does not exist (a failed job id, ...).
     #[error("not found: {0}")]
     NotFound(String),
-    /// The broker did not confirm a publish: it refused it (nack), returned
-    /// it as unroutable, or did not answer in time.
-    #[error("publish not confirmed: {0}")]
-    Unconfirmed(String),
+    /// The broker did not confirm a publish; [`Unconfirmed`] says how.
+    #[error("{context}: {reason}")]
+    Unconfirmed {
+        /// What was being published (`failed job 7 to chom.audit`).
+        context: String,
+        /// Nack, return or timeout.
+        reason: Unconfirmed,
+    },
+    /// A task on tokio's blocking pool panicked or was cancelled.
+    #[error("a blocking task failed")]
+    BlockingTask(#[source] tokio::task::JoinError),
+}
+
+impl Error {
+    /// The same error with its context replaced, for callers that know
+    /// more about what was being done; other kinds are returned as they are.
+    pub(crate) fn in_context(self, context: impl FnOnce(String) -> String) -> Self {
+        match self {
+            Error::Unconfirmed { context: old, reason } => Error::Unconfirmed {
+                context: context(old),
+                reason,
+            },
+            Error::Broker { context: old, source } => Error::Broker {
+                context: context(old),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Why the broker did not confirm a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unconfirmed {
+    /// The broker refused the message (a nack).
+    Nacked,
+    /// No queue took the message: it was returned (mandatory publish).
+    Unroutable,
+    /// No confirm arrived in time; the message may or may not be queued.
+    TimedOut(Duration),
+}
+
+impl fmt::Display for Unconfirmed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unconfirmed::Nacked => f.write_str("the broker refused the message"),
+            Unconfirmed::Unroutable => f.write_str("no queue took the message (returned)"),
+            Unconfirmed::TimedOut(after) => write!(f, "no confirm within {after:?}"),
+        }
+    }
+}
+
+/// Error type a listener returns.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A queued listener's failure, and whether trying again is worth it.
+#[derive(Debug)]
+pub enum ListenerError {
+    /// Try again after the backoff delay, up to
+    /// [`ListenerOptions::tries`](crate::ListenerOptions::tries).
+    Transient(BoxError),
+    /// Give up now: a failed-jobs row and the dead-letter queue.
+    Permanent(BoxError),
+}
+
+impl ListenerError {
+    /// A failure worth retrying.
+    pub fn transient(error: impl Into<BoxError>) -> Self {
+        Self::Transient(error.into())
+    }
+
+    /// A failure no retry can fix.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        Self::Permanent(error.into())
+    }
+
+    /// Whether this failure ends the job at once.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Permanent(_))
+    }
+
+    /// The underlying error.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        match self {
+            Self::Transient(e) | Self::Permanent(e) => e.as_ref(),
+        }
+    }
+}
+
+impl fmt::Display for ListenerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The whole source chain, so the failed-jobs row says everything.
+        f.write_str(&error_chain(self.inner()))
+    }
+}
+
+impl std::error::Error for ListenerError {}
+
+/// Database errors are worth retrying (a serialization failure, a lost
+/// connection); return [`ListenerError::permanent`] yourself for those
+/// that are not.
+impl From<diesel::result::Error> for ListenerError {
+    fn from(error: diesel::result::Error) -> Self {
+        Self::Transient(Box::new(error))
+    }
+}
+
+impl From<Error> for ListenerError {
+    fn from(error: Error) -> Self {
+        Self::Transient(Box::new(error))
+    }
+}
+
+/// `error` and each of its sources, joined with `: `, for a log line or a
+/// stored error text.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

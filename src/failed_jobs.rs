@@ -384,10 +384,7 @@ pub async fn retry(
     }
     crate::amqp::publish_to_queue(channel, &job.queue, &body, properties, confirm_timeout)
         .await
-        .map_err(|error| match error {
-            Error::Unconfirmed(why) => Error::Unconfirmed(format!("failed job {id} kept: {why}")),
-            other => other,
-        })?;
+        .map_err(|error| error.in_context(|context| format!("failed job {id} kept: {context}")))?;
     crate::database::run_blocking(pool, move |conn| forget(conn, id)).await?;
     Ok(job)
 }

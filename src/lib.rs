@@ -14,8 +14,9 @@
 //! | a configured recorder, after-commit hooks | [`outbox`](mod@outbox), [`transaction`] | [`Outbox`], [`OutboxTx`] |
 //! | event type → listener mapping | [`registry`] | [`Registry`], [`SyncListener`], [`QueuedListener`] |
 //! | queued listeners: retries, dead-lettering, worker | [`consumer`] | [`Worker`], [`ListenerOptions`], [`ReceivedEvent`] |
+//! | a listener's failure, the library's errors | [`error`] | [`ListenerError`], [`Error`] |
 //! | listener failures for good | [`failed_jobs`] | [`failed_jobs::list`], [`failed_jobs::retry`] |
-//! | exactly-once listener effects | [`inbox`] | [`inbox::claim`] |
+//! | exactly-once listener effects (the worker's inbox transaction) | [`inbox`] (`consumer/inbox.rs`) | [`inbox::claim`] |
 //! | asserting on recorded events in tests | [`fake`] | [`EventFake`] |
 //! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
 //! | connections and safe-to-print URLs | [`database`] | [`connect`], [`pool`], [`redact_url`] |
@@ -24,9 +25,9 @@
 //! | publishing committed events | [`relay`] | [`Relay`], [`RelayConfig`] |
 //! | writers waking relays after commit | [`wake`] | [`wake::WakeSender`], [`wake::WakeListener`] |
 //! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |
-//! | metric names, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`] |
+//! | publishing stored events again, to one queue | [`replay`] | [`replay::select`], [`replay::publish_to_queue`] |
+//! | metric names, health flags, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`], [`Health`] |
 //! | per-test databases (feature `testing`) | `testing` | `TestDatabase` |
-//! | errors | [`error`] | [`Error`] |
 //!
 //! ## Recording an event
 //!
@@ -62,12 +63,12 @@ pub mod cloudevents;
 pub mod consumer;
 pub mod control;
 pub mod database;
+mod delay;
 pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod failed_jobs;
 pub mod fake;
-pub mod inbox;
 pub mod metrics;
 pub mod migrate;
 pub mod outbox;
@@ -83,18 +84,18 @@ pub mod transaction;
 pub mod wake;
 
 pub use amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE};
-pub use consumer::{
-    HandlerContext, ListenerError, ListenerOptions, QueuedListener, ReceivedEvent, Worker, WorkerConfig,
-};
+pub use consumer::inbox;
+pub use consumer::{HandlerContext, ListenerOptions, QueuedListener, ReceivedEvent, Worker, WorkerConfig};
 pub use database::{DEFAULT_DATABASE_URL, PgPool, connect, create_database_if_missing, pool, redact_url};
 pub use envelope::{DEFAULT_MAX_PAYLOAD_BYTES, EventEnvelope, JsonPayload, MAX_PAYLOAD_BYTES_LIMIT};
-pub use error::{Error, Result};
+pub use error::{BoxError, Error, ListenerError, Result};
 pub use event::{DomainEvent, Metadata};
 pub use fake::EventFake;
+pub use metrics::Health;
 pub use migrate::{MIGRATIONS, migrate};
 pub use outbox::{Outbox, OutboxBuilder};
 pub use record::{record, record_batch, record_with};
-pub use registry::{BoxError, QueuedRegistration, Registry, SyncListener};
+pub use registry::{QueuedRegistration, Registry, SyncListener};
 pub use relay::{Relay, RelayConfig};
 #[cfg(feature = "testing")]
 pub use testing::TestDatabase;

@@ -1,6 +1,6 @@
-//! Metric names (Prometheus conventions: `outbox_` prefix, base units,
-//! `_total` counters, `_seconds` histograms) and the `/metrics` + `/health`
-//! HTTP endpoint.
+//! Metric names of the relay and the worker (Prometheus conventions:
+//! `outbox_` prefix, base units, `_total` counters, `_seconds` histograms),
+//! the [`Health`] flags, and the `/metrics` + `/health` HTTP endpoint.
 //!
 //! The library records through the `metrics` facade; nothing is exported
 //! until a binary installs a recorder with [`install_recorder`] and serves
@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use http_body_util::Full;
@@ -48,6 +49,17 @@ pub const PAUSED: &str = "outbox_paused";
 /// Published rows deleted past retention.
 pub const PRUNED_TOTAL: &str = "outbox_pruned_total";
 
+// The worker's.
+/// Messages handled, by `listener` and `outcome`: `success`, `duplicate`
+/// (inbox hit, handler skipped), `retry` (sent to a retry queue), `failed`
+/// (failed job + dead-letter queue), `returned` (left unacknowledged at
+/// shutdown or connection loss, back to the queue).
+pub const LISTENER_OUTCOMES_TOTAL: &str = "outbox_listener_outcomes_total";
+/// Handler run time, by `listener`.
+pub const LISTENER_DURATION_SECONDS: &str = "outbox_listener_duration_seconds";
+/// Failed jobs recorded, by `listener`.
+pub const FAILED_JOBS_TOTAL: &str = "outbox_failed_jobs_total";
+
 /// Registers descriptions and units (idempotent).
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -82,6 +94,48 @@ pub fn describe() {
     describe_gauge!(FAILED_EVENTS, "Rows that exhausted their publish attempts");
     describe_gauge!(PAUSED, "1 while relays are paused");
     describe_counter!(PRUNED_TOTAL, "Published rows pruned");
+    describe_counter!(
+        LISTENER_OUTCOMES_TOTAL,
+        "Messages handled by listener and outcome"
+    );
+    describe_histogram!(
+        LISTENER_DURATION_SECONDS,
+        Unit::Seconds,
+        "Listener handler run time"
+    );
+    describe_counter!(FAILED_JOBS_TOTAL, "Failed jobs recorded by listener");
+}
+
+/// Liveness of a relay or a worker, as `/health` reports it.
+#[derive(Debug, Default)]
+pub struct Health {
+    broker: AtomicBool,
+    database: AtomicBool,
+}
+
+impl Health {
+    /// Connected to the broker, and the last database work succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.broker_ok() && self.database_ok()
+    }
+
+    /// Whether the broker connection is up.
+    pub fn broker_ok(&self) -> bool {
+        self.broker.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last database work succeeded.
+    pub fn database_ok(&self) -> bool {
+        self.database.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_broker_ok(&self, ok: bool) {
+        self.broker.store(ok, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_database_ok(&self, ok: bool) {
+        self.database.store(ok, Ordering::Relaxed);
+    }
 }
 
 /// Latency buckets from 0.5 ms to 60 s.

@@ -93,13 +93,14 @@ pub async fn publish_to_queue(
         let properties = amqp_properties(&event, app_id)?;
         crate::amqp::publish_to_queue(channel, queue, &body, properties, confirm_timeout)
             .await
-            .map_err(|error| match error {
-                Error::Unconfirmed(why) => Error::Unconfirmed(format!(
-                    "event {} not confirmed by the broker ({why}); {done} of {} replayed",
-                    row.event_id,
-                    events.len()
-                )),
-                other => other,
+            .map_err(|error| {
+                error.in_context(|context| {
+                    format!(
+                        "event {} not confirmed ({context}); {done} of {} replayed",
+                        row.event_id,
+                        events.len()
+                    )
+                })
             })?;
     }
     Ok(events.len())

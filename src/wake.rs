@@ -26,6 +26,7 @@ use diesel::PgConnection;
 use diesel::connection::SimpleConnection;
 
 use crate::database::{connect, redact_url, validate_database_url};
+use crate::delay::Backoff;
 use crate::error::{Error, Result};
 
 /// The notification channel relays listen on.
@@ -109,7 +110,7 @@ impl Drop for WakeSender {
 fn run_sender(shared: &SenderShared, url: &str) {
     // Opened before the first commit asks, so that one is not slower.
     let mut conn: Option<PgConnection> = open_sender(url).ok();
-    let mut retry = Duration::from_millis(50);
+    let mut retry = Backoff::new(Duration::from_millis(50), RECONNECT_MAX);
     loop {
         {
             let Ok(mut state) = shared.wanted.lock() else {
@@ -131,12 +132,11 @@ fn run_sender(shared: &SenderShared, url: &str) {
             match open_sender(url) {
                 Ok(opened) => {
                     conn = Some(opened);
-                    retry = Duration::from_millis(50);
+                    retry.reset();
                 }
                 Err(error) => {
                     tracing::debug!(error = %error, url = %redact_url(url), "cannot open the wake-up connection; relays poll meanwhile");
-                    std::thread::sleep(retry);
-                    retry = (retry * 2).min(RECONNECT_MAX);
+                    std::thread::sleep(retry.next_delay());
                     continue;
                 }
             }
@@ -216,19 +216,18 @@ impl Drop for WakeListener {
 const LISTENER_PING_INTERVAL: Duration = Duration::from_secs(1);
 
 fn run_listener(url: &str, woken: &tokio::sync::Notify, stop: &AtomicBool) {
-    let mut retry = Duration::from_millis(50);
+    let mut retry = Backoff::new(Duration::from_millis(50), RECONNECT_MAX);
     while !stop.load(Ordering::Relaxed) {
         let mut conn = match open_listener(url) {
             Ok(conn) => {
-                retry = Duration::from_millis(50);
+                retry.reset();
                 // Whatever committed while we were not listening.
                 woken.notify_one();
                 conn
             }
             Err(error) => {
                 tracing::debug!(%error, "cannot open the wake-up listener; polling only");
-                sleep_unless_stopped(retry, stop);
-                retry = (retry * 2).min(RECONNECT_MAX);
+                sleep_unless_stopped(retry.next_delay(), stop);
                 continue;
             }
         };

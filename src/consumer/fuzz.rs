@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString};
 
+use super::headers::{copied_headers, delivery_count, encoded_size, has_header};
 use super::message::{DecodeError, decode};
-use super::worker::{copied_headers, delivery_count, encoded_size, has_header};
 use crate::cloudevents::{EventRef, encode_body};
 
 /// splitmix64: small, seeded, good enough to drive a fuzzer.

@@ -3,6 +3,7 @@
 //! the [`HandlerContext`] it runs with, and its [`ListenerOptions`].
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use diesel::PgConnection;
@@ -10,8 +11,8 @@ use diesel::r2d2::{ConnectionManager, PooledConnection};
 
 use crate::consumer::message::ReceivedEvent;
 use crate::database::PgPool;
+pub use crate::error::ListenerError;
 use crate::error::{Error, Result};
-use crate::registry::BoxError;
 
 /// A listener that runs in a worker, from its own queue
 /// (`<app>.<name>`), with retries, a dead-letter queue and a failed-jobs
@@ -61,67 +62,35 @@ pub trait QueuedListener: Send + Sync + 'static {
     fn handle(&self, event: &ReceivedEvent, ctx: &mut HandlerContext<'_>) -> Result<(), ListenerError>;
 }
 
-/// A listener's failure, and whether trying again is worth it.
-#[derive(Debug)]
-pub enum ListenerError {
-    /// Try again after the backoff delay, up to [`ListenerOptions::tries`].
-    Transient(BoxError),
-    /// Give up now: a failed-jobs row and the dead-letter queue.
-    Permanent(BoxError),
+/// How a handler run ended.
+pub(crate) enum HandlerRun {
+    Done {
+        duplicate: bool,
+    },
+    Failed(ListenerError),
+    /// The framework could not even start the try (no connection, BEGIN
+    /// failed): not the listener's fault, not counted.
+    Infrastructure(String),
+    /// Another delivery of the same event is being handled right now
+    /// (a duplicate, or a retry overtaking a timed-out try): wait for it,
+    /// not counted.
+    Busy,
 }
 
-impl ListenerError {
-    /// A failure worth retrying.
-    pub fn transient(error: impl Into<BoxError>) -> Self {
-        Self::Transient(error.into())
-    }
-
-    /// A failure no retry can fix.
-    pub fn permanent(error: impl Into<BoxError>) -> Self {
-        Self::Permanent(error.into())
-    }
-
-    /// Whether this failure ends the job at once.
-    pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::Permanent(_))
-    }
-
-    /// The underlying error.
-    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-        match self {
-            Self::Transient(e) | Self::Permanent(e) => e.as_ref(),
+/// Runs a handler, turning a panic into a transient failure.
+pub(crate) fn guarded(
+    run: impl FnOnce() -> std::result::Result<(), ListenerError>,
+) -> std::result::Result<(), ListenerError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            Err(ListenerError::transient(format!("listener panicked: {message}")))
         }
-    }
-}
-
-impl fmt::Display for ListenerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The whole source chain, so the failed-jobs row says everything.
-        let mut text = self.inner().to_string();
-        let mut source = self.inner().source();
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        f.write_str(&text)
-    }
-}
-
-impl std::error::Error for ListenerError {}
-
-/// Database errors are worth retrying (a serialization failure, a lost
-/// connection); return [`ListenerError::permanent`] yourself for those
-/// that are not.
-impl From<diesel::result::Error> for ListenerError {
-    fn from(error: diesel::result::Error) -> Self {
-        Self::Transient(Box::new(error))
-    }
-}
-
-impl From<Error> for ListenerError {
-    fn from(error: Error) -> Self {
-        Self::Transient(Box::new(error))
     }
 }
 

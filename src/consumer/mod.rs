@@ -45,16 +45,23 @@
 //!   accepts that a retried message is overtaken by later ones, or uses
 //!   one try).
 
+pub mod attempts;
+mod config;
+mod headers;
+pub mod inbox;
 pub mod listener;
 pub mod message;
-pub mod store;
+mod pipeline;
+mod session;
 pub mod topology;
-pub mod worker;
+mod worker;
 
 #[cfg(test)]
 mod fuzz;
 
+pub use config::WorkerConfig;
+pub use headers::{ERROR_HEADER, FAILED_JOB_HEADER, HEADERS_DROPPED_HEADER, RETRY_HEADER};
 pub use listener::{HandlerContext, ListenerError, ListenerOptions, QueuedListener};
 pub use message::{DecodeError, MAX_BODY_BYTES, ReceivedEvent, decode};
 pub use topology::ListenerQueues;
-pub use worker::{Worker, WorkerConfig, WorkerHealth};
+pub use worker::Worker;

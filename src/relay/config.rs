@@ -243,24 +243,7 @@ impl RelayConfig {
     /// exponential backoff (factor 2, +-20% jitter) from `retry_initial`
     /// capped at `retry_max`.
     pub fn retry_delay(&self, attempts_so_far: u32) -> Duration {
-        use backoff::backoff::Backoff;
-        let mut schedule = backoff::ExponentialBackoff {
-            initial_interval: self.retry_initial,
-            current_interval: self.retry_initial,
-            randomization_factor: 0.2,
-            multiplier: 2.0,
-            max_interval: self.retry_max,
-            max_elapsed_time: None,
-            ..backoff::ExponentialBackoff::default()
-        };
-        let mut delay = self.retry_initial;
-        for _ in 0..=attempts_so_far.min(64) {
-            match schedule.next_backoff() {
-                Some(next) => delay = next,
-                None => break,
-            }
-        }
-        delay.min(self.retry_max)
+        crate::delay::Backoff::nth(self.retry_initial, self.retry_max, attempts_so_far)
     }
 }
 

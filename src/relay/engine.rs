@@ -22,7 +22,9 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use lapin::Confirmation;
 use tokio::task::JoinHandle;
 
-use crate::error::{Error, Result};
+use crate::amqp::SessionEnd;
+use crate::delay::Backoff;
+use crate::error::{Error, Result, error_chain};
 use crate::metrics as m;
 use crate::relay::Shared;
 use crate::relay::publisher::{PublishError, Publisher};
@@ -46,14 +48,6 @@ macro_rules! crash_point {
 
 /// An aggregate: (aggregate_type, aggregate_id).
 type AggregateKey = (String, String);
-
-/// How a session ended.
-pub(crate) enum SessionEnd {
-    /// Shutdown was requested and the session drained.
-    Shutdown,
-    /// The broker connection was lost; reconnect and start a new session.
-    BrokerLost(String),
-}
 
 struct HeldRow {
     row: ClaimedEvent,
@@ -161,7 +155,7 @@ pub(crate) struct Session<'a> {
     /// A wake-up arrived that no claim started since has covered.
     wake_pending: bool,
     idle_delay: Duration,
-    db_backoff: Duration,
+    db_backoff: Backoff,
     stopping: bool,
 }
 
@@ -189,7 +183,7 @@ impl<'a> Session<'a> {
             next_poll: Instant::now(),
             wake_pending: false,
             idle_delay: shared.config.poll_min,
-            db_backoff: shared.config.poll_min,
+            db_backoff: Backoff::new(shared.config.poll_min, shared.config.reconnect_max),
             stopping: false,
         }
     }
@@ -412,7 +406,7 @@ impl<'a> Session<'a> {
             Ok(result) => result,
             Err(e) => {
                 tracing::error!(error = %e, "relay database job panicked");
-                self.next_poll = Instant::now() + self.db_backoff;
+                self.next_poll = Instant::now() + self.db_backoff.upcoming();
                 return Ok(());
             }
         };
@@ -425,13 +419,13 @@ impl<'a> Session<'a> {
         }
         if let Some(error) = result.error {
             self.shared.health.set_database_ok(false);
-            tracing::warn!(error = %error_chain(&error), retry_in = ?self.db_backoff, "relay database work failed");
-            self.next_poll = Instant::now() + self.db_backoff;
-            self.db_backoff = (self.db_backoff * 2).min(config.reconnect_max);
+            let retry_in = self.db_backoff.next_delay();
+            tracing::warn!(error = %error_chain(&error), ?retry_in, "relay database work failed");
+            self.next_poll = Instant::now() + retry_in;
             return Ok(());
         }
         self.shared.health.set_database_ok(true);
-        self.db_backoff = config.poll_min;
+        self.db_backoff.reset();
         if let Some(flushed) = &result.flushed {
             let settled = flushed
                 .to_mark
@@ -947,16 +941,4 @@ fn run_lane_job(
         result.conn = Some(conn);
     }
     result
-}
-
-/// `error: cause: cause`, for log fields.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

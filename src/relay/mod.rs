@@ -84,7 +84,6 @@ pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use diesel::PgConnection;
@@ -94,41 +93,12 @@ use crate::database::{PgPool, run_blocking};
 use crate::error::Result;
 use crate::metrics as m;
 
+use crate::amqp::SessionEnd;
+use crate::delay::Backoff;
+use crate::error::error_chain;
+pub use crate::metrics::Health;
 pub use config::RelayConfig;
-use engine::{LaneContext, Session, SessionEnd, error_chain};
-
-/// Liveness as `/health` reports it.
-#[derive(Debug, Default)]
-pub struct Health {
-    broker: AtomicBool,
-    database: AtomicBool,
-}
-
-impl Health {
-    /// Whether the relay is connected to the broker and its last database
-    /// work succeeded.
-    pub fn is_healthy(&self) -> bool {
-        self.broker_ok() && self.database_ok()
-    }
-
-    /// Whether the broker connection is up.
-    pub fn broker_ok(&self) -> bool {
-        self.broker.load(Ordering::Relaxed)
-    }
-
-    /// Whether the last database work succeeded.
-    pub fn database_ok(&self) -> bool {
-        self.database.load(Ordering::Relaxed)
-    }
-
-    fn set_broker_ok(&self, ok: bool) {
-        self.broker.store(ok, Ordering::Relaxed);
-    }
-
-    pub(crate) fn set_database_ok(&self, ok: bool) {
-        self.database.store(ok, Ordering::Relaxed);
-    }
-}
+use engine::{LaneContext, Session};
 
 /// What the engine and the maintenance services share.
 pub(crate) struct Shared {
@@ -217,7 +187,7 @@ impl Relay {
             tokio::spawn(run_backlog_gauges(self.shared.clone_for_lane(), stop_rx.clone())),
         ];
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut reconnect = ReconnectDelay::new(config.reconnect_max);
+        let mut reconnect = Backoff::new(Duration::from_millis(100), config.reconnect_max);
         loop {
             let opened = tokio::select! {
                 () = &mut shutdown => break,
@@ -239,10 +209,10 @@ impl Relay {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(error = %error_chain(&error), retry_in = ?reconnect.peek(), "cannot reach the broker");
+                    tracing::warn!(error = %error_chain(&error), retry_in = ?reconnect.upcoming(), "cannot reach the broker");
                 }
             }
-            let delay = reconnect.next();
+            let delay = reconnect.next_delay();
             tokio::select! {
                 () = &mut shutdown => break,
                 () = tokio::time::sleep(delay) => {}
@@ -317,47 +287,6 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Re
         use diesel::connection::SimpleConnection;
         conn.batch_execute(&self.settings)
             .map_err(diesel::r2d2::Error::QueryError)
-    }
-}
-
-/// Exponential reconnect delays (100 ms doubling, +-20% jitter) up to a cap.
-struct ReconnectDelay {
-    schedule: backoff::ExponentialBackoff,
-    upcoming: Duration,
-}
-
-impl ReconnectDelay {
-    fn new(max: Duration) -> Self {
-        let schedule = backoff::ExponentialBackoff {
-            initial_interval: Duration::from_millis(100),
-            current_interval: Duration::from_millis(100),
-            randomization_factor: 0.2,
-            multiplier: 2.0,
-            max_interval: max,
-            max_elapsed_time: None,
-            ..backoff::ExponentialBackoff::default()
-        };
-        Self {
-            schedule,
-            upcoming: Duration::from_millis(100),
-        }
-    }
-
-    fn peek(&self) -> Duration {
-        self.upcoming
-    }
-
-    fn next(&mut self) -> Duration {
-        use backoff::backoff::Backoff;
-        let delay = self.upcoming;
-        self.upcoming = self.schedule.next_backoff().unwrap_or(self.schedule.max_interval);
-        delay
-    }
-
-    fn reset(&mut self) {
-        use backoff::backoff::Backoff;
-        self.schedule.reset();
-        self.upcoming = Duration::from_millis(100);
     }
 }
 

@@ -118,7 +118,7 @@ pub struct Running {
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<outbox::Result<()>>>,
     pub queues: Vec<outbox::consumer::ListenerQueues>,
-    pub health: std::sync::Arc<outbox::consumer::WorkerHealth>,
+    pub health: std::sync::Arc<outbox::Health>,
 }
 
 impl Running {

@@ -107,7 +107,7 @@ pub fn relay_config(db: &TestDatabase, broker: &TestExchange) -> RelayConfig {
 pub struct RunningRelay {
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<outbox::Result<()>>>,
-    pub health: Arc<outbox::relay::Health>,
+    pub health: Arc<outbox::Health>,
 }
 
 impl RunningRelay {

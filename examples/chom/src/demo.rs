@@ -717,7 +717,7 @@ fn samples(rendered: &str) -> impl Iterator<Item = (&str, BTreeMap<&str, &str>, 
 fn listener_outcomes(rendered: &str, report: &DemoReport) -> Vec<ListenerOutcome> {
     let mut outcomes: BTreeMap<String, ListenerOutcome> = BTreeMap::new();
     for (name, labels, value) in samples(rendered) {
-        if name != outbox::consumer::worker::LISTENER_OUTCOMES_TOTAL {
+        if name != outbox::metrics::LISTENER_OUTCOMES_TOTAL {
             continue;
         }
         let (Some(listener), Some(outcome)) = (labels.get("listener"), labels.get("outcome")) else {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::consumer::WorkerHealth;
+use outbox::Health;
 use outbox::{Registry, Worker, WorkerConfig};
 
 use crate::listeners::{self, APP, ListenerConfig};
@@ -95,7 +95,7 @@ pub async fn run(
     if let Some(addr) = config.metrics_addr {
         let handle = outbox::metrics::install_recorder()?;
         listeners::describe_metrics();
-        let health: Arc<WorkerHealth> = worker.health();
+        let health: Arc<Health> = worker.health();
         let check: outbox::metrics::HealthCheck = Arc::new(move || {
             let body = format!(
                 "{{\"broker\":{},\"database\":{}}}",

@@ -1,0 +1,125 @@
+//! How a worker connects and behaves ([`WorkerConfig`]), each default
+//! beside its field.
+
+use std::time::Duration;
+
+use crate::amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE, validate_amqp_name, validate_amqp_url};
+use crate::database::{DEFAULT_DATABASE_URL, redact_url};
+use crate::error::{Error, Result};
+
+/// How a worker connects and behaves; each default beside its field.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    /// Postgres (attempts, failed jobs, inbox, and the listeners' own
+    /// tables). Default [`DEFAULT_DATABASE_URL`].
+    pub database_url: String,
+    /// RabbitMQ. Default [`DEFAULT_AMQP_URL`].
+    pub amqp_url: String,
+    /// The topic exchange the relay publishes to; declared (durable,
+    /// idempotent) before binding. Default `outbox.events`.
+    pub exchange: String,
+    /// Prefix of the queue names (`<app>.<listener>`). Default `app`;
+    /// services set their own (`chom`).
+    pub app: String,
+    /// Name in the broker's connection list and logs. Default
+    /// `<host>-<pid>-<random>`.
+    pub worker_id: String,
+    /// Database connections. Default: the listeners' concurrency summed,
+    /// plus 2, at most 64.
+    pub pool_size: Option<u32>,
+    /// Wait for the broker's confirm of a retry or dead-letter publish.
+    /// Default 10 s.
+    pub confirm_timeout: Duration,
+    /// Longest wait between reconnects to the broker, and between tries of
+    /// a database step that failed. Default 30 s.
+    pub reconnect_max: Duration,
+    /// How long shutdown waits for handlers in flight; messages of those
+    /// still running then go back to their queues. Default 30 s.
+    pub shutdown_timeout: Duration,
+    /// Declare the exchange and queues on every connect. Default true.
+    pub declare_topology: bool,
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("exchange", &self.exchange)
+            .field("app", &self.app)
+            .field("worker_id", &self.worker_id)
+            .field("pool_size", &self.pool_size)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("declare_topology", &self.declare_topology)
+            .finish()
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            amqp_url: DEFAULT_AMQP_URL.to_owned(),
+            exchange: DEFAULT_EXCHANGE.to_owned(),
+            app: "app".to_owned(),
+            worker_id: crate::relay::config::default_relay_id(),
+            pool_size: None,
+            confirm_timeout: Duration::from_secs(10),
+            reconnect_max: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            declare_topology: true,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Checks every setting; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |message: String| Err(Error::Config(message));
+        if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
+            return bad(format!(
+                "database URL {} must start with postgres:// or postgresql://",
+                redact_url(&self.database_url)
+            ));
+        }
+        validate_amqp_url(&self.amqp_url)?;
+        validate_amqp_name("exchange", &self.exchange)?;
+        validate_amqp_name("app", &self.app)?;
+        if self.worker_id.is_empty() || self.worker_id.len() > 200 {
+            return bad("worker id must be 1 to 200 characters".into());
+        }
+        if let Some(size) = self.pool_size
+            && !(1..=1024).contains(&size)
+        {
+            return bad(format!("pool size must be between 1 and 1024, not {size}"));
+        }
+        if self.confirm_timeout.is_zero() || self.reconnect_max.is_zero() {
+            return bad("confirm timeout and reconnect max must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_are_valid_and_hide_passwords() {
+        let config = WorkerConfig::default();
+        assert!(config.validate().is_ok());
+        let config = WorkerConfig {
+            database_url: "postgres://u:hunter2@h/db".into(),
+            amqp_url: "amqp://u:hunter2@h/%2f".into(),
+            ..WorkerConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let bad = WorkerConfig {
+            app: "no spaces".into(),
+            ..WorkerConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

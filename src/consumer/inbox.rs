@@ -1,0 +1,192 @@
+//! The inbox (`processed_events`): one row per (listener, event) whose
+//! effect has committed, so a duplicate delivery has no second effect.
+//!
+//! The worker runs listeners with
+//! [`ListenerOptions::inbox`] set through
+//! `handle_in_transaction` here: one transaction claims the inbox row
+//! (guarded against a concurrent delivery of the same event), runs the
+//! listener's effect on the same connection and commits both together. A
+//! duplicate finds the row and is acknowledged without running the
+//! listener. [`claim`] and [`is_processed`] are public for services that
+//! consume events some other way.
+
+use diesel::prelude::*;
+use diesel::sql_types::Double;
+use uuid::Uuid;
+
+use crate::consumer::attempts;
+use crate::consumer::listener::{
+    HandlerContext, HandlerRun, ListenerError, ListenerOptions, QueuedListener, guarded,
+};
+use crate::consumer::message::ReceivedEvent;
+use crate::database::PgPool;
+use crate::error::{Error, Result};
+use crate::prepared::{Bind, Prepared};
+
+/// Inserts the inbox row of (`listener`, `event_id`) in the transaction open
+/// on `conn`. Returns `true` when the row is new (run the effect), `false`
+/// when it already existed (a duplicate: skip the effect).
+///
+/// A concurrent delivery of the same event waits on the uncommitted row and
+/// then sees it (if the first commits) or claims it (if it rolls back), so
+/// at most one effect commits.
+pub fn claim(conn: &mut PgConnection, listener: &str, event_id: Uuid) -> Result<bool> {
+    use crate::schema::processed_events::dsl;
+    // The query builder (not sql_query) so the statement stays prepared.
+    let inserted = diesel::insert_into(dsl::processed_events)
+        .values((dsl::listener.eq(listener), dsl::event_id.eq(event_id)))
+        .on_conflict_do_nothing()
+        .execute(conn)?;
+    Ok(inserted == 1)
+}
+
+/// Whether (`listener`, `event_id`) has been processed.
+pub fn is_processed(conn: &mut PgConnection, listener: &str, event_id: Uuid) -> Result<bool> {
+    use crate::schema::processed_events::dsl;
+    let found = dsl::processed_events
+        .filter(dsl::listener.eq(listener))
+        .filter(dsl::event_id.eq(event_id))
+        .select(dsl::event_id)
+        .first::<Uuid>(conn)
+        .optional()?;
+    Ok(found.is_some())
+}
+
+/// Deletes inbox rows older than `older_than_hours`, at most `batch` of
+/// them, and returns how many. Keep rows for longer than a message can
+/// take to arrive twice (the relay's retries plus the listeners' retry
+/// delays); a week is plenty. Call it repeatedly until it returns less
+/// than `batch`.
+pub fn prune(conn: &mut PgConnection, older_than_hours: f64, batch: i64) -> Result<usize> {
+    Ok(diesel::sql_query(
+        "DELETE FROM processed_events WHERE ctid IN (
+             SELECT ctid FROM processed_events
+             WHERE processed_at < now() - make_interval(secs => $1 * 3600)
+             LIMIT $2)",
+    )
+    .bind::<Double, _>(older_than_hours)
+    .bind::<diesel::sql_types::BigInt, _>(batch)
+    .execute(conn)?)
+}
+
+/// How the inbox transaction failed, for the outcome it means.
+enum TxError {
+    Setup(diesel::result::Error),
+    Busy,
+    Listener(ListenerError),
+    Database(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for TxError {
+    fn from(error: diesel::result::Error) -> Self {
+        Self::Database(error)
+    }
+}
+
+/// Runs `listener` for `event` in one transaction with its inbox row, under
+/// the listener's timeout: the effect and the row commit together, and a
+/// duplicate (the row exists) is reported without running the handler.
+/// Whether a failure is the listener's (a try) or the database's (held, not
+/// counted) is decided here.
+pub(crate) fn handle_in_transaction(
+    pool: &PgPool,
+    listener: &dyn QueuedListener,
+    event: &ReceivedEvent,
+    attempt: u32,
+    options: &ListenerOptions,
+    clear_attempts: bool,
+) -> HandlerRun {
+    use diesel::Connection;
+    let mut conn = match pool.get() {
+        Ok(conn) => conn,
+        Err(error) => return HandlerRun::Infrastructure(format!("no database connection: {error}")),
+    };
+    let name = listener.name().to_owned();
+    let mut handler_ran = false;
+    let outcome = conn.transaction::<bool, TxError, _>(|conn| {
+        use diesel::RunQueryDsl;
+        // One round trip: bound the transaction by the handler's timeout,
+        // make sure no other delivery of this event is being handled right
+        // now (a duplicate would otherwise wait on the uncommitted inbox
+        // row, and the wait would count as its try), and claim the inbox
+        // row.
+        #[derive(diesel::QueryableByName)]
+        struct Claim {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            locked: bool,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            inserted: i64,
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            previous: i32,
+        }
+        let millis = options.timeout.as_millis().max(1).to_string();
+        struct InboxClaimSql;
+        let claim = Prepared::<InboxClaimSql>::new(
+            "WITH guard AS (
+                 SELECT pg_try_advisory_xact_lock(hashtextextended($1 || '/' || $2::text, 0)) AS locked,
+                        set_config('statement_timeout', $3, true) AS timeout),
+             claimed AS (
+                 INSERT INTO processed_events (listener, event_id)
+                 SELECT $1, $2 FROM guard WHERE locked
+                 ON CONFLICT DO NOTHING
+                 RETURNING 1)
+             SELECT (SELECT locked FROM guard) AS locked, (SELECT count(*) FROM claimed) AS inserted,
+                    -- Failed tries so far, also for a copy that carries no
+                    -- marker (a relay's duplicate publish): the handler's
+                    -- attempt number stays true at no extra round trip.
+                    COALESCE((SELECT attempts FROM listener_attempts
+                              WHERE listener = $1 AND event_id = $2), 0) AS previous",
+            vec![Bind::Text(&name), Bind::Uuid(event.event_id), Bind::Text(&millis)],
+        )
+        .get_result::<Claim>(conn)
+        .map_err(TxError::Setup)?;
+        if !claim.locked {
+            return Err(TxError::Busy);
+        }
+        let previous = u32::try_from(claim.previous).unwrap_or(0);
+        let (attempt, clear_attempts) = (attempt.max(previous + 1), clear_attempts || previous > 0);
+        if claim.inserted == 0 {
+            if clear_attempts {
+                // A retry whose event another copy already handled.
+                attempts::clear_attempts(conn, &name, event.event_id).map_err(|e| match e {
+                    Error::Database(db) => TxError::Setup(db),
+                    other => TxError::Listener(ListenerError::transient(other)),
+                })?;
+            }
+            return Ok(true);
+        }
+        handler_ran = true;
+        let mut ctx = HandlerContext::with_transaction(conn, attempt, options.tries);
+        guarded(|| listener.handle(event, &mut ctx)).map_err(TxError::Listener)?;
+        if clear_attempts {
+            attempts::clear_attempts(conn, &name, event.event_id).map_err(|e| match e {
+                Error::Database(db) => TxError::Database(db),
+                other => TxError::Listener(ListenerError::transient(other)),
+            })?;
+        }
+        Ok(false)
+    });
+    // A connection that broke under the handler (Postgres restarted, the
+    // backend was terminated, the network dropped) is the database's
+    // trouble, not the listener's: hold the message and run it again
+    // without counting a try. The inbox makes the rerun safe if the COMMIT
+    // did reach the server.
+    let connection_lost = outcome.is_err() && diesel::r2d2::R2D2Connection::is_broken(&mut *conn);
+    match outcome {
+        Ok(duplicate) => HandlerRun::Done { duplicate },
+        Err(TxError::Listener(_) | TxError::Database(_)) if connection_lost => {
+            HandlerRun::Infrastructure("the database connection was lost during the try".to_owned())
+        }
+        Err(TxError::Listener(error)) => HandlerRun::Failed(error),
+        Err(TxError::Busy) => HandlerRun::Busy,
+        Err(TxError::Setup(error)) => {
+            HandlerRun::Infrastructure(format!("cannot open the inbox transaction: {error}"))
+        }
+        Err(TxError::Database(error)) if !handler_ran => {
+            HandlerRun::Infrastructure(format!("cannot open the inbox transaction: {error}"))
+        }
+        // COMMIT failed (serialization, deferred constraint, lost
+        // connection): the effect did not happen; a try of the listener.
+        Err(TxError::Database(error)) => HandlerRun::Failed(ListenerError::transient(error)),
+    }
+}

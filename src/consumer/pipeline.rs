@@ -1,0 +1,459 @@
+//! One delivery's path through the worker: decode, the trusted state from
+//! Postgres for a redelivery, the handler (in its inbox transaction when
+//! the listener has one), then an ack, a confirmed retry copy, or a failed
+//! job plus a confirmed dead-letter copy. Framework steps that fail on the
+//! database or the broker are tried again with backoff, holding the
+//! message; they never count as a try.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::PgConnection;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use lapin::types::{AMQPValue, LongString};
+use lapin::{BasicProperties, Channel};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::consumer::attempts::{self, FailedMessage, FailureOutcome};
+use crate::consumer::headers::{
+    ERROR_HEADER, FAILED_JOB_HEADER, MAX_ERROR_HEADER_BYTES, RETRY_HEADER, copied_headers, delivery_count,
+    has_header,
+};
+use crate::consumer::inbox;
+use crate::consumer::listener::{HandlerContext, HandlerRun, ListenerError, guarded};
+use crate::consumer::message::{ReceivedEvent, decode};
+use crate::consumer::topology::ListenerQueues;
+use crate::database::PgPool;
+use crate::delay::Backoff;
+use crate::error::{Error, Result, error_chain};
+use crate::metrics::{FAILED_JOBS_TOTAL, Health, LISTENER_DURATION_SECONDS, LISTENER_OUTCOMES_TOTAL};
+use crate::registry::QueuedRegistration;
+
+/// What every delivery task of one listener shares.
+pub(crate) struct ListenerShared {
+    pub(crate) registration: QueuedRegistration,
+    pub(crate) queues: ListenerQueues,
+    pub(crate) pool: PgPool,
+    pub(crate) publisher: Arc<CopyPublisher>,
+    pub(crate) health: Arc<Health>,
+    pub(crate) stop: watch::Receiver<bool>,
+    pub(crate) reconnect_max: Duration,
+}
+
+pub(crate) struct ListenerLoop {
+    pub(crate) shared: Arc<ListenerShared>,
+    pub(crate) channel: Channel,
+    pub(crate) consumer: lapin::Consumer,
+    pub(crate) tag: String,
+}
+
+impl ListenerLoop {
+    /// Takes deliveries while a concurrency slot is free; returns why it
+    /// stopped. Waits for its handlers before returning (aborted by the
+    /// session after the shutdown timeout).
+    pub(crate) async fn run(mut self) -> String {
+        let options = self.shared.registration.options().clone();
+        let slots = Arc::new(Semaphore::new(options.concurrency));
+        let mut tasks = JoinSet::new();
+        let mut stop = self.shared.stop.clone();
+        let reason = loop {
+            let permit = tokio::select! {
+                _ = stop.changed() => break "stopping".to_owned(),
+                permit = Arc::clone(&slots).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break "semaphore closed".to_owned(),
+                },
+            };
+            let next = tokio::select! {
+                _ = stop.changed() => break "stopping".to_owned(),
+                next = self.consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    tasks.spawn(handle_delivery(Arc::clone(&self.shared), delivery, permit));
+                }
+                Some(Err(error)) => {
+                    break format!("consumer of {} failed: {error}", self.shared.queues.queue);
+                }
+                None => break format!("consumer of {} was cancelled", self.shared.queues.queue),
+            }
+            // Reap finished tasks so the set does not grow.
+            while tasks.try_join_next().is_some() {}
+        };
+        while tasks.join_next().await.is_some() {}
+        reason
+    }
+}
+
+/// The publish channel (confirm mode) for retry and dead-letter copies.
+pub(crate) struct CopyPublisher {
+    pub(crate) channel: Channel,
+    pub(crate) confirm_timeout: Duration,
+}
+
+impl CopyPublisher {
+    /// Publishes to `queue` through the default exchange and waits for the
+    /// broker's confirm; a return (no such queue) or nack is an error.
+    async fn publish_to_queue(&self, queue: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
+        crate::amqp::publish_to_queue(&self.channel, queue, body, properties, self.confirm_timeout).await
+    }
+}
+
+/// Why processing stopped without an ack.
+struct Stopped;
+
+async fn handle_delivery(shared: Arc<ListenerShared>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+    let permit = Arc::new(permit);
+    let listener = shared.registration.name().to_owned();
+    let outcome = process(&shared, &delivery, &permit).await;
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(Stopped) => {
+            metrics::counter!(LISTENER_OUTCOMES_TOTAL, "listener" => listener, "outcome" => "returned")
+                .increment(1);
+            return;
+        }
+    };
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {
+            metrics::counter!(LISTENER_OUTCOMES_TOTAL, "listener" => listener, "outcome" => outcome)
+                .increment(1);
+        }
+        Ok(false) | Err(_) => {
+            // The channel is gone: the message comes back, and the inbox,
+            // the attempt count or the failed job makes that harmless.
+            tracing::warn!(listener = %listener, "could not acknowledge a message (channel closed); it will be redelivered");
+            metrics::counter!(LISTENER_OUTCOMES_TOTAL, "listener" => listener, "outcome" => "returned")
+                .increment(1);
+        }
+    }
+}
+
+/// Runs the pipeline for one delivery; returns the outcome label to ack
+/// with, or [`Stopped`] to leave the message unacknowledged.
+async fn process(
+    shared: &Arc<ListenerShared>,
+    delivery: &Delivery,
+    permit: &Arc<OwnedSemaphorePermit>,
+) -> std::result::Result<&'static str, Stopped> {
+    let listener = shared.registration.name();
+    let options = shared.registration.options();
+    let event = match decode(&delivery.data) {
+        Ok(event) => Arc::new(event),
+        Err(error) => {
+            let text = format!("cannot decode message: {error}");
+            return fail_malformed(shared, delivery, None, &text).await;
+        }
+    };
+    if !shared.registration.handles(&event.event_type) {
+        let text = format!(
+            "listener {listener} does not handle {} events (it handles {})",
+            event.event_type,
+            shared.registration.event_types().join(", ")
+        );
+        return fail_event(shared, delivery, &event, &text, true).await;
+    }
+    let mut previous = 0;
+    if delivery.redelivered || has_header(&delivery.properties, RETRY_HEADER) {
+        let (name, id) = (listener.to_owned(), event.event_id);
+        let state = db_step(shared, move |conn| attempts::delivery_state(conn, &name, id)).await?;
+        if let Some(job_id) = state.failed_job {
+            // Failed for good before the crash that redelivered it: only
+            // the dead-letter copy and the ack may be missing.
+            let text = format!("already recorded as failed job {job_id}");
+            dead_letter(shared, delivery, job_id, &text).await?;
+            return Ok("failed");
+        }
+        previous = state.attempts;
+        let deliveries = delivery_count(&delivery.properties);
+        if delivery.redelivered && deliveries >= options.max_unacked_deliveries {
+            let text = format!(
+                "delivered {} times without being acknowledged: the worker crashed, timed out or lost its connection while handling it",
+                deliveries + 1
+            );
+            return fail_event(shared, delivery, &event, &text, true).await;
+        }
+    }
+    let attempt = previous + 1;
+    let mut wait = Backoff::new(Duration::from_millis(100), shared.reconnect_max);
+    let mut busy_wait = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+    loop {
+        let started = Instant::now();
+        let run = run_handler(shared, &event, attempt, previous > 0, permit).await;
+        metrics::histogram!(LISTENER_DURATION_SECONDS, "listener" => listener.to_owned())
+            .record(started.elapsed().as_secs_f64());
+        match run {
+            HandlerRun::Done { duplicate } => {
+                shared.health.set_database_ok(true);
+                if previous > 0 && !options.inbox {
+                    let (name, id) = (listener.to_owned(), event.event_id);
+                    db_step(shared, move |conn| attempts::clear_attempts(conn, &name, id)).await?;
+                }
+                return Ok(if duplicate { "duplicate" } else { "success" });
+            }
+            HandlerRun::Failed(error) => {
+                let permanent = error.is_permanent();
+                let text = error.to_string();
+                tracing::warn!(listener, event_id = %event.event_id, event_type = %event.event_type, attempt, tries = options.tries, permanent, error = %text, "listener failed");
+                return fail_event(shared, delivery, &event, &text, permanent).await;
+            }
+            HandlerRun::Busy => {
+                tracing::debug!(listener, event_id = %event.event_id, retry_in = ?busy_wait.upcoming(), "another delivery of this event is being handled; waiting");
+                pause(shared, &mut busy_wait).await?;
+            }
+            HandlerRun::Infrastructure(reason) => {
+                shared.health.set_database_ok(false);
+                tracing::warn!(listener, event_id = %event.event_id, %reason, retry_in = ?wait.upcoming(), "cannot run the listener; holding the message");
+                pause(shared, &mut wait).await?;
+            }
+        }
+    }
+}
+
+/// Records a failed try (or a permanent failure) and sends the message on:
+/// to a retry queue, or to failed_jobs and the dead-letter queue.
+async fn fail_event(
+    shared: &Arc<ListenerShared>,
+    delivery: &Delivery,
+    event: &Arc<ReceivedEvent>,
+    error: &str,
+    permanent: bool,
+) -> std::result::Result<&'static str, Stopped> {
+    let options = shared.registration.options();
+    let tries = options.tries;
+    let (listener, queue) = (shared.registration.name().to_owned(), shared.queues.queue.clone());
+    let (event_id, event_type) = (event.event_id, event.event_type.clone());
+    let body = delivery.data.clone();
+    let error_text = error.to_owned();
+    let outcome = db_step(shared, move |conn| {
+        attempts::record_failure(
+            conn,
+            &FailedMessage {
+                listener: &listener,
+                queue: &queue,
+                event_id,
+                event_type: &event_type,
+                body: &body,
+            },
+            &error_text,
+            permanent,
+            tries,
+        )
+    })
+    .await?;
+    match outcome {
+        FailureOutcome::Retry { attempts } => {
+            let delay = options.delay_after(attempts);
+            let Some(retry_queue) = shared.queues.retry_queue(delay) else {
+                // Cannot happen: every delay of the first tries-1 failures
+                // has a queue. Fail rather than loop.
+                return fail_malformed(
+                    shared,
+                    delivery,
+                    Some(event),
+                    "no retry queue for the backoff delay",
+                )
+                .await;
+            };
+            let mut headers = copied_headers(&delivery.properties);
+            headers.insert(RETRY_HEADER.into(), AMQPValue::LongInt(attempts.min(1000) as i32));
+            let properties = delivery
+                .properties
+                .clone()
+                .with_headers(headers)
+                .with_delivery_mode(2);
+            publish_step(shared, retry_queue, &delivery.data, properties).await?;
+            tracing::info!(listener = shared.registration.name(), event_id = %event.event_id, attempts, tries, retry_in = ?delay, "retry scheduled");
+            Ok("retry")
+        }
+        FailureOutcome::Failed {
+            job_id,
+            attempts,
+            inserted,
+        } => {
+            if inserted {
+                metrics::counter!(FAILED_JOBS_TOTAL, "listener" => shared.registration.name().to_owned())
+                    .increment(1);
+            }
+            tracing::error!(listener = shared.registration.name(), event_id = %event.event_id, attempts, failed_job = job_id, error, "listener failed for good; recorded in failed_jobs");
+            dead_letter(shared, delivery, job_id, error).await?;
+            Ok("failed")
+        }
+    }
+}
+
+/// A message that does not name a usable event: failed_jobs and the
+/// dead-letter queue at once.
+async fn fail_malformed(
+    shared: &Arc<ListenerShared>,
+    delivery: &Delivery,
+    event: Option<&Arc<ReceivedEvent>>,
+    error: &str,
+) -> std::result::Result<&'static str, Stopped> {
+    let (listener, queue) = (shared.registration.name().to_owned(), shared.queues.queue.clone());
+    let event_type = event
+        .map(|e| e.event_type.clone())
+        .or_else(|| delivery.properties.kind().as_ref().map(|t| t.to_string()))
+        .filter(|t| t.len() <= 255);
+    let body = delivery.data.clone();
+    let error_text = error.to_owned();
+    let (job_id, inserted) = db_step(shared, move |conn| {
+        attempts::record_malformed(conn, &listener, &queue, event_type.as_deref(), &body, &error_text)
+    })
+    .await?;
+    if inserted {
+        metrics::counter!(FAILED_JOBS_TOTAL, "listener" => shared.registration.name().to_owned())
+            .increment(1);
+    }
+    tracing::error!(
+        listener = shared.registration.name(),
+        failed_job = job_id,
+        error,
+        "malformed message recorded in failed_jobs"
+    );
+    dead_letter(shared, delivery, job_id, error).await?;
+    Ok("failed")
+}
+
+async fn dead_letter(
+    shared: &Arc<ListenerShared>,
+    delivery: &Delivery,
+    job_id: i64,
+    error: &str,
+) -> std::result::Result<(), Stopped> {
+    let mut headers = copied_headers(&delivery.properties);
+    headers.insert(FAILED_JOB_HEADER.into(), AMQPValue::LongLongInt(job_id));
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString(LongString::from(crate::failed_jobs::bounded_text(
+            error,
+            MAX_ERROR_HEADER_BYTES,
+        ))),
+    );
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let dead = shared.queues.dead.clone();
+    publish_step(shared, &dead, &delivery.data, properties).await
+}
+
+/// Runs the handler on the blocking pool under the listener's timeout.
+async fn run_handler(
+    shared: &Arc<ListenerShared>,
+    event: &Arc<ReceivedEvent>,
+    attempt: u32,
+    clear_attempts: bool,
+    permit: &Arc<OwnedSemaphorePermit>,
+) -> HandlerRun {
+    let options = shared.registration.options().clone();
+    let listener = Arc::clone(shared.registration.listener());
+    let pool = shared.pool.clone();
+    let event = Arc::clone(event);
+    // The blocking thread holds a clone of the slot: a handler that
+    // outlives its timeout still counts against the concurrency.
+    let slot = Arc::clone(permit);
+    let task = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        if options.inbox {
+            inbox::handle_in_transaction(
+                &pool,
+                listener.as_ref(),
+                &event,
+                attempt,
+                &options,
+                clear_attempts,
+            )
+        } else {
+            let mut ctx = HandlerContext::with_pool(Some(&pool), attempt, options.tries);
+            match guarded(|| listener.handle(&event, &mut ctx)) {
+                Ok(()) => HandlerRun::Done { duplicate: false },
+                Err(error) => HandlerRun::Failed(error),
+            }
+        }
+    });
+    let timeout = shared.registration.options().timeout;
+    match tokio::time::timeout(timeout, task).await {
+        Ok(Ok(run)) => run,
+        Ok(Err(join)) => HandlerRun::Failed(ListenerError::transient(format!("handler task failed: {join}"))),
+        Err(_) => HandlerRun::Failed(ListenerError::transient(format!(
+            "handler timed out after {timeout:?}"
+        ))),
+    }
+}
+
+/// Runs a framework database step on the blocking pool, waiting with
+/// backoff while the database is unreachable; [`Stopped`] on shutdown.
+async fn db_step<T: Send + 'static>(
+    shared: &Arc<ListenerShared>,
+    work: impl Fn(&mut PgConnection) -> Result<T> + Send + Sync + 'static,
+) -> std::result::Result<T, Stopped> {
+    let work = Arc::new(work);
+    let mut wait = Backoff::new(Duration::from_millis(100), shared.reconnect_max);
+    loop {
+        let pool = shared.pool.clone();
+        let step = Arc::clone(&work);
+        let result = tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get()?;
+            step(&mut conn)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::BlockingTask(e)));
+        match result {
+            Ok(value) => {
+                shared.health.set_database_ok(true);
+                return Ok(value);
+            }
+            Err(error) => {
+                shared.health.set_database_ok(false);
+                tracing::warn!(listener = shared.registration.name(), error = %error_chain(&error), retry_in = ?wait.upcoming(), "database step failed; holding the message");
+                pause(shared, &mut wait).await?;
+            }
+        }
+    }
+}
+
+/// Publishes with a confirm, retrying with backoff; [`Stopped`] on
+/// shutdown or when the session ends (the message then comes back).
+async fn publish_step(
+    shared: &Arc<ListenerShared>,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> std::result::Result<(), Stopped> {
+    let mut wait = Backoff::new(Duration::from_millis(100), shared.reconnect_max);
+    loop {
+        match shared
+            .publisher
+            .publish_to_queue(queue, body, properties.clone())
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                tracing::warn!(listener = shared.registration.name(), queue, error = %error_chain(&error), retry_in = ?wait.upcoming(), "publish failed; holding the message");
+                if !shared.publisher.channel.status().connected() {
+                    return Err(Stopped);
+                }
+                pause(shared, &mut wait).await?;
+            }
+        }
+    }
+}
+
+/// Waits the backoff's next delay, or returns [`Stopped`] when the worker
+/// stops.
+async fn pause(shared: &Arc<ListenerShared>, wait: &mut Backoff) -> std::result::Result<(), Stopped> {
+    let mut stop = shared.stop.clone();
+    if *stop.borrow() {
+        return Err(Stopped);
+    }
+    tokio::select! {
+        _ = stop.changed() => return Err(Stopped),
+        () = tokio::time::sleep(wait.next_delay()) => {}
+    }
+    if *stop.borrow() { Err(Stopped) } else { Ok(()) }
+}
