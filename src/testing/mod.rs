@@ -1,5 +1,6 @@
 //! Fixtures for integration tests (feature `testing`): throwaway
-//! databases, private exchanges, and a TCP proxy that cuts connections.
+//! databases, private exchanges, a TCP proxy that cuts connections, and
+//! bounded waits and counted queries for assertions.
 //!
 //! Each [`TestDatabase`] is a freshly created Postgres database, dropped
 //! when the value goes out of scope (also when the test panics), so tests
@@ -9,12 +10,14 @@
 
 mod broker;
 mod broker_user;
+mod checks;
 mod events;
 mod proxy;
 mod roles;
 
 pub use broker::{ReceivedMessage, TEST_AMQP_PREFIX, TestExchange, delete_broker_objects};
 pub use broker_user::{TEST_USER_PREFIX, TestBrokerUser, literal};
+pub use checks::{count, eventually, try_count};
 pub use events::{Ticked, record_interleaved, record_ticks};
 pub use proxy::{Fault, TcpProxy};
 pub use roles::{LEAST_PRIVILEGE_SQL, LeastPrivilegeRoles, TestRoles};

@@ -13,6 +13,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+pub use outbox::testing::eventually;
+
 use crate::broker::{TestBroker, amqp_url};
 
 /// One call of a scripted listener.
@@ -234,18 +236,6 @@ async fn wait_for_consumer(broker: &TestBroker, queue: &str) {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "no consumer on {queue}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits (bounded) until `check` holds.
-pub async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

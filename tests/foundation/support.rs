@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
+pub use outbox::testing::count;
 use outbox::{DomainEvent, TestDatabase};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -84,15 +85,6 @@ pub fn insert_widget(conn: &mut PgConnection, name: &str) -> QueryResult<i64> {
         .bind::<Text, _>(name)
         .get_result::<Id>(conn)
         .map(|row| row.id)
-}
-
-pub fn count(conn: &mut PgConnection, sql: &str) -> i64 {
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    diesel::sql_query(sql).get_result::<Count>(conn).expect(sql).n
 }
 
 /// One stored row, read back as the relay will read it.

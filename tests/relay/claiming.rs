@@ -9,7 +9,7 @@ use outbox::relay::store::{self, PublishFailure};
 use outbox::{Error, TestDatabase};
 
 use crate::support::{
-    RunningRelay, Ticked, eventually, record_interleaved, record_ticks, relay_config, scalar,
+    RunningRelay, Ticked, count, eventually, record_interleaved, record_ticks, relay_config,
 };
 
 #[test]
@@ -124,7 +124,7 @@ fn an_expired_lease_cannot_mark_or_fail_and_the_rows_are_claimable_again() {
             .is_empty()
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while scalar(
+    while count(
         &mut conn,
         "SELECT count(*) AS n FROM outbox_leases WHERE expires_at > now()",
     ) > 0
@@ -148,7 +148,7 @@ fn an_expired_lease_cannot_mark_or_fail_and_the_rows_are_claimable_again() {
         0
     );
     assert_eq!(
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NOT NULL OR attempts > 0"
         ),
@@ -185,7 +185,7 @@ fn a_renewed_lease_outlives_its_first_term_and_an_ended_one_is_not_revived() {
     assert_eq!((kept.len(), lost.len()), (2, 2));
     // The frozen relay never renews; its lease ends.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while scalar(
+    while count(
         &mut conn,
         "SELECT count(*) AS n FROM outbox_leases WHERE owner = 'frozen' AND expires_at > now()",
     ) > 0
@@ -212,7 +212,7 @@ fn a_renewed_lease_outlives_its_first_term_and_an_ended_one_is_not_revived() {
         "SELECT count(*) AS n FROM outbox_leases WHERE id = {} AND created_at + interval '1100 ms' < now()",
         kept[0].lease_id
     );
-    while scalar(&mut conn, &first_term_over) == 0 {
+    while count(&mut conn, &first_term_over) == 0 {
         assert!(std::time::Instant::now() < deadline, "first term never ended");
         thread::sleep(Duration::from_millis(20));
     }
@@ -324,7 +324,7 @@ async fn a_late_committing_transaction_is_not_skipped_and_does_not_stall_others(
     let mut conn = db.connect().unwrap();
     record_ticks(&mut conn, "fast", 0..3);
     assert!(
-        scalar(&mut conn, "SELECT min(seq) AS n FROM outbox_events") > 1,
+        count(&mut conn, "SELECT min(seq) AS n FROM outbox_events") > 1,
         "T1's row holds the lower seq"
     );
     let relay = RunningRelay::start(relay_config(&db, &broker));

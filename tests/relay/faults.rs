@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use outbox::TestDatabase;
 
-use crate::support::{RunningRelay, eventually, record_interleaved, relay_config, scalar, unpublished};
+use crate::support::{RunningRelay, count, eventually, record_interleaved, relay_config, unpublished};
 
 fn assert_in_order(broker: &TestExchange, aggregates: usize, per_aggregate: i64) {
     let order = broker.first_arrival_order("n");
@@ -42,7 +42,7 @@ async fn broker_connection_loss_mid_stream_loses_nothing_and_holds_nothing_while
     .await;
     // While the broker is unreachable the relay holds no rows.
     eventually("leases given back", Duration::from_secs(10), || {
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_leases WHERE expires_at > now()",
         ) == 0
@@ -84,7 +84,7 @@ async fn postgres_connections_dropped_mid_stream_lose_nothing() {
             broker.distinct() >= target
         })
         .await;
-        scalar(&mut conn, &kill);
+        count(&mut conn, &kill);
     }
     broker.wait_for_distinct(total, Duration::from_secs(60)).await;
     eventually("all marked", Duration::from_secs(30), || {
@@ -107,8 +107,8 @@ async fn graceful_stop_marks_what_was_confirmed_and_releases_every_lease() {
     });
     eventually("mid-stream", Duration::from_secs(20), || broker.distinct() >= 500).await;
     relay.stop().await;
-    assert_eq!(scalar(&mut conn, "SELECT count(*) AS n FROM outbox_leases"), 0);
-    let marked = scalar(
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM outbox_leases"), 0);
+    let marked = count(
         &mut conn,
         "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NOT NULL",
     );

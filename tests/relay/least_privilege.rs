@@ -13,7 +13,7 @@ use outbox::TestDatabase;
 use outbox::testing::{TestBrokerUser, TestExchange, TestRoles, literal};
 use uuid::Uuid;
 
-use crate::support::{RunningRelay, eventually, record_ticks, relay_config, scalar};
+use crate::support::{RunningRelay, count, eventually, record_ticks, relay_config};
 
 fn denied(conn: &mut PgConnection, sql: &str) -> String {
     let error = conn
@@ -60,7 +60,7 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
         "rows marked published by the relay role",
         Duration::from_secs(10),
         || {
-            scalar(
+            count(
                 &mut admin,
                 "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NOT NULL",
             ) == 5
@@ -79,7 +79,7 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
     eventually(
         "published rows pruned by the relay role",
         Duration::from_secs(10),
-        || scalar(&mut admin, "SELECT count(*) AS n FROM outbox_events") == 0,
+        || count(&mut admin, "SELECT count(*) AS n FROM outbox_events") == 0,
     )
     .await;
     relay.stop().await;
@@ -103,7 +103,7 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
 }
 
 fn encrypted(conn: &mut PgConnection) -> bool {
-    scalar(
+    count(
         conn,
         "SELECT count(*) AS n FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl",
     ) == 1

@@ -10,7 +10,7 @@ use outbox::relay::store;
 use outbox::testing::TestExchange;
 use outbox::{Error, RelayConfig, TestDatabase};
 
-use crate::support::{RunningRelay, Ticked, record_reset, relay_config, scalar};
+use crate::support::{RunningRelay, Ticked, count, record_reset, relay_config};
 
 const BATCH: usize = 50;
 const QUEUED: i64 = 4 * BATCH as i64;
@@ -102,7 +102,7 @@ async fn blocked_aggregate_never_delays_another(blocker: Blocker) {
         "{blocker:?}: the blocked aggregate's queue went out"
     );
     assert_eq!(
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events WHERE aggregate_id = 'stuck' AND published_at IS NULL"
         ),

@@ -7,7 +7,7 @@ use outbox::TestDatabase;
 
 use outbox::testing::TestExchange;
 
-use crate::support::{RunningRelay, eventually, record_ticks, relay_config, scalar, unpublished};
+use crate::support::{RunningRelay, count, eventually, record_ticks, relay_config, unpublished};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pause_stops_every_relay_and_resume_lets_them_go() {
@@ -25,7 +25,7 @@ async fn pause_stops_every_relay_and_resume_lets_them_go() {
     // The relay polls every 2-20 ms; give it many polls to misbehave.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(broker.distinct(), 0, "nothing published while paused");
-    assert_eq!(scalar(&mut conn, "SELECT count(*) AS n FROM outbox_leases"), 0);
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM outbox_leases"), 0);
     outbox::control::resume(&mut conn).unwrap();
     broker.wait_for_distinct(3, Duration::from_secs(10)).await;
     relay.stop().await;
@@ -43,7 +43,7 @@ async fn retention_zero_deletes_rows_once_published() {
     });
     broker.wait_for_distinct(5, Duration::from_secs(10)).await;
     eventually("rows deleted", Duration::from_secs(10), || {
-        scalar(&mut conn, "SELECT count(*) AS n FROM outbox_events") == 0
+        count(&mut conn, "SELECT count(*) AS n FROM outbox_events") == 0
     })
     .await;
     relay.stop().await;
@@ -70,7 +70,7 @@ fn pruning_deletes_only_old_published_rows_in_bounded_batches() {
         .map(|_| outbox::relay::store::prune_published(&mut conn, week, 7).unwrap())
         .collect();
     assert_eq!(batches, vec![7, 7, 6, 0]);
-    assert_eq!(scalar(&mut conn, "SELECT count(*) AS n FROM outbox_events"), 8);
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM outbox_events"), 8);
     assert_eq!(unpublished(&mut conn), 3);
 }
 

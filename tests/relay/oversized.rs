@@ -53,7 +53,7 @@ async fn a_payload_at_the_database_cap_is_delivered_intact_across_frames() {
     assert!(filler.bytes().all(|b| b == b'x'));
     assert_eq!(blobs[1].body["data"]["filler"], "x", "then the small one");
     assert_eq!(
-        crate::support::scalar(
+        crate::support::count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events WHERE failed_at IS NOT NULL OR attempts > 0"
         ),

@@ -7,7 +7,7 @@ use outbox::{Error, Metadata, RelayConfig, TestDatabase};
 
 use outbox::testing::TestExchange;
 
-use crate::support::{RunningRelay, Ticked, eventually, record_reset, relay_config, scalar, unpublished};
+use crate::support::{RunningRelay, Ticked, count, eventually, record_reset, relay_config, unpublished};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -85,7 +85,7 @@ async fn publishes_committed_events_with_the_contract_envelope() {
     assert_eq!(body["data"], serde_json::json!({"aggregate": "c1", "n": 0}));
     assert!(body["time"].as_str().is_some_and(|t| t.ends_with('Z')));
     assert_eq!(
-        scalar(&mut conn, "SELECT count(*) AS n FROM outbox_leases"),
+        count(&mut conn, "SELECT count(*) AS n FROM outbox_leases"),
         0,
         "no lease left behind"
     );
@@ -110,7 +110,7 @@ async fn with_strict_routing_an_unroutable_event_retries_and_holds_back_its_aggr
         "the unroutable row retried twice",
         Duration::from_secs(20),
         || {
-            scalar(
+            count(
                 &mut conn,
                 "SELECT max(attempts)::bigint AS n FROM outbox_events WHERE event_type = 'counter.reset'",
             ) >= 2
@@ -126,7 +126,7 @@ async fn with_strict_routing_an_unroutable_event_retries_and_holds_back_its_aggr
     // The held aggregate's later events were never published, not even once.
     assert!(!broker.first_arrival_order("n").contains_key("held"));
     assert_eq!(
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events WHERE aggregate_id = 'held' AND event_type = 'counter.ticked' AND (attempts > 0 OR published_at IS NOT NULL)"
         ),
@@ -166,7 +166,7 @@ async fn an_event_no_queue_is_bound_to_is_kept_as_unroutable_and_its_aggregate_g
     relay.stop().await;
     // The unbound event was tried once, is kept and flagged, not failed.
     assert_eq!(
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events
              WHERE event_type = 'counter.reset' AND unroutable_at IS NOT NULL
@@ -175,7 +175,7 @@ async fn an_event_no_queue_is_bound_to_is_kept_as_unroutable_and_its_aggregate_g
         1
     );
     assert_eq!(
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events WHERE event_type = 'counter.ticked' AND unroutable_at IS NOT NULL"
         ),
@@ -206,12 +206,12 @@ async fn with_retention_zero_unroutable_events_are_still_kept() {
     eventually(
         "the routed rows deleted on publish",
         Duration::from_secs(20),
-        || scalar(&mut conn, "SELECT count(*) AS n FROM outbox_events") == 1,
+        || count(&mut conn, "SELECT count(*) AS n FROM outbox_events") == 1,
     )
     .await;
     relay.stop().await;
     assert_eq!(
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events WHERE event_type = 'counter.reset' AND unroutable_at IS NOT NULL"
         ),
@@ -233,7 +233,7 @@ async fn exhausted_attempts_mark_the_row_failed_until_an_operator_retries() {
     };
     let relay = RunningRelay::start(config);
     eventually("the row marked failed", Duration::from_secs(20), || {
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events WHERE failed_at IS NOT NULL AND attempts = 2",
         ) == 1
@@ -289,7 +289,7 @@ async fn nacked_publish_is_retried() {
     crate::support::record_ticks(&mut conn, "n", 0..2);
     let relay = RunningRelay::start(relay_config(&db, &broker));
     eventually("a nacked attempt recorded", Duration::from_secs(20), || {
-        scalar(&mut conn, "SELECT count(*) AS n FROM outbox_events WHERE attempts > 0 AND last_error LIKE '%negatively acknowledged%'") == 1
+        count(&mut conn, "SELECT count(*) AS n FROM outbox_events WHERE attempts > 0 AND last_error LIKE '%negatively acknowledged%'") == 1
     })
     .await;
     broker

@@ -2,17 +2,16 @@
 //! exchange and proxy fixtures are `outbox::testing`'s).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use diesel::prelude::*;
-use diesel::sql_types::BigInt;
 use outbox::testing::TestExchange;
 use outbox::{Relay, RelayConfig, TestDatabase};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-pub use outbox::testing::Ticked;
+pub use outbox::testing::{Ticked, count, eventually};
 
 /// Records ticks of one counter, one per transaction.
 pub fn record_ticks(conn: &mut PgConnection, aggregate: &str, range: std::ops::Range<i64>) -> Vec<Uuid> {
@@ -56,32 +55,11 @@ pub fn record_reset(conn: &mut PgConnection, aggregate: &str) {
     .unwrap();
 }
 
-pub fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
-    #[derive(QueryableByName)]
-    struct N {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    diesel::sql_query(sql).get_result::<N>(conn).expect(sql).n
-}
-
 pub fn unpublished(conn: &mut PgConnection) -> i64 {
-    scalar(
+    count(
         conn,
         "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL",
     )
-}
-
-/// Polls `check` until it holds or `deadline` passes.
-pub async fn eventually(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !check() {
-        assert!(
-            Instant::now() < until,
-            "timed out after {deadline:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Relay settings for tests: fast polling, short retries, this test's

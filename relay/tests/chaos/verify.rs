@@ -7,6 +7,8 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Jsonb, Text, Uuid as SqlUuid};
 use uuid::Uuid;
 
+pub use outbox::testing::{count, try_count};
+
 use crate::listeners::{AUDIT, ORDERED, fate};
 use crate::writers::WriterLog;
 
@@ -32,21 +34,6 @@ pub fn install_mark_log(conn: &mut PgConnection) {
          CREATE TABLE chaos_kill_holds (relay text NOT NULL, seq bigint NOT NULL, killed_at timestamptz NOT NULL);",
     )
     .expect("mark log");
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-pub fn count(conn: &mut PgConnection, sql: &str) -> i64 {
-    try_count(conn, sql).expect(sql)
-}
-
-/// [`count`] for observations during faults, when the query may fail.
-pub fn try_count(conn: &mut PgConnection, sql: &str) -> QueryResult<i64> {
-    diesel::sql_query(sql).get_result::<Count>(conn).map(|c| c.n)
 }
 
 /// Rows of `sql` (one text column `line`) for an error message.

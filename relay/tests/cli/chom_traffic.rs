@@ -5,7 +5,7 @@ use diesel::prelude::*;
 use outbox::TestDatabase;
 use outbox::testing::TestExchange;
 
-use crate::support::{RelayChild, eventually, scalar};
+use crate::support::{RelayChild, count, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_relay_beside_chom_traffic_delivers_every_event() {
@@ -29,13 +29,13 @@ async fn outbox_relay_beside_chom_traffic_delivers_every_event() {
     .await
     .unwrap();
     let mut conn = db.connect().unwrap();
-    let recorded = scalar(&mut conn, "SELECT count(*) AS n FROM outbox_events") as usize;
+    let recorded = count(&mut conn, "SELECT count(*) AS n FROM outbox_events") as usize;
     assert!(recorded > 60, "simulate recorded {recorded} events: {report:?}");
     exchange
         .wait_for_distinct(recorded, Duration::from_secs(60))
         .await;
     eventually("all marked", Duration::from_secs(20), || {
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL",
         ) == 0

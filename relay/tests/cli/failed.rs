@@ -12,7 +12,7 @@ use outbox::failed_jobs::{self, AttemptError, NewFailedJob};
 use outbox::testing::{TEST_AMQP_PREFIX, TestExchange};
 use uuid::Uuid;
 
-use crate::support::{run_outbox, scalar};
+use crate::support::{count, run_outbox};
 
 /// Inserts a failed job of `listener` for a fresh `event_type` event.
 pub fn failed_job(conn: &mut PgConnection, queue: &str, listener: &str, event_type: &str) -> (i64, Uuid) {
@@ -52,8 +52,8 @@ pub fn failed_job(conn: &mut PgConnection, queue: &str, listener: &str, event_ty
     (id, event_id)
 }
 
-fn count(conn: &mut PgConnection) -> i64 {
-    scalar(conn, "SELECT count(*) AS n FROM failed_jobs")
+fn failed_job_count(conn: &mut PgConnection) -> i64 {
+    count(conn, "SELECT count(*) AS n FROM failed_jobs")
 }
 
 #[test]
@@ -172,26 +172,26 @@ fn list_show_forget_flush_and_prune() {
     let (status, _, stderr) = run_outbox(&["failed", "forget", &audit.to_string(), "424242"], &env);
     assert_eq!(status, 1);
     assert!(stderr.contains("424242"), "{stderr}");
-    assert_eq!(count(&mut conn), 2);
+    assert_eq!(failed_job_count(&mut conn), 2);
 
     // Prune: only the 3-day-old job.
     let (status, stdout, stderr) = run_outbox(&["failed", "prune", "--hours", "48"], &env);
     assert_eq!(status, 0, "{stderr}");
     assert!(stdout.contains("deleted 1"), "{stdout}");
-    assert_eq!(count(&mut conn), 1);
+    assert_eq!(failed_job_count(&mut conn), 1);
 
     // Flush: refused without a terminal and without --yes.
     let (status, _, stderr) = run_outbox(&["failed", "flush"], &env);
     assert_eq!(status, 1);
     assert!(stderr.contains("--yes"), "{stderr}");
-    assert_eq!(count(&mut conn), 1);
+    assert_eq!(failed_job_count(&mut conn), 1);
     let (status, stdout, _) = run_outbox(&["failed", "flush", "--older-than", "1h", "--yes"], &env);
     assert_eq!(status, 0);
     assert!(stdout.contains("deleted 0"), "{stdout}");
     let (status, stdout, _) = run_outbox(&["failed", "flush", "--yes"], &env);
     assert_eq!(status, 0);
     assert!(stdout.contains("deleted 1"), "{stdout}");
-    assert_eq!(count(&mut conn), 0);
+    assert_eq!(failed_job_count(&mut conn), 0);
     let (status, stdout, _) = run_outbox(&["failed", "list"], &env);
     assert_eq!(status, 0);
     assert!(stdout.contains("no failed jobs"), "{stdout}");
@@ -368,9 +368,9 @@ fn flush_asks_on_a_terminal() {
         shown.contains("[y/N]") && shown.contains("nothing deleted"),
         "{shown}"
     );
-    assert_eq!(count(&mut conn), 1);
+    assert_eq!(failed_job_count(&mut conn), 1);
     let (status, shown) = run_on_terminal("failed flush", "y\n", db.url());
     assert_eq!(status, 0, "{shown}");
     assert!(shown.contains("deleted 1"), "{shown}");
-    assert_eq!(count(&mut conn), 0);
+    assert_eq!(failed_job_count(&mut conn), 0);
 }

@@ -15,7 +15,7 @@ use outbox::testing::{TEST_AMQP_PREFIX, TestExchange};
 use outbox::{DEFAULT_AMQP_URL, Registry, TestDatabase, Worker, WorkerConfig};
 use uuid::Uuid;
 
-use crate::support::{RelayChild, eventually, run_outbox, scalar};
+use crate::support::{RelayChild, count, eventually, run_outbox};
 
 /// Writes an `effects` row per call; fails permanently on the first call
 /// when `fail_first` is set.
@@ -71,7 +71,7 @@ impl Drop for DeleteQueues {
 }
 
 fn effects(conn: &mut diesel::PgConnection, listener: &str) -> i64 {
-    scalar(
+    count(
         conn,
         &format!("SELECT count(*) AS n FROM effects WHERE listener = '{listener}'"),
     )
@@ -183,7 +183,7 @@ async fn retry_reaches_only_the_listener_that_failed() {
         Duration::from_secs(30),
         || {
             effects(&mut conn, "steady") == 1
-                && scalar(&mut conn, "SELECT count(*) AS n FROM failed_jobs") == 1
+                && count(&mut conn, "SELECT count(*) AS n FROM failed_jobs") == 1
         },
     )
     .await;

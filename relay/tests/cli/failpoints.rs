@@ -9,7 +9,7 @@ use std::time::Duration;
 use outbox::TestDatabase;
 use outbox::testing::TestExchange;
 
-use crate::support::{RelayChild, eventually, record_interleaved, scalar};
+use crate::support::{RelayChild, count, eventually, record_interleaved};
 
 async fn crash_at(point: &str) {
     let db = TestDatabase::create().unwrap();
@@ -46,7 +46,7 @@ async fn crash_at(point: &str) {
         "{}",
         crashed.logs()
     );
-    let marked_at_crash = scalar(
+    let marked_at_crash = count(
         &mut conn,
         "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NOT NULL",
     );
@@ -54,7 +54,7 @@ async fn crash_at(point: &str) {
     let mut successor = RelayChild::spawn(db.url(), outbox::DEFAULT_AMQP_URL, &exchange.exchange, &fast);
     exchange.wait_for_distinct(total, Duration::from_secs(60)).await;
     eventually("all rows marked", Duration::from_secs(30), || {
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL",
         ) == 0

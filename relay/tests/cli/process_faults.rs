@@ -4,7 +4,7 @@ use std::time::Duration;
 use outbox::TestDatabase;
 use outbox::testing::TestExchange;
 
-use crate::support::{RelayChild, eventually, record_interleaved, scalar};
+use crate::support::{RelayChild, count, eventually, record_interleaved};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_killed_with_sigkill_mid_batch_loses_nothing_and_sigterm_stops_cleanly() {
@@ -30,7 +30,7 @@ async fn relay_killed_with_sigkill_mid_batch_loses_nothing_and_sigterm_stops_cle
     let mut second = RelayChild::spawn(db.url(), outbox::DEFAULT_AMQP_URL, &exchange.exchange, &fast);
     exchange.wait_for_distinct(total, Duration::from_secs(60)).await;
     eventually("all rows marked", Duration::from_secs(20), || {
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL",
         ) == 0
@@ -44,7 +44,7 @@ async fn relay_killed_with_sigkill_mid_batch_loses_nothing_and_sigterm_stops_cle
     );
     // The killed relay's leases merely expire; the stopped one gave its back.
     assert_eq!(
-        scalar(
+        count(
             &mut conn,
             "SELECT count(*) AS n FROM outbox_leases WHERE expires_at > now()"
         ),
@@ -89,7 +89,7 @@ async fn a_sigkilled_relays_aggregates_are_taken_over_within_its_lease() {
                       JOIN outbox_events e ON e.seq = s.seq
                      WHERE l.owner = 'takeover-doomed' AND l.expires_at > now() AND e.published_at IS NULL";
     eventually("the doomed relay holds rows", Duration::from_secs(30), || {
-        scalar(&mut conn, held_sql) > 0
+        count(&mut conn, held_sql) > 0
     })
     .await;
     doomed.child.kill().unwrap();
@@ -104,12 +104,12 @@ async fn a_sigkilled_relays_aggregates_are_taken_over_within_its_lease() {
     )
     .execute(&mut conn)
     .unwrap();
-    let held = scalar(&mut conn, "SELECT count(*) AS n FROM takeover_held");
+    let held = count(&mut conn, "SELECT count(*) AS n FROM takeover_held");
     eventually(
         "the survivor publishes the dead relay's rows",
         Duration::from_secs(30),
         || {
-            scalar(
+            count(
                 &mut conn,
                 "SELECT count(*) AS n FROM outbox_events WHERE seq IN (SELECT seq FROM takeover_held) AND published_at IS NULL",
             ) == 0

@@ -2,7 +2,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use diesel::sql_types::BigInt;
+pub use outbox::testing::{count, eventually};
 
 pub const OUTBOX: &str = env!("CARGO_BIN_EXE_outbox");
 
@@ -76,26 +76,6 @@ impl Drop for RelayChild {
             let _ = self.child.wait();
         }
         let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-pub fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
-    #[derive(QueryableByName)]
-    struct N {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    diesel::sql_query(sql).get_result::<N>(conn).expect(sql).n
-}
-
-pub async fn eventually(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !check() {
-        assert!(
-            Instant::now() < until,
-            "timed out after {deadline:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use outbox::TestDatabase;
 use outbox::schema::outbox_events;
+pub use outbox::testing::count;
 use uuid::Uuid;
 
 /// A fresh, migrated database and a connection to it. Keep the
@@ -176,14 +177,4 @@ pub fn run_plain(
 ) -> Result<(), outbox::ListenerError> {
     let mut ctx = outbox::HandlerContext::with_transaction(conn, 1, 3);
     listener.handle(event, &mut ctx)
-}
-
-/// Count of rows a SQL query returns as `n`.
-pub fn count(conn: &mut PgConnection, sql: &str) -> i64 {
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    diesel::sql_query(sql).get_result::<Count>(conn).expect(sql).n
 }
