@@ -453,39 +453,11 @@ fn contains_nul(value: &serde_json::Value) -> bool {
     }
 }
 
-/// `text` cut to at most `max` bytes on a character boundary, NUL
-/// characters replaced (Postgres text cannot hold them), with a marker
-/// when something was cut.
-pub fn bounded_text(text: &str, max: usize) -> String {
-    let clean = if text.contains('\0') {
-        std::borrow::Cow::Owned(text.replace('\0', "\u{fffd}"))
-    } else {
-        std::borrow::Cow::Borrowed(text)
-    };
-    if clean.len() <= max {
-        return clean.into_owned();
-    }
-    const MARK: &str = " ... [cut]";
-    let mut end = max.saturating_sub(MARK.len());
-    while !clean.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{MARK}", &clean[..end])
-}
+pub use crate::text::bounded_text;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bounded_text_cuts_on_char_boundaries() {
-        assert_eq!(bounded_text("short", 100), "short");
-        let long = "é".repeat(100);
-        let cut = bounded_text(&long, 51);
-        assert!(cut.len() <= 51, "{}", cut.len());
-        assert!(cut.ends_with("[cut]"));
-        assert_eq!(bounded_text("a\0b", 10), "a\u{fffd}b");
-    }
 
     #[test]
     fn payloads_of_json_and_garbage() {

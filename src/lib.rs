@@ -22,6 +22,7 @@
 //! | connections and safe-to-print URLs | [`database`] | [`connect`], [`pool`], [`redact_url`] |
 //! | RabbitMQ connection, exchange | [`amqp`] | [`DEFAULT_AMQP_URL`], [`DEFAULT_EXCHANGE`] |
 //! | the wire format | [`cloudevents`] | [`cloudevents::encode_body`] |
+//! | text cut to a bound for columns, headers and messages | [`text`] | [`text::bounded_text`] |
 //! | publishing committed events | [`relay`] | [`Relay`], [`RelayConfig`] |
 //! | writers waking relays after commit | [`wake`] | [`wake::WakeSender`], [`wake::WakeListener`] |
 //! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |
@@ -80,6 +81,7 @@ pub mod replay;
 pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod text;
 pub mod transaction;
 pub mod wake;
 

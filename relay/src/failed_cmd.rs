@@ -263,11 +263,10 @@ pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String
 
 fn one_line(text: &str, max: usize) -> String {
     let first = text.lines().next().unwrap_or_default();
-    if first.chars().count() <= max {
+    if first.len() <= max {
         first.to_owned()
     } else {
-        let cut: String = first.chars().take(max.saturating_sub(3)).collect();
-        format!("{cut}...")
+        outbox::text::elided(first, max.saturating_sub(3)).into_owned()
     }
 }
 

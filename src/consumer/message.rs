@@ -251,15 +251,7 @@ fn check_len(name: &'static str, value: &str) -> Result<(), DecodeError> {
 /// A value quoted in an error, cut so a hostile message cannot make the
 /// error text huge.
 fn bounded(value: &str) -> String {
-    let mut end = value.len().min(64);
-    while !value.is_char_boundary(end) {
-        end -= 1;
-    }
-    if end < value.len() {
-        format!("{}...", &value[..end])
-    } else {
-        value.to_owned()
-    }
+    crate::text::elided(value, 64).into_owned()
 }
 
 #[cfg(test)]

@@ -329,7 +329,10 @@ pub fn record_failures(
     }
     let seqs: Vec<i64> = failures.iter().map(|f| f.seq).collect();
     let leases: Vec<i64> = failures.iter().map(|f| f.lease_id).collect();
-    let errors: Vec<String> = failures.iter().map(|f| truncate(&f.error, 4096)).collect();
+    let errors: Vec<String> = failures
+        .iter()
+        .map(|f| crate::text::prefix_within(&f.error, 4096).to_owned())
+        .collect();
     let delays: Vec<f64> = failures.iter().map(|f| f.retry_in.as_secs_f64()).collect();
     struct RecordFailuresSql;
     let rows = Prepared::<RecordFailuresSql>::new(
@@ -528,15 +531,4 @@ pub fn unroutable_by_event_type(conn: &mut PgConnection) -> Result<Vec<Unroutabl
          ORDER BY count DESC, event_type",
     )
     .load(conn)?)
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
 }

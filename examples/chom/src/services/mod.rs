@@ -45,11 +45,7 @@ pub(crate) fn error_text(field: &'static str, text: &str) -> Result<String, Chom
         // Postgres text cannot store NUL.
         return Err(ChomError::invalid(field, "must not contain NUL characters"));
     }
-    let mut end = text.len().min(MAX_ERROR_BYTES);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    Ok(text[..end].to_owned())
+    Ok(outbox::text::prefix_within(text, MAX_ERROR_BYTES).to_owned())
 }
 
 /// Whether `error` is a violation of the unique index or constraint named
