@@ -82,7 +82,6 @@ pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod text;
-pub mod transaction;
 pub mod wake;
 
 pub use amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE};
@@ -101,7 +100,8 @@ pub use registry::{QueuedRegistration, Registry, SyncListener};
 pub use relay::{Relay, RelayConfig};
 #[cfg(feature = "testing")]
 pub use testing::TestDatabase;
-pub use transaction::OutboxTx;
+pub use outbox::transaction;
+pub use outbox::transaction::OutboxTx;
 
 /// The README's examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::consumer::listener::ListenerError;
+use crate::error::ListenerError;
 use crate::envelope::is_valid_event_type;
 
 /// Largest body decoded: the 1 MiB database backstop on a payload plus

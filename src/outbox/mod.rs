@@ -14,8 +14,11 @@ use crate::event::{DomainEvent, Metadata};
 use crate::fake::EventFake;
 use crate::record::{ensure_in_transaction, insert_envelopes};
 use crate::registry::Registry;
-use crate::transaction::OutboxTx;
 use crate::wake::WakeSender;
+
+pub mod transaction;
+
+pub use transaction::OutboxTx;
 
 /// Where recorded events go.
 #[derive(Clone)]
