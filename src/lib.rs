@@ -94,14 +94,14 @@ pub use event::{DomainEvent, Metadata};
 pub use fake::EventFake;
 pub use metrics::Health;
 pub use migrate::{MIGRATIONS, migrate};
+pub use outbox::transaction;
+pub use outbox::transaction::OutboxTx;
 pub use outbox::{Outbox, OutboxBuilder};
 pub use record::{record, record_batch, record_with};
 pub use registry::{QueuedRegistration, Registry, SyncListener};
 pub use relay::{Relay, RelayConfig};
 #[cfg(feature = "testing")]
 pub use testing::TestDatabase;
-pub use outbox::transaction;
-pub use outbox::transaction::OutboxTx;
 
 /// The README's examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

@@ -40,12 +40,13 @@ pub struct RelayArgs {
     /// Failed attempts after which a row is marked failed.
     #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 20)]
     max_attempts: u32,
-    /// First retry delay after a failed publish.
-    #[arg(long, env = "OUTBOX_RETRY_INITIAL", default_value = "1s", value_parser = parse_duration)]
-    retry_initial: Duration,
-    /// Longest retry delay.
-    #[arg(long, env = "OUTBOX_RETRY_MAX", default_value = "5m", value_parser = parse_duration)]
-    retry_max: Duration,
+    /// Wait before a row's next publish try after its first failed one
+    /// (then doubling, +-20% jitter).
+    #[arg(long, alias = "retry-initial", env = "OUTBOX_BACKOFF_INITIAL", default_value = "1s", value_parser = parse_duration)]
+    backoff_initial: Duration,
+    /// Longest wait between a row's publish tries.
+    #[arg(long, alias = "retry-max", env = "OUTBOX_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
+    backoff_max: Duration,
     /// Keep published rows this long (for replay); 0 deletes them on publish.
     #[arg(long, env = "OUTBOX_RETENTION", default_value = "7d", value_parser = parse_duration)]
     retention: Duration,
@@ -87,8 +88,8 @@ impl RelayArgs {
             poll_min: self.poll_min,
             poll_max: self.poll_max,
             max_attempts: self.max_attempts,
-            retry_initial: self.retry_initial,
-            retry_max: self.retry_max,
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
             retention: self.retention,
             prune_interval: self.prune_interval,
             shutdown_timeout: self.shutdown_timeout,

@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::error::ListenerError;
 use crate::envelope::is_valid_event_type;
+use crate::error::ListenerError;
 
 /// Largest body decoded: the 1 MiB database backstop on a payload plus
 /// room for the CloudEvents attributes.

@@ -169,14 +169,14 @@ impl Outbox {
     ) -> Result<Uuid> {
         let envelope = self.envelope(event, metadata)?;
         let event_id = envelope.event_id;
-        self.write(conn, vec![envelope])?;
+        self.write(conn, std::slice::from_ref(&envelope))?;
         Ok(event_id)
     }
 
     /// Records many envelopes in one statement in the transaction open on
     /// `conn`. Each is checked against this outbox's cap first.
-    pub fn record_batch(&self, conn: &mut PgConnection, envelopes: Vec<EventEnvelope>) -> Result<()> {
-        for envelope in &envelopes {
+    pub fn record_batch(&self, conn: &mut PgConnection, envelopes: &[EventEnvelope]) -> Result<()> {
+        for envelope in envelopes {
             envelope.validate(self.inner.max_payload_bytes)?;
         }
         self.write(conn, envelopes)
@@ -184,10 +184,10 @@ impl Outbox {
 
     /// Writes validated envelopes outside [`Outbox::transaction`]: to the
     /// database, or straight into the fake.
-    fn write(&self, conn: &mut PgConnection, envelopes: Vec<EventEnvelope>) -> Result<()> {
-        self.write_in_transaction(conn, &envelopes)?;
+    fn write(&self, conn: &mut PgConnection, envelopes: &[EventEnvelope]) -> Result<()> {
+        self.write_in_transaction(conn, envelopes)?;
         if let Sink::Fake(fake) = &self.inner.sink {
-            fake.push(envelopes);
+            fake.push(envelopes.to_vec());
         }
         Ok(())
     }

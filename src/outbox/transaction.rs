@@ -73,7 +73,7 @@ impl<'a> OutboxTx<'a> {
     }
 
     /// Records many events of one type in a single INSERT.
-    pub fn record_all<E: DomainEvent>(&mut self, events: &[E]) -> Result<Vec<Uuid>> {
+    pub fn record_batch<E: DomainEvent>(&mut self, events: &[E]) -> Result<Vec<Uuid>> {
         let envelopes = events
             .iter()
             .map(|event| self.outbox.envelope(event, &self.metadata))

@@ -46,10 +46,11 @@ pub struct RelayConfig {
     /// Failed attempts after which a row is marked failed and its
     /// aggregate waits for an operator. Default 20.
     pub max_attempts: u32,
-    /// First retry delay after a failed attempt. Default 1 s.
-    pub retry_initial: Duration,
-    /// Longest retry delay (exponential backoff up to this). Default 5 min.
-    pub retry_max: Duration,
+    /// Wait before a row's next publish try after its first failed one
+    /// (then doubling, +-20% jitter). Default 1 s.
+    pub backoff_initial: Duration,
+    /// Longest wait between a row's publish tries. Default 5 min.
+    pub backoff_max: Duration,
     /// How long published rows are kept (for replay) before pruning; zero
     /// deletes rows as soon as they are published. Default 7 days.
     pub retention: Duration,
@@ -96,8 +97,8 @@ impl std::fmt::Debug for RelayConfig {
             .field("poll_min", &self.poll_min)
             .field("poll_max", &self.poll_max)
             .field("max_attempts", &self.max_attempts)
-            .field("retry_initial", &self.retry_initial)
-            .field("retry_max", &self.retry_max)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
             .field("retention", &self.retention)
             .field("prune_interval", &self.prune_interval)
             .field("prune_batch", &self.prune_batch)
@@ -123,8 +124,8 @@ impl Default for RelayConfig {
             poll_min: Duration::from_millis(5),
             poll_max: Duration::from_millis(100),
             max_attempts: 20,
-            retry_initial: Duration::from_secs(1),
-            retry_max: Duration::from_secs(300),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
             retention: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             prune_batch: 5000,
@@ -218,10 +219,10 @@ impl RelayConfig {
                 self.max_attempts
             ));
         }
-        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+        if self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
             return bad(format!(
                 "retry delays must satisfy 0 < initial <= max (initial {:?}, max {:?})",
-                self.retry_initial, self.retry_max
+                self.backoff_initial, self.backoff_max
             ));
         }
         if self.prune_batch == 0 || self.prune_interval.is_zero() {
@@ -240,10 +241,10 @@ impl RelayConfig {
     }
 
     /// Delay before attempt `attempt + 1` after `attempt` failures: an
-    /// exponential backoff (factor 2, +-20% jitter) from `retry_initial`
-    /// capped at `retry_max`.
-    pub fn retry_delay(&self, attempts_so_far: u32) -> Duration {
-        crate::delay::Backoff::nth(self.retry_initial, self.retry_max, attempts_so_far)
+    /// exponential backoff (factor 2, +-20% jitter) from `backoff_initial`
+    /// capped at `backoff_max`.
+    pub fn backoff_after(&self, attempts_so_far: u32) -> Duration {
+        crate::delay::Backoff::nth(self.backoff_initial, self.backoff_max, attempts_so_far)
     }
 }
 
@@ -323,18 +324,18 @@ mod tests {
     }
 
     #[test]
-    fn retry_delays_grow_and_are_capped() {
+    fn backoff_delays_grow_and_are_capped() {
         let config = RelayConfig {
-            retry_initial: Duration::from_millis(100),
-            retry_max: Duration::from_secs(2),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
             ..RelayConfig::default()
         };
-        let first = config.retry_delay(0);
+        let first = config.backoff_after(0);
         assert!(
             first >= Duration::from_millis(80) && first <= Duration::from_millis(250),
             "{first:?}"
         );
-        assert!(config.retry_delay(3) > first);
-        assert!(config.retry_delay(30) <= Duration::from_secs(2));
+        assert!(config.backoff_after(3) > first);
+        assert!(config.backoff_after(30) <= Duration::from_secs(2));
     }
 }

@@ -704,7 +704,7 @@ impl<'a> Session<'a> {
                 seq: head.row.seq,
                 lease_id: head.row.lease_id,
                 error,
-                retry_in: self.shared.config.retry_delay(attempts),
+                retry_in: self.shared.config.backoff_after(attempts),
             });
         }
         self.cut_chain(key, 0);

@@ -73,7 +73,7 @@ pub fn record_interleaved(conn: &mut PgConnection, aggregates: usize, ticks: Ran
             })
             .collect::<Result<Vec<_>>>()?;
         recorded += envelopes.len();
-        conn.transaction::<_, Error, _>(|conn| outbox.record_batch(conn, envelopes))?;
+        conn.transaction::<_, Error, _>(|conn| outbox.record_batch(conn, &envelopes))?;
     }
     Ok(recorded)
 }

@@ -33,7 +33,7 @@ fn batch_inserts_many_events_in_order() {
 }
 
 #[test]
-fn record_all_in_a_transaction() {
+fn record_batch_in_a_transaction() {
     let (_db, mut conn) = database();
     let outbox = Outbox::new();
     let events: Vec<_> = (0..50)
@@ -44,7 +44,7 @@ fn record_all_in_a_transaction() {
         })
         .collect();
     let ids = outbox
-        .transaction::<_, Error, _>(&mut conn, |tx| tx.record_all(&events))
+        .transaction::<_, Error, _>(&mut conn, |tx| tx.record_batch(&events))
         .unwrap();
     assert_eq!(ids.len(), 50);
     assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM outbox_events"), 50);
@@ -74,7 +74,7 @@ fn one_bad_envelope_fails_the_whole_batch_before_sql() {
     let big = outbox
         .envelope(&Blob::of_serialized_len(500), &Metadata::default())
         .unwrap();
-    let outcome = conn.transaction::<_, Error, _>(|conn| small.record_batch(conn, vec![good, big]));
+    let outcome = conn.transaction::<_, Error, _>(|conn| small.record_batch(conn, &[good, big]));
     assert!(
         matches!(outcome, Err(Error::PayloadTooLarge { .. })),
         "{outcome:?}"

@@ -45,7 +45,7 @@ async fn four_relays_keep_each_aggregates_order_on_hot_aggregates() {
                 })
                 .collect();
             diesel::Connection::transaction::<_, outbox::Error, _>(&mut conn, |conn| {
-                outbox.record_batch(conn, envelopes)
+                outbox.record_batch(conn, &envelopes)
             })
             .unwrap();
         }

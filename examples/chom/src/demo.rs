@@ -239,7 +239,7 @@ pub async fn run(config: DemoConfig, progress: impl Fn(&str)) -> Result<DemoRepo
         amqp_url: config.amqp_url.clone(),
         exchange: config.exchange.clone(),
         poll_max: Duration::from_millis(50),
-        retry_initial: Duration::from_millis(200),
+        backoff_initial: Duration::from_millis(200),
         source: "/chom".into(),
         app_id: "chom-demo".into(),
         ..RelayConfig::default()

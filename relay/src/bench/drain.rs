@@ -148,7 +148,7 @@ pub fn fill_backlog(url: &str, events: usize, aggregates: usize) -> anyhow::Resu
                 )
             })
             .collect::<outbox::Result<Vec<_>>>()?;
-        conn.transaction::<_, outbox::Error, _>(|conn| outbox.record_batch(conn, envelopes))?;
+        conn.transaction::<_, outbox::Error, _>(|conn| outbox.record_batch(conn, &envelopes))?;
     }
     diesel::sql_query("VACUUM ANALYZE outbox_events").execute(&mut conn)?;
     Ok(())

@@ -68,9 +68,9 @@ impl Slot {
                     .args([
                         "--poll-max",
                         "20ms",
-                        "--retry-initial",
+                        "--backoff-initial",
                         "50ms",
-                        "--retry-max",
+                        "--backoff-max",
                         "500ms",
                     ])
                     .args(["--max-attempts", "1000", "--retention", "1d"])

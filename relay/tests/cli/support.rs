@@ -32,9 +32,9 @@ impl RelayChild {
             .args([
                 "--poll-max",
                 "20ms",
-                "--retry-initial",
+                "--backoff-initial",
                 "50ms",
-                "--retry-max",
+                "--backoff-max",
                 "200ms",
             ])
             .args(extra)

@@ -156,7 +156,7 @@ impl Pipeline {
             amqp_url: amqp_url(),
             exchange: self.broker.exchange.clone(),
             poll_max: Duration::from_millis(50),
-            retry_initial: Duration::from_millis(100),
+            backoff_initial: Duration::from_millis(100),
             ..RelayConfig::default()
         })
         .unwrap();
