@@ -175,5 +175,40 @@ pub(crate) enum SessionEnd {
     /// Shutdown was requested and the session drained.
     Shutdown,
     /// The broker connection was lost; reconnect and start a new session.
-    BrokerLost(String),
+    BrokerLost(SessionLost),
+}
+
+/// Why a broker session ended without a shutdown.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionLost {
+    /// The connection is no longer open.
+    #[error("connection closed")]
+    ConnectionClosed,
+    /// The confirm-mode channel is no longer open.
+    #[error("publish channel closed")]
+    ChannelClosed,
+    /// A publish could not be sent.
+    #[error("publish failed")]
+    Publish(#[source] lapin::Error),
+    /// The channel failed before a publish was confirmed.
+    #[error("confirm lost")]
+    Confirm(#[source] lapin::Error),
+    /// A listener's consumer failed.
+    #[error("consumer of {queue} failed")]
+    Consumer {
+        /// The listener's queue.
+        queue: String,
+        /// What lapin reported.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker cancelled a listener's consumer (its queue was deleted).
+    #[error("consumer of {0} was cancelled")]
+    ConsumerCancelled(String),
+    /// A listener loop panicked.
+    #[error("a listener loop failed")]
+    ListenerLoop(#[source] tokio::task::JoinError),
+    /// Every listener loop ended.
+    #[error("no listener loop left")]
+    ListenersEnded,
 }

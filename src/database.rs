@@ -69,7 +69,7 @@ pub async fn run_blocking<T: Send + 'static>(
         work(&mut conn)
     })
     .await
-    .unwrap_or_else(|e| Err(Error::Config(format!("blocking database task failed: {e}"))))
+    .unwrap_or_else(|e| Err(Error::BlockingTask(e)))
 }
 
 /// Creates the database `url` names if it does not exist yet, connecting

@@ -17,6 +17,7 @@ use lapin::{BasicProperties, Channel};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::amqp::SessionLost;
 use crate::consumer::attempts::{self, FailedMessage, FailureOutcome};
 use crate::consumer::headers::{
     ERROR_HEADER, FAILED_JOB_HEADER, MAX_ERROR_HEADER_BYTES, RETRY_HEADER, copied_headers, delivery_count,
@@ -51,40 +52,45 @@ pub(crate) struct ListenerLoop {
 }
 
 impl ListenerLoop {
-    /// Takes deliveries while a concurrency slot is free; returns why it
-    /// stopped. Waits for its handlers before returning (aborted by the
-    /// session after the shutdown timeout).
-    pub(crate) async fn run(mut self) -> String {
+    /// Takes deliveries while a concurrency slot is free; returns why the
+    /// broker side ended it (`Ok` when asked to stop). Waits for its
+    /// handlers before returning (aborted by the session after the shutdown
+    /// timeout).
+    pub(crate) async fn run(mut self) -> std::result::Result<(), SessionLost> {
         let options = self.shared.registration.options().clone();
         let slots = Arc::new(Semaphore::new(options.concurrency));
         let mut tasks = JoinSet::new();
         let mut stop = self.shared.stop.clone();
-        let reason = loop {
+        let ended = loop {
             let permit = tokio::select! {
-                _ = stop.changed() => break "stopping".to_owned(),
+                _ = stop.changed() => break Ok(()),
                 permit = Arc::clone(&slots).acquire_owned() => match permit {
                     Ok(permit) => permit,
-                    Err(_) => break "semaphore closed".to_owned(),
+                    // Never closed: the loop owns the semaphore.
+                    Err(_) => break Ok(()),
                 },
             };
             let next = tokio::select! {
-                _ = stop.changed() => break "stopping".to_owned(),
+                _ = stop.changed() => break Ok(()),
                 next = self.consumer.next() => next,
             };
             match next {
                 Some(Ok(delivery)) => {
                     tasks.spawn(handle_delivery(Arc::clone(&self.shared), delivery, permit));
                 }
-                Some(Err(error)) => {
-                    break format!("consumer of {} failed: {error}", self.shared.queues.queue);
+                Some(Err(source)) => {
+                    break Err(SessionLost::Consumer {
+                        queue: self.shared.queues.queue.clone(),
+                        source,
+                    });
                 }
-                None => break format!("consumer of {} was cancelled", self.shared.queues.queue),
+                None => break Err(SessionLost::ConsumerCancelled(self.shared.queues.queue.clone())),
             }
             // Reap finished tasks so the set does not grow.
             while tasks.try_join_next().is_some() {}
         };
         while tasks.join_next().await.is_some() {}
-        reason
+        ended
     }
 }
 

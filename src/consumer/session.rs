@@ -13,7 +13,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::amqp::{self, SessionEnd};
+use crate::amqp::{self, SessionEnd, SessionLost};
 use crate::consumer::config::WorkerConfig;
 use crate::consumer::pipeline::{CopyPublisher, ListenerLoop, ListenerShared};
 use crate::consumer::topology::{self, ListenerQueues};
@@ -128,21 +128,21 @@ impl ConsumerSession {
             tokio::select! {
                 () = &mut shutdown => break SessionEnd::Shutdown,
                 done = loops.join_next() => {
-                    let reason = match done {
-                        Some(Ok(reason)) => reason,
-                        Some(Err(e)) => format!("listener loop failed: {e}"),
-                        None => "no listener loop left".into(),
+                    let lost = match done {
+                        Some(Ok(Err(lost))) => lost,
+                        Some(Ok(Ok(()))) | None => SessionLost::ListenersEnded,
+                        Some(Err(e)) => SessionLost::ListenerLoop(e),
                     };
-                    break SessionEnd::BrokerLost(reason);
+                    break SessionEnd::BrokerLost(lost);
                 }
                 _ = check.tick() => {
                     if !connection.status().connected() {
-                        break SessionEnd::BrokerLost("connection closed".into());
+                        break SessionEnd::BrokerLost(SessionLost::ConnectionClosed);
                     }
                     // Without the publish channel no failure can be sent on:
                     // start over with a fresh session.
                     if !publish.status().connected() {
-                        break SessionEnd::BrokerLost("publish channel closed".into());
+                        break SessionEnd::BrokerLost(SessionLost::ChannelClosed);
                     }
                 }
             }

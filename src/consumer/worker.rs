@@ -145,7 +145,7 @@ impl Worker {
                     match end {
                         SessionEnd::Shutdown => break,
                         SessionEnd::BrokerLost(reason) => {
-                            tracing::warn!(%reason, "worker lost the broker; reconnecting");
+                            tracing::warn!(reason = %error_chain(&reason), "worker lost the broker; reconnecting");
                         }
                     }
                 }

@@ -22,7 +22,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use lapin::Confirmation;
 use tokio::task::JoinHandle;
 
-use crate::amqp::SessionEnd;
+use crate::amqp::{SessionEnd, SessionLost};
 use crate::delay::Backoff;
 use crate::error::{Error, Result, error_chain};
 use crate::metrics as m;
@@ -201,7 +201,7 @@ impl<'a> Session<'a> {
         let mut stop_deadline = tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365);
         loop {
             if !self.publisher.is_connected() {
-                return SessionEnd::BrokerLost("connection closed".into());
+                return SessionEnd::BrokerLost(SessionLost::ConnectionClosed);
             }
             self.maybe_start_lane();
             self.maybe_start_mark_lane();
@@ -400,7 +400,7 @@ impl<'a> Session<'a> {
     async fn on_lane_done(
         &mut self,
         joined: std::result::Result<LaneResult, tokio::task::JoinError>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), SessionLost> {
         let config = Arc::clone(&self.shared.config);
         let result = match joined {
             Ok(result) => result,
@@ -490,7 +490,7 @@ impl<'a> Session<'a> {
         generation: u64,
         claim_started: Instant,
         rows: Vec<ClaimedEvent>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), SessionLost> {
         let lease_deadline = claim_started + self.shared.config.lease;
         if let Some(first) = rows.first() {
             // One lease per claim; renewals move it later.
@@ -528,7 +528,7 @@ impl<'a> Session<'a> {
     /// the next renewal could extend it (then the chain is given back: its
     /// relay froze or lost the database long enough that another relay may
     /// take the rows over).
-    async fn publish_head(&mut self, key: AggregateKey) -> std::result::Result<(), String> {
+    async fn publish_head(&mut self, key: AggregateKey) -> std::result::Result<(), SessionLost> {
         let confirm_timeout = self.shared.config.confirm_timeout;
         let margin = self.shared.config.heartbeat_interval();
         let (seq, event_id, lease_ok) = match self.chains.get(&key) {
@@ -578,11 +578,11 @@ impl<'a> Session<'a> {
                 self.fail_head(&key, format!("cannot encode: {reason}"));
                 Ok(())
             }
-            Err(PublishError::Broker(error)) => Err(format!("publish failed: {error}")),
+            Err(PublishError::Broker(error)) => Err(SessionLost::Publish(error)),
         }
     }
 
-    async fn on_confirm(&mut self, confirmed: Confirmed) -> std::result::Result<(), String> {
+    async fn on_confirm(&mut self, confirmed: Confirmed) -> std::result::Result<(), SessionLost> {
         let Confirmed {
             key,
             seq,
@@ -635,7 +635,7 @@ impl<'a> Session<'a> {
             }
             Ok(Err(error)) => {
                 metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "reason" => "connection").increment(1);
-                return Err(format!("confirm lost: {error}"));
+                return Err(SessionLost::Confirm(error));
             }
             Err(_) => Some((
                 "timeout",
@@ -761,7 +761,7 @@ impl<'a> Session<'a> {
         for key in keys {
             let in_flight = self.chains.get(&key).is_some_and(|c| c.head_in_flight);
             if in_flight && let SessionEnd::BrokerLost(reason) = end {
-                self.fail_head(&key, format!("connection lost before confirm: {reason}"));
+                self.fail_head(&key, format!("connection lost before confirm: {}", error_chain(reason)));
             } else {
                 self.cut_chain(&key, 0);
             }

@@ -204,7 +204,7 @@ impl Relay {
                         SessionEnd::Shutdown => break,
                         SessionEnd::BrokerLost(reason) => {
                             metrics::counter!(m::BROKER_RECONNECTS_TOTAL).increment(1);
-                            tracing::warn!(%reason, "broker connection lost; claiming stops until it is back");
+                            tracing::warn!(reason = %error_chain(&reason), "broker connection lost; claiming stops until it is back");
                         }
                     }
                 }
