@@ -17,7 +17,7 @@ pub type PgPool = Pool<ConnectionManager<PgConnection>>;
 
 /// Checks that `url` is a postgres:// URL that parses; the error shows it
 /// with its password redacted.
-pub fn validate_database_url(url: &str) -> Result<()> {
+pub(crate) fn validate_database_url(url: &str) -> Result<()> {
     if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
         return Err(Error::Config(format!(
             "database URL {} must start with postgres:// or postgresql://",
@@ -59,7 +59,7 @@ pub fn pool(url: &str, max_size: u32, connect_timeout: Duration) -> Result<PgPoo
 
 /// Runs blocking diesel `work` with a pooled connection on tokio's blocking
 /// pool, so async tasks never wait on Postgres on a worker thread.
-pub async fn run_blocking<T: Send + 'static>(
+pub(crate) async fn run_blocking<T: Send + 'static>(
     pool: &PgPool,
     work: impl FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
 ) -> Result<T> {

@@ -83,7 +83,7 @@ pub enum Error {
     /// The thing named does not exist (a failed job id, ...).
     #[error("not found: {0}")]
     NotFound(String),
-    /// The broker did not confirm a publish; [`Unconfirmed`] says how.
+    /// The broker did not confirm a publish; [`Unconfirmed`](enum@Unconfirmed) says how.
     #[error("{context}: {reason}")]
     Unconfirmed {
         /// What was being published (`failed job 7 to chom.audit`).
@@ -199,7 +199,7 @@ impl From<Error> for ListenerError {
 
 /// `error` and each of its sources, joined with `: `, for a log line or a
 /// stored error text.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

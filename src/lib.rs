@@ -8,18 +8,18 @@
 //!
 //! | concern | module | main items |
 //! | --- | --- | --- |
-//! | what an event is | [`event`] | [`DomainEvent`], [`Metadata`] |
-//! | the checked, serialized event | [`envelope`] | [`EventEnvelope`] |
-//! | writing events in the caller's transaction | [`record`](mod@record) | [`record()`], [`record_with`], [`record_batch`] |
-//! | a configured recorder, after-commit hooks | [`outbox`](mod@outbox), [`transaction`] | [`Outbox`], [`OutboxTx`] |
-//! | event type → listener mapping | [`registry`] | [`Registry`], [`SyncListener`], [`QueuedListener`] |
+//! | what an event is | `event.rs` | [`DomainEvent`], [`Metadata`] |
+//! | the checked, serialized event | `envelope.rs` | [`EventEnvelope`] |
+//! | writing events in the caller's transaction | `record.rs` | [`record()`], [`record_with`], [`record_batch`] |
+//! | a configured recorder, after-commit hooks | `outbox/mod.rs`, `outbox/transaction.rs` | [`Outbox`], [`OutboxTx`] |
+//! | event type → listener mapping | `registry.rs` | [`Registry`], [`SyncListener`], [`QueuedListener`] |
 //! | queued listeners: retries, dead-lettering, worker | [`consumer`] | [`Worker`], [`ListenerOptions`], [`ReceivedEvent`] |
-//! | a listener's failure, the library's errors | [`error`] | [`ListenerError`], [`Error`] |
+//! | a listener's failure, the library's errors | `error.rs` | [`ListenerError`], [`Error`], [`Unconfirmed`] |
 //! | listener failures for good | [`failed_jobs`] | [`failed_jobs::list`], [`failed_jobs::retry`] |
 //! | exactly-once listener effects (the worker's inbox transaction) | [`inbox`] (`consumer/inbox.rs`) | [`inbox::claim`] |
-//! | asserting on recorded events in tests | [`fake`] | [`EventFake`] |
+//! | asserting on recorded events in tests | `fake.rs` | [`EventFake`] |
 //! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
-//! | connections and safe-to-print URLs | [`database`] | [`connect`], [`pool`], [`redact_url`] |
+//! | connections and safe-to-print URLs | `database.rs` | [`connect`], [`pool`], [`redact_url`] |
 //! | RabbitMQ connection, exchange | [`amqp`] | [`DEFAULT_AMQP_URL`], [`DEFAULT_EXCHANGE`] |
 //! | the wire format | [`cloudevents`] | [`cloudevents::encode_body`] |
 //! | text cut to a bound for columns, headers and messages | [`text`] | [`text::bounded_text`] |
@@ -58,24 +58,25 @@
 //! ```
 
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod amqp;
 pub mod cloudevents;
 pub mod consumer;
 pub mod control;
-pub mod database;
+mod database;
 mod delay;
-pub mod envelope;
-pub mod error;
-pub mod event;
+mod envelope;
+mod error;
+mod event;
 pub mod failed_jobs;
-pub mod fake;
+mod fake;
 pub mod metrics;
 pub mod migrate;
-pub mod outbox;
+mod outbox;
 mod prepared;
-pub mod record;
-pub mod registry;
+mod record;
+mod registry;
 pub mod relay;
 pub mod replay;
 pub mod schema;
@@ -89,13 +90,12 @@ pub use consumer::inbox;
 pub use consumer::{HandlerContext, ListenerOptions, QueuedListener, ReceivedEvent, Worker, WorkerConfig};
 pub use database::{DEFAULT_DATABASE_URL, PgPool, connect, create_database_if_missing, pool, redact_url};
 pub use envelope::{DEFAULT_MAX_PAYLOAD_BYTES, EventEnvelope, JsonPayload, MAX_PAYLOAD_BYTES_LIMIT};
-pub use error::{BoxError, Error, ListenerError, Result};
+pub use error::{BoxError, Error, ListenerError, Result, Unconfirmed};
 pub use event::{DomainEvent, Metadata};
 pub use fake::EventFake;
 pub use metrics::Health;
 pub use migrate::{MIGRATIONS, migrate};
-pub use outbox::transaction;
-pub use outbox::transaction::OutboxTx;
+pub use outbox::OutboxTx;
 pub use outbox::{Outbox, OutboxBuilder};
 pub use record::{record, record_batch, record_with};
 pub use registry::{QueuedRegistration, Registry, SyncListener};

@@ -10,8 +10,7 @@ use std::sync::Arc;
 
 use crate::consumer::listener::{ListenerOptions, QueuedListener, is_valid_listener_name};
 use crate::envelope::{EventEnvelope, is_valid_event_type};
-pub use crate::error::BoxError;
-use crate::error::{Error, Result};
+use crate::error::{BoxError, Error, Result};
 
 /// A listener that runs in the writer's process after the transaction that
 /// recorded the event commits (never for a rolled-back one).

@@ -44,10 +44,10 @@ pub struct StatusArgs {
 #[derive(Debug, Serialize)]
 struct DatabaseStatus {
     #[serde(flatten)]
-    stats: outbox::relay::store::BacklogStats,
+    stats: outbox::relay::BacklogStats,
     paused_by: Option<String>,
-    by_event_type: Vec<outbox::relay::store::EventTypeBacklog>,
-    unroutable_by_event_type: Vec<outbox::relay::store::UnroutableEvents>,
+    by_event_type: Vec<outbox::relay::EventTypeBacklog>,
+    unroutable_by_event_type: Vec<outbox::relay::UnroutableEvents>,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,11 +85,10 @@ struct Status {
 /// Prints the outbox's status.
 pub fn run(database_url: &str, args: &StatusArgs) -> anyhow::Result<()> {
     let mut conn = outbox::connect(database_url).context("cannot open the outbox database")?;
-    let stats = outbox::relay::store::backlog_stats(&mut conn).context("cannot read the backlog")?;
-    let by_event_type =
-        outbox::relay::store::backlog_by_event_type(&mut conn).context("cannot read the backlog")?;
+    let stats = outbox::relay::backlog_stats(&mut conn).context("cannot read the backlog")?;
+    let by_event_type = outbox::relay::backlog_by_event_type(&mut conn).context("cannot read the backlog")?;
     let unroutable_by_event_type =
-        outbox::relay::store::unroutable_by_event_type(&mut conn).context("cannot read unroutable events")?;
+        outbox::relay::unroutable_by_event_type(&mut conn).context("cannot read unroutable events")?;
     let paused_by = outbox::control::paused_by(&mut conn).context("cannot read the pause switch")?;
     let failed: Vec<FailedCount> = outbox::failed_jobs::count_by_listener(&mut conn)
         .context("cannot count failed jobs")?

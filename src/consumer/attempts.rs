@@ -203,7 +203,8 @@ pub(crate) fn clear_attempts(conn: &mut PgConnection, listener: &str, event_id: 
 
 /// Deletes attempt counts not touched for `older_than_hours` (left behind
 /// by messages purged from their queues by hand), at most `batch`.
-pub fn prune_attempts(conn: &mut PgConnection, older_than_hours: f64, batch: i64) -> Result<usize> {
+#[allow(dead_code)] // run by the maintenance service (being added)
+pub(crate) fn prune_attempts(conn: &mut PgConnection, older_than_hours: f64, batch: i64) -> Result<usize> {
     Ok(diesel::sql_query(
         "DELETE FROM listener_attempts WHERE ctid IN (
              SELECT ctid FROM listener_attempts
@@ -213,22 +214,4 @@ pub fn prune_attempts(conn: &mut PgConnection, older_than_hours: f64, batch: i64
     .bind::<Double, _>(older_than_hours)
     .bind::<BigInt, _>(batch)
     .execute(conn)?)
-}
-
-/// The failed tries recorded for (`listener`, `event_id`): what an
-/// operator sees while an event is being retried.
-pub fn attempts(conn: &mut PgConnection, listener: &str, event_id: Uuid) -> Result<Vec<AttemptError>> {
-    let errors = listener_attempts::table
-        .filter(listener_attempts::listener.eq(listener))
-        .filter(listener_attempts::event_id.eq(event_id))
-        .select(listener_attempts::errors)
-        .first::<serde_json::Value>(conn)
-        .optional()?;
-    Ok(match errors {
-        Some(serde_json::Value::Array(items)) => items
-            .into_iter()
-            .filter_map(|item| serde_json::from_value(item).ok())
-            .collect(),
-        _ => Vec::new(),
-    })
 }

@@ -24,7 +24,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024 + 64 * 1024;
 const MAX_ATTRIBUTE_LEN: usize = 255;
 /// Deepest nesting of arrays and objects accepted in a body (serde_json's
 /// own limit when deserializing into types).
-pub const MAX_NESTING: usize = 128;
+pub(crate) const MAX_NESTING: usize = 128;
 
 /// Why a message body is not an event this framework can hand to a
 /// listener.
@@ -39,7 +39,7 @@ pub enum DecodeError {
         /// The cap.
         limit: usize,
     },
-    /// Arrays and objects are nested deeper than [`MAX_NESTING`].
+    /// Arrays and objects are nested deeper than 128 levels.
     #[error("message body nests arrays and objects deeper than {limit} levels")]
     TooDeep {
         /// The limit.

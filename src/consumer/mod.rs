@@ -45,12 +45,12 @@
 //!   accepts that a retried message is overtaken by later ones, or uses
 //!   one try).
 
-pub mod attempts;
+pub(crate) mod attempts;
 mod config;
 mod headers;
 pub mod inbox;
-pub mod listener;
-pub mod message;
+pub(crate) mod listener;
+pub(crate) mod message;
 mod pipeline;
 mod session;
 pub mod topology;

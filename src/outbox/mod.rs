@@ -16,7 +16,7 @@ use crate::record::{ensure_in_transaction, insert_envelopes};
 use crate::registry::Registry;
 use crate::wake::WakeSender;
 
-pub mod transaction;
+mod transaction;
 
 pub use transaction::OutboxTx;
 

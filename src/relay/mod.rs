@@ -2,14 +2,14 @@
 //! once, in per-aggregate order, with any number of instances.
 //!
 //! [`Relay::run`] connects to the broker, runs the claim/publish/confirm
-//! loop ([`engine`]), reconnects with backoff when the broker goes away
+//! loop (`engine/`), reconnects with backoff when the broker goes away
 //! (holding nothing in memory meanwhile), and runs two small maintenance
 //! services beside it: the pruner (deletes published rows past retention)
 //! and the backlog gauges.
 //!
 //! ## How relays share the table
 //!
-//! - **Claims** ([`store::claim_batch`]) take the first unpublished rows in
+//! - **Claims** (`store::claim_batch`) take the first unpublished rows in
 //!   seq order that are not leased and whose aggregate is not blocked (its
 //!   head leased by another relay, waiting for a retry, or failed), and
 //!   record them in one lease row. Skipping blocked aggregates inside the
@@ -18,7 +18,7 @@
 //!   lock for one statement (about 4 ms for 500 rows here).
 //! - **Leases are heartbeated.** A lease lasts [`RelayConfig::lease`]
 //!   (3 s) and the relay renews all of its leases every third of that
-//!   ([`store::renew_leases`]); a relay that dies, freezes or loses the
+//!   (`store::renew_leases`); a relay that dies, freezes or loses the
 //!   database stops renewing, and its rows are claimable by others within
 //!   the lease. A row is published only while its lease has at least a
 //!   renewal interval left, and marked only through a live lease, so a
@@ -77,10 +77,16 @@
 //! replay` sends it to a listener added later. With
 //! [`RelayConfig::strict_routing`] it is a failed attempt instead.
 
-pub mod config;
+pub(crate) mod config;
 mod engine;
 mod publisher;
+/// The relay's SQL (claim, mark, leases, failures, prune). Public only with
+/// the `testing` feature, for the library's own claim and liveness tests;
+/// operators' reads are re-exported below.
+#[cfg(feature = "testing")]
 pub mod store;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod store;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -97,8 +103,12 @@ use crate::amqp::SessionEnd;
 use crate::delay::Backoff;
 use crate::error::error_chain;
 pub use crate::metrics::Health;
-pub use config::RelayConfig;
+pub use config::{RelayConfig, default_relay_id};
 use engine::{LaneContext, Session};
+pub use store::{
+    BacklogStats, ClaimedEvent, EventTypeBacklog, UnroutableEvents, backlog_by_event_type, backlog_stats,
+    unroutable_by_event_type,
+};
 
 /// What the engine and the maintenance services share.
 pub(crate) struct Shared {

@@ -3,6 +3,11 @@
 //!
 //! Every function takes a plain connection and is blocking; the engine
 //! calls them on tokio's blocking pool.
+//!
+//! Public only with the `testing` feature (the claim and liveness tests
+//! drive these functions directly); without it, what only those tests
+//! use is unreachable by design.
+#![cfg_attr(not(feature = "testing"), allow(unreachable_pub, dead_code))]
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -455,7 +460,7 @@ pub struct BacklogStats {
     #[diesel(sql_type = Bool)]
     pub paused: bool,
     /// Kept rows the broker returned as unroutable (no queue was bound to
-    /// their type), published to nobody; see [`mark_unroutable`].
+    /// their type), published to nobody; see `mark_unroutable`.
     #[diesel(sql_type = BigInt)]
     pub unroutable: i64,
 }

@@ -92,7 +92,7 @@ async fn worker_with_own_queues_only(declare_topology: bool) {
     let jobs = failed_jobs::list(&mut conn, &Filter::default()).unwrap();
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].event_id, Some(events[2].event_id));
-    let mut as_worker = outbox::database::connect(&database_url).unwrap();
+    let mut as_worker = outbox::connect(&database_url).unwrap();
     for sql in ["SELECT 1 FROM outbox_events", "DELETE FROM failed_jobs"] {
         let error = diesel::sql_query(sql)
             .execute(&mut as_worker)

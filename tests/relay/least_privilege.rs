@@ -38,7 +38,7 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
         )
         .unwrap();
     // A write-path service records with INSERT alone (and cannot read back).
-    let mut writer = outbox::database::connect(&roles.url_as(&writer_role, &password).unwrap()).unwrap();
+    let mut writer = outbox::connect(&roles.url_as(&writer_role, &password).unwrap()).unwrap();
     record_ticks(&mut writer, "c1", 0..5);
     denied(&mut writer, "SELECT count(*) FROM outbox_events");
 
@@ -86,7 +86,7 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
 
     // Nothing else: no domain table, no inserting events, no consumer
     // tables, no switching the pause.
-    let mut as_relay = outbox::database::connect(&relay_url).unwrap();
+    let mut as_relay = outbox::connect(&relay_url).unwrap();
     let error = denied(&mut as_relay, "SELECT * FROM sites");
     assert!(error.contains("sites"), "{error}");
     denied(&mut as_relay, "UPDATE sites SET domain = 'x'");
@@ -99,7 +99,7 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
     denied(&mut as_relay, "SELECT * FROM processed_events");
     denied(&mut as_relay, "UPDATE outbox_control SET paused = true");
     denied(&mut as_relay, "CREATE TABLE mine (id int)");
-    assert!(!format!("{:?}", outbox::database::connect(&relay_url).err()).contains(&password));
+    assert!(!format!("{:?}", outbox::connect(&relay_url).err()).contains(&password));
 }
 
 fn encrypted(conn: &mut PgConnection) -> bool {
@@ -118,17 +118,17 @@ fn sslmode_passes_through_to_libpq_and_fails_clearly_without_the_password() {
     // This server offers TLS with a self-signed certificate: `require`
     // encrypts (the session says so)...
     url.set_query(Some("sslmode=require"));
-    let mut conn = outbox::database::connect(url.as_str()).unwrap();
+    let mut conn = outbox::connect(url.as_str()).unwrap();
     assert!(encrypted(&mut conn), "sslmode=require gave an encrypted session");
     // ...`disable` does not...
     url.set_query(Some("sslmode=disable"));
-    let mut conn = outbox::database::connect(url.as_str()).unwrap();
+    let mut conn = outbox::connect(url.as_str()).unwrap();
     assert!(!encrypted(&mut conn));
     // ...and `verify-full` refuses a certificate it cannot verify, with
     // libpq's reason and without the password.
     let ca = std::env::temp_dir().join(format!("outbox-test-missing-ca-{}.pem", Uuid::now_v7().simple()));
     url.set_query(Some(&format!("sslmode=verify-full&sslrootcert={}", ca.display())));
-    let error = outbox::database::connect(url.as_str())
+    let error = outbox::connect(url.as_str())
         .err()
         .expect("verify-full without the CA must fail");
     let text = format!("{error} / {error:?}");

@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use outbox::relay::store::ClaimedEvent;
+use outbox::relay::ClaimedEvent;
 use outbox::testing::TestDatabase;
 use serde::Serialize;
 
