@@ -1,0 +1,371 @@
+//! The `chom` command line: subcommands, their arguments and parsers.
+
+use super::*;
+
+/// The CHOM hosting platform: tenants, sites and backups, with every change
+/// recorded as a domain event in the transactional outbox.
+#[derive(Debug, Parser)]
+#[command(name = "chom", version)]
+pub(crate) struct Cli {
+    /// Postgres URL of CHOM's database.
+    // hide_env_values: --help must not print a password taken from the
+    // environment.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        hide_env_values = true,
+        global = true
+    )]
+    pub(crate) database_url: String,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create the database if it is missing, then run the outbox's and
+    /// CHOM's migrations.
+    Migrate(MigrateArgs),
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage users (the recipients of notifications).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage sites.
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Manage backups.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Drive whole site lifecycles from concurrent writers and check that
+    /// the outbox holds every event the services recorded.
+    Simulate(SimulateArgs),
+    /// Run the worker: CHOM's queued listeners (UpdateTenantMetrics,
+    /// RecordAuditLog, SendNotification) from their queues, until SIGINT or
+    /// SIGTERM.
+    Work(WorkArgs),
+    /// The whole platform in one process: create and migrate the database,
+    /// run a relay and a worker, drive site and backup lifecycles (with
+    /// failures and a notifier outage), then report what happened.
+    Demo(DemoArgs),
+    /// Declare the exchange and every listener's queues, retry queues and
+    /// dead-letter queue ahead of a deploy (the worker also does it on
+    /// start), and print them.
+    Topology(TopologyArgs),
+}
+
+/// Where the broker is and how CHOM's queues are named.
+#[derive(Debug, Args)]
+pub(crate) struct BrokerArgs {
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub(crate) amqp_url: String,
+    /// The topic exchange the relay publishes to.
+    #[arg(long, env = "OUTBOX_EXCHANGE", default_value = outbox::DEFAULT_EXCHANGE)]
+    pub(crate) exchange: String,
+    /// Queue name prefix (`<app>.<listener>`).
+    #[arg(long, default_value = chom::listeners::APP)]
+    pub(crate) app: String,
+}
+
+/// Retry settings of the queued listeners.
+#[derive(Debug, Args)]
+pub(crate) struct RetryArgs {
+    /// Tries per message, the first included (default: the seed's 3).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) tries: Option<u32>,
+    /// Delays between tries, comma-separated (default: 30s,60s,120s).
+    #[arg(long, value_delimiter = ',', value_parser = parse_duration)]
+    pub(crate) backoff: Vec<Duration>,
+    /// Handlers of each listener at once (default 4).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) concurrency: Option<u32>,
+}
+
+impl RetryArgs {
+    pub(crate) fn listener_config(&self) -> chom::listeners::ListenerConfig {
+        let default = chom::listeners::ListenerConfig::default();
+        let retries = if self.tries.is_none() && self.backoff.is_empty() {
+            None
+        } else {
+            let base = outbox::ListenerOptions::default();
+            Some((
+                self.tries.unwrap_or(base.tries),
+                if self.backoff.is_empty() {
+                    base.backoff
+                } else {
+                    self.backoff.clone()
+                },
+            ))
+        };
+        chom::listeners::ListenerConfig {
+            retries,
+            concurrency: self.concurrency.map(|c| c as usize),
+            ..default
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct WorkArgs {
+    #[command(flatten)]
+    pub(crate) broker: BrokerArgs,
+    #[command(flatten)]
+    pub(crate) retry: RetryArgs,
+    /// Run only this queued listener (repeatable; default all).
+    #[arg(long = "listener", value_name = "NAME")]
+    pub(crate) listeners: Vec<String>,
+    /// Serve /metrics and /health here; `off` to disable.
+    #[arg(long, env = "CHOM_METRICS_ADDR", default_value = "127.0.0.1:9188")]
+    pub(crate) metrics_addr: String,
+    /// How long shutdown waits for handlers in flight.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(crate) shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    #[command(flatten)]
+    pub(crate) broker: BrokerArgs,
+    /// Tenants of the normal traffic.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) tenants: u32,
+    /// Site lifecycles of the normal traffic.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub(crate) sites: u64,
+    /// Site lifecycles during the notifier outage.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    pub(crate) outage_sites: u64,
+    /// Probability that a provisioning or a backup fails.
+    #[arg(long, default_value_t = 0.2, value_parser = parse_probability)]
+    pub(crate) failure_rate: f64,
+    /// Seed of the lifecycle mix.
+    #[arg(long, default_value_t = 7)]
+    pub(crate) seed: u64,
+    #[command(flatten)]
+    pub(crate) output: Output,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TopologyArgs {
+    #[command(flatten)]
+    pub(crate) broker: BrokerArgs,
+    #[command(flatten)]
+    pub(crate) retry: RetryArgs,
+    /// Only print what would be declared.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    #[command(flatten)]
+    pub(crate) output: Output,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct MigrateArgs {
+    /// Fail instead of creating the database when it does not exist.
+    #[arg(long)]
+    pub(crate) no_create_database: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TenantCommand {
+    /// Create a tenant; prints its id.
+    Create {
+        /// The tenant's name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum UserCommand {
+    /// Create a user of a tenant; prints its id.
+    Create {
+        /// The tenant's id.
+        #[arg(long)]
+        tenant: i64,
+        /// Email address (unique).
+        #[arg(long)]
+        email: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SiteCommand {
+    /// Create a site (site.created); prints its id.
+    Create {
+        /// The owning tenant's id.
+        #[arg(long)]
+        tenant: i64,
+        /// The site's domain name.
+        #[arg(long)]
+        domain: String,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Finish provisioning a site (simulated): site.provisioned, or
+    /// site.provisioning_failed with --fail; prints the event id.
+    Provision {
+        /// The site's id.
+        id: i64,
+        /// Fail the provisioning with this error text.
+        #[arg(long, value_name = "ERROR")]
+        fail: Option<String>,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Soft-delete a site (site.deleted); prints the event id.
+    Delete {
+        /// The site's id.
+        id: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List live sites.
+    List {
+        /// Only this tenant's sites.
+        #[arg(long)]
+        tenant: Option<i64>,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BackupCommand {
+    /// Start a backup of an active site (backup.created); prints its id.
+    Create {
+        /// The site's id.
+        #[arg(long)]
+        site: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Complete a running backup (backup.completed); prints the event id.
+    Complete {
+        /// The backup's id.
+        id: i64,
+        /// Size of the backup in bytes.
+        #[arg(long)]
+        size_bytes: i64,
+        /// How long the backup took, in milliseconds.
+        #[arg(long)]
+        duration_ms: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Fail a running backup (backup.failed); prints the event id.
+    Fail {
+        /// The backup's id.
+        id: i64,
+        /// What went wrong.
+        #[arg(long)]
+        error: String,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SimulateArgs {
+    /// Tenants to create, each with one user.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) tenants: u32,
+    /// Site lifecycles to run.
+    #[arg(long)]
+    pub(crate) sites: u64,
+    /// Cap on transactions per second over all writers (0: no cap).
+    #[arg(long, value_parser = parse_rate)]
+    pub(crate) rate: Option<f64>,
+    /// Concurrent writers, each with its own connection.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) writers: u32,
+    /// Probability that a provisioning or a backup fails.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_probability)]
+    pub(crate) failure_rate: f64,
+    /// Seed of the lifecycle mix, for a reproducible run (default: random).
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    #[command(flatten)]
+    pub(crate) output: Output,
+}
+
+/// Who performs an action.
+#[derive(Debug, Args)]
+pub(crate) struct Actor {
+    /// Who performs the action (`user:42`); without it, a system action.
+    #[arg(long, value_parser = parse_actor)]
+    pub(crate) actor: Option<String>,
+}
+
+impl Actor {
+    pub(crate) fn metadata(&self) -> Metadata {
+        match &self.actor {
+            Some(actor) => Metadata::by(actor.clone()),
+            None => Metadata::system(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct Output {
+    /// Print JSON instead of plain text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value.trim()).map_err(|e| format!("{e} (try 30s, 500ms, 2m)"))
+}
+
+pub(crate) fn parse_metrics_addr(value: &str) -> Result<Option<std::net::SocketAddr>> {
+    if value.eq_ignore_ascii_case("off") || value.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(value.parse().with_context(|| {
+        format!("--metrics-addr {value:?} is not host:port or off")
+    })?))
+}
+
+pub(crate) fn parse_actor(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || value.len() > 255 {
+        return Err("must be 1 to 255 bytes, such as user:42".into());
+    }
+    Ok(value.to_owned())
+}
+
+pub(crate) fn parse_rate(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 0.0 => Ok(rate),
+        _ => Err("must be a non-negative number of transactions per second".into()),
+    }
+}
+
+pub(crate) fn parse_probability(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err("must be a number between 0 and 1".into()),
+    }
+}
