@@ -84,13 +84,7 @@ pub fn validate_amqp_url(url: &str) -> Result<()> {
 /// does not exist. Each probe uses a channel of its own, since the
 /// broker closes the channel of a passive declare of a missing queue.
 pub async fn queue_depth(connection: &Connection, name: &str) -> Result<Option<u32>> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|source| Error::Broker {
-            context: "cannot open a channel".into(),
-            source,
-        })?;
+    let channel = open_channel(connection, false).await?;
     let declared = channel
         .queue_declare(
             name.into(),
@@ -114,6 +108,28 @@ pub async fn queue_depth(connection: &Connection, name: &str) -> Result<Option<u
             source,
         }),
     }
+}
+
+/// Opens a channel on `connection`, in confirm mode (every publish on it
+/// is acknowledged by the broker) when `confirms` is set.
+pub async fn open_channel(connection: &Connection, confirms: bool) -> Result<Channel> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|source| Error::Broker {
+            context: "cannot open a channel".into(),
+            source,
+        })?;
+    if confirms {
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .map_err(|source| Error::Broker {
+                context: "cannot enable publisher confirms".into(),
+                source,
+            })?;
+    }
+    Ok(channel)
 }
 
 /// Publishes one persistent message straight to `queue` (through the

@@ -386,14 +386,7 @@ fn retry(database_url: &str, args: &RetryArgs) -> anyhow::Result<()> {
         let connection = outbox::amqp::connect(&args.amqp_url, "outbox failed retry")
             .await
             .with_context(|| format!("cannot reach the broker at {shown}; nothing retried"))?;
-        let channel = connection
-            .create_channel()
-            .await
-            .context("cannot open an AMQP channel")?;
-        channel
-            .confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await
-            .context("cannot enable publisher confirms")?;
+        let channel = outbox::amqp::open_channel(&connection, true).await?;
         let mut retried = 0usize;
         let mut failures = Vec::new();
         // Many jobs on a terminal: a progress bar instead of a line each

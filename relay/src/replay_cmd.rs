@@ -116,14 +116,7 @@ pub fn run(database_url: &str, args: &ReplayArgs) -> anyhow::Result<()> {
                 "queue {queue} does not exist at {shown} (are --app and --to-listener right?); nothing replayed"
             );
         }
-        let channel = connection
-            .create_channel()
-            .await
-            .context("cannot open an AMQP channel")?;
-        channel
-            .confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await
-            .context("cannot enable publisher confirms")?;
+        let channel = outbox::amqp::open_channel(&connection, true).await?;
         let sent = replay::publish_to_queue(
             &channel,
             &queue,

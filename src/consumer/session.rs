@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::watch;
@@ -44,14 +44,7 @@ impl ConsumerSession {
         let connection =
             amqp::connect(&config.amqp_url, &format!("outbox-worker {}", config.worker_id)).await?;
         let broker = |context: String| move |source| Error::Broker { context, source };
-        let publish = connection
-            .create_channel()
-            .await
-            .map_err(broker("cannot open a channel".into()))?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(broker("cannot enable publisher confirms".into()))?;
+        let publish = amqp::open_channel(&connection, true).await?;
         if config.declare_topology {
             amqp::declare_exchange(&publish, &config.exchange).await?;
             for (_, queues) in listeners {
@@ -65,10 +58,7 @@ impl ConsumerSession {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut consumers = Vec::new();
         for (registration, queues) in listeners {
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(broker("cannot open a channel".into()))?;
+            let channel = amqp::open_channel(&connection, false).await?;
             channel
                 .basic_qos(registration.options().prefetch, BasicQosOptions::default())
                 .await

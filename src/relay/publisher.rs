@@ -2,12 +2,12 @@
 //! mandatory CloudEvents messages to the exchange.
 
 use lapin::PublisherConfirm;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Connection};
 
 use crate::amqp;
 use crate::cloudevents::{amqp_properties, encode_body};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::relay::config::RelayConfig;
 use crate::relay::store::ClaimedEvent;
 
@@ -34,20 +34,7 @@ impl Publisher {
     pub(crate) async fn open(config: &RelayConfig) -> Result<Self> {
         let connection =
             amqp::connect(&config.amqp_url, &format!("outbox-relay {}", config.relay_id)).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|source| Error::Broker {
-                context: "cannot open a channel".into(),
-                source,
-            })?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|source| Error::Broker {
-                context: "cannot enable publisher confirms".into(),
-                source,
-            })?;
+        let channel = amqp::open_channel(&connection, true).await?;
         amqp::declare_exchange(&channel, &config.exchange).await?;
         Ok(Self {
             connection,
