@@ -83,110 +83,217 @@ impl From<diesel::result::Error> for TxError {
     }
 }
 
-/// Runs `listener` for `event` in one transaction with its inbox row, under
-/// the listener's timeout: the effect and the row commit together, and a
-/// duplicate (the row exists) is reported without running the handler.
-/// Whether a failure is the listener's (a try) or the database's (held, not
-/// counted) is decided here.
+/// One delivery to run in an inbox transaction.
+pub(crate) struct InboxTry<'a> {
+    pub(crate) event: &'a ReceivedEvent,
+    /// The try number the worker counted (raised to what Postgres holds).
+    pub(crate) attempt: u32,
+    /// Whether an attempt count may exist and must go with the success.
+    pub(crate) clear_attempts: bool,
+}
+
+/// Runs `listener` for one delivery in a transaction of its own with its
+/// inbox row, under the listener's timeout: the effect and the row commit
+/// together, and a duplicate (the row exists) is reported without running
+/// the handler. Whether a failure is the listener's (a try) or the
+/// database's (held, not counted) is decided here.
 pub(crate) fn handle_in_transaction(
     pool: &PgPool,
     listener: &dyn QueuedListener,
-    event: &ReceivedEvent,
-    attempt: u32,
+    delivery: &InboxTry<'_>,
     options: &ListenerOptions,
-    clear_attempts: bool,
 ) -> HandlerRun {
     use diesel::Connection;
     let mut conn = match pool.get() {
         Ok(conn) => conn,
         Err(error) => return HandlerRun::Infrastructure(format!("no database connection: {error}")),
     };
-    let name = listener.name().to_owned();
     let mut handler_ran = false;
     let outcome = conn.transaction::<bool, TxError, _>(|conn| {
-        use diesel::RunQueryDsl;
-        // One round trip: bound the transaction by the handler's timeout,
-        // make sure no other delivery of this event is being handled right
-        // now (a duplicate would otherwise wait on the uncommitted inbox
-        // row, and the wait would count as its try), and claim the inbox
-        // row.
-        #[derive(diesel::QueryableByName)]
-        struct Claim {
-            #[diesel(sql_type = diesel::sql_types::Bool)]
-            locked: bool,
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            inserted: i64,
-            #[diesel(sql_type = diesel::sql_types::Integer)]
-            previous: i32,
+        handle_one(conn, listener, delivery, options, &mut handler_ran)
+    });
+    let connection_lost = outcome.is_err() && diesel::r2d2::R2D2Connection::is_broken(&mut *conn);
+    outcome_of(outcome, handler_ran, connection_lost)
+}
+
+/// Runs `listener` for every delivery of `batch` in one transaction, each
+/// in a savepoint of its own, and commits once: a failing delivery rolls
+/// back only its own effect and inbox row. The outcomes are in `batch`
+/// order and hold only once the commit did: a commit that fails turns
+/// every success into a failure (or, when the connection broke, into a
+/// database problem, not counted as a try).
+pub(crate) fn handle_batch_in_transaction(
+    pool: &PgPool,
+    listener: &dyn QueuedListener,
+    batch: &[InboxTry<'_>],
+    options: &ListenerOptions,
+) -> Vec<HandlerRun> {
+    use diesel::Connection;
+    let mut conn = match pool.get() {
+        Ok(conn) => conn,
+        Err(error) => {
+            let reason = format!("no database connection: {error}");
+            return batch
+                .iter()
+                .map(|_| HandlerRun::Infrastructure(reason.clone()))
+                .collect();
         }
-        let millis = options.timeout.as_millis().max(1).to_string();
-        struct InboxClaimSql;
-        let claim = Prepared::<InboxClaimSql>::new(
-            "WITH guard AS (
-                 SELECT pg_try_advisory_xact_lock(hashtextextended($1 || '/' || $2::text, 0)) AS locked,
-                        set_config('statement_timeout', $3, true) AS timeout),
-             claimed AS (
-                 INSERT INTO processed_events (listener, event_id)
-                 SELECT $1, $2 FROM guard WHERE locked
-                 ON CONFLICT DO NOTHING
-                 RETURNING 1)
-             SELECT (SELECT locked FROM guard) AS locked, (SELECT count(*) FROM claimed) AS inserted,
-                    -- Failed tries so far, also for a copy that carries no
-                    -- marker (a relay's duplicate publish): the handler's
-                    -- attempt number stays true at no extra round trip.
-                    COALESCE((SELECT attempts FROM listener_attempts
-                              WHERE listener = $1 AND event_id = $2), 0) AS previous",
-            vec![Bind::Text(&name), Bind::Uuid(event.event_id), Bind::Text(&millis)],
-        )
-        .get_result::<Claim>(conn)
-        .map_err(TxError::Setup)?;
-        if !claim.locked {
-            return Err(TxError::Busy);
-        }
-        let previous = u32::try_from(claim.previous).unwrap_or(0);
-        let (attempt, clear_attempts) = (attempt.max(previous + 1), clear_attempts || previous > 0);
-        if claim.inserted == 0 {
-            if clear_attempts {
-                // A retry whose event another copy already handled.
-                attempts::clear_attempts(conn, &name, event.event_id).map_err(|e| match e {
-                    Error::Database(db) => TxError::Setup(db),
-                    other => TxError::Listener(ListenerError::transient(other)),
-                })?;
+    };
+    let mut outcomes: Vec<std::result::Result<bool, TxError>> = Vec::with_capacity(batch.len());
+    let mut ran: Vec<bool> = Vec::with_capacity(batch.len());
+    let committed = conn.transaction::<(), diesel::result::Error, _>(|conn| {
+        for delivery in batch {
+            let mut handler_ran = false;
+            // A nested diesel transaction is a savepoint.
+            let outcome = conn.transaction::<bool, TxError, _>(|conn| {
+                handle_one(conn, listener, delivery, options, &mut handler_ran)
+            });
+            let broken = outcome.is_err() && diesel::r2d2::R2D2Connection::is_broken(&mut **conn);
+            outcomes.push(outcome);
+            ran.push(handler_ran);
+            if broken {
+                // Nothing more can run on this connection; the commit
+                // below fails and every delivery is held.
+                break;
             }
-            return Ok(true);
         }
-        handler_ran = true;
-        let mut ctx = HandlerContext::with_transaction(conn, attempt, options.tries);
-        guarded(|| listener.handle(event, &mut ctx)).map_err(TxError::Listener)?;
+        Ok(())
+    });
+    let connection_lost = diesel::r2d2::R2D2Connection::is_broken(&mut *conn);
+    let mut runs = Vec::with_capacity(batch.len());
+    for (outcome, handler_ran) in outcomes.into_iter().zip(ran) {
+        runs.push(match (outcome, &committed) {
+            (Ok(_), Err(_)) if connection_lost => {
+                HandlerRun::Infrastructure("the database connection was lost during the batch".to_owned())
+            }
+            // COMMIT failed (serialization, deferred constraint): no effect
+            // of the batch happened; a try for those whose handler ran.
+            (Ok(false), Err(error)) => HandlerRun::Failed(ListenerError::transient(format!(
+                "the batch's commit failed: {error}"
+            ))),
+            (Ok(true), Err(error)) => {
+                HandlerRun::Infrastructure(format!("the batch's commit failed: {error}"))
+            }
+            (Ok(duplicate), Ok(())) => HandlerRun::Done { duplicate },
+            (Err(error), _) => outcome_of_error(error, handler_ran, connection_lost),
+        });
+    }
+    // Deliveries after a broken connection never ran.
+    while runs.len() < batch.len() {
+        runs.push(HandlerRun::Infrastructure(
+            "the database connection was lost during the batch".to_owned(),
+        ));
+    }
+    runs
+}
+
+/// The claim, the handler and the attempts clean-up of one delivery, in
+/// the transaction (or savepoint) open on `conn`. `Ok(true)` is a
+/// duplicate: the inbox row existed, nothing ran.
+fn handle_one(
+    conn: &mut PgConnection,
+    listener: &dyn QueuedListener,
+    delivery: &InboxTry<'_>,
+    options: &ListenerOptions,
+    handler_ran: &mut bool,
+) -> std::result::Result<bool, TxError> {
+    use diesel::RunQueryDsl;
+    let event = delivery.event;
+    let name = listener.name();
+    // One round trip: bound the transaction by the handler's timeout, make
+    // sure no other delivery of this event is being handled right now (a
+    // duplicate would otherwise wait on the uncommitted inbox row, and the
+    // wait would count as its try), and claim the inbox row.
+    #[derive(diesel::QueryableByName)]
+    struct Claim {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        locked: bool,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        inserted: i64,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        previous: i32,
+    }
+    let millis = options.timeout.as_millis().max(1).to_string();
+    struct InboxClaimSql;
+    let claim = Prepared::<InboxClaimSql>::new(
+        "WITH guard AS (
+             SELECT pg_try_advisory_xact_lock(hashtextextended($1 || '/' || $2::text, 0)) AS locked,
+                    set_config('statement_timeout', $3, true) AS timeout),
+         claimed AS (
+             INSERT INTO processed_events (listener, event_id)
+             SELECT $1, $2 FROM guard WHERE locked
+             ON CONFLICT DO NOTHING
+             RETURNING 1)
+         SELECT (SELECT locked FROM guard) AS locked, (SELECT count(*) FROM claimed) AS inserted,
+                -- Failed tries so far, also for a copy that carries no
+                -- marker (a relay's duplicate publish): the handler's
+                -- attempt number stays true at no extra round trip.
+                COALESCE((SELECT attempts FROM listener_attempts
+                          WHERE listener = $1 AND event_id = $2), 0) AS previous",
+        vec![Bind::Text(name), Bind::Uuid(event.event_id), Bind::Text(&millis)],
+    )
+    .get_result::<Claim>(conn)
+    .map_err(TxError::Setup)?;
+    if !claim.locked {
+        return Err(TxError::Busy);
+    }
+    let previous = u32::try_from(claim.previous).unwrap_or(0);
+    let attempt = delivery.attempt.max(previous + 1);
+    let clear_attempts = delivery.clear_attempts || previous > 0;
+    if claim.inserted == 0 {
         if clear_attempts {
-            attempts::clear_attempts(conn, &name, event.event_id).map_err(|e| match e {
-                Error::Database(db) => TxError::Database(db),
+            // A retry whose event another copy already handled.
+            attempts::clear_attempts(conn, name, event.event_id).map_err(|e| match e {
+                Error::Database(db) => TxError::Setup(db),
                 other => TxError::Listener(ListenerError::transient(other)),
             })?;
         }
-        Ok(false)
-    });
-    // A connection that broke under the handler (Postgres restarted, the
-    // backend was terminated, the network dropped) is the database's
-    // trouble, not the listener's: hold the message and run it again
-    // without counting a try. The inbox makes the rerun safe if the COMMIT
-    // did reach the server.
-    let connection_lost = outcome.is_err() && diesel::r2d2::R2D2Connection::is_broken(&mut *conn);
+        return Ok(true);
+    }
+    *handler_ran = true;
+    let mut ctx = HandlerContext::with_transaction(conn, attempt, options.tries);
+    guarded(|| listener.handle(event, &mut ctx)).map_err(TxError::Listener)?;
+    if clear_attempts {
+        attempts::clear_attempts(conn, name, event.event_id).map_err(|e| match e {
+            Error::Database(db) => TxError::Database(db),
+            other => TxError::Listener(ListenerError::transient(other)),
+        })?;
+    }
+    Ok(false)
+}
+
+/// What a single delivery's transaction outcome means for the worker.
+fn outcome_of(
+    outcome: std::result::Result<bool, TxError>,
+    handler_ran: bool,
+    connection_lost: bool,
+) -> HandlerRun {
     match outcome {
         Ok(duplicate) => HandlerRun::Done { duplicate },
-        Err(TxError::Listener(_) | TxError::Database(_)) if connection_lost => {
+        Err(error) => outcome_of_error(error, handler_ran, connection_lost),
+    }
+}
+
+fn outcome_of_error(error: TxError, handler_ran: bool, connection_lost: bool) -> HandlerRun {
+    match error {
+        // A connection that broke under the handler (Postgres restarted,
+        // the backend was terminated, the network dropped) is the
+        // database's trouble, not the listener's: hold the message and run
+        // it again without counting a try. The inbox makes the rerun safe
+        // if the COMMIT did reach the server.
+        TxError::Listener(_) | TxError::Database(_) if connection_lost => {
             HandlerRun::Infrastructure("the database connection was lost during the try".to_owned())
         }
-        Err(TxError::Listener(error)) => HandlerRun::Failed(error),
-        Err(TxError::Busy) => HandlerRun::Busy,
-        Err(TxError::Setup(error)) => {
+        TxError::Listener(error) => HandlerRun::Failed(error),
+        TxError::Busy => HandlerRun::Busy,
+        TxError::Setup(error) => {
             HandlerRun::Infrastructure(format!("cannot open the inbox transaction: {error}"))
         }
-        Err(TxError::Database(error)) if !handler_ran => {
+        TxError::Database(error) if !handler_ran => {
             HandlerRun::Infrastructure(format!("cannot open the inbox transaction: {error}"))
         }
         // COMMIT failed (serialization, deferred constraint, lost
         // connection): the effect did not happen; a try of the listener.
-        Err(TxError::Database(error)) => HandlerRun::Failed(ListenerError::transient(error)),
+        TxError::Database(error) => HandlerRun::Failed(ListenerError::transient(error)),
     }
 }

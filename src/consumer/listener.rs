@@ -235,6 +235,19 @@ pub struct ListenerOptions {
     /// it as a backstop (messages past it go to the dead-letter queue
     /// without a failed-jobs row). Default 5; 1 to 100.
     pub max_unacked_deliveries: u32,
+    /// Inbox listeners only: deliveries handled in one transaction (a
+    /// savepoint each, so a failing one rolls back only its own effect and
+    /// inbox row) and committed together, then acknowledged: one commit
+    /// per batch instead of one per message. A batch closes at this many
+    /// deliveries or `batch_wait` after its first. With batching, up to
+    /// `prefetch` deliveries are in flight and `concurrency` batches run
+    /// at once, so raise `prefetch` for larger batches. 1 turns batching
+    /// off; a listener with concurrency 1 is never batched (one message at
+    /// a time, in queue order). Default 32; 1 to 1,000.
+    pub batch_size: usize,
+    /// How long a batch waits for more deliveries after its first: the
+    /// most batching adds to a lone message. Default 2 ms; at most 1 s.
+    pub batch_wait: Duration,
 }
 
 impl Default for ListenerOptions {
@@ -252,6 +265,8 @@ impl Default for ListenerOptions {
             inbox: true,
             single_active_consumer: false,
             max_unacked_deliveries: 5,
+            batch_size: 32,
+            batch_wait: Duration::from_millis(2),
         }
     }
 }
@@ -299,6 +314,15 @@ impl ListenerOptions {
                 self.timeout
             ));
         }
+        if !(1..=1000).contains(&self.batch_size) {
+            return bad(format!(
+                "batch_size must be between 1 and 1000, not {}",
+                self.batch_size
+            ));
+        }
+        if self.batch_wait > Duration::from_secs(1) {
+            return bad(format!("batch_wait {:?} must be at most 1 s", self.batch_wait));
+        }
         if !(1..=100).contains(&self.max_unacked_deliveries) {
             return bad(format!(
                 "max_unacked_deliveries must be between 1 and 100, not {}",
@@ -306,6 +330,12 @@ impl ListenerOptions {
             ));
         }
         Ok(())
+    }
+
+    /// Whether deliveries are handled in batched transactions: an inbox
+    /// listener with `batch_size` over 1 and `concurrency` over 1.
+    pub fn batches(&self) -> bool {
+        self.inbox && self.batch_size > 1 && self.concurrency > 1
     }
 
     /// The delay before the next try after `failures` failed tries.

@@ -46,6 +46,7 @@
 //!   one try).
 
 pub(crate) mod attempts;
+mod batch;
 mod config;
 mod headers;
 pub mod inbox;

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::amqp::SessionLost;
 use crate::consumer::attempts::{self, FailedMessage, FailureOutcome};
+use crate::consumer::batch::Batcher;
 use crate::consumer::headers::{
     ERROR_HEADER, FAILED_JOB_HEADER, MAX_ERROR_HEADER_BYTES, RETRY_HEADER, copied_headers, delivery_count,
     has_header,
@@ -42,6 +43,8 @@ pub(crate) struct ListenerShared {
     pub(crate) health: Arc<Health>,
     pub(crate) stop: watch::Receiver<bool>,
     pub(crate) reconnect_max: Duration,
+    /// Set for listeners whose deliveries run in batched transactions.
+    pub(crate) batcher: Option<Batcher>,
 }
 
 pub(crate) struct ListenerLoop {
@@ -58,7 +61,14 @@ impl ListenerLoop {
     /// timeout).
     pub(crate) async fn run(mut self) -> std::result::Result<(), SessionLost> {
         let options = self.shared.registration.options().clone();
-        let slots = Arc::new(Semaphore::new(options.concurrency));
+        // Batched deliveries wait for their batch without a thread of their
+        // own: the prefetch window bounds them, the batcher the threads.
+        let in_flight = if self.shared.batcher.is_some() {
+            usize::from(options.prefetch)
+        } else {
+            options.concurrency
+        };
+        let slots = Arc::new(Semaphore::new(in_flight));
         let mut tasks = JoinSet::new();
         let mut stop = self.shared.stop.clone();
         let ended = loop {
@@ -356,6 +366,9 @@ async fn run_handler(
     clear_attempts: bool,
     permit: &Arc<OwnedSemaphorePermit>,
 ) -> HandlerRun {
+    if let Some(batcher) = &shared.batcher {
+        return batcher.run(Arc::clone(event), attempt, clear_attempts).await;
+    }
     let options = shared.registration.options().clone();
     let listener = Arc::clone(shared.registration.listener());
     let pool = shared.pool.clone();
@@ -366,14 +379,12 @@ async fn run_handler(
     let task = tokio::task::spawn_blocking(move || {
         let _slot = slot;
         if options.inbox {
-            inbox::handle_in_transaction(
-                &pool,
-                listener.as_ref(),
-                &event,
+            let delivery = inbox::InboxTry {
+                event: &event,
                 attempt,
-                &options,
                 clear_attempts,
-            )
+            };
+            inbox::handle_in_transaction(&pool, listener.as_ref(), &delivery, &options)
         } else {
             let mut ctx = HandlerContext::with_pool(Some(&pool), attempt, options.tries);
             match guarded(|| listener.handle(&event, &mut ctx)) {

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::amqp::{self, SessionEnd, SessionLost};
+use crate::consumer::batch::Batcher;
 use crate::consumer::config::WorkerConfig;
 use crate::consumer::pipeline::{CopyPublisher, ListenerLoop, ListenerShared};
 use crate::consumer::topology::{self, ListenerQueues};
@@ -82,6 +83,10 @@ impl ConsumerSession {
                     health: Arc::clone(health),
                     stop: stop_rx.clone(),
                     reconnect_max: config.reconnect_max,
+                    batcher: registration
+                        .options()
+                        .batches()
+                        .then(|| Batcher::start(registration.clone(), pool.clone())),
                 }),
                 channel,
                 consumer,
