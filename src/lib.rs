@@ -87,7 +87,9 @@ pub mod wake;
 
 pub use amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE};
 pub use consumer::inbox;
-pub use consumer::{HandlerContext, ListenerOptions, QueuedListener, ReceivedEvent, Worker, WorkerConfig};
+pub use consumer::{
+    HandlerContext, ListenerOptions, QueuedListener, RateLimit, ReceivedEvent, Worker, WorkerConfig,
+};
 pub use database::{DEFAULT_DATABASE_URL, PgPool, connect, create_database_if_missing, pool, redact_url};
 pub use envelope::{DEFAULT_MAX_PAYLOAD_BYTES, EventEnvelope, JsonPayload, MAX_PAYLOAD_BYTES_LIMIT};
 pub use error::{BoxError, Error, ListenerError, Result, Unconfirmed};

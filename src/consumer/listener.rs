@@ -248,6 +248,36 @@ pub struct ListenerOptions {
     /// How long a batch waits for more deliveries after its first: the
     /// most batching adds to a lone message. Default 2 ms; at most 1 s.
     pub batch_wait: Duration,
+    /// At most this many deliveries started per second, for listeners that
+    /// call outside services with quotas; the rest wait in the queue (the
+    /// worker holds no more than `prefetch`). Default none.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A listener's rate limit: `per_second` deliveries started per second on
+/// average, up to `burst` at once after a quiet spell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Deliveries per second; 1 to 1,000,000.
+    pub per_second: u32,
+    /// Deliveries that may start at once; 1 to 1,000,000.
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// `per_second` with bursts of one second's worth.
+    pub fn per_second(per_second: u32) -> Self {
+        Self {
+            per_second,
+            burst: per_second,
+        }
+    }
+
+    /// The same rate with bursts of at most `burst`.
+    #[must_use]
+    pub fn with_burst(self, burst: u32) -> Self {
+        Self { burst, ..self }
+    }
 }
 
 impl Default for ListenerOptions {
@@ -267,6 +297,7 @@ impl Default for ListenerOptions {
             max_unacked_deliveries: 5,
             batch_size: 32,
             batch_wait: Duration::from_millis(2),
+            rate_limit: None,
         }
     }
 }
@@ -322,6 +353,14 @@ impl ListenerOptions {
         }
         if self.batch_wait > Duration::from_secs(1) {
             return bad(format!("batch_wait {:?} must be at most 1 s", self.batch_wait));
+        }
+        if let Some(limit) = self.rate_limit
+            && (!(1..=1_000_000).contains(&limit.per_second) || !(1..=1_000_000).contains(&limit.burst))
+        {
+            return bad(format!(
+                "rate limit {}/s with bursts of {} must have both between 1 and 1,000,000",
+                limit.per_second, limit.burst
+            ));
         }
         if !(1..=100).contains(&self.max_unacked_deliveries) {
             return bad(format!(

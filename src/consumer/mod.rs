@@ -62,7 +62,7 @@ mod fuzz;
 
 pub use config::WorkerConfig;
 pub use headers::{ERROR_HEADER, FAILED_JOB_HEADER, HEADERS_DROPPED_HEADER, RETRY_HEADER};
-pub use listener::{HandlerContext, ListenerError, ListenerOptions, QueuedListener};
+pub use listener::{HandlerContext, ListenerError, ListenerOptions, QueuedListener, RateLimit};
 pub use message::{DecodeError, MAX_BODY_BYTES, ReceivedEvent, decode};
 pub use topology::ListenerQueues;
 pub use worker::Worker;

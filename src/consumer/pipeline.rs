@@ -5,11 +5,13 @@
 //! database or the broker are tried again with backoff, holding the
 //! message; they never count as a try.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 use futures_util::StreamExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, LongString};
@@ -25,7 +27,7 @@ use crate::consumer::headers::{
     has_header,
 };
 use crate::consumer::inbox;
-use crate::consumer::listener::{HandlerContext, HandlerRun, ListenerError, guarded};
+use crate::consumer::listener::{HandlerContext, HandlerRun, ListenerError, RateLimit, guarded};
 use crate::consumer::message::{ReceivedEvent, decode};
 use crate::consumer::topology::ListenerQueues;
 use crate::database::PgPool;
@@ -69,6 +71,7 @@ impl ListenerLoop {
             options.concurrency
         };
         let slots = Arc::new(Semaphore::new(in_flight));
+        let limiter = options.rate_limit.map(rate_limiter);
         let mut tasks = JoinSet::new();
         let mut stop = self.shared.stop.clone();
         let ended = loop {
@@ -80,6 +83,14 @@ impl ListenerLoop {
                     Err(_) => break Ok(()),
                 },
             };
+            if let Some(limiter) = &limiter {
+                // Deliveries beyond the rate stay with the broker (and in
+                // the prefetch window), not in this process.
+                tokio::select! {
+                    _ = stop.changed() => break Ok(()),
+                    () = limiter.until_ready() => {}
+                }
+            }
             let next = tokio::select! {
                 _ = stop.changed() => break Ok(()),
                 next = self.consumer.next() => next,
@@ -102,6 +113,13 @@ impl ListenerLoop {
         while tasks.join_next().await.is_some() {}
         ended
     }
+}
+
+/// A token bucket for a listener's [`RateLimit`].
+fn rate_limiter(limit: RateLimit) -> DefaultDirectRateLimiter {
+    let per_second = NonZeroU32::new(limit.per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
+    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
 }
 
 /// The publish channel (confirm mode) for retry and dead-letter copies.

@@ -16,4 +16,5 @@ mod failed_jobs;
 mod faults;
 mod inbox;
 mod least_privilege;
+mod rate_limits;
 mod worker;
