@@ -51,12 +51,16 @@ pub const PRUNED_TOTAL: &str = "outbox_pruned_total";
 
 // The worker's.
 /// Messages handled, by `listener` and `outcome`: `success`, `duplicate`
-/// (inbox hit, handler skipped), `retry` (sent to a retry queue), `failed`
+/// (inbox hit, handler skipped), `foreign` (a source the worker does not
+/// accept: dead-lettered unapplied), `retry` (sent to a retry queue), `failed`
 /// (failed job + dead-letter queue), `returned` (left unacknowledged at
 /// shutdown or connection loss, back to the queue).
 pub const LISTENER_OUTCOMES_TOTAL: &str = "outbox_listener_outcomes_total";
 /// Handler run time, by `listener`.
 pub const LISTENER_DURATION_SECONDS: &str = "outbox_listener_duration_seconds";
+/// Events a worker did not apply because their CloudEvents `source` is
+/// not one it accepts, by `listener` and `source`; dead-lettered.
+pub const FOREIGN_EVENTS_TOTAL: &str = "outbox_foreign_events_total";
 /// Failed jobs recorded, by `listener`.
 pub const FAILED_JOBS_TOTAL: &str = "outbox_failed_jobs_total";
 
@@ -104,6 +108,10 @@ pub fn describe() {
         "Listener handler run time"
     );
     describe_counter!(FAILED_JOBS_TOTAL, "Failed jobs recorded by listener");
+    describe_counter!(
+        FOREIGN_EVENTS_TOTAL,
+        "Events from sources a worker does not accept, dead-lettered unapplied"
+    );
 }
 
 /// Liveness of a relay or a worker, as `/health` reports it.

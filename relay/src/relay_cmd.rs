@@ -59,9 +59,9 @@ pub struct RelayArgs {
     /// Lease owner name; must be unique among running relays [default: <host>-<pid>-<random>].
     #[arg(long, env = "OUTBOX_RELAY_ID")]
     relay_id: Option<String>,
-    /// CloudEvents `source` attribute of published events.
-    #[arg(long, env = "OUTBOX_SOURCE", default_value = "/outbox")]
-    source: String,
+    /// CloudEvents `source` attribute of published events, which workers can filter on [default: /outbox/<database name>].
+    #[arg(long, env = "OUTBOX_SOURCE")]
+    source: Option<String>,
     /// Retry an event no queue is bound to (holding its aggregate back) instead of keeping it as unroutable and going on.
     #[arg(long, env = "OUTBOX_STRICT_ROUTING")]
     strict_routing: bool,

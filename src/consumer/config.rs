@@ -38,6 +38,13 @@ pub struct WorkerConfig {
     pub shutdown_timeout: Duration,
     /// Declare the exchange and queues on every connect. Default true.
     pub declare_topology: bool,
+    /// The CloudEvents `source`s whose events this worker applies; an event
+    /// from any other (another database's relay on the same broker) is not
+    /// applied: counted in `outbox_foreign_events_total`, logged once per
+    /// source and dead-lettered with the reason. The relay's default source
+    /// is `/outbox/<database name>` ([`crate::relay::default_source`]).
+    /// Default empty: every source.
+    pub accept_sources: Vec<String>,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -53,6 +60,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("reconnect_max", &self.reconnect_max)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("declare_topology", &self.declare_topology)
+            .field("accept_sources", &self.accept_sources)
             .finish()
     }
 }
@@ -70,6 +78,7 @@ impl Default for WorkerConfig {
             reconnect_max: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             declare_topology: true,
+            accept_sources: Vec::new(),
         }
     }
 }
@@ -94,6 +103,9 @@ impl WorkerConfig {
             && !(1..=1024).contains(&size)
         {
             return bad(format!("pool size must be between 1 and 1024, not {size}"));
+        }
+        if self.accept_sources.iter().any(|s| s.is_empty() || s.len() > 1000) {
+            return bad("an accepted source must be 1 to 1000 bytes".into());
         }
         if self.confirm_timeout.is_zero() || self.reconnect_max.is_zero() {
             return bad("confirm timeout and reconnect max must be positive".into());

@@ -5,6 +5,7 @@
 //! database or the broker are tried again with backoff, holding the
 //! message; they never count as a try.
 
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +34,9 @@ use crate::consumer::topology::ListenerQueues;
 use crate::database::PgPool;
 use crate::delay::Backoff;
 use crate::error::{Error, Result, error_chain};
-use crate::metrics::{FAILED_JOBS_TOTAL, Health, LISTENER_DURATION_SECONDS, LISTENER_OUTCOMES_TOTAL};
+use crate::metrics::{
+    FAILED_JOBS_TOTAL, FOREIGN_EVENTS_TOTAL, Health, LISTENER_DURATION_SECONDS, LISTENER_OUTCOMES_TOTAL,
+};
 use crate::registry::QueuedRegistration;
 
 /// What every delivery task of one listener shares.
@@ -47,6 +50,29 @@ pub(crate) struct ListenerShared {
     pub(crate) reconnect_max: Duration,
     /// Set for listeners whose deliveries run in batched transactions.
     pub(crate) batcher: Option<Batcher>,
+    /// CloudEvents sources this worker applies; empty: any.
+    pub(crate) accept_sources: Arc<[String]>,
+    /// Foreign sources already logged (a bounded set).
+    pub(crate) foreign_sources_seen: std::sync::Mutex<HashSet<String>>,
+}
+
+/// Foreign sources remembered for logging once each; past this many, no
+/// more are logged (the counter still counts them).
+const MAX_FOREIGN_SOURCES_LOGGED: usize = 100;
+
+impl ListenerShared {
+    fn accepts_source(&self, source: &str) -> bool {
+        self.accept_sources.is_empty() || self.accept_sources.iter().any(|s| s == source)
+    }
+
+    /// Whether `source` is logged now: the first time, while the set of
+    /// remembered sources is not full.
+    fn first_sight_of(&self, source: &str) -> bool {
+        let Ok(mut seen) = self.foreign_sources_seen.lock() else {
+            return false;
+        };
+        seen.len() < MAX_FOREIGN_SOURCES_LOGGED && seen.insert(source.to_owned())
+    }
 }
 
 pub(crate) struct ListenerLoop {
@@ -182,6 +208,9 @@ async fn process(
             return fail_malformed(shared, delivery, None, &text).await;
         }
     };
+    if !shared.accepts_source(&event.source) {
+        return set_aside_foreign(shared, delivery, &event).await;
+    }
     if !shared.registration.handles(&event.event_type) {
         let text = format!(
             "listener {listener} does not handle {} events (it handles {})",
@@ -352,14 +381,51 @@ async fn fail_malformed(
     Ok("failed")
 }
 
+/// An event from a source this worker does not accept: never applied,
+/// counted, logged once per source, and dead-lettered with the reason (no
+/// failed job: it was not this listener's to fail).
+async fn set_aside_foreign(
+    shared: &Arc<ListenerShared>,
+    delivery: &Delivery,
+    event: &ReceivedEvent,
+) -> std::result::Result<&'static str, Stopped> {
+    let listener = shared.registration.name();
+    let source = crate::text::prefix_within(&event.source, 200).to_owned();
+    metrics::counter!(FOREIGN_EVENTS_TOTAL, "listener" => listener.to_owned(), "source" => source.clone())
+        .increment(1);
+    let text = format!(
+        "event {} comes from source {source}; this worker accepts only {}",
+        event.event_id,
+        shared.accept_sources.join(", ")
+    );
+    if shared.first_sight_of(&source) {
+        tracing::warn!(listener, %source, "events from a source this worker does not accept are dead-lettered, not applied (logged once per source)");
+    }
+    publish_dead_letter_copy(shared, delivery, None, &text).await?;
+    Ok("foreign")
+}
+
 async fn dead_letter(
     shared: &Arc<ListenerShared>,
     delivery: &Delivery,
     job_id: i64,
     error: &str,
 ) -> std::result::Result<(), Stopped> {
+    publish_dead_letter_copy(shared, delivery, Some(job_id), error).await
+}
+
+/// Publishes the dead-letter copy of `delivery` with its failed job (if
+/// one was recorded) and the bounded error in headers.
+async fn publish_dead_letter_copy(
+    shared: &Arc<ListenerShared>,
+    delivery: &Delivery,
+    job_id: Option<i64>,
+    error: &str,
+) -> std::result::Result<(), Stopped> {
     let mut headers = copied_headers(&delivery.properties);
-    headers.insert(FAILED_JOB_HEADER.into(), AMQPValue::LongLongInt(job_id));
+    if let Some(job_id) = job_id {
+        headers.insert(FAILED_JOB_HEADER.into(), AMQPValue::LongLongInt(job_id));
+    }
     headers.insert(
         ERROR_HEADER.into(),
         AMQPValue::LongString(LongString::from(crate::failed_jobs::bounded_text(

@@ -57,6 +57,7 @@ impl ConsumerSession {
             confirm_timeout: config.confirm_timeout,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
+        let accept_sources: Arc<[String]> = config.accept_sources.clone().into();
         let mut consumers = Vec::new();
         for (registration, queues) in listeners {
             let channel = amqp::open_channel(&connection, false).await?;
@@ -83,6 +84,8 @@ impl ConsumerSession {
                     health: Arc::clone(health),
                     stop: stop_rx.clone(),
                     reconnect_max: config.reconnect_max,
+                    accept_sources: Arc::clone(&accept_sources),
+                    foreign_sources_seen: std::sync::Mutex::default(),
                     batcher: registration
                         .options()
                         .batches()

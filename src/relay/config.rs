@@ -65,8 +65,12 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     /// How often backlog gauges are refreshed. Default 5 s.
     pub stats_interval: Duration,
-    /// CloudEvents `source` of published events. Default `/outbox`.
-    pub source: String,
+    /// CloudEvents `source` of published events, which workers can filter
+    /// on ([`WorkerConfig::accept_sources`](crate::WorkerConfig::accept_sources)).
+    /// Default `None`: `/outbox/<database name>` ([`default_source`]), so
+    /// events of different databases on one broker are told apart. A
+    /// service may name itself: `/chom/<database name>`.
+    pub source: Option<String>,
     /// AMQP `app_id` property. Default `outbox-relay`.
     pub app_id: String,
     /// What an event the broker returns as unroutable (no queue bound to
@@ -132,11 +136,25 @@ impl Default for RelayConfig {
             reconnect_max: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             stats_interval: Duration::from_secs(5),
-            source: "/outbox".to_owned(),
+            source: None,
             app_id: "outbox-relay".to_owned(),
             strict_routing: false,
             wake_up: true,
         }
+    }
+}
+
+/// The default CloudEvents `source` of events relayed from the database
+/// `database_url` names: `/outbox/<database name>` (`/outbox` when the URL
+/// names none).
+pub fn default_source(database_url: &str) -> String {
+    let name = url::Url::parse(database_url)
+        .ok()
+        .map(|url| url.path().trim_start_matches('/').to_owned())
+        .filter(|name| !name.is_empty());
+    match name {
+        Some(name) => format!("/outbox/{name}"),
+        None => "/outbox".to_owned(),
     }
 }
 
@@ -231,13 +249,21 @@ impl RelayConfig {
         if self.reconnect_max.is_zero() || self.stats_interval.is_zero() {
             return bad("reconnect max and stats interval must be positive".into());
         }
-        if self.source.is_empty() {
+        if self.source.as_deref().is_some_and(str::is_empty) {
             return bad("CloudEvents source must not be empty".into());
         }
         if self.app_id.is_empty() || self.app_id.len() > 255 {
             return bad("app id must be 1 to 255 characters".into());
         }
         Ok(())
+    }
+
+    /// The CloudEvents `source` the relay publishes with: [`Self::source`]
+    /// or the default for its database.
+    pub fn effective_source(&self) -> String {
+        self.source
+            .clone()
+            .unwrap_or_else(|| default_source(&self.database_url))
     }
 
     /// Delay before attempt `attempt + 1` after `attempt` failures: an

@@ -103,7 +103,7 @@ use crate::amqp::SessionEnd;
 use crate::delay::Backoff;
 use crate::error::error_chain;
 pub use crate::metrics::Health;
-pub use config::{RelayConfig, default_relay_id};
+pub use config::{RelayConfig, default_relay_id, default_source};
 use engine::{LaneContext, Session};
 pub use store::{
     BacklogStats, ClaimedEvent, EventTypeBacklog, UnroutableEvents, backlog_by_event_type, backlog_stats,

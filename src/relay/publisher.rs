@@ -40,7 +40,7 @@ impl Publisher {
             connection,
             channel,
             exchange: config.exchange.clone(),
-            source: config.source.clone(),
+            source: config.effective_source(),
             app_id: config.app_id.clone(),
         })
     }

@@ -174,6 +174,8 @@ pub struct TestEvent {
     pub event_type: String,
     pub aggregate_id: String,
     pub payload: serde_json::Value,
+    /// CloudEvents `source`; `/test` unless set.
+    pub source: String,
 }
 
 impl TestEvent {
@@ -183,6 +185,7 @@ impl TestEvent {
             event_type: event_type.to_owned(),
             aggregate_id: "1".into(),
             payload,
+            source: "/test".into(),
         }
     }
 
@@ -203,7 +206,7 @@ impl TestEvent {
             payload_json: &payload,
         };
         (
-            encode_body(&event, "/test").unwrap(),
+            encode_body(&event, &self.source).unwrap(),
             amqp_properties(&event, "consumer-test").unwrap(),
         )
     }

@@ -17,4 +17,5 @@ mod faults;
 mod inbox;
 mod least_privilege;
 mod rate_limits;
+mod sources;
 mod worker;

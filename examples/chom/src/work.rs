@@ -30,6 +30,10 @@ pub struct WorkConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// How long shutdown waits for handlers in flight.
     pub shutdown_timeout: Duration,
+    /// CloudEvents sources whose events are applied. Default empty: the
+    /// relay's default source for this database (`/outbox/<database>`), so
+    /// events another database's relay left on the broker are set aside.
+    pub accept_sources: Vec<String>,
 }
 
 impl Default for WorkConfig {
@@ -43,6 +47,7 @@ impl Default for WorkConfig {
             only: Vec::new(),
             metrics_addr: None,
             shutdown_timeout: Duration::from_secs(30),
+            accept_sources: Vec::new(),
         }
     }
 }
@@ -75,6 +80,11 @@ pub fn worker(config: &WorkConfig) -> outbox::Result<Worker> {
             exchange: config.exchange.clone(),
             app: config.app.clone(),
             shutdown_timeout: config.shutdown_timeout,
+            accept_sources: if config.accept_sources.is_empty() {
+                vec![outbox::relay::default_source(&config.database_url)]
+            } else {
+                config.accept_sources.clone()
+            },
             ..WorkerConfig::default()
         },
         &registry(config)?,

@@ -136,6 +136,7 @@ pub async fn run(config: DemoConfig, progress: impl Fn(&str)) -> Result<DemoRepo
         only: Vec::new(),
         metrics_addr: None,
         shutdown_timeout: Duration::from_secs(10),
+        accept_sources: Vec::new(),
     })?;
     let queues = worker.queues();
     // The topology before the relay's first publish: the relay publishes
@@ -148,7 +149,6 @@ pub async fn run(config: DemoConfig, progress: impl Fn(&str)) -> Result<DemoRepo
         exchange: config.exchange.clone(),
         poll_max: Duration::from_millis(50),
         backoff_initial: Duration::from_millis(200),
-        source: "/chom".into(),
         app_id: "chom-demo".into(),
         ..RelayConfig::default()
     })?;

@@ -173,6 +173,7 @@ impl Pipeline {
             only: Vec::new(),
             metrics_addr: None,
             shutdown_timeout: Duration::from_secs(10),
+            accept_sources: Vec::new(),
         }
     }
 

@@ -124,6 +124,9 @@ pub(crate) struct WorkArgs {
     /// How long shutdown waits for handlers in flight.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub(crate) shutdown_timeout: Duration,
+    /// Apply only events of this CloudEvents source (repeatable) [default: /outbox/<this database>, the relay's default].
+    #[arg(long = "accept-source", value_name = "SOURCE")]
+    pub(crate) accept_sources: Vec<String>,
 }
 
 #[derive(Debug, Args)]

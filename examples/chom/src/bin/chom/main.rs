@@ -225,6 +225,7 @@ fn work(url: &str, args: WorkArgs) -> Result<()> {
         only: args.listeners,
         metrics_addr: parse_metrics_addr(&args.metrics_addr)?,
         shutdown_timeout: args.shutdown_timeout,
+        accept_sources: args.accept_sources,
     };
     tracing::info!(database = %redact_url(url), amqp = %redact_url(&config.amqp_url), exchange = %config.exchange, "chom work starting");
     let runtime = runtime()?;
