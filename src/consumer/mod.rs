@@ -61,6 +61,9 @@ mod worker;
 mod fuzz;
 
 pub use config::WorkerConfig;
+/// Deleting attempt counts left behind (a worker runs it on a schedule:
+/// [`WorkerConfig::prune_interval`]).
+pub use crate::maintenance::attempts_pruner::prune_attempts;
 pub use headers::{ERROR_HEADER, FAILED_JOB_HEADER, HEADERS_DROPPED_HEADER, RETRY_HEADER};
 pub use listener::{HandlerContext, ListenerError, ListenerOptions, QueuedListener, RateLimit};
 pub use message::{DecodeError, MAX_BODY_BYTES, ReceivedEvent, decode};

@@ -16,5 +16,6 @@ mod failed_jobs;
 mod faults;
 mod inbox;
 mod least_privilege;
+mod maintenance;
 mod rate_limits;
 mod worker;
