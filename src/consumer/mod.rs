@@ -12,6 +12,7 @@
 //! | event type → listener mapping | [`Registry::queued_listener`](crate::Registry::queued_listener) |
 //! | queues, retry queues, dead-letter queues | [`topology`] |
 //! | running it all | [`Worker`], [`WorkerConfig`] |
+//! | pruning old inbox rows and attempt counts on a schedule | [`WorkerConfig::prune_interval`], [`inbox::prune`], [`attempts::prune_attempts`] |
 //!
 //! ## Guarantees
 //!

@@ -153,9 +153,10 @@ impl Relay {
     pub fn new(config: RelayConfig) -> Result<Self> {
         config.validate()?;
         let pool = Pool::builder()
-            // Heartbeat, maintenance services (the claim and mark lanes
-            // keep connections of their own).
-            .max_size(4)
+            // The heartbeat, and one each for the three maintenance
+            // services, so a renewal never waits behind them (the claim
+            // and mark lanes keep connections of their own).
+            .max_size(5)
             .min_idle(Some(0))
             .connection_timeout(Duration::from_secs(5))
             .connection_customizer(Box::new(RelaySession::new(&config.relay_id)))
