@@ -38,3 +38,9 @@ CREATE ROLE outbox_worker LOGIN PASSWORD 'change-me';
 GRANT USAGE ON SCHEMA public TO outbox_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON listener_attempts TO outbox_worker;
 GRANT SELECT, INSERT ON failed_jobs, processed_events TO outbox_worker;
+-- DELETE on the inbox: the worker prunes rows past its inbox retention
+-- (WorkerConfig::prune_interval, inbox_retention; 7 days by default).
+-- Without it, set prune_interval to None and prune from an operator's job
+-- (outbox::inbox::prune); a worker left pruning without the grant logs
+-- the refusal and goes on.
+GRANT DELETE ON processed_events TO outbox_worker;

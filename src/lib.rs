@@ -17,6 +17,7 @@
 //! | a listener's failure, the library's errors | `error.rs` | [`ListenerError`], [`Error`], [`Unconfirmed`] |
 //! | listener failures for good | [`failed_jobs`] | [`failed_jobs::list`], [`failed_jobs::retry`] |
 //! | exactly-once listener effects (the worker's inbox transaction) | [`inbox`] (`consumer/inbox.rs`) | [`inbox::claim`] |
+//! | pruning and gauges on a schedule: published rows, expired leases, backlog gauges (relay); inbox rows, attempt counts (worker) | `maintenance` (one service a file) | [`RelayConfig::retention`], [`WorkerConfig::prune_interval`], [`inbox::prune`] |
 //! | asserting on recorded events in tests | `fake.rs` | [`EventFake`] |
 //! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
 //! | connections and safe-to-print URLs | `database.rs` | [`connect`], [`pool`], [`redact_url`] |
@@ -71,6 +72,7 @@ mod error;
 mod event;
 pub mod failed_jobs;
 mod fake;
+mod maintenance;
 pub mod metrics;
 pub mod migrate;
 mod outbox;

@@ -46,8 +46,14 @@ pub const OLDEST_UNPUBLISHED_AGE_SECONDS: &str = "outbox_oldest_unpublished_age_
 pub const FAILED_EVENTS: &str = "outbox_failed_events";
 /// 1 while relays are paused.
 pub const PAUSED: &str = "outbox_paused";
-/// Published rows deleted past retention.
+/// Published rows deleted past retention (the relay's published pruner).
 pub const PRUNED_TOTAL: &str = "outbox_pruned_total";
+/// Expired leases of dead relays deleted (the relay's lease cleaner).
+pub const EXPIRED_LEASES_DELETED_TOTAL: &str = "outbox_expired_leases_deleted_total";
+/// Failed steps of a maintenance service, by `service` (`published_pruner`,
+/// `lease_cleaner`, `backlog_gauges`, `inbox_pruner`, `attempts_pruner`);
+/// each is tried again next period.
+pub const MAINTENANCE_FAILURES_TOTAL: &str = "outbox_maintenance_failures_total";
 
 // The worker's.
 /// Messages handled, by `listener` and `outcome`: `success`, `duplicate`
@@ -63,6 +69,12 @@ pub const LISTENER_DURATION_SECONDS: &str = "outbox_listener_duration_seconds";
 pub const FOREIGN_EVENTS_TOTAL: &str = "outbox_foreign_events_total";
 /// Failed jobs recorded, by `listener`.
 pub const FAILED_JOBS_TOTAL: &str = "outbox_failed_jobs_total";
+/// Inbox (`processed_events`) rows deleted past the inbox retention (the
+/// worker's inbox pruner).
+pub const INBOX_PRUNED_TOTAL: &str = "outbox_inbox_pruned_total";
+/// `listener_attempts` rows deleted past the attempts retention (the
+/// worker's attempts pruner).
+pub const ATTEMPTS_PRUNED_TOTAL: &str = "outbox_attempts_pruned_total";
 
 /// Registers descriptions and units (idempotent).
 pub fn describe() {
@@ -99,6 +111,14 @@ pub fn describe() {
     describe_gauge!(PAUSED, "1 while relays are paused");
     describe_counter!(PRUNED_TOTAL, "Published rows pruned");
     describe_counter!(
+        EXPIRED_LEASES_DELETED_TOTAL,
+        "Expired leases of dead relays deleted"
+    );
+    describe_counter!(
+        MAINTENANCE_FAILURES_TOTAL,
+        "Failed maintenance steps by service, tried again next period"
+    );
+    describe_counter!(
         LISTENER_OUTCOMES_TOTAL,
         "Messages handled by listener and outcome"
     );
@@ -112,6 +132,8 @@ pub fn describe() {
         FOREIGN_EVENTS_TOTAL,
         "Events from sources a worker does not accept, dead-lettered unapplied"
     );
+    describe_counter!(INBOX_PRUNED_TOTAL, "Inbox rows pruned past retention");
+    describe_counter!(ATTEMPTS_PRUNED_TOTAL, "Attempt counts pruned past retention");
 }
 
 /// Liveness of a relay or a worker, as `/health` reports it.

@@ -1,9 +1,11 @@
 //! The worker's bookkeeping in Postgres: attempt counts per (listener,
-//! event) in `listener_attempts`, and the move to `failed_jobs`.
+//! event) in `listener_attempts`, and the move to `failed_jobs`. Counts
+//! left behind are deleted by the worker's attempts pruner
+//! (`src/maintenance/attempts_pruner.rs`).
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Double, Integer, Jsonb, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Integer, Jsonb, Text, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::error::Result;
@@ -199,19 +201,4 @@ pub(crate) fn clear_attempts(conn: &mut PgConnection, listener: &str, event_id: 
     )
     .execute(conn)?;
     Ok(())
-}
-
-/// Deletes attempt counts not touched for `older_than_hours` (left behind
-/// by messages purged from their queues by hand), at most `batch`.
-#[allow(dead_code)] // run by the maintenance service (being added)
-pub(crate) fn prune_attempts(conn: &mut PgConnection, older_than_hours: f64, batch: i64) -> Result<usize> {
-    Ok(diesel::sql_query(
-        "DELETE FROM listener_attempts WHERE ctid IN (
-             SELECT ctid FROM listener_attempts
-             WHERE updated_at < now() - make_interval(secs => $1 * 3600)
-             LIMIT $2)",
-    )
-    .bind::<Double, _>(older_than_hours)
-    .bind::<BigInt, _>(batch)
-    .execute(conn)?)
 }

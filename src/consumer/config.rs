@@ -7,6 +7,9 @@ use crate::amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE, validate_amqp_name, valida
 use crate::database::{DEFAULT_DATABASE_URL, redact_url};
 use crate::error::{Error, Result};
 
+/// Shortest inbox or attempts retention.
+const MIN_RETENTION: Duration = Duration::from_secs(1);
+
 /// How a worker connects and behaves; each default beside its field.
 #[derive(Clone)]
 pub struct WorkerConfig {
@@ -45,6 +48,32 @@ pub struct WorkerConfig {
     /// is `/outbox/<database name>` ([`crate::relay::default_source`]).
     /// Default empty: every source.
     pub accept_sources: Vec<String>,
+    /// How often the worker prunes old inbox rows and attempt counts
+    /// (`inbox_retention`, `attempts_retention`), in batches of 5,000.
+    /// `None` turns the worker's pruning off: for a worker whose role may
+    /// not `DELETE` from `processed_events` and `listener_attempts` (prune
+    /// from an operator's job with [`crate::inbox::prune`] and
+    /// [`prune_attempts`](crate::consumer::prune_attempts)), or
+    /// to leave pruning to other workers. Several workers pruning the same
+    /// database is harmless: rows go by age, and a second pruner finds
+    /// them gone. A
+    /// pruning step that fails (no `DELETE` grant, database down) is logged
+    /// and tried again next period; the worker goes on. Default 10 min.
+    pub prune_interval: Option<Duration>,
+    /// How long inbox (`processed_events`) rows are kept. A row is what
+    /// makes a second delivery of its event a no-op, so it must outlive
+    /// every way a message arrives twice: relay re-publishes, redeliveries,
+    /// retry delays, and `outbox replay` of events up to the relay's
+    /// retention old (keep this at least
+    /// [`RelayConfig::retention`](crate::RelayConfig::retention)). At least
+    /// 1 s. Default 7 days.
+    pub inbox_retention: Duration,
+    /// How long `listener_attempts` rows nobody touched are kept (counts
+    /// of messages purged from their queues by hand). A count being
+    /// retried is touched at every try, so this must exceed every
+    /// listener's longest retry delay plus its timeout (checked by
+    /// [`Worker::new`](crate::Worker::new)). At least 1 s. Default 7 days.
+    pub attempts_retention: Duration,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -61,6 +90,9 @@ impl std::fmt::Debug for WorkerConfig {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("declare_topology", &self.declare_topology)
             .field("accept_sources", &self.accept_sources)
+            .field("prune_interval", &self.prune_interval)
+            .field("inbox_retention", &self.inbox_retention)
+            .field("attempts_retention", &self.attempts_retention)
             .finish()
     }
 }
@@ -79,6 +111,9 @@ impl Default for WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             declare_topology: true,
             accept_sources: Vec::new(),
+            prune_interval: Some(Duration::from_secs(600)),
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
+            attempts_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -110,6 +145,19 @@ impl WorkerConfig {
         if self.confirm_timeout.is_zero() || self.reconnect_max.is_zero() {
             return bad("confirm timeout and reconnect max must be positive".into());
         }
+        if self.prune_interval.is_some_and(|interval| interval.is_zero()) {
+            return bad("prune interval must be positive (None turns pruning off)".into());
+        }
+        for (name, retention) in [
+            ("inbox retention", self.inbox_retention),
+            ("attempts retention", self.attempts_retention),
+        ] {
+            if retention < MIN_RETENTION {
+                return bad(format!(
+                    "{name} ({retention:?}) must be at least {MIN_RETENTION:?}"
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -133,5 +181,41 @@ mod tests {
             ..WorkerConfig::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn pruning_settings_are_checked() {
+        let off = WorkerConfig {
+            prune_interval: None,
+            ..WorkerConfig::default()
+        };
+        assert!(off.validate().is_ok());
+        let cases = [
+            (
+                WorkerConfig {
+                    prune_interval: Some(Duration::ZERO),
+                    ..WorkerConfig::default()
+                },
+                "prune interval",
+            ),
+            (
+                WorkerConfig {
+                    inbox_retention: Duration::from_millis(10),
+                    ..WorkerConfig::default()
+                },
+                "inbox retention",
+            ),
+            (
+                WorkerConfig {
+                    attempts_retention: Duration::ZERO,
+                    ..WorkerConfig::default()
+                },
+                "attempts retention",
+            ),
+        ];
+        for (config, word) in cases {
+            let message = config.validate().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains(word), "{word}: {message}");
+        }
     }
 }

@@ -8,10 +8,10 @@
 //! listener's effect on the same connection and commits both together. A
 //! duplicate finds the row and is acknowledged without running the
 //! listener. [`claim`] and [`is_processed`] are public for services that
-//! consume events some other way.
+//! consume events some other way. Old rows are deleted by the worker's
+//! inbox pruner (`src/maintenance/inbox_pruner.rs`), or by [`prune`].
 
 use diesel::prelude::*;
-use diesel::sql_types::Double;
 use uuid::Uuid;
 
 use crate::consumer::attempts;
@@ -22,6 +22,10 @@ use crate::consumer::message::ReceivedEvent;
 use crate::database::PgPool;
 use crate::error::{Error, Result};
 use crate::prepared::{Bind, Prepared};
+
+/// Deleting old inbox rows; a worker runs it on a schedule (see
+/// [`WorkerConfig::inbox_retention`](crate::WorkerConfig::inbox_retention)).
+pub use crate::maintenance::inbox_pruner::prune;
 
 /// Inserts the inbox row of (`listener`, `event_id`) in the transaction open
 /// on `conn`. Returns `true` when the row is new (run the effect), `false`
@@ -50,23 +54,6 @@ pub fn is_processed(conn: &mut PgConnection, listener: &str, event_id: Uuid) -> 
         .first::<Uuid>(conn)
         .optional()?;
     Ok(found.is_some())
-}
-
-/// Deletes inbox rows older than `older_than_hours`, at most `batch` of
-/// them, and returns how many. Keep rows for longer than a message can
-/// take to arrive twice (the relay's retries plus the listeners' retry
-/// delays); a week is plenty. Call it repeatedly until it returns less
-/// than `batch`.
-pub fn prune(conn: &mut PgConnection, older_than_hours: f64, batch: i64) -> Result<usize> {
-    Ok(diesel::sql_query(
-        "DELETE FROM processed_events WHERE ctid IN (
-             SELECT ctid FROM processed_events
-             WHERE processed_at < now() - make_interval(secs => $1 * 3600)
-             LIMIT $2)",
-    )
-    .bind::<Double, _>(older_than_hours)
-    .bind::<diesel::sql_types::BigInt, _>(batch)
-    .execute(conn)?)
 }
 
 /// How the inbox transaction failed, for the outcome it means.

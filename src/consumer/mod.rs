@@ -12,6 +12,7 @@
 //! | event type → listener mapping | [`Registry::queued_listener`](crate::Registry::queued_listener) |
 //! | queues, retry queues, dead-letter queues | [`topology`] |
 //! | running it all | [`Worker`], [`WorkerConfig`] |
+//! | pruning old inbox rows and attempt counts on a schedule | [`WorkerConfig::prune_interval`], [`inbox::prune`], [`prune_attempts`] |
 //!
 //! ## Guarantees
 //!
@@ -60,6 +61,9 @@ mod worker;
 #[cfg(test)]
 mod fuzz;
 
+/// Deleting attempt counts left behind (a worker runs it on a schedule:
+/// [`WorkerConfig::prune_interval`]).
+pub use crate::maintenance::attempts_pruner::prune_attempts;
 pub use config::WorkerConfig;
 pub use headers::{ERROR_HEADER, FAILED_JOB_HEADER, HEADERS_DROPPED_HEADER, RETRY_HEADER};
 pub use listener::{HandlerContext, ListenerError, ListenerOptions, QueuedListener, RateLimit};

@@ -48,6 +48,9 @@ use crate::consumer::topology::{self, ListenerQueues};
 use crate::database::PgPool;
 use crate::delay::Backoff;
 use crate::error::{Error, Result, error_chain};
+use crate::maintenance::Maintenance;
+use crate::maintenance::attempts_pruner::AttemptsPruner;
+use crate::maintenance::inbox_pruner::InboxPruner;
 use crate::metrics::Health;
 use crate::registry::{QueuedRegistration, Registry};
 
@@ -85,6 +88,9 @@ impl Worker {
             .iter()
             .map(|r| Ok((r.clone(), topology::queues_for(&config.app, r)?)))
             .collect::<Result<Vec<_>>>()?;
+        if config.prune_interval.is_some() {
+            check_attempts_retention(&config, &listeners)?;
+        }
         let concurrency: usize = listeners.iter().map(|(r, _)| r.options().concurrency).sum();
         let size = config
             .pool_size
@@ -121,11 +127,18 @@ impl Worker {
     /// the broker goes away. On shutdown it stops taking messages, waits
     /// up to `shutdown_timeout` for handlers in flight, and closes the
     /// connection, which returns every unacknowledged message to its
-    /// queue.
+    /// queue. Beside the listeners it prunes old inbox rows and attempt
+    /// counts every [`WorkerConfig::prune_interval`] (see
+    /// [`WorkerConfig::inbox_retention`]); pruning stops with the worker.
     pub async fn run<F: Future<Output = ()>>(&self, shutdown: F) -> Result<()> {
         crate::metrics::describe();
         self.health.set_database_ok(true);
         tracing::info!(worker_id = %self.config.worker_id, app = %self.config.app, listeners = self.listeners.len(), "worker starting");
+        let mut maintenance = Maintenance::new(self.pool.clone());
+        if let Some(period) = self.config.prune_interval {
+            maintenance.start(InboxPruner::new(self.config.inbox_retention, period));
+            maintenance.start(AttemptsPruner::new(self.config.attempts_retention, period));
+        }
         let mut shutdown = std::pin::pin!(shutdown);
         let mut reconnect = Backoff::new(Duration::from_millis(100), self.config.reconnect_max);
         loop {
@@ -158,7 +171,36 @@ impl Worker {
                 () = tokio::time::sleep(reconnect.next_delay()) => {}
             }
         }
+        maintenance.stop().await;
         tracing::info!(worker_id = %self.config.worker_id, "worker stopped");
         Ok(())
     }
+}
+
+/// Refuses an attempts retention that a count being retried could outlast
+/// (its longest retry delay plus the try's timeout): the pruner would
+/// delete it and the event would get its tries again.
+fn check_attempts_retention(
+    config: &WorkerConfig,
+    listeners: &[(QueuedRegistration, ListenerQueues)],
+) -> Result<()> {
+    for (registration, _) in listeners {
+        let options = registration.options();
+        let longest = (1..options.tries)
+            .map(|failures| options.delay_after(failures))
+            .max()
+            .unwrap_or_default();
+        if longest.is_zero() {
+            continue;
+        }
+        let needed = longest.saturating_add(options.timeout);
+        if config.attempts_retention <= needed {
+            return Err(Error::Config(format!(
+                "attempts retention ({:?}) must be longer than listener {}'s longest retry delay plus its timeout ({needed:?}), or its retried events would get their tries again",
+                config.attempts_retention,
+                registration.name()
+            )));
+        }
+    }
+    Ok(())
 }

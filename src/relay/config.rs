@@ -54,7 +54,8 @@ pub struct RelayConfig {
     /// How long published rows are kept (for replay) before pruning; zero
     /// deletes rows as soon as they are published. Default 7 days.
     pub retention: Duration,
-    /// How often the pruner runs. Default 60 s.
+    /// How often the published pruner and the lease cleaner run (see
+    /// `src/maintenance/`). Default 60 s.
     pub prune_interval: Duration,
     /// Rows deleted per prune statement. Default 5,000.
     pub prune_batch: usize,

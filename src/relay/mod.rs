@@ -3,9 +3,10 @@
 //!
 //! [`Relay::run`] connects to the broker, runs the claim/publish/confirm
 //! loop (`engine/`), reconnects with backoff when the broker goes away
-//! (holding nothing in memory meanwhile), and runs two small maintenance
-//! services beside it: the pruner (deletes published rows past retention)
-//! and the backlog gauges.
+//! (holding nothing in memory meanwhile), and runs three maintenance
+//! services beside it (`src/maintenance/`): the published pruner
+//! (deletes published rows past retention), the lease cleaner (deletes
+//! expired leases of dead relays) and the backlog gauges.
 //!
 //! ## How relays share the table
 //!
@@ -95,8 +96,12 @@ use std::time::Duration;
 use diesel::PgConnection;
 use diesel::r2d2::{ConnectionManager, Pool};
 
-use crate::database::{PgPool, run_blocking};
+use crate::database::PgPool;
 use crate::error::Result;
+use crate::maintenance::Maintenance;
+use crate::maintenance::backlog_gauges::BacklogGauges;
+use crate::maintenance::lease_cleaner::LeaseCleaner;
+use crate::maintenance::published_pruner::PublishedPruner;
 use crate::metrics as m;
 
 use crate::amqp::SessionEnd;
@@ -110,7 +115,7 @@ pub use store::{
     unroutable_by_event_type,
 };
 
-/// What the engine and the maintenance services share.
+/// What the engine shares with its lanes.
 pub(crate) struct Shared {
     pub(crate) config: Arc<RelayConfig>,
     pub(crate) pool: PgPool,
@@ -148,9 +153,10 @@ impl Relay {
     pub fn new(config: RelayConfig) -> Result<Self> {
         config.validate()?;
         let pool = Pool::builder()
-            // Heartbeat, maintenance services (the claim and mark lanes
-            // keep connections of their own).
-            .max_size(4)
+            // The heartbeat, and one each for the three maintenance
+            // services, so a renewal never waits behind them (the claim
+            // and mark lanes keep connections of their own).
+            .max_size(5)
             .min_idle(Some(0))
             .connection_timeout(Duration::from_secs(5))
             .connection_customizer(Box::new(RelaySession::new(&config.relay_id)))
@@ -182,7 +188,6 @@ impl Relay {
         let config = Arc::clone(&self.shared.config);
         m::describe();
         tracing::info!(relay_id = %config.relay_id, exchange = %config.exchange, "relay starting");
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // Stopped when the relay stops (below).
         let listener = if config.wake_up {
             Some(crate::wake::WakeListener::start(
@@ -192,10 +197,10 @@ impl Relay {
         } else {
             None
         };
-        let maintenance = [
-            tokio::spawn(run_pruner(self.shared.clone_for_lane(), stop_rx.clone())),
-            tokio::spawn(run_backlog_gauges(self.shared.clone_for_lane(), stop_rx.clone())),
-        ];
+        let mut maintenance = Maintenance::new(self.shared.pool.clone());
+        maintenance.start(PublishedPruner::new(&config));
+        maintenance.start(LeaseCleaner::new(&config));
+        maintenance.start(BacklogGauges::new(&config));
         let mut shutdown = std::pin::pin!(shutdown);
         let mut reconnect = Backoff::new(Duration::from_millis(100), config.reconnect_max);
         loop {
@@ -228,10 +233,7 @@ impl Relay {
                 () = tokio::time::sleep(delay) => {}
             }
         }
-        let _ = stop_tx.send(true);
-        for task in maintenance {
-            let _ = task.await;
-        }
+        maintenance.stop().await;
         // Dropping joins the listener's thread: off the async workers.
         let _ = tokio::task::spawn_blocking(move || drop(listener)).await;
         tracing::info!(relay_id = %config.relay_id, "relay stopped");
@@ -297,85 +299,5 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Re
         use diesel::connection::SimpleConnection;
         conn.batch_execute(&self.settings)
             .map_err(diesel::r2d2::Error::QueryError)
-    }
-}
-
-/// Waits `period`, or returns false when asked to stop.
-async fn wait_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, period: Duration) -> bool {
-    if *stop.borrow() {
-        return false;
-    }
-    tokio::select! {
-        _ = stop.changed() => false,
-        () = tokio::time::sleep(period) => !*stop.borrow(),
-    }
-}
-
-/// How long unroutable rows are kept when published rows are not
-/// (retention 0).
-const UNROUTABLE_RETENTION_WITHOUT_HISTORY: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// The pruner: deletes published rows older than the retention, in bounded
-/// batches, so the table does not grow without bound, and leases of relays
-/// that died.
-async fn run_pruner(ctx: LaneContext, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let config = Arc::clone(&ctx.config);
-    let retention = config.retention.as_secs_f64();
-    let batch = i64::try_from(config.prune_batch).unwrap_or(i64::MAX);
-    while wait_or_stop(&mut stop, config.prune_interval).await {
-        // Leases of relays that died are harmless once expired; drop them.
-        if let Err(error) = run_blocking(&ctx.pool, store::delete_expired_leases).await {
-            tracing::warn!(error = %error_chain(&error), "cannot delete expired leases; will try again");
-        }
-        // With retention 0 published rows are deleted on publish; what is
-        // left published is kept unroutable rows, pruned after a week.
-        let retention = if config.retention.is_zero() {
-            UNROUTABLE_RETENTION_WITHOUT_HISTORY.as_secs_f64()
-        } else {
-            retention
-        };
-        let mut total = 0usize;
-        loop {
-            match run_blocking(&ctx.pool, move |conn| {
-                store::prune_published(conn, retention, batch)
-            })
-            .await
-            {
-                Ok(deleted) => {
-                    total += deleted;
-                    metrics::counter!(m::PRUNED_TOTAL).increment(deleted as u64);
-                    if deleted < config.prune_batch || *stop.borrow() {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error_chain(&error), "prune failed; will try again");
-                    break;
-                }
-            }
-        }
-        if total > 0 {
-            tracing::info!(rows = total, "pruned published events past retention");
-        }
-    }
-}
-
-/// Refreshes the backlog gauges.
-async fn run_backlog_gauges(ctx: LaneContext, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let period = ctx.config.stats_interval;
-    loop {
-        match run_blocking(&ctx.pool, store::backlog_stats).await {
-            Ok(stats) => {
-                metrics::gauge!(m::BACKLOG).set(stats.backlog as f64);
-                metrics::gauge!(m::OLDEST_UNPUBLISHED_AGE_SECONDS).set(stats.oldest_unpublished_age_seconds);
-                metrics::gauge!(m::FAILED_EVENTS).set(stats.failed as f64);
-                metrics::gauge!(m::PAUSED).set(if stats.paused { 1.0 } else { 0.0 });
-                metrics::gauge!(m::UNROUTABLE_EVENTS).set(stats.unroutable as f64);
-            }
-            Err(error) => tracing::debug!(error = %error_chain(&error), "cannot read backlog figures"),
-        }
-        if !wait_or_stop(&mut stop, period).await {
-            return;
-        }
     }
 }

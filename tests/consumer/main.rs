@@ -16,6 +16,7 @@ mod failed_jobs;
 mod faults;
 mod inbox;
 mod least_privilege;
+mod maintenance;
 mod rate_limits;
 mod sources;
 mod worker;

@@ -10,6 +10,7 @@ mod claiming;
 mod faults;
 mod least_privilege;
 mod liveness;
+mod maintenance;
 mod operating;
 mod operator_queries;
 mod ordering;
