@@ -2,10 +2,8 @@
 //!
 //! Exit status: 0 on success, 1 on failure, 2 on bad usage.
 
-mod bench;
-mod duration;
+mod bench_cmd;
 mod failed_cmd;
-mod logging;
 mod migrate;
 mod pause;
 mod relay_cmd;
@@ -15,25 +13,15 @@ mod status_cmd;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use outbox_relay::{duration, logging};
 
 /// Operate a transactional outbox: migrate its schema, relay its events to
 /// RabbitMQ, inspect and retry what failed.
 #[derive(Debug, Parser)]
 #[command(name = "outbox", version, about, propagate_version = true)]
 struct Cli {
-    /// Postgres URL of the service database that holds the outbox tables.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = outbox::DEFAULT_DATABASE_URL,
-        global = true,
-        hide_env_values = true
-    )]
-    database_url: String,
-
-    /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = logging::LogFormat::Text, global = true)]
-    log_format: logging::LogFormat,
+    #[command(flatten)]
+    global: outbox_relay::GlobalArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -61,12 +49,12 @@ enum Command {
     Pause(pause::PauseArgs),
     /// Measure the pipeline against this machine's own Postgres and RabbitMQ.
     ///
-    /// Each scenario reports our figure next to the raw figure of the same
-    /// machine in the same run. Scratch databases, exchanges and queues are
-    /// removed afterwards.
+    /// Runs `outbox-bench` (beside this executable, else on PATH) with the
+    /// same arguments; `outbox bench --help` is its help.
     ///
     /// Example: outbox bench drain --events 100000 --aggregates 1000
-    Bench(bench::BenchArgs),
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Bench(bench_cmd::BenchArgs),
     /// Inspect, retry and delete the jobs queued listeners could not handle.
     ///
     /// Example: outbox failed list --since 2h
@@ -94,20 +82,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let Cli { global, command } = Cli::parse();
+    let database_url = &global.database_url;
+    logging::init(global.log_format);
     // FAILPOINTS=relay::before_mark=return ... (feature `failpoints` only).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let outcome = match cli.command {
-        Command::Migrate(args) => migrate::run(&cli.database_url, &args),
-        Command::Relay(args) => relay_cmd::run(&cli.database_url, &args),
-        Command::Pause(args) => pause::pause(&cli.database_url, &args),
-        Command::Failed(command) => failed_cmd::run(&cli.database_url, &command),
-        Command::Status(args) => status_cmd::run(&cli.database_url, &args),
-        Command::Replay(args) => replay_cmd::run(&cli.database_url, &args),
-        Command::Resume => pause::resume(&cli.database_url),
-        Command::Bench(args) => bench::run(&cli.database_url, &args),
+    let outcome = match command {
+        Command::Migrate(args) => migrate::run(database_url, &args),
+        Command::Relay(args) => relay_cmd::run(database_url, &args),
+        Command::Pause(args) => pause::pause(database_url, &args),
+        Command::Failed(command) => failed_cmd::run(database_url, &command),
+        Command::Status(args) => status_cmd::run(database_url, &args),
+        Command::Replay(args) => replay_cmd::run(database_url, &args),
+        Command::Resume => pause::resume(database_url),
+        Command::Bench(args) => bench_cmd::run(database_url, global.log_format, &args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,7 @@
 
 mod support;
 
-mod bench;
+mod bench_forwarding;
 mod chom_traffic;
 mod commands;
 mod failed;

@@ -1,12 +1,14 @@
-//! Relay and worker processes for the scenarios: started from this same
-//! binary, their resident memory sampled from /proc.
+//! Relay and worker processes for the scenarios: `outbox relay` of the
+//! `outbox` beside this binary (else on PATH), and bench workers of this
+//! same binary; their resident memory sampled from /proc.
 
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
 
-/// A running child of this binary: an `outbox relay` or a bench worker.
+/// A running child: an `outbox relay` or a bench worker.
 pub struct RelayProcess {
     child: Child,
     peak_rss_kib: u64,
@@ -16,20 +18,31 @@ impl RelayProcess {
     /// Starts `outbox relay` against `database_url` and `exchange`, with
     /// `extra` arguments. Its logs go to stderr only on errors.
     pub fn spawn(database_url: &str, amqp_url: &str, exchange: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let outbox = outbox_relay::executable::beside_or_on_path("outbox").context(
+            "the relays measured are `outbox relay` processes, but `outbox` is neither beside this \
+             executable nor on PATH; build both with `cargo build --release -p outbox-relay -p outbox-bench`",
+        )?;
         let mut args = vec!["relay", "--exchange", exchange, "--metrics-addr", "off"];
         args.extend_from_slice(extra);
-        Self::spawn_command(&args, database_url, amqp_url, false)
+        Self::spawn_command(&outbox, &args, database_url, amqp_url, false)
     }
 
-    /// Starts this binary with `args`; with `capture_stdout` its standard
-    /// output is kept for [`Self::take_stdout`], otherwise discarded.
-    pub fn spawn_command(
+    /// Starts this binary with `args`, keeping its standard output for
+    /// [`Self::take_stdout`].
+    pub fn spawn_bench(args: &[&str], database_url: &str, amqp_url: &str) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this executable to start a child process")?;
+        Self::spawn_command(&exe, args, database_url, amqp_url, true)
+    }
+
+    /// Starts `exe` with `args`; with `capture_stdout` its standard output
+    /// is kept for [`Self::take_stdout`], otherwise discarded.
+    fn spawn_command(
+        exe: &Path,
         args: &[&str],
         database_url: &str,
         amqp_url: &str,
         capture_stdout: bool,
     ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find this executable to start a child process")?;
         let child = Command::new(exe)
             .args(args)
             .env("DATABASE_URL", database_url)
@@ -49,7 +62,8 @@ impl RelayProcess {
             .spawn()
             .with_context(|| {
                 format!(
-                    "cannot start `outbox {}`",
+                    "cannot start `{} {}`",
+                    exe.display(),
                     args.first().copied().unwrap_or_default()
                 )
             })?;

@@ -1,13 +1,13 @@
 //! `outbox bench` at a tiny size, so the tool cannot rot. Only that each
 //! scenario completes and reports sane numbers is checked, never a speed.
 
-use crate::support::run_outbox;
+use crate::support::run_bench;
 
 fn bench_json(args: &[&str]) -> serde_json::Value {
-    let mut full = vec!["bench", "--json"];
+    let mut full = vec!["--json"];
     full.extend_from_slice(args);
-    let (status, stdout, stderr) = run_outbox(&full, &[]);
-    assert_eq!(status, 0, "outbox {full:?} failed:\n{stderr}");
+    let (status, stdout, stderr) = run_bench(&full);
+    assert_eq!(status, 0, "outbox-bench {full:?} failed:\n{stderr}");
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{full:?}: not JSON ({e}):\n{stdout}"))
 }
 
@@ -134,15 +134,15 @@ fn consume_seed_and_all_with_plots_complete_at_a_tiny_size() {
 
 #[test]
 fn bench_rejects_bad_sizes() {
-    let (status, _, stderr) = run_outbox(&["bench", "drain", "--events", "0"], &[]);
+    let (status, _, stderr) = run_bench(&["drain", "--events", "0"]);
     assert_eq!(status, 1, "{stderr}");
     assert!(stderr.contains("--events"), "{stderr}");
-    let (status, _, stderr) = run_outbox(&["bench", "write", "--duration", "soon"], &[]);
+    let (status, _, stderr) = run_bench(&["write", "--duration", "soon"]);
     assert_eq!(status, 2, "{stderr}");
-    let (status, _, stderr) = run_outbox(&["bench", "consume", "--messages", "1"], &[]);
+    let (status, _, stderr) = run_bench(&["consume", "--messages", "1"]);
     assert_eq!(status, 1, "{stderr}");
     assert!(stderr.contains("--messages"), "{stderr}");
-    let (status, _, stderr) = run_outbox(&["bench", "seed", "--creates", "0"], &[]);
+    let (status, _, stderr) = run_bench(&["seed", "--creates", "0"]);
     assert_eq!(status, 1, "{stderr}");
     assert!(stderr.contains("--creates"), "{stderr}");
 }

@@ -1,9 +1,14 @@
-//! `outbox bench`: the pipeline measured against this machine's own
-//! Postgres and RabbitMQ, each scenario next to the raw figure of the same
-//! machine in the same run.
+//! `outbox-bench`, which `outbox bench` runs: the pipeline measured against
+//! this machine's own Postgres and RabbitMQ, each scenario next to the raw
+//! figure of the same machine in the same run. A binary of its own because
+//! it links the CHOM example and the library's `testing` feature, which the
+//! `outbox` people deploy must not contain; the relays it measures are
+//! `outbox relay` processes of the `outbox` beside it (else on PATH).
 //!
 //! Every scenario works in a scratch database (`outbox_test_<id>`) and on a
 //! private exchange and queue (`outbox_bench.<id>`), all removed at the end.
+//!
+//! Exit status: 0 on success, 1 on failure, 2 on bad usage.
 
 mod broker;
 mod consume;
@@ -18,14 +23,32 @@ mod takeover;
 mod write;
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use outbox_relay::{duration, logging};
 use serde::Serialize;
 
-/// Options of `outbox bench`.
-#[derive(Debug, clap::Args)]
+/// Measure the pipeline against this machine's own Postgres and RabbitMQ.
+///
+/// Each scenario reports our figure next to the raw figure of the same
+/// machine in the same run. Scratch databases, exchanges and queues are
+/// removed afterwards.
+///
+/// Example: outbox bench drain --events 100000 --aggregates 1000
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox-bench",
+    version,
+    propagate_version = true,
+    mut_arg("database_url", |arg| arg.help(
+        "Postgres server to measure against (scratch databases are created on it; the database name is ignored)"
+    ))
+)]
 pub struct BenchArgs {
+    #[command(flatten)]
+    global: outbox_relay::GlobalArgs,
     /// RabbitMQ to measure against.
     #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true, global = true)]
     amqp_url: String,
@@ -88,7 +111,7 @@ enum Scenario {
     All(AllArgs),
     /// The worker process `outbox bench consume` starts (internal).
     ///
-    /// Example: outbox bench worker-process --exchange x --app a --listener noop --messages 100 --concurrency 4 --prefetch 16
+    /// Example: outbox-bench worker-process --exchange x --app a --listener noop --messages 100 --concurrency 4 --prefetch 16
     #[command(hide = true)]
     WorkerProcess(consume::WorkerProcessArgs),
 }
@@ -327,6 +350,18 @@ pub struct BenchTarget {
     pub database_url: String,
     /// RabbitMQ.
     pub amqp_url: String,
+}
+
+fn main() -> ExitCode {
+    let args = BenchArgs::parse();
+    logging::init(args.global.log_format);
+    match run(&args.global.database_url, &args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs the chosen scenario and prints its figures.

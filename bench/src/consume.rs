@@ -6,7 +6,7 @@
 //! as the worker declares it: a durable quorum queue) with N `site.created`
 //! CloudEvents as the relay publishes them, drains it with a bare lapin
 //! consumer that only acks (the ceiling broker and client allow), fills it
-//! again and starts `outbox bench worker-process` (this binary) running the
+//! again and starts `outbox-bench worker-process` (this binary) running the
 //! listener, which reports its rate on stdout. Both use the same prefetch.
 //! Listeners:
 //!
@@ -102,7 +102,7 @@ pub struct ConsumeArgs {
     timeout: Duration,
 }
 
-/// Options of the hidden `outbox bench worker-process`.
+/// Options of the hidden `outbox-bench worker-process`.
 #[derive(Debug, clap::Args)]
 pub struct WorkerProcessArgs {
     /// The scenario's exchange.
@@ -296,7 +296,7 @@ struct WorkerResult {
     per_second: f64,
 }
 
-/// `outbox bench worker-process`: runs one listener until it handled
+/// `outbox-bench worker-process`: runs one listener until it handled
 /// `--messages`, prints its rate as one JSON line, then keeps running
 /// (so the parent can read its memory) until SIGTERM.
 pub async fn worker_process(
@@ -453,9 +453,8 @@ async fn worker_run(
         prefetch.to_string(),
         humantime::format_duration(args.timeout).to_string(),
     );
-    let mut worker = RelayProcess::spawn_command(
+    let mut worker = RelayProcess::spawn_bench(
         &[
-            "bench",
             "worker-process",
             "--exchange",
             exchange,
@@ -474,7 +473,6 @@ async fn worker_run(
         ],
         db_url,
         &target.amqp_url,
-        true,
     )?;
     let stdout = worker.take_stdout().context("the worker process has no stdout")?;
     // The child gives up after --timeout itself and then closes stdout.
