@@ -176,7 +176,7 @@ pub async fn publish_to_queue(
         // A mandatory publish to the default exchange comes back only when
         // the queue does not exist.
         lapin::Confirmation::Ack(Some(_)) => Err(Error::Unconfirmed {
-            context: format!("publish to {queue} (no such queue)"),
+            context: format!("publish to {queue}, which does not exist"),
             reason: Unconfirmed::Unroutable,
         }),
         lapin::Confirmation::Nack(_) => Err(Error::Unconfirmed {
