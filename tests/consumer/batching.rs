@@ -199,3 +199,74 @@ async fn a_backend_terminated_mid_batch_loses_nothing_and_uses_no_try() {
         "both runs were the first try"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_connection_lost_between_a_batchs_commit_and_its_acks_has_no_second_effect() {
+    let (db, mut conn) = database();
+    let mut broker = TestBroker::new().await;
+    let proxy = std::sync::Arc::new(outbox::testing::TcpProxy::start("127.0.0.1:5672").await.unwrap());
+    let cutter = std::sync::Arc::clone(&proxy);
+    let listener = Scripted::new("batched", move |event, ctx, before| {
+        effect_in_transaction(ctx, event)?;
+        if kind(event) == "cut" && before == 0 {
+            // The acks of this batch can no longer reach the broker: as if
+            // the worker died right after the commit. The messages come
+            // back, and the inbox must make them no-ops.
+            cutter.cut(false);
+        }
+        Ok(())
+    });
+    let registry = Registry::new()
+        .queued_listener_with(&["widget.created"], listener.clone(), batched())
+        .unwrap();
+    let mut events: Vec<TestEvent> = (0..20)
+        .map(|i| TestEvent::new("widget.created", json!({"n": i, "kind": "good"})))
+        .collect();
+    events[5] = TestEvent::new("widget.created", json!({"kind": "cut"}));
+    let cut = events[5].event_id;
+    queue_before_start(&mut broker, &registry, &events).await;
+    let proxied = proxy.amqp_url();
+    let worker = Running::start_with(&db, &mut broker, &registry, |config| {
+        config.amqp_url = proxied;
+        config.reconnect_max = Duration::from_millis(300);
+    })
+    .await;
+    let queues = worker.queue("batched").clone();
+
+    eventually("every event handled and acknowledged", LIMIT, || {
+        count(&mut conn, "SELECT count(DISTINCT event_id) AS n FROM effects") == 20
+    })
+    .await;
+    let ready = std::time::Instant::now() + LIMIT;
+    loop {
+        // Drained: nothing ready, and the redelivered copies were acked.
+        if broker.ready(&queues.queue).await == 0 && listener.calls_for(cut).len() == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < ready, "the queue did not drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.stop().await;
+
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM effects"),
+        20,
+        "no effect twice"
+    );
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM failed_jobs"), 0);
+    assert_eq!(
+        listener.calls_for(cut).len(),
+        1,
+        "the redelivered copy was a duplicate: no second run"
+    );
+    assert!(
+        count(
+            &mut conn,
+            &format!(
+                "SELECT count(*) AS n FROM effects WHERE listener = (SELECT listener FROM effects WHERE event_id = '{cut}')"
+            )
+        ) > 1,
+        "the cut batch committed several deliveries whose acks were lost"
+    );
+    assert_eq!(broker.ready(&queues.queue).await, 0);
+}
