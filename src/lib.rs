@@ -13,7 +13,7 @@
 //! | writing events in the caller's transaction | `record.rs` | [`record()`], [`record_with`], [`record_batch`] |
 //! | a configured recorder, after-commit hooks | `outbox/mod.rs`, `outbox/transaction.rs` | [`Outbox`], [`OutboxTx`] |
 //! | event type → listener mapping | `registry.rs` | [`Registry`], [`SyncListener`], [`QueuedListener`] |
-//! | queued listeners: retries, dead-lettering, worker | [`consumer`] | [`Worker`], [`ListenerOptions`], [`ReceivedEvent`] |
+//! | queued listeners: retries, dead-lettering, batched commits, rate limits, accepted sources, the worker | [`consumer`] | [`Worker`], [`ListenerOptions`], [`RateLimit`], [`ReceivedEvent`] |
 //! | a listener's failure, the library's errors | `error.rs` | [`ListenerError`], [`Error`], [`Unconfirmed`] |
 //! | listener failures for good | [`failed_jobs`] | [`failed_jobs::list`], [`failed_jobs::retry`] |
 //! | exactly-once listener effects (the worker's inbox transaction) | [`inbox`] (`consumer/inbox.rs`) | [`inbox::claim`] |
@@ -29,7 +29,8 @@
 //! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |
 //! | publishing stored events again, to one queue | [`replay`] | [`replay::select`], [`replay::publish_to_queue`] |
 //! | metric names, health flags, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`], [`Health`] |
-//! | per-test databases (feature `testing`) | `testing` | `TestDatabase` |
+//! | one backoff schedule for every wait-and-try-again | `delay.rs` | |
+//! | per-test databases, exchanges, proxy, waits (feature `testing`) | `testing` | `TestDatabase`, `testing::eventually` |
 //!
 //! ## Recording an event
 //!
