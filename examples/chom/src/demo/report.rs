@@ -27,6 +27,9 @@ pub struct ListenerOutcome {
     pub retried: u64,
     /// Messages that ended in failed_jobs.
     pub failed: u64,
+    /// Events another database's relay left on the broker: set aside, not
+    /// applied (the worker accepts only this database's source).
+    pub foreign: u64,
 }
 
 /// A tenant's stats row.
@@ -236,6 +239,7 @@ pub(super) fn listener_outcomes(rendered: &str, report: &DemoReport) -> Vec<List
             "duplicate" => entry.duplicate += value,
             "retry" => entry.retried += value,
             "failed" => entry.failed += value,
+            "foreign" => entry.foreign += value,
             _ => {}
         }
     }

@@ -20,14 +20,14 @@ pub(crate) fn print_demo(report: &chom::demo::DemoReport) -> Result<()> {
     writeln!(out, "\n== listener outcomes ==  ({})", report.retry_policy)?;
     writeln!(
         out,
-        "{:<22} {:<7} {:>8} {:>10} {:>8} {:>7}",
-        "listener", "kind", "success", "duplicate", "retried", "failed"
+        "{:<22} {:<7} {:>8} {:>10} {:>8} {:>7} {:>8}",
+        "listener", "kind", "success", "duplicate", "retried", "failed", "foreign"
     )?;
     for l in &report.listeners {
         writeln!(
             out,
-            "{:<22} {:<7} {:>8} {:>10} {:>8} {:>7}",
-            l.listener, l.kind, l.success, l.duplicate, l.retried, l.failed
+            "{:<22} {:<7} {:>8} {:>10} {:>8} {:>7} {:>8}",
+            l.listener, l.kind, l.success, l.duplicate, l.retried, l.failed, l.foreign
         )?;
     }
 
