@@ -97,6 +97,16 @@ pub struct ConsumeArgs {
         default_value = "noop,noop-inbox,record-audit-log"
     )]
     listeners: Vec<ListenerKind>,
+    /// Deliveries per batched inbox transaction (1 turns batching off).
+    #[arg(long, default_value_t = ListenerOptions::default().batch_size)]
+    batch_size: usize,
+    /// Also measure handling latency with the no-op inbox listener at this
+    /// steady rate (messages/s; 0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    latency_rate: u32,
+    /// How long the latency run publishes.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    latency_duration: Duration,
     /// Give up on a run after this long.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     timeout: Duration,
@@ -123,6 +133,9 @@ pub struct WorkerProcessArgs {
     /// The listener's prefetch.
     #[arg(long)]
     prefetch: u16,
+    /// The listener's batch size.
+    #[arg(long, default_value_t = ListenerOptions::default().batch_size)]
+    batch_size: usize,
     /// Give up after this long.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     timeout: Duration,
@@ -143,6 +156,23 @@ pub struct ConsumeRow {
     pub worker_peak_rss_mib: f64,
 }
 
+/// Handling latency at a steady rate.
+#[derive(Debug, Serialize)]
+pub struct ConsumeLatency {
+    /// The listener measured.
+    pub listener: ListenerKind,
+    /// Messages published per second.
+    pub rate: u32,
+    /// Messages measured.
+    pub messages: u64,
+    /// Delivered to the worker until its outcome is committed and the ack
+    /// goes out (the worker's `outbox_listener_duration_seconds`: batch
+    /// wait, handler, commit), median, ms.
+    pub p50_ms: f64,
+    /// The same, 99th percentile, ms.
+    pub p99_ms: f64,
+}
+
 /// The consume figures.
 #[derive(Debug, Serialize)]
 pub struct ConsumeReport {
@@ -152,6 +182,10 @@ pub struct ConsumeReport {
     pub prefetch: u16,
     /// Worker concurrency.
     pub concurrency: usize,
+    /// Deliveries per batched inbox transaction.
+    pub batch_size: usize,
+    /// Handling latency at a steady rate (absent when skipped).
+    pub latency: Option<ConsumeLatency>,
     /// Target ratio for the no-op listener.
     pub noop_target_ratio: f64,
     /// Whether the no-op ratio meets it (absent when no-op was not run).
@@ -163,8 +197,8 @@ pub struct ConsumeReport {
 impl Report for ConsumeReport {
     fn table(&self) -> String {
         let mut out = format!(
-            "consume: {} site.created messages per run, quorum queue, prefetch {}, worker concurrency {} (separate process)\n",
-            self.messages, self.prefetch, self.concurrency
+            "consume: {} site.created messages per run, quorum queue, prefetch {}, worker concurrency {}, batch size {} (separate process)\n",
+            self.messages, self.prefetch, self.concurrency, self.batch_size
         );
         out.push_str(&format!(
             "{:<18} {:>16} {:>14} {:>8} {:>18}\n",
@@ -178,6 +212,16 @@ impl Report for ConsumeReport {
                 row.worker_per_second,
                 row.ratio,
                 row.worker_peak_rss_mib
+            ));
+        }
+        if let Some(latency) = &self.latency {
+            out.push_str(&format!(
+                "handling latency, {} at a steady {}/s ({} messages; delivered -> committed, before the ack): p50 {:.2} ms, p99 {:.2} ms\n",
+                latency.listener.name(),
+                latency.rate,
+                latency.messages,
+                latency.p50_ms,
+                latency.p99_ms
             ));
         }
         if let Some(met) = self.noop_target_met {
@@ -257,12 +301,14 @@ fn registry(
     kind: ListenerKind,
     concurrency: usize,
     prefetch: u16,
+    batch_size: usize,
     clock: Arc<Clock>,
 ) -> anyhow::Result<Registry> {
     let options = ListenerOptions {
         inbox: kind != ListenerKind::Noop,
         concurrency,
         prefetch,
+        batch_size,
         ..ListenerOptions::default()
     };
     let name = kind.name();
@@ -294,6 +340,52 @@ fn registry(
 struct WorkerResult {
     handled: u64,
     per_second: f64,
+    /// Handling durations (`outbox_listener_duration_seconds`), ms.
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// A metrics recorder that keeps every handling duration the worker
+/// records, for exact percentiles.
+struct DurationCapture {
+    samples: Arc<Mutex<Vec<f64>>>,
+}
+
+struct Samples(Arc<Mutex<Vec<f64>>>);
+
+impl metrics::HistogramFn for Samples {
+    fn record(&self, value: f64) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).push(value);
+    }
+}
+
+impl metrics::Recorder for DurationCapture {
+    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+        if key.name() == outbox::metrics::LISTENER_DURATION_SECONDS {
+            metrics::Histogram::from_arc(Arc::new(Samples(Arc::clone(&self.samples))))
+        } else {
+            metrics::Histogram::noop()
+        }
+    }
+}
+
+/// The `p`-th percentile of `samples` (seconds), in ms.
+fn percentile_ms(samples: &mut [f64], p: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_by(f64::total_cmp);
+    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[index.min(samples.len() - 1)] * 1000.0
 }
 
 /// `outbox-bench worker-process`: runs one listener until it handled
@@ -307,7 +399,18 @@ pub async fn worker_process(
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
     let clock = Arc::new(Clock::default());
-    let registry = registry(args.listener, args.concurrency, args.prefetch, Arc::clone(&clock))?;
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    metrics::set_global_recorder(DurationCapture {
+        samples: Arc::clone(&samples),
+    })
+    .map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))?;
+    let registry = registry(
+        args.listener,
+        args.concurrency,
+        args.prefetch,
+        args.batch_size,
+        Arc::clone(&clock),
+    )?;
     let worker = Worker::new(
         WorkerConfig {
             database_url: database_url.to_owned(),
@@ -342,9 +445,12 @@ pub async fn worker_process(
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let mut durations = samples.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let result = WorkerResult {
         handled: clock.handled(),
         per_second: clock.rate(),
+        p50_ms: percentile_ms(&mut durations, 0.5),
+        p99_ms: percentile_ms(&mut durations, 0.99),
     };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", serde_json::to_string(&result)?).context("cannot write the result")?;
@@ -437,23 +543,26 @@ async fn raw_drain(connection: &Connection, queue: &str, n: usize, prefetch: u16
     Ok((n as f64 - 1.0).max(1.0) / elapsed.max(1e-9))
 }
 
-/// Runs the worker process for one listener; returns (msg/s, peak RSS MiB).
-async fn worker_run(
+/// Starts the worker process for one listener; it reports once it handled
+/// `messages`.
+fn spawn_worker(
     target: &BenchTarget,
     db_url: &str,
-    exchange: &str,
-    app: &str,
+    names: (&str, &str),
     kind: ListenerKind,
+    messages: u64,
     args: &ConsumeArgs,
     prefetch: u16,
-) -> anyhow::Result<(f64, f64)> {
-    let (messages, concurrency, prefetch_arg, timeout) = (
-        args.messages.to_string(),
+) -> anyhow::Result<RelayProcess> {
+    let (exchange, app) = names;
+    let (messages, concurrency, prefetch_arg, batch_size, timeout) = (
+        messages.to_string(),
         args.concurrency.to_string(),
         prefetch.to_string(),
+        args.batch_size.to_string(),
         humantime::format_duration(args.timeout).to_string(),
     );
-    let mut worker = RelayProcess::spawn_bench(
+    RelayProcess::spawn_bench(
         &[
             "worker-process",
             "--exchange",
@@ -468,12 +577,23 @@ async fn worker_run(
             &concurrency,
             "--prefetch",
             &prefetch_arg,
+            "--batch-size",
+            &batch_size,
             "--timeout",
             &timeout,
         ],
         db_url,
         &target.amqp_url,
-    )?;
+    )
+}
+
+/// Reads the worker process's result line, then stops it; returns the
+/// result and its peak RSS (MiB).
+async fn finish_worker(
+    mut worker: RelayProcess,
+    messages: u64,
+    timeout: Duration,
+) -> anyhow::Result<(WorkerResult, f64)> {
     let stdout = worker.take_stdout().context("the worker process has no stdout")?;
     // The child gives up after --timeout itself and then closes stdout.
     let read = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
@@ -483,21 +603,61 @@ async fn worker_run(
             .context("cannot read the worker's result")?;
         Ok(line)
     });
-    let line = tokio::time::timeout(args.timeout + Duration::from_secs(30), read)
+    let line = tokio::time::timeout(timeout + Duration::from_secs(30), read)
         .await
         .context("the worker process did not report in time")?
         .context("the reader task failed")??;
     let result: WorkerResult = serde_json::from_str(line.trim())
         .with_context(|| format!("the worker process gave no result (got {:?})", line.trim()))?;
     anyhow::ensure!(
-        result.handled >= args.messages as u64,
+        result.handled >= messages,
         "the worker handled {} messages",
         result.handled
     );
     let peak = tokio::task::spawn_blocking(move || worker.stop())
         .await
         .context("the stop task failed")??;
-    Ok((result.per_second, peak))
+    Ok((result, peak))
+}
+
+/// Publishes `total` messages to `queue` at a steady `rate` per second
+/// (paced every millisecond), confirmed.
+async fn publish_steadily(channel: &Channel, queue: &str, rate: u32, total: u64) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while sent < total {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * f64::from(rate)) as u64).min(total);
+        if due > sent {
+            fill(channel, queue, usize::try_from(due - sent)?).await?;
+            sent = due;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `queue` has a consumer (the worker process attached).
+async fn wait_for_consumer(channel: &Channel, queue: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..lapin::options::QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("cannot look at the listener queue")?;
+        if declared.consumer_count() > 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the worker never consumed {queue}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn audit_rows(url: &str) -> anyhow::Result<i64> {
@@ -542,7 +702,13 @@ pub async fn run(target: &BenchTarget, args: &ConsumeArgs) -> anyhow::Result<Con
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;
         let mut rows = Vec::new();
         for &kind in &args.listeners {
-            let registry = registry(kind, args.concurrency, prefetch, Arc::new(Clock::default()))?;
+            let registry = registry(
+                kind,
+                args.concurrency,
+                prefetch,
+                args.batch_size,
+                Arc::new(Clock::default()),
+            )?;
             let plan = outbox::consumer::topology::plan(&app, &registry)?;
             for queues in &plan {
                 cleanup
@@ -562,14 +728,66 @@ pub async fn run(target: &BenchTarget, args: &ConsumeArgs) -> anyhow::Result<Con
             .await
             .context("the raw consumer did not finish in time")??;
             fill(&publisher, &queue, args.messages).await?;
-            let (worker_rate, rss) =
-                worker_run(target, db.url(), &exchange, &app, kind, args, prefetch).await?;
+            let messages = args.messages as u64;
+            let worker = spawn_worker(
+                target,
+                db.url(),
+                (&exchange, &app),
+                kind,
+                messages,
+                args,
+                prefetch,
+            )?;
+            let (result, rss) = finish_worker(worker, messages, args.timeout).await?;
             rows.push(ConsumeRow {
                 listener: kind,
                 raw_per_second: raw,
-                worker_per_second: worker_rate,
-                ratio: worker_rate / raw,
+                worker_per_second: result.per_second,
+                ratio: result.per_second / raw,
                 worker_peak_rss_mib: rss,
+            });
+        }
+        let mut latency = None;
+        if args.latency_rate > 0 {
+            let kind = ListenerKind::NoopInbox;
+            let registry = registry(
+                kind,
+                args.concurrency,
+                prefetch,
+                args.batch_size,
+                Arc::new(Clock::default()),
+            )?;
+            let latency_app = format!("{app}.latency");
+            let plan = outbox::consumer::topology::plan(&latency_app, &registry)?;
+            for queues in &plan {
+                cleanup
+                    .queues
+                    .extend(queues.all_queues().into_iter().map(str::to_owned));
+            }
+            outbox::consumer::topology::declare(&publisher, &exchange, &latency_app, &registry).await?;
+            let queue = plan
+                .first()
+                .map(|queues| queues.queue.clone())
+                .context("no queue planned for the listener")?;
+            let total = (f64::from(args.latency_rate) * args.latency_duration.as_secs_f64()).max(1.0) as u64;
+            let worker = spawn_worker(
+                target,
+                db.url(),
+                (&exchange, &latency_app),
+                kind,
+                total,
+                args,
+                prefetch,
+            )?;
+            wait_for_consumer(&publisher, &queue, Duration::from_secs(60)).await?;
+            publish_steadily(&publisher, &queue, args.latency_rate, total).await?;
+            let (result, _) = finish_worker(worker, total, args.timeout).await?;
+            latency = Some(ConsumeLatency {
+                listener: kind,
+                rate: args.latency_rate,
+                messages: total,
+                p50_ms: result.p50_ms,
+                p99_ms: result.p99_ms,
             });
         }
         if args.listeners.contains(&ListenerKind::RecordAuditLog) {
@@ -582,12 +800,12 @@ pub async fn run(target: &BenchTarget, args: &ConsumeArgs) -> anyhow::Result<Con
             );
         }
         let _ = connection.close(200, "done".into()).await;
-        anyhow::Ok(rows)
+        anyhow::Ok((rows, latency))
     }
     .await;
     drop(cleanup);
     drop_database(db).await?;
-    let rows = outcome?;
+    let (rows, latency) = outcome?;
     let noop_target_met = rows
         .iter()
         .find(|row| row.listener == ListenerKind::Noop)
@@ -596,6 +814,8 @@ pub async fn run(target: &BenchTarget, args: &ConsumeArgs) -> anyhow::Result<Con
         messages: args.messages,
         prefetch,
         concurrency: args.concurrency,
+        batch_size: args.batch_size,
+        latency,
         noop_target_ratio: NOOP_TARGET_RATIO,
         noop_target_met,
         rows,
