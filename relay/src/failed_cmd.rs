@@ -116,7 +116,7 @@ pub struct RetryArgs {
     #[command(flatten)]
     filter: FilterArgs,
     /// RabbitMQ URL (amqp:// or amqps://).
-    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// How long to wait for the broker's confirm of each republish.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

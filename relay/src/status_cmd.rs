@@ -34,7 +34,7 @@ pub struct StatusArgs {
     #[arg(long, value_delimiter = ',', default_value = "30s,1m", value_parser = parse_duration)]
     retry_delays: Vec<Duration>,
     /// RabbitMQ URL (amqp:// or amqps://), used with --listener.
-    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// Print JSON instead of text.
     #[arg(long)]
