@@ -331,23 +331,30 @@ fn forget(conn: &mut diesel::PgConnection, args: &ForgetArgs) -> anyhow::Result<
     Ok(())
 }
 
+/// Whether to go ahead: `yes` (from --yes), or the answer to `question` on
+/// a terminal. Without a terminal and without --yes it refuses.
+pub fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing without confirmation ({question} asked): stdin is not a terminal; pass --yes");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
 fn flush(conn: &mut diesel::PgConnection, args: &FlushArgs) -> anyhow::Result<()> {
     let what = match args.older_than {
         Some(age) => format!("every failed job older than {}", humantime::format_duration(age)),
         None => "every failed job".to_owned(),
     };
-    if !args.yes {
-        if !std::io::stdin().is_terminal() {
-            bail!("refusing to delete {what} without confirmation: stdin is not a terminal; pass --yes");
-        }
-        eprint!("Delete {what}? [y/N] ");
-        std::io::stderr().flush()?;
-        let mut answer = String::new();
-        std::io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
-            println!("nothing deleted");
-            return Ok(());
-        }
+    if !confirm(&format!("Delete {what}?"), args.yes)? {
+        println!("nothing deleted");
+        return Ok(());
     }
     let hours = args.older_than.map(|age| age.as_secs_f64() / 3600.0);
     let deleted = failed_jobs::flush(conn, hours).context("cannot flush failed jobs")?;
