@@ -86,7 +86,7 @@ impl QueuedListener for RecordHistory {
 }
 
 /// An effect outside the database (a mail; here a channel), at least once:
-/// no inbox. Its first try fails, so the worker retries it.
+/// no inbox. Its first try fails, so the worker tries it again.
 struct SendConfirmation {
     mailer: mpsc::UnboundedSender<i64>,
 }
@@ -96,7 +96,7 @@ impl QueuedListener for SendConfirmation {
         "send_confirmation"
     }
     fn options(&self) -> ListenerOptions {
-        // Retries after 1 s and 2 s while developing; the defaults (30 s,
+        // A backoff of 1 s then 2 s while developing; the defaults (30 s,
         // 60 s) are for production.
         ListenerOptions {
             inbox: false,

@@ -206,7 +206,7 @@ async fn connect(target: &ListenerArgs, what: &str) -> anyhow::Result<lapin::Con
 }
 
 async fn channel(connection: &lapin::Connection) -> anyhow::Result<lapin::Channel> {
-    connection.create_channel().await.context("cannot open a channel")
+    Ok(outbox::amqp::open_channel(connection, false).await?)
 }
 
 #[derive(Debug, Serialize)]

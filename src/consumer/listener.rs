@@ -199,7 +199,7 @@ pub struct ListenerOptions {
     /// the last entry repeating (Laravel's rule). Default 30 s, 60 s,
     /// 120 s (the seed's; with 3 tries the 120 s step is not reached),
     /// right for production; while developing,
-    /// [`ListenerOptions::development`] retries after 1 s and 2 s.
+    /// [`ListenerOptions::development`] waits 1 s and 2 s.
     /// Each 1 ms to 24 h. The delays are waited out in retry queues
     /// (`<queue>.retry.<delay>`, one per distinct delay) that dead-letter
     /// back to the listener's queue: the worker never sleeps on a message.
@@ -309,7 +309,7 @@ impl Default for ListenerOptions {
 
 impl ListenerOptions {
     /// The development preset: the defaults with 3 tries 1 s and 2 s
-    /// apart instead of 30 s and 60 s, so a failing listener is retried
+    /// apart instead of 30 s and 60 s, so a failing listener is tried again
     /// and ends in failed_jobs within seconds while you watch. Its retry
     /// queues are `<queue>.retry.1s` and `<queue>.retry.2s` (pass
     /// `--retry-delays 1s,2s` to `outbox status` and `outbox topology`).
