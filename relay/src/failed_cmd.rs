@@ -32,7 +32,9 @@ pub enum FailedCommand {
     /// Republish failed jobs to their own listener's queue, then delete them.
     ///
     /// Only the listener that failed gets the message again; a row is
-    /// deleted only after the broker confirmed the republish.
+    /// deleted only after the broker confirmed the republish. The copy in
+    /// the listener's dead-letter queue stays (`outbox status` counts it
+    /// under DEAD); `outbox topology purge-dead` empties that queue.
     ///
     /// Example: outbox failed retry 42 43, or: outbox failed retry --all --listener send_backup_notification
     Retry(RetryArgs),
