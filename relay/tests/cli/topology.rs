@@ -31,6 +31,23 @@ impl Names {
         }
     }
 
+    /// `outbox topology declare` of `listeners` on this app and exchange,
+    /// bound to `event_types`, with `extra` flags.
+    fn declare(&self, listeners: &[&str], event_types: &[&str], extra: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "topology",
+            "declare",
+            "--app",
+            &self.app,
+            "--exchange",
+            &self.exchange,
+        ];
+        args.extend(listeners.iter().flat_map(|l| ["--listener", l]));
+        args.extend(event_types.iter().flat_map(|t| ["--event-type", t]));
+        args.extend(extra);
+        args.into_iter().map(str::to_owned).collect()
+    }
+
     fn queue(&self, listener: &str) -> String {
         format!("{}.{listener}", self.app)
     }
@@ -139,24 +156,12 @@ impl QueuedListener for Quiet {
 async fn declare_matches_the_worker_and_delete_removes_queues_then_the_exchange() {
     let names = Names::new();
     let (app, exchange) = (names.app.as_str(), names.exchange.as_str());
-    let declare = [
-        "topology",
-        "declare",
-        "--app",
-        app,
-        "--listener",
-        "alpha",
-        "--listener",
-        "beta",
-        "--event-type",
-        "thing.happened",
-        "--event-type",
-        "thing.done",
-        "--retry-delays",
-        "1s,2s",
-        "--exchange",
-        exchange,
-    ];
+    let declare = names.declare(
+        &["alpha", "beta"],
+        &["thing.happened", "thing.done"],
+        &["--retry-delays", "1s,2s"],
+    );
+    let declare: Vec<&str> = declare.iter().map(String::as_str).collect();
     let mut with_json = declare.to_vec();
     with_json.push("--json");
     let (status, stdout, stderr) = run_outbox(&with_json, &[]);
@@ -294,21 +299,8 @@ async fn the_exchange_stays_while_other_queues_are_bound_to_it() {
     let other = format!("{}.other", names.app);
     names.extra_queues.push(other.clone());
     let (app, exchange) = (names.app.clone(), names.exchange.clone());
-    let (status, _, stderr) = run_outbox(
-        &[
-            "topology",
-            "declare",
-            "--app",
-            &app,
-            "--listener",
-            "alpha",
-            "--event-type",
-            "thing.happened",
-            "--exchange",
-            &exchange,
-        ],
-        &[],
-    );
+    let declare = names.declare(&["alpha"], &["thing.happened"], &[]);
+    let (status, _, stderr) = run_outbox(&declare.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     assert_eq!(status, 0, "{stderr}");
     let connection = connect().await;
     let channel = connection.create_channel().await.unwrap();
@@ -355,24 +347,9 @@ async fn the_exchange_stays_while_other_queues_are_bound_to_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_explains_dead_copies_and_purge_dead_empties_them() {
     let names = Names::new();
-    let (app, exchange) = (names.app.as_str(), names.exchange.as_str());
-    let (status, _, stderr) = run_outbox(
-        &[
-            "topology",
-            "declare",
-            "--app",
-            app,
-            "--listener",
-            "alpha",
-            "--event-type",
-            "thing.happened",
-            "--retry-delays",
-            "1s,2s",
-            "--exchange",
-            exchange,
-        ],
-        &[],
-    );
+    let app = names.app.as_str();
+    let declare = names.declare(&["alpha"], &["thing.happened"], &["--retry-delays", "1s,2s"]);
+    let (status, _, stderr) = run_outbox(&declare.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     assert_eq!(status, 0, "{stderr}");
     let connection = connect().await;
     let dead = format!("{}.dead", names.queue("alpha"));
