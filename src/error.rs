@@ -114,6 +114,26 @@ impl Error {
     }
 }
 
+/// Lets `record` run inside a diesel-native transaction,
+/// `conn.transaction::<_, diesel::result::Error, _>(|conn| ...)`: the
+/// outbox's own database errors come back as the diesel error they were;
+/// every other outbox error (an invalid event, an oversized payload, no
+/// open transaction) becomes [`QueryBuilderError`] holding the
+/// [`Error`], which `downcast_ref::<outbox::Error>()` gets back. Either
+/// way the transaction rolls back. Use [`Error`] as the transaction's
+/// error type instead (diesel's errors convert into it with `?`) to
+/// branch on the outbox's variants without downcasting.
+///
+/// [`QueryBuilderError`]: diesel::result::Error::QueryBuilderError
+impl From<Error> for diesel::result::Error {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Database(inner) => inner,
+            other => diesel::result::Error::QueryBuilderError(Box::new(other)),
+        }
+    }
+}
+
 /// Why the broker did not confirm a publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -22,6 +22,7 @@
 //! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
 //! | connections and safe-to-print URLs | `database.rs` | [`connect`], [`pool`], [`redact_url`] |
 //! | RabbitMQ connection, exchange | [`amqp`] | [`DEFAULT_AMQP_URL`], [`DEFAULT_EXCHANGE`] |
+//! | database, broker and exchange from `DATABASE_URL`, `AMQP_URL`, `OUTBOX_EXCHANGE` | [`settings`] | [`Settings::from_env`] |
 //! | the wire format | [`cloudevents`] | [`cloudevents::encode_body`] |
 //! | text cut to a bound for columns, headers and messages | [`text`] | [`text::bounded_text`] |
 //! | publishing committed events | [`relay`] | [`Relay`], [`RelayConfig`] |
@@ -83,6 +84,7 @@ mod registry;
 pub mod relay;
 pub mod replay;
 pub mod schema;
+pub mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod text;
@@ -105,6 +107,7 @@ pub use outbox::{Outbox, OutboxBuilder};
 pub use record::{record, record_batch, record_with};
 pub use registry::{QueuedRegistration, Registry, SyncListener};
 pub use relay::{Relay, RelayConfig};
+pub use settings::Settings;
 #[cfg(feature = "testing")]
 pub use testing::TestDatabase;
 

@@ -32,7 +32,9 @@ pub enum FailedCommand {
     /// Republish failed jobs to their own listener's queue, then delete them.
     ///
     /// Only the listener that failed gets the message again; a row is
-    /// deleted only after the broker confirmed the republish.
+    /// deleted only after the broker confirmed the republish. The copy in
+    /// the listener's dead-letter queue stays (`outbox status` counts it
+    /// under DEAD); `outbox topology purge-dead` empties that queue.
     ///
     /// Example: outbox failed retry 42 43, or: outbox failed retry --all --listener send_backup_notification
     Retry(RetryArgs),
@@ -116,7 +118,7 @@ pub struct RetryArgs {
     #[command(flatten)]
     filter: FilterArgs,
     /// RabbitMQ URL (amqp:// or amqps://).
-    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// How long to wait for the broker's confirm of each republish.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -331,23 +333,30 @@ fn forget(conn: &mut diesel::PgConnection, args: &ForgetArgs) -> anyhow::Result<
     Ok(())
 }
 
+/// Whether to go ahead: `yes` (from --yes), or the answer to `question` on
+/// a terminal. Without a terminal and without --yes it refuses.
+pub fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing without confirmation ({question} asked): stdin is not a terminal; pass --yes");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
 fn flush(conn: &mut diesel::PgConnection, args: &FlushArgs) -> anyhow::Result<()> {
     let what = match args.older_than {
         Some(age) => format!("every failed job older than {}", humantime::format_duration(age)),
         None => "every failed job".to_owned(),
     };
-    if !args.yes {
-        if !std::io::stdin().is_terminal() {
-            bail!("refusing to delete {what} without confirmation: stdin is not a terminal; pass --yes");
-        }
-        eprint!("Delete {what}? [y/N] ");
-        std::io::stderr().flush()?;
-        let mut answer = String::new();
-        std::io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
-            println!("nothing deleted");
-            return Ok(());
-        }
+    if !confirm(&format!("Delete {what}?"), args.yes)? {
+        println!("nothing deleted");
+        return Ok(());
     }
     let hours = args.older_than.map(|age| age.as_secs_f64() / 3600.0);
     let deleted = failed_jobs::flush(conn, hours).context("cannot flush failed jobs")?;

@@ -14,7 +14,7 @@ pub struct GlobalArgs {
     /// Postgres URL of the service database that holds the outbox tables.
     #[arg(
         long,
-        env = "DATABASE_URL",
+        env = outbox::settings::DATABASE_URL_ENV,
         default_value = outbox::DEFAULT_DATABASE_URL,
         global = true,
         hide_env_values = true

@@ -9,6 +9,7 @@ mod pause;
 mod relay_cmd;
 mod replay_cmd;
 mod status_cmd;
+mod topology_cmd;
 
 use std::process::ExitCode;
 
@@ -75,6 +76,14 @@ enum Command {
     ///
     /// Example: outbox replay --event-type site.created --since 2h --app chom --to-listener record_audit_log --dry-run
     Replay(Box<replay_cmd::ReplayArgs>),
+    /// Declare, delete or empty an app's listener queues and the exchange.
+    ///
+    /// Works over AMQP without the app's code; queue names are the
+    /// worker's (`<app>.<listener>`, `.retry.<delay>`, `.dead`).
+    ///
+    /// Example: outbox topology delete --app chom --listener record_audit_log --delete-exchange
+    #[command(subcommand)]
+    Topology(topology_cmd::TopologyCommand),
     /// Let relays claim again after `outbox pause`.
     ///
     /// Example: outbox resume
@@ -96,6 +105,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status_cmd::run(database_url, &args),
         Command::Replay(args) => replay_cmd::run(database_url, &args),
         Command::Resume => pause::resume(database_url),
+        Command::Topology(command) => topology_cmd::run(&command),
         Command::Bench(args) => bench_cmd::run(database_url, global.log_format, &args),
     };
     match outcome {

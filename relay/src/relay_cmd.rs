@@ -14,72 +14,95 @@ use crate::duration::parse_duration;
 #[derive(Debug, clap::Args)]
 pub struct RelayArgs {
     /// RabbitMQ URL (amqp:// or amqps://).
-    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// Topic exchange to publish to; declared durable if missing.
-    #[arg(long, env = "OUTBOX_EXCHANGE", default_value = outbox::DEFAULT_EXCHANGE)]
+    #[arg(long, env = outbox::settings::EXCHANGE_ENV, default_value = outbox::DEFAULT_EXCHANGE, hide_env_values = true)]
     exchange: String,
     /// Rows claimed per query.
-    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 500)]
+    #[arg(
+        long,
+        env = "OUTBOX_BATCH_SIZE",
+        default_value_t = 500,
+        hide_env_values = true
+    )]
     batch_size: usize,
     /// Rows held at once (publishing or waiting behind their aggregate).
-    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = 2000)]
+    #[arg(
+        long,
+        env = "OUTBOX_MAX_IN_FLIGHT",
+        default_value_t = 2000,
+        hide_env_values = true
+    )]
     max_in_flight: usize,
     /// How long a claim stays this relay's without a heartbeat (renewed every third of it); a crashed relay's rows are taken over after this.
-    #[arg(long, env = "OUTBOX_LEASE", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "OUTBOX_LEASE", default_value = "3s", value_parser = parse_duration, hide_env_values = true)]
     lease: Duration,
     /// How long to wait for the broker's confirm of a message.
-    #[arg(long, env = "OUTBOX_CONFIRM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "OUTBOX_CONFIRM_TIMEOUT", default_value = "10s", value_parser = parse_duration, hide_env_values = true)]
     confirm_timeout: Duration,
     /// Shortest wait between claims while rows keep coming.
-    #[arg(long, env = "OUTBOX_POLL_MIN", default_value = "5ms", value_parser = parse_duration)]
+    #[arg(long, env = "OUTBOX_POLL_MIN", default_value = "5ms", value_parser = parse_duration, hide_env_values = true)]
     poll_min: Duration,
     /// Longest wait between claims when idle.
-    #[arg(long, env = "OUTBOX_POLL_MAX", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "OUTBOX_POLL_MAX", default_value = "100ms", value_parser = parse_duration, hide_env_values = true)]
     poll_max: Duration,
     /// Failed attempts after which a row is marked failed.
-    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 20)]
+    #[arg(
+        long,
+        env = "OUTBOX_MAX_ATTEMPTS",
+        default_value_t = 20,
+        hide_env_values = true
+    )]
     max_attempts: u32,
     /// Wait before a row's next publish try after its first failed one
     /// (then doubling, +-20% jitter).
-    #[arg(long, alias = "retry-initial", env = "OUTBOX_BACKOFF_INITIAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, alias = "retry-initial", env = "OUTBOX_BACKOFF_INITIAL", default_value = "1s", value_parser = parse_duration, hide_env_values = true)]
     backoff_initial: Duration,
     /// Longest wait between a row's publish tries.
-    #[arg(long, alias = "retry-max", env = "OUTBOX_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, alias = "retry-max", env = "OUTBOX_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration, hide_env_values = true)]
     backoff_max: Duration,
     /// Keep published rows this long (for replay); 0 deletes them on publish.
-    #[arg(long, env = "OUTBOX_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "7d", value_parser = parse_duration, hide_env_values = true)]
     retention: Duration,
     /// How often to prune published rows past retention.
-    #[arg(long, env = "OUTBOX_PRUNE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "OUTBOX_PRUNE_INTERVAL", default_value = "60s", value_parser = parse_duration, hide_env_values = true)]
     prune_interval: Duration,
     /// How long shutdown waits for outstanding confirms.
-    #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration, hide_env_values = true)]
     shutdown_timeout: Duration,
     /// Lease owner name; must be unique among running relays [default: <host>-<pid>-<random>].
-    #[arg(long, env = "OUTBOX_RELAY_ID")]
+    #[arg(long, env = "OUTBOX_RELAY_ID", hide_env_values = true)]
     relay_id: Option<String>,
     /// CloudEvents `source` attribute of published events, which workers can filter on [default: /outbox/<database name>].
-    #[arg(long, env = "OUTBOX_SOURCE")]
+    #[arg(long, env = "OUTBOX_SOURCE", hide_env_values = true)]
     source: Option<String>,
     /// Retry an event no queue is bound to (holding its aggregate back) instead of keeping it as unroutable and going on.
-    #[arg(long, env = "OUTBOX_STRICT_ROUTING")]
+    #[arg(long, env = "OUTBOX_STRICT_ROUTING", hide_env_values = true)]
     strict_routing: bool,
     /// Do not LISTEN for writers' wake-ups; find new events by polling only.
-    #[arg(long, env = "OUTBOX_NO_WAKE_UP")]
+    #[arg(long, env = "OUTBOX_NO_WAKE_UP", hide_env_values = true)]
     no_wake_up: bool,
     /// Address for GET /metrics and /health; "off" disables it.
-    #[arg(long, env = "OUTBOX_METRICS_ADDR", default_value = "127.0.0.1:9187")]
+    #[arg(
+        long,
+        env = "OUTBOX_METRICS_ADDR",
+        default_value = "127.0.0.1:9187",
+        hide_env_values = true
+    )]
     metrics_addr: String,
 }
 
 impl RelayArgs {
     fn config(&self, database_url: &str) -> RelayConfig {
-        let defaults = RelayConfig::default();
-        RelayConfig {
+        // The same three settings (and variables) as the library's
+        // `Settings::from_env`.
+        let defaults = RelayConfig::from_settings(&outbox::Settings {
             database_url: database_url.to_owned(),
             amqp_url: self.amqp_url.clone(),
             exchange: self.exchange.clone(),
+        });
+        RelayConfig {
             relay_id: self.relay_id.clone().unwrap_or(defaults.relay_id.clone()),
             batch_size: self.batch_size,
             max_in_flight: self.max_in_flight,

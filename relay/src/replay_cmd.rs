@@ -47,10 +47,15 @@ pub struct ReplayArgs {
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..=replay::MAX_REPLAY_LIMIT))]
     limit: i64,
     /// CloudEvents `source` attribute, as the relay was configured.
-    #[arg(long, env = "OUTBOX_SOURCE", default_value = "/outbox")]
+    #[arg(
+        long,
+        env = "OUTBOX_SOURCE",
+        default_value = "/outbox",
+        hide_env_values = true
+    )]
     source: String,
     /// RabbitMQ URL (amqp:// or amqps://).
-    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// How long to wait for the broker's confirm of each event.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

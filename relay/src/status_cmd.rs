@@ -11,11 +11,18 @@
 //! else `[{listener, queue, depth, retry_depth, retry_queues: [{queue,
 //! depth}], dead_queue, dead_depth, failed_jobs}]` where a depth is `null`
 //! when that queue does not exist.
+//!
+//! `dead_depth` (DEAD) counts the copies a dead-letter queue keeps for
+//! inspection, one per message that failed for good (and any the broker
+//! dead-lettered past the delivery limit). `failed_jobs` (FAILED JOBS)
+//! counts the rows operators act on; `outbox failed retry` and `forget`
+//! delete rows and leave the copies, so DEAD may exceed FAILED JOBS.
+//! `outbox topology purge-dead` empties the copies.
 
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use outbox::consumer::topology::delay_label;
+use outbox::consumer::topology;
 use serde::Serialize;
 
 use crate::duration::parse_duration;
@@ -34,7 +41,7 @@ pub struct StatusArgs {
     #[arg(long, value_delimiter = ',', default_value = "30s,1m", value_parser = parse_duration)]
     retry_delays: Vec<Duration>,
     /// RabbitMQ URL (amqp:// or amqps://), used with --listener.
-    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -116,7 +123,7 @@ pub fn run(database_url: &str, args: &StatusArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print_text(&status);
+        print_text(&status, args.app.as_deref());
     }
     Ok(())
 }
@@ -143,12 +150,12 @@ fn listener_status(
         let mut out = Vec::new();
         for listener in &args.listener {
             let queue = format!("{app}.{listener}");
-            let dead_queue = format!("{queue}.dead");
+            let dead_queue = topology::dead_queue_name(&queue);
             let depth = outbox::amqp::queue_depth(&connection, &queue).await?;
             let dead_depth = outbox::amqp::queue_depth(&connection, &dead_queue).await?;
             let mut retry_queues = Vec::new();
             for delay in &args.retry_delays {
-                let name = format!("{queue}.retry.{}", delay_label(*delay));
+                let name = topology::retry_queue_name(&queue, *delay);
                 let depth = outbox::amqp::queue_depth(&connection, &name).await?;
                 retry_queues.push(QueueDepth { queue: name, depth });
             }
@@ -182,11 +189,32 @@ fn listener_status(
     })
 }
 
+/// What the DEAD column counts, printed when it is not zero: the
+/// dead-letter copies are kept for inspection, retrying or forgetting a
+/// failed job leaves its copy, and how to empty them.
+fn dead_note(app: &str, listeners: &[ListenerStatus]) -> String {
+    let holding: Vec<&str> = listeners
+        .iter()
+        .filter(|l| l.dead_depth.unwrap_or(0) > 0)
+        .map(|l| l.listener.as_str())
+        .collect();
+    format!(
+        "DEAD counts the copies kept in <queue>.dead for inspection, one per message that failed for good; \
+         FAILED JOBS is the record to act on (`outbox failed retry` and `forget` leave the copy, \
+         so DEAD may exceed it). Empty them with: outbox topology purge-dead --app {app} {}",
+        holding
+            .iter()
+            .map(|l| format!("--listener {l}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
 fn depth(depth: Option<u32>) -> String {
     depth.map_or_else(|| "missing".to_owned(), |d| d.to_string())
 }
 
-fn print_text(status: &Status) {
+fn print_text(status: &Status, app: Option<&str>) {
     let db = &status.database;
     let s = &db.stats;
     match (s.paused, &db.paused_by) {
@@ -256,6 +284,9 @@ fn print_text(status: &Status) {
                 "{}",
                 table(&["QUEUE", "READY", "RETRYING", "DEAD", "FAILED JOBS"], &rows)
             );
+            if listeners.iter().any(|l| l.dead_depth.unwrap_or(0) > 0) {
+                println!("{}", dead_note(app.unwrap_or("APP"), listeners));
+            }
         }
         None => {
             println!("queues:     not shown; name them with --app APP --listener NAME (repeatable)");

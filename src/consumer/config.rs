@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE, validate_amqp_name, validate_amqp_url};
 use crate::database::{DEFAULT_DATABASE_URL, redact_url};
 use crate::error::{Error, Result};
+use crate::settings::Settings;
 
 /// Shortest inbox or attempts retention.
 const MIN_RETENTION: Duration = Duration::from_secs(1);
@@ -119,6 +120,24 @@ impl Default for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The defaults with the database, broker and exchange of `settings`
+    /// (set [`app`](Self::app) yourself).
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            database_url: settings.database_url.clone(),
+            amqp_url: settings.amqp_url.clone(),
+            exchange: settings.exchange.clone(),
+            ..Self::default()
+        }
+    }
+
+    /// The defaults with the database, broker and exchange read from
+    /// `DATABASE_URL`, `AMQP_URL` and `OUTBOX_EXCHANGE`, as the relay and
+    /// the `outbox` command read them ([`Settings::from_env`]).
+    pub fn from_env() -> Result<Self> {
+        Settings::from_env().map(|settings| Self::from_settings(&settings))
+    }
+
     /// Checks every setting; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
         let bad = |message: String| Err(Error::Config(message));

@@ -197,7 +197,9 @@ pub struct ListenerOptions {
     pub tries: u32,
     /// Delay before the next try after `n` failed tries: `backoff[n - 1]`,
     /// the last entry repeating (Laravel's rule). Default 30 s, 60 s,
-    /// 120 s (the seed's; with 3 tries the 120 s step is not reached).
+    /// 120 s (the seed's; with 3 tries the 120 s step is not reached),
+    /// right for production; while developing,
+    /// [`ListenerOptions::development`] waits 1 s and 2 s.
     /// Each 1 ms to 24 h. The delays are waited out in retry queues
     /// (`<queue>.retry.<delay>`, one per distinct delay) that dead-letter
     /// back to the listener's queue: the worker never sleeps on a message.
@@ -280,6 +282,9 @@ impl RateLimit {
     }
 }
 
+/// The delays of [`ListenerOptions::development`].
+const DEVELOPMENT_BACKOFF: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(2)];
+
 impl Default for ListenerOptions {
     fn default() -> Self {
         Self {
@@ -303,6 +308,23 @@ impl Default for ListenerOptions {
 }
 
 impl ListenerOptions {
+    /// The development preset: the defaults with 3 tries 1 s and 2 s
+    /// apart instead of 30 s and 60 s, so a failing listener is tried again
+    /// and ends in failed_jobs within seconds while you watch. Its retry
+    /// queues are `<queue>.retry.1s` and `<queue>.retry.2s` (pass
+    /// `--retry-delays 1s,2s` to `outbox status` and `outbox topology`).
+    /// Use the defaults in production: a service that is down for a
+    /// minute would use up these tries.
+    ///
+    /// ```
+    /// use outbox::ListenerOptions;
+    /// let options = ListenerOptions { inbox: false, ..ListenerOptions::development() };
+    /// assert_eq!(options.distinct_delays().len(), 2);
+    /// ```
+    pub fn development() -> Self {
+        Self::default().retries(3, &DEVELOPMENT_BACKOFF)
+    }
+
     /// Options with `tries` and `backoff` changed.
     #[must_use]
     pub fn retries(mut self, tries: u32, backoff: &[Duration]) -> Self {
@@ -422,6 +444,21 @@ mod tests {
         assert_eq!(
             options.distinct_delays(),
             vec![Duration::from_secs(30), Duration::from_secs(60)]
+        );
+        let development = ListenerOptions::development();
+        assert!(development.validate("l").is_ok());
+        assert_eq!(development.tries, 3);
+        assert_eq!(
+            development.distinct_delays(),
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
+        assert_eq!(
+            ListenerOptions {
+                backoff: ListenerOptions::default().backoff,
+                ..development
+            },
+            ListenerOptions::default(),
+            "only the delays differ from the defaults"
         );
         let one = ListenerOptions::default().retries(5, &[Duration::from_millis(10)]);
         assert_eq!(one.distinct_delays(), vec![Duration::from_millis(10)]);

@@ -25,6 +25,7 @@ use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use crate::amqp::{declare_exchange, validate_amqp_name};
+use crate::consumer::listener::{ListenerOptions, is_valid_listener_name};
 use crate::error::{Error, Result};
 use crate::registry::{QueuedRegistration, Registry};
 
@@ -66,28 +67,61 @@ impl ListenerQueues {
 
 /// The queue names of `registration` under `app`.
 pub fn queues_for(app: &str, registration: &QueuedRegistration) -> Result<ListenerQueues> {
+    listener_queues(
+        app,
+        registration.name(),
+        registration.event_types(),
+        registration.options(),
+    )
+}
+
+/// The queues the worker declares for a listener named `listener` under
+/// `app`, bound to `event_types`, with `options` (its retry delays, single
+/// active consumer, delivery limit): for tools that declare or delete a
+/// listener's queues without linking its code (`outbox topology`).
+pub fn listener_queues(
+    app: &str,
+    listener: &str,
+    event_types: &[String],
+    options: &ListenerOptions,
+) -> Result<ListenerQueues> {
     validate_amqp_name("app", app)?;
-    let queue = format!("{app}.{}", registration.name());
-    let dead = format!("{queue}.dead");
-    let retries = registration
-        .options()
+    if !is_valid_listener_name(listener) {
+        return Err(Error::Config(format!(
+            "listener name {listener:?} must be 1 to 100 lower-case letters, digits or '_', starting with a letter"
+        )));
+    }
+    let queue = format!("{app}.{listener}");
+    let dead = dead_queue_name(&queue);
+    let retries = options
         .distinct_delays()
         .into_iter()
-        .map(|delay| (delay, format!("{queue}.retry.{}", delay_label(delay))))
+        .map(|delay| (delay, retry_queue_name(&queue, delay)))
         .collect::<Vec<_>>();
     validate_amqp_name("queue", &dead)?;
     for (_, name) in &retries {
         validate_amqp_name("queue", name)?;
     }
     Ok(ListenerQueues {
-        listener: registration.name().to_owned(),
+        listener: listener.to_owned(),
         queue,
         dead,
         retries,
-        event_types: registration.event_types().to_vec(),
-        single_active_consumer: registration.options().single_active_consumer,
-        delivery_limit: registration.options().max_unacked_deliveries + 3,
+        event_types: event_types.to_vec(),
+        single_active_consumer: options.single_active_consumer,
+        delivery_limit: options.max_unacked_deliveries + 3,
     })
+}
+
+/// The retry queue of listener queue `queue` for `delay`:
+/// `<queue>.retry.<delay_label(delay)>`.
+pub fn retry_queue_name(queue: &str, delay: Duration) -> String {
+    format!("{queue}.retry.{}", delay_label(delay))
+}
+
+/// The dead-letter queue of listener queue `queue`: `<queue>.dead`.
+pub fn dead_queue_name(queue: &str) -> String {
+    format!("{queue}.dead")
 }
 
 /// The queues of every queued listener of `registry` under `app`.

@@ -123,6 +123,32 @@ impl Worker {
         &self.config
     }
 
+    /// Declares the exchange and every listener's queues, retry queues,
+    /// dead-letter queue and bindings now, over a connection of its own
+    /// (idempotent; [`run`](Self::run) declares them again on every connect
+    /// unless [`WorkerConfig::declare_topology`] is off). Call it before
+    /// starting a relay in the same process: an event published before its
+    /// listener's queue is bound reaches no queue and is kept as unroutable
+    /// (or, with strict routing, retried). Returns the queues declared.
+    pub async fn declare_topology(&self) -> Result<Vec<ListenerQueues>> {
+        let connection = crate::amqp::connect(
+            &self.config.amqp_url,
+            &format!("outbox-worker {} topology", self.config.worker_id),
+        )
+        .await?;
+        let declared = async {
+            let channel = crate::amqp::open_channel(&connection, false).await?;
+            crate::amqp::declare_exchange(&channel, &self.config.exchange).await?;
+            for (_, queues) in &self.listeners {
+                topology::declare_listener(&channel, &self.config.exchange, queues).await?;
+            }
+            Ok(self.queues())
+        }
+        .await;
+        let _ = connection.close(200, "topology declared".into()).await;
+        declared
+    }
+
     /// Consumes until `shutdown` resolves, reconnecting with backoff when
     /// the broker goes away. On shutdown it stops taking messages, waits
     /// up to `shutdown_timeout` for handlers in flight, and closes the

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE, validate_amqp_name, validate_amqp_url};
 use crate::database::{DEFAULT_DATABASE_URL, redact_url, validate_database_url};
 use crate::error::{Error, Result};
+use crate::settings::Settings;
 
 /// How a relay connects, claims, publishes, retries and prunes.
 #[derive(Clone)]
@@ -178,6 +179,23 @@ const MIN_LEASE: Duration = Duration::from_millis(500);
 const MAX_LEASE: Duration = Duration::from_secs(600);
 
 impl RelayConfig {
+    /// The defaults with the database, broker and exchange of `settings`.
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            database_url: settings.database_url.clone(),
+            amqp_url: settings.amqp_url.clone(),
+            exchange: settings.exchange.clone(),
+            ..Self::default()
+        }
+    }
+
+    /// The defaults with the database, broker and exchange read from
+    /// `DATABASE_URL`, `AMQP_URL` and `OUTBOX_EXCHANGE`, as the worker and
+    /// `outbox relay` read them ([`Settings::from_env`]).
+    pub fn from_env() -> Result<Self> {
+        Settings::from_env().map(|settings| Self::from_settings(&settings))
+    }
+
     /// How often a relay renews its leases: a third of the lease, so two
     /// renewals in a row may fail before a lease ends.
     pub fn heartbeat_interval(&self) -> Duration {

@@ -18,5 +18,6 @@ mod inbox;
 mod least_privilege;
 mod maintenance;
 mod rate_limits;
+mod readme_example;
 mod sources;
 mod worker;

@@ -2,7 +2,9 @@ use chrono::Utc;
 use diesel::prelude::*;
 use outbox::{Error, Metadata, Outbox};
 
-use crate::support::{WidgetCreated, count, database, insert_widget, stored_rows};
+use outbox::DEFAULT_MAX_PAYLOAD_BYTES;
+
+use crate::support::{Blob, WidgetCreated, count, database, insert_widget, stored_rows};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -113,6 +115,64 @@ fn system_action_has_no_actor() {
     assert_eq!(row.actor, None);
     assert_eq!(row.tenant_id, None);
     assert_eq!(row.correlation_id, None);
+}
+
+#[test]
+fn record_works_in_a_diesel_native_transaction_and_keeps_the_outbox_error() {
+    let (_db, mut conn) = database();
+    // diesel's own error type: outbox::Error converts into it.
+    let id = conn
+        .transaction::<_, diesel::result::Error, _>(|conn| {
+            let id = insert_widget(conn, "native")?;
+            outbox::record(
+                conn,
+                &WidgetCreated {
+                    widget_id: id,
+                    name: "native".into(),
+                    tenant: None,
+                },
+            )?;
+            Ok(id)
+        })
+        .unwrap();
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM outbox_events"), 1);
+    assert_eq!(
+        count(
+            &mut conn,
+            &format!("SELECT count(*) AS n FROM outbox_events WHERE aggregate_id = '{id}'")
+        ),
+        1
+    );
+
+    // An outbox failure rolls the transaction back, and the outbox error
+    // is still there to branch on.
+    let outcome = conn.transaction::<(), diesel::result::Error, _>(|conn| {
+        insert_widget(conn, "too big")?;
+        outbox::record(conn, &Blob::of_serialized_len(DEFAULT_MAX_PAYLOAD_BYTES + 1))?;
+        Ok(())
+    });
+    match outcome {
+        Err(diesel::result::Error::QueryBuilderError(inner)) => assert!(
+            matches!(inner.downcast_ref::<Error>(), Some(Error::PayloadTooLarge { .. })),
+            "{inner:?}"
+        ),
+        other => panic!("expected the outbox error inside QueryBuilderError, got {other:?}"),
+    }
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM widgets WHERE name = 'too big'"
+        ),
+        0
+    );
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM outbox_events"), 1);
+
+    // The outbox's database errors come back as the diesel error they were.
+    let converted: diesel::result::Error = Error::Database(diesel::result::Error::NotFound).into();
+    assert!(
+        matches!(converted, diesel::result::Error::NotFound),
+        "{converted:?}"
+    );
 }
 
 #[test]

@@ -18,6 +18,10 @@ fn every_subcommand_help_has_an_example() {
         &["failed", "forget"],
         &["failed", "flush"],
         &["failed", "prune"],
+        &["topology"],
+        &["topology", "declare"],
+        &["topology", "delete"],
+        &["topology", "purge-dead"],
         &["bench"],
         &["bench", "drain"],
         &["bench", "latency"],
@@ -75,5 +79,33 @@ fn new_commands_hide_passwords_when_the_database_is_unreachable() {
             "{command:?}: {stderr}"
         );
         assert!(stderr.contains("nobody:***@"), "{command:?}: {stderr}");
+    }
+}
+
+#[test]
+fn help_names_environment_variables_without_printing_their_values() {
+    // Unset, a shown value printed as `[env: OUTBOX_EXCHANGE=]`; set, it
+    // could print a secret. Every flag shows `[env: NAME]` alone.
+    for command in [
+        &["relay"][..],
+        &["status"],
+        &["replay"],
+        &["failed", "retry"],
+        &["migrate"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let (status, stdout, stderr) = run_outbox(&args, &[("OUTBOX_BATCH_SIZE", "777")]);
+        assert_eq!(status, 0, "{args:?}: {stderr}");
+        assert!(stdout.contains("[env: "), "{args:?}:\n{stdout}");
+        assert!(
+            !stdout.contains("=]"),
+            "{args:?} prints an empty env value:\n{stdout}"
+        );
+        assert!(!stdout.contains("777"), "{args:?} prints an env value:\n{stdout}");
+    }
+    let (_, stdout, _) = run_outbox(&["relay", "--help"], &[]);
+    for name in ["[env: DATABASE_URL]", "[env: AMQP_URL]", "[env: OUTBOX_EXCHANGE]"] {
+        assert!(stdout.contains(name), "{name}:\n{stdout}");
     }
 }

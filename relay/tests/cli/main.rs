@@ -16,3 +16,4 @@ mod help;
 mod process_faults;
 mod replay;
 mod status;
+mod topology;

@@ -139,10 +139,9 @@ pub async fn run(config: DemoConfig, progress: impl Fn(&str)) -> Result<DemoRepo
         accept_sources: Vec::new(),
     })?;
     let queues = worker.queues();
-    // The topology before the relay's first publish: the relay publishes
-    // with `mandatory`, and an event nobody is bound to yet would wait for
-    // its retry.
-    declare(&config, &registry).await?;
+    // The topology before the relay's first publish: an event no queue is
+    // bound to yet would be kept as unroutable instead of delivered.
+    worker.declare_topology().await?;
     let relay = Relay::new(RelayConfig {
         database_url: config.database_url.clone(),
         amqp_url: config.amqp_url.clone(),
@@ -460,20 +459,6 @@ async fn settle(
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     false
-}
-
-async fn declare(config: &DemoConfig, registry: &outbox::Registry) -> Result<()> {
-    let connection = outbox::amqp::connect(&config.amqp_url, "chom demo").await?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|source| outbox::Error::Broker {
-            context: "cannot open a channel".into(),
-            source,
-        })?;
-    outbox::consumer::topology::declare(&channel, &config.exchange, &config.app, registry).await?;
-    let _ = connection.close(200, "declared".into()).await;
-    Ok(())
 }
 
 async fn queue_depth(config: &DemoConfig, queue: &str) -> Option<u32> {

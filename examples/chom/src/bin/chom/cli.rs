@@ -12,7 +12,7 @@ pub(crate) struct Cli {
     // environment.
     #[arg(
         long,
-        env = "DATABASE_URL",
+        env = outbox::settings::DATABASE_URL_ENV,
         default_value = DEFAULT_DATABASE_URL,
         hide_env_values = true,
         global = true
@@ -61,10 +61,10 @@ pub(crate) enum Command {
 #[derive(Debug, Args)]
 pub(crate) struct BrokerArgs {
     /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
+    #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     pub(crate) amqp_url: String,
     /// The topic exchange the relay publishes to.
-    #[arg(long, env = "OUTBOX_EXCHANGE", default_value = outbox::DEFAULT_EXCHANGE)]
+    #[arg(long, env = outbox::settings::EXCHANGE_ENV, default_value = outbox::DEFAULT_EXCHANGE, hide_env_values = true)]
     pub(crate) exchange: String,
     /// Queue name prefix (`<app>.<listener>`).
     #[arg(long, default_value = chom::listeners::APP)]
