@@ -637,6 +637,36 @@ async fn publish_steadily(channel: &Channel, queue: &str, rate: u32, total: u64)
     Ok(())
 }
 
+/// Declares `kind`'s queues as its worker would (remembered for clean-up);
+/// returns the listener's queue.
+async fn declare_queues(
+    publisher: &Channel,
+    names: (&str, &str),
+    kind: ListenerKind,
+    args: &ConsumeArgs,
+    prefetch: u16,
+    cleanup: &mut BrokerCleanup,
+) -> anyhow::Result<String> {
+    let (exchange, app) = names;
+    let registry = registry(
+        kind,
+        args.concurrency,
+        prefetch,
+        args.batch_size,
+        Arc::new(Clock::default()),
+    )?;
+    let plan = outbox::consumer::topology::plan(app, &registry)?;
+    for queues in &plan {
+        cleanup
+            .queues
+            .extend(queues.all_queues().into_iter().map(str::to_owned));
+    }
+    outbox::consumer::topology::declare(publisher, exchange, app, &registry).await?;
+    plan.first()
+        .map(|queues| queues.queue.clone())
+        .context("no queue planned for the listener")
+}
+
 /// Waits until `queue` has a consumer (the worker process attached).
 async fn wait_for_consumer(channel: &Channel, queue: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
@@ -702,24 +732,8 @@ pub async fn run(target: &BenchTarget, args: &ConsumeArgs) -> anyhow::Result<Con
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;
         let mut rows = Vec::new();
         for &kind in &args.listeners {
-            let registry = registry(
-                kind,
-                args.concurrency,
-                prefetch,
-                args.batch_size,
-                Arc::new(Clock::default()),
-            )?;
-            let plan = outbox::consumer::topology::plan(&app, &registry)?;
-            for queues in &plan {
-                cleanup
-                    .queues
-                    .extend(queues.all_queues().into_iter().map(str::to_owned));
-            }
-            outbox::consumer::topology::declare(&publisher, &exchange, &app, &registry).await?;
-            let queue = plan
-                .first()
-                .map(|queues| queues.queue.clone())
-                .context("no queue planned for the listener")?;
+            let queue =
+                declare_queues(&publisher, (&exchange, &app), kind, args, prefetch, &mut cleanup).await?;
             fill(&publisher, &queue, args.messages).await?;
             let raw = tokio::time::timeout(
                 args.timeout,
@@ -750,25 +764,16 @@ pub async fn run(target: &BenchTarget, args: &ConsumeArgs) -> anyhow::Result<Con
         let mut latency = None;
         if args.latency_rate > 0 {
             let kind = ListenerKind::NoopInbox;
-            let registry = registry(
-                kind,
-                args.concurrency,
-                prefetch,
-                args.batch_size,
-                Arc::new(Clock::default()),
-            )?;
             let latency_app = format!("{app}.latency");
-            let plan = outbox::consumer::topology::plan(&latency_app, &registry)?;
-            for queues in &plan {
-                cleanup
-                    .queues
-                    .extend(queues.all_queues().into_iter().map(str::to_owned));
-            }
-            outbox::consumer::topology::declare(&publisher, &exchange, &latency_app, &registry).await?;
-            let queue = plan
-                .first()
-                .map(|queues| queues.queue.clone())
-                .context("no queue planned for the listener")?;
+            let queue = declare_queues(
+                &publisher,
+                (&exchange, &latency_app),
+                kind,
+                args,
+                prefetch,
+                &mut cleanup,
+            )
+            .await?;
             let total = (f64::from(args.latency_rate) * args.latency_duration.as_secs_f64()).max(1.0) as u64;
             let worker = spawn_worker(
                 target,
