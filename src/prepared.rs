@@ -32,6 +32,7 @@ pub(crate) enum Bind<'a> {
     BigIntArray(&'a [i64]),
     NullableBigIntArray(Option<&'a [i64]>),
     TextArray(&'a [String]),
+    UuidArray(&'a [uuid::Uuid]),
     DoubleArray(&'a [f64]),
 }
 
@@ -100,6 +101,7 @@ impl<M> QueryFragment<Pg> for Prepared<'_, M> {
                     out.push_bind_param::<Nullable<Array<BigInt>>, Option<&[i64]>>(values)?;
                 }
                 Bind::TextArray(values) => out.push_bind_param::<Array<Text>, [String]>(values)?,
+                Bind::UuidArray(values) => out.push_bind_param::<Array<SqlUuid>, [uuid::Uuid]>(values)?,
                 Bind::DoubleArray(values) => out.push_bind_param::<Array<Double>, [f64]>(values)?,
             }
             rest = &after[digits..];

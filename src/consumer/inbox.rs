@@ -11,6 +11,7 @@
 //! consume events some other way. Old rows are deleted by the worker's
 //! inbox pruner (`src/maintenance/inbox_pruner.rs`), or by [`prune`].
 
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use uuid::Uuid;
 
@@ -109,6 +110,10 @@ pub(crate) fn handle_in_transaction(
 /// order and hold only once the commit did: a commit that fails turns
 /// every success into a failure (or, when the connection broke, into a
 /// database problem, not counted as a try).
+///
+/// Round trips: one claim for the whole batch (locks, inbox rows, earlier
+/// tries), then one per delivery (releasing its savepoint and opening the
+/// next's), plus the handlers' own statements and the commit.
 pub(crate) fn handle_batch_in_transaction(
     pool: &PgPool,
     listener: &dyn QueuedListener,
@@ -129,19 +134,53 @@ pub(crate) fn handle_batch_in_transaction(
     let mut outcomes: Vec<std::result::Result<bool, TxError>> = Vec::with_capacity(batch.len());
     let mut ran: Vec<bool> = Vec::with_capacity(batch.len());
     let committed = conn.transaction::<(), diesel::result::Error, _>(|conn| {
-        for delivery in batch {
+        let claims = match claim_batch(conn, listener.name(), batch, options) {
+            Ok(claims) => claims,
+            Err(error) => {
+                // Nothing ran; report it for every delivery (the commit of
+                // an aborted transaction fails too).
+                let reason = error.to_string();
+                for _ in batch {
+                    outcomes.push(Err(TxError::Setup(diesel::result::Error::QueryBuilderError(
+                        reason.clone().into(),
+                    ))));
+                    ran.push(false);
+                }
+                return Ok(());
+            }
+        };
+        conn.batch_execute("SAVEPOINT outbox_delivery")?;
+        for (delivery, claim) in batch.iter().zip(claims) {
             let mut handler_ran = false;
-            // A nested diesel transaction is a savepoint.
-            let outcome = conn.transaction::<bool, TxError, _>(|conn| {
-                handle_one(conn, listener, delivery, options, &mut handler_ran)
-            });
-            let broken = outcome.is_err() && diesel::r2d2::R2D2Connection::is_broken(&mut **conn);
+            let outcome = run_claimed(conn, listener, delivery, &claim, options, &mut handler_ran);
+            // The next delivery gets a fresh savepoint, so that rolling it
+            // back cannot undo this one's effect (or give-back).
+            const NEXT: &str = "RELEASE SAVEPOINT outbox_delivery; SAVEPOINT outbox_delivery";
+            let step = match &outcome {
+                Ok(_) | Err(TxError::Busy) => conn.batch_execute(NEXT),
+                // Undo the effect, then give back the inbox row claimed
+                // before it.
+                Err(_) => conn
+                    .batch_execute("ROLLBACK TO SAVEPOINT outbox_delivery")
+                    .and_then(|()| {
+                        if claim.inserted {
+                            unclaim(conn, listener.name(), delivery.event.event_id)
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .and_then(|()| conn.batch_execute(NEXT)),
+            };
+            let broken = diesel::r2d2::R2D2Connection::is_broken(&mut **conn);
             outcomes.push(outcome);
             ran.push(handler_ran);
-            if broken {
-                // Nothing more can run on this connection; the commit
-                // below fails and every delivery is held.
-                break;
+            if let Err(error) = step {
+                if broken {
+                    // Nothing more can run on this connection; the commit
+                    // below fails and every delivery is held.
+                    break;
+                }
+                return Err(error);
             }
         }
         Ok(())
@@ -172,6 +211,154 @@ pub(crate) fn handle_batch_in_transaction(
         ));
     }
     runs
+}
+
+/// What the batch's claim found for one delivery.
+#[derive(diesel::QueryableByName)]
+struct BatchClaim {
+    /// No other session handles this event right now.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    locked: bool,
+    /// The inbox row is new: run the handler.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    inserted: bool,
+    /// Failed tries so far.
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    previous: i32,
+}
+
+/// Claims the whole batch in one statement: bounds the transaction's
+/// statements by the handler timeout, takes each event's advisory lock
+/// (without waiting), inserts the inbox rows of those locked, and reads
+/// their earlier tries; one row per delivery, in batch order. An event
+/// twice in one batch is claimed by its first delivery only.
+fn claim_batch(
+    conn: &mut PgConnection,
+    listener: &str,
+    batch: &[InboxTry<'_>],
+    options: &ListenerOptions,
+) -> diesel::QueryResult<Vec<BatchClaim>> {
+    use diesel::RunQueryDsl;
+    let ids: Vec<uuid::Uuid> = batch.iter().map(|d| d.event.event_id).collect();
+    let millis = options.timeout.as_millis().max(1).to_string();
+    struct InboxBatchClaimSql;
+    let claims = Prepared::<InboxBatchClaimSql>::new(
+        "WITH settings AS (SELECT set_config('statement_timeout', $3, true) AS timeout),
+         input AS (
+             SELECT event_id, ord,
+                    ord = min(ord) OVER (PARTITION BY event_id) AS first
+             FROM unnest($2::uuid[]) WITH ORDINALITY AS t(event_id, ord)),
+         guard AS (
+             SELECT event_id, ord, first,
+                    pg_try_advisory_xact_lock(hashtextextended($1 || '/' || event_id::text, 0)) AS locked
+             FROM input, settings),
+         claimed AS (
+             INSERT INTO processed_events (listener, event_id)
+             SELECT $1, event_id FROM guard WHERE locked AND first
+             ON CONFLICT DO NOTHING
+             RETURNING event_id)
+         SELECT g.locked,
+                (g.first AND c.event_id IS NOT NULL) AS inserted,
+                COALESCE(a.attempts, 0) AS previous
+         FROM guard g
+         LEFT JOIN claimed c ON c.event_id = g.event_id
+         LEFT JOIN listener_attempts a ON a.listener = $1 AND a.event_id = g.event_id
+         ORDER BY g.ord",
+        vec![Bind::Text(listener), Bind::UuidArray(&ids), Bind::Text(&millis)],
+    )
+    .load::<BatchClaim>(conn)?;
+    if claims.len() != batch.len() {
+        return Err(diesel::result::Error::QueryBuilderError(
+            format!(
+                "the batch claim returned {} rows for {} deliveries",
+                claims.len(),
+                batch.len()
+            )
+            .into(),
+        ));
+    }
+    Ok(claims)
+}
+
+/// Gives back the inbox row of a delivery whose effect was rolled back.
+fn unclaim(conn: &mut PgConnection, listener: &str, event_id: uuid::Uuid) -> diesel::QueryResult<()> {
+    use crate::schema::processed_events::dsl;
+    diesel::delete(
+        dsl::processed_events
+            .filter(dsl::listener.eq(listener))
+            .filter(dsl::event_id.eq(event_id)),
+    )
+    .execute(conn)
+    .map(|_| ())
+}
+
+/// One delivery of a claimed batch: a duplicate, busy, or the handler run
+/// (with the attempts clean-up) on `conn`, inside its savepoint.
+fn run_claimed(
+    conn: &mut PgConnection,
+    listener: &dyn QueuedListener,
+    delivery: &InboxTry<'_>,
+    claim: &BatchClaim,
+    options: &ListenerOptions,
+    handler_ran: &mut bool,
+) -> std::result::Result<bool, TxError> {
+    if !claim.locked {
+        return Err(TxError::Busy);
+    }
+    let previous = u32::try_from(claim.previous).unwrap_or(0);
+    finish_claimed(
+        conn,
+        listener,
+        delivery,
+        options,
+        Claimed {
+            inserted: claim.inserted,
+            attempt: delivery.attempt.max(previous + 1),
+            clear_attempts: delivery.clear_attempts || previous > 0,
+        },
+        handler_ran,
+    )
+}
+
+/// A claimed delivery: whether its inbox row is new, its try number, and
+/// whether an attempt count must go with a success.
+struct Claimed {
+    inserted: bool,
+    attempt: u32,
+    clear_attempts: bool,
+}
+
+/// After the claim: a duplicate is acknowledged (its attempt count
+/// cleared), a new one runs the handler and clears its count on success.
+fn finish_claimed(
+    conn: &mut PgConnection,
+    listener: &dyn QueuedListener,
+    delivery: &InboxTry<'_>,
+    options: &ListenerOptions,
+    claimed: Claimed,
+    handler_ran: &mut bool,
+) -> std::result::Result<bool, TxError> {
+    let (name, event) = (listener.name(), delivery.event);
+    if !claimed.inserted {
+        if claimed.clear_attempts {
+            // A retry whose event another copy already handled.
+            attempts::clear_attempts(conn, name, event.event_id).map_err(|e| match e {
+                Error::Database(db) => TxError::Setup(db),
+                other => TxError::Listener(ListenerError::transient(other)),
+            })?;
+        }
+        return Ok(true);
+    }
+    *handler_ran = true;
+    let mut ctx = HandlerContext::with_transaction(conn, claimed.attempt, options.tries);
+    guarded(|| listener.handle(event, &mut ctx)).map_err(TxError::Listener)?;
+    if claimed.clear_attempts {
+        attempts::clear_attempts(conn, name, event.event_id).map_err(|e| match e {
+            Error::Database(db) => TxError::Database(db),
+            other => TxError::Listener(ListenerError::transient(other)),
+        })?;
+    }
+    Ok(false)
 }
 
 /// The claim, the handler and the attempts clean-up of one delivery, in
@@ -225,28 +412,18 @@ fn handle_one(
         return Err(TxError::Busy);
     }
     let previous = u32::try_from(claim.previous).unwrap_or(0);
-    let attempt = delivery.attempt.max(previous + 1);
-    let clear_attempts = delivery.clear_attempts || previous > 0;
-    if claim.inserted == 0 {
-        if clear_attempts {
-            // A retry whose event another copy already handled.
-            attempts::clear_attempts(conn, name, event.event_id).map_err(|e| match e {
-                Error::Database(db) => TxError::Setup(db),
-                other => TxError::Listener(ListenerError::transient(other)),
-            })?;
-        }
-        return Ok(true);
-    }
-    *handler_ran = true;
-    let mut ctx = HandlerContext::with_transaction(conn, attempt, options.tries);
-    guarded(|| listener.handle(event, &mut ctx)).map_err(TxError::Listener)?;
-    if clear_attempts {
-        attempts::clear_attempts(conn, name, event.event_id).map_err(|e| match e {
-            Error::Database(db) => TxError::Database(db),
-            other => TxError::Listener(ListenerError::transient(other)),
-        })?;
-    }
-    Ok(false)
+    finish_claimed(
+        conn,
+        listener,
+        delivery,
+        options,
+        Claimed {
+            inserted: claim.inserted > 0,
+            attempt: delivery.attempt.max(previous + 1),
+            clear_attempts: delivery.clear_attempts || previous > 0,
+        },
+        handler_ran,
+    )
 }
 
 /// What a single delivery's transaction outcome means for the worker.
