@@ -86,7 +86,7 @@ pub struct ConsumeArgs {
     /// The worker's concurrency per listener.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
-    /// Prefetch of both consumers (default: 4 x concurrency).
+    /// Prefetch of both consumers (default: the listener default, 128).
     #[arg(long)]
     prefetch: Option<u16>,
     /// Listeners to measure, comma separated.
@@ -714,7 +714,9 @@ pub async fn run(target: &BenchTarget, args: &ConsumeArgs) -> anyhow::Result<Con
     );
     let prefetch = match args.prefetch {
         Some(prefetch) => prefetch,
-        None => u16::try_from(4 * args.concurrency).context("--concurrency is too large for a prefetch")?,
+        None => ListenerOptions::default()
+            .prefetch
+            .max(u16::try_from(args.concurrency)?),
     };
     anyhow::ensure!(prefetch >= 1, "--prefetch must be positive");
     let db = scratch_database(&target.database_url, true).await?;

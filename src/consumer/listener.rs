@@ -205,7 +205,12 @@ pub struct ListenerOptions {
     /// back to the listener's queue: the worker never sleeps on a message.
     pub backoff: Vec<Duration>,
     /// Unacknowledged messages the broker sends this worker ahead of time.
-    /// Default 8; at least `concurrency`, at most 65,535.
+    /// It is also the batching window of a batched listener (see
+    /// `batch_size`): measured here, a no-op inbox listener went from 0.25
+    /// of a raw consumer's rate at prefetch 16 to 0.5 at 64 and 0.7 at 256.
+    /// Lower it for slow listeners shared by many workers (a worker holds
+    /// this many back from the others). Default 128; at least
+    /// `concurrency`, at most 65,535.
     pub prefetch: u16,
     /// Handlers of this listener running at once in one worker. Default
     /// 4; 1 to 1,024.
@@ -245,7 +250,7 @@ pub struct ListenerOptions {
     /// `prefetch` deliveries are in flight and `concurrency` batches run
     /// at once, so raise `prefetch` for larger batches. 1 turns batching
     /// off; a listener with concurrency 1 is never batched (one message at
-    /// a time, in queue order). Default 32; 1 to 1,000.
+    /// a time, in queue order). Default 64; 1 to 1,000.
     pub batch_size: usize,
     /// How long a batch waits for more deliveries after its first: the
     /// most batching adds to a lone message. Default 2 ms; at most 1 s.
@@ -294,13 +299,13 @@ impl Default for ListenerOptions {
                 Duration::from_secs(60),
                 Duration::from_secs(120),
             ],
-            prefetch: 8,
+            prefetch: 128,
             concurrency: 4,
             timeout: Duration::from_secs(60),
             inbox: true,
             single_active_consumer: false,
             max_unacked_deliveries: 5,
-            batch_size: 32,
+            batch_size: 64,
             batch_wait: Duration::from_millis(2),
             rate_limit: None,
         }
