@@ -2,7 +2,6 @@
 //! seed's scattered `AuditLog::log(...)` calls.
 
 use diesel::prelude::*;
-use diesel::sql_types::{Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use outbox::{HandlerContext, ListenerError, QueuedListener, ReceivedEvent};
 
 use crate::listeners::{RECORD_AUDIT_LOG, tenant_id};
@@ -22,20 +21,23 @@ impl QueuedListener for RecordAuditLog {
     fn handle(&self, event: &ReceivedEvent, ctx: &mut HandlerContext<'_>) -> Result<(), ListenerError> {
         let tenant = tenant_id(event)?;
         let details = event.data_value();
-        diesel::sql_query(
-            "INSERT INTO audit_logs (tenant_id, actor, action, aggregate_type, aggregate_id, event_id, details, occurred_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind::<Nullable<diesel::sql_types::BigInt>, _>(Some(tenant))
-        .bind::<Nullable<Text>, _>(event.actor.as_deref())
-        .bind::<Text, _>(&event.event_type)
-        .bind::<Text, _>(&event.aggregate_type)
-        .bind::<Text, _>(&event.aggregate_id)
-        .bind::<SqlUuid, _>(event.event_id)
-        .bind::<Jsonb, _>(&details)
-        .bind::<Timestamptz, _>(event.occurred_at)
-        .execute(ctx.conn()?)?;
+        use crate::schema::audit_logs::dsl;
+        // The query builder, not sql_query: the statement is prepared once
+        // per connection and reused.
+        diesel::insert_into(dsl::audit_logs)
+            .values((
+                dsl::tenant_id.eq(Some(tenant)),
+                dsl::actor.eq(event.actor.as_deref()),
+                dsl::action.eq(&event.event_type),
+                dsl::aggregate_type.eq(&event.aggregate_type),
+                dsl::aggregate_id.eq(&event.aggregate_id),
+                dsl::event_id.eq(event.event_id),
+                dsl::details.eq(&details),
+                dsl::occurred_at.eq(event.occurred_at),
+            ))
+            .on_conflict(dsl::event_id)
+            .do_nothing()
+            .execute(ctx.conn()?)?;
         Ok(())
     }
 }
