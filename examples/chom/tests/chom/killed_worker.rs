@@ -66,7 +66,7 @@ async fn a_worker_killed_mid_handler_loses_nothing_and_duplicates_nothing() {
         sites::create_site(&p.outbox, &mut p.conn, Metadata::system(), tenant.id, "a.test").unwrap();
     wait_for_count(
         &mut p.conn,
-        "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO audit_logs%'",
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO %audit_logs%'",
         1,
     )
     .await;
