@@ -22,28 +22,7 @@ impl Drop for ChildGuard {
 }
 
 fn spawn_worker(p: &Pipeline) -> ChildGuard {
-    let child = Command::new(env!("CARGO_BIN_EXE_chom"))
-        .args([
-            "work",
-            "--exchange",
-            &p.broker.exchange,
-            "--app",
-            &p.broker.app,
-            "--metrics-addr",
-            "off",
-            "--tries",
-            "3",
-            "--backoff",
-            "100ms,200ms",
-        ])
-        .env("DATABASE_URL", p.db.url())
-        .env("AMQP_URL", amqp_url())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chom work");
-    ChildGuard(child)
+    spawn_worker_with(p, &amqp_url(), "off")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
