@@ -96,12 +96,11 @@ pub(crate) fn handle_in_transaction(
         Ok(conn) => conn,
         Err(error) => return HandlerRun::Infrastructure(format!("no database connection: {error}")),
     };
-    let mut handler_ran = false;
-    let outcome = conn.transaction::<bool, TxError, _>(|conn| {
-        handle_one(conn, listener, delivery, options, &mut handler_ran)
-    });
+    let mut ran = Ran::default();
+    let outcome =
+        conn.transaction::<bool, TxError, _>(|conn| handle_one(conn, listener, delivery, options, &mut ran));
     let connection_lost = outcome.is_err() && diesel::r2d2::R2D2Connection::is_broken(&mut *conn);
-    outcome_of(outcome, handler_ran, connection_lost)
+    outcome_of(outcome, ran.handler, connection_lost)
 }
 
 /// Runs `listener` for every delivery of `batch` in one transaction, each
@@ -151,29 +150,38 @@ pub(crate) fn handle_batch_in_transaction(
         };
         conn.batch_execute("SAVEPOINT outbox_delivery")?;
         for (delivery, claim) in batch.iter().zip(claims) {
-            let mut handler_ran = false;
-            let outcome = run_claimed(conn, listener, delivery, &claim, options, &mut handler_ran);
+            let mut run = Ran::default();
+            let outcome = run_claimed(conn, listener, delivery, &claim, options, &mut run);
             // The next delivery gets a fresh savepoint, so that rolling it
-            // back cannot undo this one's effect (or give-back).
+            // back cannot undo this one's effect (or give-back). A delivery
+            // that sent nothing on the connection leaves the savepoint as it
+            // was: no round trip.
             const NEXT: &str = "RELEASE SAVEPOINT outbox_delivery; SAVEPOINT outbox_delivery";
             let step = match &outcome {
+                Ok(_) | Err(TxError::Busy) if !run.touched => Ok(()),
                 Ok(_) | Err(TxError::Busy) => conn.batch_execute(NEXT),
                 // Undo the effect, then give back the inbox row claimed
                 // before it.
-                Err(_) => conn
-                    .batch_execute("ROLLBACK TO SAVEPOINT outbox_delivery")
-                    .and_then(|()| {
-                        if claim.inserted {
-                            unclaim(conn, listener.name(), delivery.event.event_id)
-                        } else {
-                            Ok(())
-                        }
-                    })
-                    .and_then(|()| conn.batch_execute(NEXT)),
+                Err(_) => {
+                    let undone = if run.touched {
+                        conn.batch_execute("ROLLBACK TO SAVEPOINT outbox_delivery")
+                    } else {
+                        Ok(())
+                    };
+                    undone
+                        .and_then(|()| {
+                            if claim.inserted {
+                                unclaim(conn, listener.name(), delivery.event.event_id)
+                            } else {
+                                Ok(())
+                            }
+                        })
+                        .and_then(|()| conn.batch_execute(NEXT))
+                }
             };
             let broken = diesel::r2d2::R2D2Connection::is_broken(&mut **conn);
             outcomes.push(outcome);
-            ran.push(handler_ran);
+            ran.push(run.handler);
             if let Err(error) = step {
                 if broken {
                     // Nothing more can run on this connection; the commit
@@ -300,7 +308,7 @@ fn run_claimed(
     delivery: &InboxTry<'_>,
     claim: &BatchClaim,
     options: &ListenerOptions,
-    handler_ran: &mut bool,
+    ran: &mut Ran,
 ) -> std::result::Result<bool, TxError> {
     if !claim.locked {
         return Err(TxError::Busy);
@@ -316,8 +324,16 @@ fn run_claimed(
             attempt: delivery.attempt.max(previous + 1),
             clear_attempts: delivery.clear_attempts || previous > 0,
         },
-        handler_ran,
+        ran,
     )
+}
+
+/// What a delivery's run did: whether its handler ran, and whether
+/// anything (handler or framework) was sent on the connection.
+#[derive(Default)]
+struct Ran {
+    handler: bool,
+    touched: bool,
 }
 
 /// A claimed delivery: whether its inbox row is new, its try number, and
@@ -336,11 +352,12 @@ fn finish_claimed(
     delivery: &InboxTry<'_>,
     options: &ListenerOptions,
     claimed: Claimed,
-    handler_ran: &mut bool,
+    ran: &mut Ran,
 ) -> std::result::Result<bool, TxError> {
     let (name, event) = (listener.name(), delivery.event);
     if !claimed.inserted {
         if claimed.clear_attempts {
+            ran.touched = true;
             // A retry whose event another copy already handled.
             attempts::clear_attempts(conn, name, event.event_id).map_err(|e| match e {
                 Error::Database(db) => TxError::Setup(db),
@@ -349,10 +366,13 @@ fn finish_claimed(
         }
         return Ok(true);
     }
-    *handler_ran = true;
+    ran.handler = true;
     let mut ctx = HandlerContext::with_transaction(conn, claimed.attempt, options.tries);
-    guarded(|| listener.handle(event, &mut ctx)).map_err(TxError::Listener)?;
+    let handled = guarded(|| listener.handle(event, &mut ctx));
+    ran.touched = ctx.used_conn();
+    handled.map_err(TxError::Listener)?;
     if claimed.clear_attempts {
+        ran.touched = true;
         attempts::clear_attempts(conn, name, event.event_id).map_err(|e| match e {
             Error::Database(db) => TxError::Database(db),
             other => TxError::Listener(ListenerError::transient(other)),
@@ -369,7 +389,7 @@ fn handle_one(
     listener: &dyn QueuedListener,
     delivery: &InboxTry<'_>,
     options: &ListenerOptions,
-    handler_ran: &mut bool,
+    ran: &mut Ran,
 ) -> std::result::Result<bool, TxError> {
     use diesel::RunQueryDsl;
     let event = delivery.event;
@@ -422,7 +442,7 @@ fn handle_one(
             attempt: delivery.attempt.max(previous + 1),
             clear_attempts: delivery.clear_attempts || previous > 0,
         },
-        handler_ran,
+        ran,
     )
 }
 

@@ -112,6 +112,9 @@ pub struct HandlerContext<'a> {
     attempt: u32,
     tries: u32,
     conn: Conn<'a>,
+    /// Whether the handler asked for the connection: a batch need not
+    /// close the savepoint of a delivery whose handler never touched it.
+    conn_used: bool,
 }
 
 impl fmt::Debug for HandlerContext<'_> {
@@ -133,6 +136,7 @@ impl<'a> HandlerContext<'a> {
             attempt,
             tries,
             conn: Conn::Transaction(conn),
+            conn_used: false,
         }
     }
 
@@ -143,7 +147,13 @@ impl<'a> HandlerContext<'a> {
             attempt,
             tries,
             conn: Conn::Lazy { pool, conn: None },
+            conn_used: false,
         }
+    }
+
+    /// Whether the handler has asked for [`conn`](Self::conn).
+    pub(crate) fn used_conn(&self) -> bool {
+        self.conn_used
     }
 
     /// This try's number, from 1. Counted by the framework in Postgres.
@@ -172,6 +182,7 @@ impl<'a> HandlerContext<'a> {
     /// [`ListenerOptions::inbox`], else a pooled connection taken on first
     /// use (open your own transaction on it if you need one).
     pub fn conn(&mut self) -> Result<&mut PgConnection, ListenerError> {
+        self.conn_used = true;
         match &mut self.conn {
             Conn::Transaction(conn) => Ok(conn),
             Conn::Lazy { pool, conn } => {
