@@ -15,6 +15,13 @@
 //! - `noop-inbox`: does nothing, in the inbox transaction (BEGIN, inbox
 //!   INSERT, COMMIT);
 //! - `record-audit-log`: CHOM's RecordAuditLog (inbox + one audit row).
+//!
+//! It also measures handling latency at a steady rate (`--latency-rate`),
+//! from the worker process's own duration samples.
+//!
+//! Why one file of over 600 lines: it is one scenario whose parts (the
+//! fill, the raw drain, the worker process and its report, the latency
+//! run) share its argument and result types and are read together.
 
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
