@@ -44,3 +44,6 @@ GRANT SELECT, INSERT ON failed_jobs, processed_events TO outbox_worker;
 -- (outbox::inbox::prune); a worker left pruning without the grant logs
 -- the refusal and goes on.
 GRANT DELETE ON processed_events TO outbox_worker;
+-- The listener registry: each worker records the listeners and queues it
+-- runs when it starts (`outbox status` lists them from there).
+GRANT SELECT, INSERT, UPDATE ON outbox_listeners TO outbox_worker;

@@ -15,6 +15,7 @@
 //! | event type → listener mapping | `registry.rs` | [`Registry`], [`SyncListener`], [`QueuedListener`] |
 //! | queued listeners: retries, dead-lettering, batched commits, rate limits, accepted sources, the worker | [`consumer`] | [`Worker`], [`ListenerOptions`], [`RateLimit`], [`ReceivedEvent`] |
 //! | a listener's failure, the library's errors | `error.rs` | [`ListenerError`], [`Error`], [`Unconfirmed`] |
+//! | the listeners workers run, registered in the database | `consumer/registration.rs` | [`consumer::registered_listeners`] |
 //! | listener failures for good | [`failed_jobs`] | [`failed_jobs::list`], [`failed_jobs::retry`] |
 //! | exactly-once listener effects (the worker's inbox transaction) | [`inbox`] (`consumer/inbox.rs`) | [`inbox::claim`] |
 //! | pruning and gauges on a schedule: published rows, expired leases, backlog gauges (relay); inbox rows, attempt counts (worker) | `maintenance` (one service a file) | [`RelayConfig::retention`], [`WorkerConfig::prune_interval`], [`inbox::prune`] |

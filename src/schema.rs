@@ -70,10 +70,35 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// Queued listeners registered by the workers that run them.
+    outbox_listeners (app, listener) {
+        /// Queue-name prefix of the worker's app.
+        app -> Text,
+        /// The listener's name.
+        listener -> Text,
+        /// The exchange its queue is bound to.
+        exchange -> Text,
+        /// `<app>.<listener>`.
+        queue -> Text,
+        /// `<queue>.retry.<delay>`, one per distinct delay.
+        retry_queues -> Array<Text>,
+        /// `<queue>.dead`.
+        dead_queue -> Text,
+        /// The event types the queue is bound to.
+        event_types -> Array<Text>,
+        /// The worker that registered it last.
+        worker_id -> Text,
+        /// When.
+        registered_at -> Timestamptz,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     outbox_events,
     outbox_leases,
     failed_jobs,
     processed_events,
-    outbox_control
+    outbox_control,
+    outbox_listeners
 );

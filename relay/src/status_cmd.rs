@@ -1,5 +1,6 @@
 //! `outbox status`: the relay's backlog from the database and, for the
-//! listeners named on the command line, their queue depths from RabbitMQ
+//! listeners named on the command line (else those workers registered in
+//! `outbox_listeners` when they started), their queue depths from RabbitMQ
 //! (read with passive `queue.declare`, no management plugin needed).
 //!
 //! `--json` prints one object: `database` (`backlog`,
@@ -7,8 +8,8 @@
 //! `paused`, `paused_by`, `unroutable`, `by_event_type: [{event_type,
 //! backlog, oldest_unpublished_age_seconds, failed}]`,
 //! `unroutable_by_event_type: [{event_type, count, last_at}]`), `failed_jobs: [{listener,
-//! queue, count}]`, and `listeners`: `null` without `--app`/`--listener`,
-//! else `[{listener, queue, depth, retry_depth, retry_queues: [{queue,
+//! queue, count}]`, and `listeners`: `null` without `--app`/`--listener`
+//! and with no registered listener, else `[{app, listener, queue, depth, retry_depth, retry_queues: [{queue,
 //! depth}], dead_queue, dead_depth, failed_jobs}]` where a depth is `null`
 //! when that queue does not exist.
 //!
@@ -31,7 +32,8 @@ use crate::failed_cmd::table;
 /// Options of `outbox status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// The application prefix of the listeners' queues (`<app>.<listener>`).
+    /// The application prefix of the listeners' queues (`<app>.<listener>`);
+    /// without it and --listener, the listeners workers registered.
     #[arg(long, requires = "listener")]
     app: Option<String>,
     /// A listener whose queues to measure; repeat for each (needs --app).
@@ -72,6 +74,7 @@ struct QueueDepth {
 
 #[derive(Debug, Serialize)]
 struct ListenerStatus {
+    app: String,
     listener: String,
     queue: String,
     depth: Option<u32>,
@@ -106,9 +109,18 @@ pub fn run(database_url: &str, args: &StatusArgs) -> anyhow::Result<()> {
             count,
         })
         .collect();
-    let listeners = match &args.app {
-        Some(app) if !args.listener.is_empty() => Some(listener_status(app, args, &failed)?),
-        _ => None,
+    let targets = match &args.app {
+        Some(app) if !args.listener.is_empty() => Some(named_targets(app, args)?),
+        // Without flags: the listeners workers registered.
+        _ => {
+            let registered = outbox::consumer::registered_listeners(&mut conn)
+                .context("cannot read the registered listeners")?;
+            (!registered.is_empty()).then(|| registered.into_iter().map(Target::from).collect())
+        }
+    };
+    let listeners = match targets {
+        Some(targets) => Some(listener_status(targets, args, &failed)?),
+        None => None,
     };
     let status = Status {
         database: DatabaseStatus {
@@ -128,15 +140,55 @@ pub fn run(database_url: &str, args: &StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One listener's queues to measure.
+struct Target {
+    app: String,
+    listener: String,
+    queue: String,
+    retry_queues: Vec<String>,
+    dead_queue: String,
+}
+
+impl From<outbox::consumer::RegisteredListener> for Target {
+    fn from(registered: outbox::consumer::RegisteredListener) -> Self {
+        Self {
+            app: registered.app,
+            listener: registered.listener,
+            queue: registered.queue,
+            retry_queues: registered.retry_queues,
+            dead_queue: registered.dead_queue,
+        }
+    }
+}
+
+/// The queues of the listeners named by `--app` and `--listener`, their
+/// retry queues named by `--retry-delays`.
+fn named_targets(app: &str, args: &StatusArgs) -> anyhow::Result<Vec<Target>> {
+    outbox::amqp::validate_amqp_name("app", app)?;
+    let mut targets = Vec::new();
+    for listener in &args.listener {
+        outbox::amqp::validate_amqp_name("listener", listener)?;
+        let queue = format!("{app}.{listener}");
+        targets.push(Target {
+            app: app.to_owned(),
+            listener: listener.clone(),
+            retry_queues: args
+                .retry_delays
+                .iter()
+                .map(|delay| topology::retry_queue_name(&queue, *delay))
+                .collect(),
+            dead_queue: topology::dead_queue_name(&queue),
+            queue,
+        });
+    }
+    Ok(targets)
+}
+
 fn listener_status(
-    app: &str,
+    targets: Vec<Target>,
     args: &StatusArgs,
     failed: &[FailedCount],
 ) -> anyhow::Result<Vec<ListenerStatus>> {
-    outbox::amqp::validate_amqp_name("app", app)?;
-    for listener in &args.listener {
-        outbox::amqp::validate_amqp_name("listener", listener)?;
-    }
     outbox::amqp::validate_amqp_url(&args.amqp_url)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -148,24 +200,29 @@ fn listener_status(
             .await
             .with_context(|| format!("cannot reach the broker at {shown}"))?;
         let mut out = Vec::new();
-        for listener in &args.listener {
-            let queue = format!("{app}.{listener}");
-            let dead_queue = topology::dead_queue_name(&queue);
+        for target in targets {
+            let Target {
+                app,
+                listener,
+                queue,
+                retry_queues: retry_names,
+                dead_queue,
+            } = target;
             let depth = outbox::amqp::queue_depth(&connection, &queue).await?;
             let dead_depth = outbox::amqp::queue_depth(&connection, &dead_queue).await?;
             let mut retry_queues = Vec::new();
-            for delay in &args.retry_delays {
-                let name = topology::retry_queue_name(&queue, *delay);
+            for name in retry_names {
                 let depth = outbox::amqp::queue_depth(&connection, &name).await?;
                 retry_queues.push(QueueDepth { queue: name, depth });
             }
             let failed_jobs = failed
                 .iter()
-                .filter(|f| f.listener == *listener && f.queue == queue)
+                .filter(|f| f.listener == listener && f.queue == queue)
                 .map(|f| f.count)
                 .sum();
             out.push(ListenerStatus {
-                listener: listener.clone(),
+                app,
+                listener,
                 retry_depth: retry_queues.iter().filter_map(|q| q.depth).sum(),
                 queue,
                 depth,
@@ -177,8 +234,10 @@ fn listener_status(
         }
         let _ = connection.close(200, "done".into()).await;
         if out.iter().all(|l| l.depth.is_none()) {
+            let apps: Vec<&str> = out.iter().map(|l| l.app.as_str()).collect();
             bail!(
-                "none of the listeners' queues exist at {shown} (is --app {app} right?): {}",
+                "none of the listeners' queues exist at {shown} (is --app {} right?): {}",
+                apps.first().copied().unwrap_or("?"),
                 out.iter()
                     .map(|l| l.queue.as_str())
                     .collect::<Vec<_>>()
@@ -285,7 +344,10 @@ fn print_text(status: &Status, app: Option<&str>) {
                 table(&["QUEUE", "READY", "RETRYING", "DEAD", "FAILED JOBS"], &rows)
             );
             if listeners.iter().any(|l| l.dead_depth.unwrap_or(0) > 0) {
-                println!("{}", dead_note(app.unwrap_or("APP"), listeners));
+                let app = app
+                    .or_else(|| listeners.first().map(|l| l.app.as_str()))
+                    .unwrap_or("APP");
+                println!("{}", dead_note(app, listeners));
             }
         }
         None => {

@@ -43,6 +43,7 @@ use diesel::r2d2::{ConnectionManager, Pool};
 
 use crate::amqp::SessionEnd;
 use crate::consumer::config::WorkerConfig;
+use crate::consumer::registration;
 use crate::consumer::session::ConsumerSession;
 use crate::consumer::topology::{self, ListenerQueues};
 use crate::database::PgPool;
@@ -108,6 +109,23 @@ impl Worker {
         })
     }
 
+    /// Records this worker's listeners and queues in `outbox_listeners`, in
+    /// the background: a database that is down, or a role without the
+    /// grant, costs a log line, never the worker.
+    fn register_listeners(&self) {
+        let (pool, config) = (self.pool.clone(), Arc::clone(&self.config));
+        let queues = self.queues();
+        tokio::spawn(async move {
+            let registered = crate::database::run_blocking(&pool, move |conn| {
+                registration::register(conn, &config.exchange, &config.app, &config.worker_id, &queues)
+            })
+            .await;
+            if let Err(error) = registered {
+                tracing::warn!(error = %error_chain(&error), "cannot register the worker's listeners in outbox_listeners; `outbox status` will not list them");
+            }
+        });
+    }
+
     /// Health flags, for `/health`.
     pub fn health(&self) -> Arc<Health> {
         Arc::clone(&self.health)
@@ -160,6 +178,7 @@ impl Worker {
         crate::metrics::describe();
         self.health.set_database_ok(true);
         tracing::info!(worker_id = %self.config.worker_id, app = %self.config.app, listeners = self.listeners.len(), "worker starting");
+        self.register_listeners();
         let mut maintenance = Maintenance::new(self.pool.clone());
         if let Some(period) = self.config.prune_interval {
             maintenance.start(InboxPruner::new(self.config.inbox_retention, period));

@@ -19,5 +19,6 @@ mod least_privilege;
 mod maintenance;
 mod rate_limits;
 mod readme_example;
+mod registration;
 mod sources;
 mod worker;

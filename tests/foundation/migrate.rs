@@ -55,3 +55,41 @@ fn concurrent_migrations_do_not_collide() {
         .sum();
     assert_eq!(applied, migration_count(), "each migration applied exactly once");
 }
+
+/// A database migrated by an earlier main (every migration but the newest)
+/// upgrades with `outbox::migrate` and keeps its unpublished events and
+/// failed jobs.
+#[test]
+fn a_database_of_the_previous_release_upgrades_and_keeps_its_rows() {
+    use diesel::migration::MigrationSource;
+    use diesel_migrations::MigrationHarness;
+    let db = TestDatabase::create_empty().unwrap();
+    let mut conn = db.connect().unwrap();
+    let mut migrations = MigrationSource::<diesel::pg::Pg>::migrations(&outbox::MIGRATIONS).unwrap();
+    migrations.sort_by(|a, b| a.name().version().cmp(&b.name().version()));
+    let newest = migrations.pop().unwrap();
+    diesel::migration::MigrationConnection::setup(&mut conn).unwrap();
+    for migration in &migrations {
+        conn.run_migration(migration).unwrap();
+    }
+    outbox::testing::record_ticks(&mut conn, "a1", 0..5).unwrap();
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query(
+            "INSERT INTO failed_jobs (uuid, listener, queue, event_id, payload, exception, attempts)
+             VALUES (gen_random_uuid(), 'audit', 'app.audit', gen_random_uuid(), '{}', 'boom', 3)",
+        ),
+        &mut conn,
+    )
+    .unwrap();
+
+    let applied = outbox::migrate(&mut conn).unwrap();
+    assert_eq!(applied, vec![newest.name().version().to_string()]);
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL"
+        ),
+        5
+    );
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM failed_jobs"), 1);
+}

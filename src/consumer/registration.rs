@@ -1,0 +1,85 @@
+//! The listener registry in the database (`outbox_listeners`): a worker
+//! records the listeners it runs and their queues when it starts, so
+//! operators' tools find every listener without flags.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+
+use crate::consumer::topology::ListenerQueues;
+use crate::error::Result;
+use crate::schema::outbox_listeners::dsl;
+
+/// A queued listener as its worker registered it.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = crate::schema::outbox_listeners)]
+pub struct RegisteredListener {
+    /// Queue-name prefix of the worker's app.
+    pub app: String,
+    /// The listener's name.
+    pub listener: String,
+    /// The exchange its queue is bound to.
+    pub exchange: String,
+    /// `<app>.<listener>`.
+    pub queue: String,
+    /// Its retry queues, one per distinct backoff delay.
+    pub retry_queues: Vec<String>,
+    /// Its dead-letter queue.
+    pub dead_queue: String,
+    /// The event types its queue is bound to.
+    pub event_types: Vec<String>,
+    /// The worker that registered it last.
+    pub worker_id: String,
+    /// When.
+    pub registered_at: DateTime<Utc>,
+}
+
+/// One `outbox_listeners` row as a worker writes it.
+#[derive(Insertable, AsChangeset)]
+#[diesel(table_name = crate::schema::outbox_listeners)]
+struct Registration<'a> {
+    app: &'a str,
+    listener: &'a str,
+    exchange: &'a str,
+    queue: &'a str,
+    retry_queues: Vec<String>,
+    dead_queue: &'a str,
+    event_types: &'a [String],
+    worker_id: &'a str,
+}
+
+/// Records (or refreshes) the listeners a worker of `app` runs.
+pub(crate) fn register(
+    conn: &mut PgConnection,
+    exchange: &str,
+    app: &str,
+    worker_id: &str,
+    listeners: &[ListenerQueues],
+) -> Result<()> {
+    for queues in listeners {
+        let row = Registration {
+            app,
+            listener: &queues.listener,
+            exchange,
+            queue: &queues.queue,
+            retry_queues: queues.retries.iter().map(|(_, name)| name.clone()).collect(),
+            dead_queue: &queues.dead,
+            event_types: &queues.event_types,
+            worker_id,
+        };
+        diesel::insert_into(dsl::outbox_listeners)
+            .values(&row)
+            .on_conflict((dsl::app, dsl::listener))
+            .do_update()
+            .set((&row, dsl::registered_at.eq(diesel::dsl::now)))
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// Every registered listener, by app and name.
+pub fn registered_listeners(conn: &mut PgConnection) -> Result<Vec<RegisteredListener>> {
+    Ok(dsl::outbox_listeners
+        .select(RegisteredListener::as_select())
+        .order((dsl::app, dsl::listener))
+        .load(conn)?)
+}
