@@ -310,22 +310,8 @@ fn run_claimed(
     options: &ListenerOptions,
     ran: &mut Ran,
 ) -> std::result::Result<bool, TxError> {
-    if !claim.locked {
-        return Err(TxError::Busy);
-    }
-    let previous = u32::try_from(claim.previous).unwrap_or(0);
-    finish_claimed(
-        conn,
-        listener,
-        delivery,
-        options,
-        Claimed {
-            inserted: claim.inserted,
-            attempt: delivery.attempt.max(previous + 1),
-            clear_attempts: delivery.clear_attempts || previous > 0,
-        },
-        ran,
-    )
+    let claimed = Claimed::of(delivery, claim.locked, claim.inserted, claim.previous)?;
+    finish_claimed(conn, listener, delivery, options, claimed, ran)
 }
 
 /// What a delivery's run did: whether its handler ran, and whether
@@ -342,6 +328,23 @@ struct Claimed {
     inserted: bool,
     attempt: u32,
     clear_attempts: bool,
+}
+
+impl Claimed {
+    /// What a claim found for `delivery`: busy when another session holds
+    /// the event; else whether its row is new, and its try number and
+    /// attempts clean-up raised to what Postgres holds.
+    fn of(delivery: &InboxTry<'_>, locked: bool, inserted: bool, previous: i32) -> Result<Self, TxError> {
+        if !locked {
+            return Err(TxError::Busy);
+        }
+        let previous = u32::try_from(previous).unwrap_or(0);
+        Ok(Self {
+            inserted,
+            attempt: delivery.attempt.max(previous + 1),
+            clear_attempts: delivery.clear_attempts || previous > 0,
+        })
+    }
 }
 
 /// After the claim: a duplicate is acknowledged (its attempt count
@@ -428,22 +431,8 @@ fn handle_one(
     )
     .get_result::<Claim>(conn)
     .map_err(TxError::Setup)?;
-    if !claim.locked {
-        return Err(TxError::Busy);
-    }
-    let previous = u32::try_from(claim.previous).unwrap_or(0);
-    finish_claimed(
-        conn,
-        listener,
-        delivery,
-        options,
-        Claimed {
-            inserted: claim.inserted > 0,
-            attempt: delivery.attempt.max(previous + 1),
-            clear_attempts: delivery.clear_attempts || previous > 0,
-        },
-        ran,
-    )
+    let claimed = Claimed::of(delivery, claim.locked, claim.inserted > 0, claim.previous)?;
+    finish_claimed(conn, listener, delivery, options, claimed, ran)
 }
 
 /// What a single delivery's transaction outcome means for the worker.
