@@ -54,6 +54,18 @@ fn batched() -> ListenerOptions {
     }
 }
 
+/// Twenty `widget.created` events of kind `good`, with `special` at the
+/// given positions instead.
+fn twenty_events(special: &[(usize, &str)]) -> Vec<TestEvent> {
+    let mut events: Vec<TestEvent> = (0..20)
+        .map(|i| TestEvent::new("widget.created", json!({"n": i, "kind": "good"})))
+        .collect();
+    for (at, kind) in special {
+        events[*at] = TestEvent::new("widget.created", json!({"kind": kind}));
+    }
+    events
+}
+
 /// Publishes `events` into the listener's queue before any worker runs, so
 /// the worker gets them all at once.
 async fn queue_before_start(broker: &mut TestBroker, registry: &Registry, events: &[TestEvent]) {
@@ -86,11 +98,7 @@ async fn a_batch_commits_the_good_ones_once_and_sends_the_failed_ones_on() {
     let registry = Registry::new()
         .queued_listener_with(&["widget.created"], listener.clone(), batched())
         .unwrap();
-    let mut events: Vec<TestEvent> = (0..20)
-        .map(|i| TestEvent::new("widget.created", json!({"n": i, "kind": "good"})))
-        .collect();
-    events[7] = TestEvent::new("widget.created", json!({"kind": "permanent"}));
-    events[13] = TestEvent::new("widget.created", json!({"kind": "transient"}));
+    let events = twenty_events(&[(7, "permanent"), (13, "transient")]);
     let (permanent, transient) = (events[7].event_id, events[13].event_id);
     queue_before_start(&mut broker, &registry, &events).await;
     let worker = Running::start(&db, &mut broker, &registry).await;
@@ -168,10 +176,7 @@ async fn a_backend_terminated_mid_batch_loses_nothing_and_uses_no_try() {
     let registry = Registry::new()
         .queued_listener_with(&["widget.created"], listener.clone(), batched())
         .unwrap();
-    let mut events: Vec<TestEvent> = (0..20)
-        .map(|i| TestEvent::new("widget.created", json!({"n": i, "kind": "good"})))
-        .collect();
-    events[10] = TestEvent::new("widget.created", json!({"kind": "terminate"}));
+    let events = twenty_events(&[(10, "terminate")]);
     let terminated = events[10].event_id;
     queue_before_start(&mut broker, &registry, &events).await;
     let worker = Running::start(&db, &mut broker, &registry).await;
@@ -219,10 +224,7 @@ async fn a_broker_connection_lost_between_a_batchs_commit_and_its_acks_has_no_se
     let registry = Registry::new()
         .queued_listener_with(&["widget.created"], listener.clone(), batched())
         .unwrap();
-    let mut events: Vec<TestEvent> = (0..20)
-        .map(|i| TestEvent::new("widget.created", json!({"n": i, "kind": "good"})))
-        .collect();
-    events[5] = TestEvent::new("widget.created", json!({"kind": "cut"}));
+    let events = twenty_events(&[(5, "cut")]);
     let cut = events[5].event_id;
     queue_before_start(&mut broker, &registry, &events).await;
     let proxied = proxy.amqp_url();

@@ -179,15 +179,12 @@ async fn a_worker_killed_between_a_batchs_commit_and_its_acks_applies_each_event
     };
     let replacement = spawn_worker_with(&p, &amqp_url(), &metrics_addr);
     let queue = p.broker.queue("record_audit_log").queue.clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while outcomes(&metrics_addr, "record_audit_log", "duplicate") < 1.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the redelivered messages were not acknowledged as duplicates (seen {})",
-            outcomes(&metrics_addr, "record_audit_log", "duplicate")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    outbox::testing::eventually(
+        "the redelivered messages acknowledged as duplicates",
+        Duration::from_secs(30),
+        || outcomes(&metrics_addr, "record_audit_log", "duplicate") >= 1.0,
+    )
+    .await;
     crate::pipeline::wait_for_messages(&queue, 0).await;
     drop(replacement);
     p.stop().await;
