@@ -21,6 +21,9 @@ GRANT SELECT, UPDATE, DELETE ON outbox_events TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_leases TO outbox_relay;
 -- The pause switch (`outbox pause`/`resume` need UPDATE; the relay only reads).
 GRANT SELECT ON outbox_control TO outbox_relay;
+-- Relays alive: each relay heartbeats its row and deletes it when it stops,
+-- and deletes rows of relays gone for an hour (the dashboard reads them).
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relays TO outbox_relay;
 
 -- A write-path service records events in its own transactions: besides its
 -- domain grants it needs only INSERT (the seq identity needs no sequence

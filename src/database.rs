@@ -59,7 +59,7 @@ pub fn pool(url: &str, max_size: u32, connect_timeout: Duration) -> Result<PgPoo
 
 /// Runs blocking diesel `work` with a pooled connection on tokio's blocking
 /// pool, so async tasks never wait on Postgres on a worker thread.
-pub(crate) async fn run_blocking<T: Send + 'static>(
+pub async fn run_blocking<T: Send + 'static>(
     pool: &PgPool,
     work: impl FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
 ) -> Result<T> {

@@ -80,6 +80,10 @@ pub enum Error {
     /// A configuration value is out of range or malformed.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// An operator's input was refused (a page cursor, an edited payload,
+    /// ...): the message says what is wrong with it.
+    #[error("{0}")]
+    InvalidInput(String),
     /// The thing named does not exist (a failed job id, ...).
     #[error("not found: {0}")]
     NotFound(String),
@@ -219,7 +223,7 @@ impl From<Error> for ListenerError {
 
 /// `error` and each of its sources, joined with `: `, for a log line or a
 /// stored error text.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -16,17 +16,18 @@
 //! | queued listeners: retries, dead-lettering, batched commits, rate limits, accepted sources, the worker | [`consumer`] | [`Worker`], [`ListenerOptions`], [`RateLimit`], [`ReceivedEvent`] |
 //! | a listener's failure, the library's errors | `error.rs` | [`ListenerError`], [`Error`], [`Unconfirmed`] |
 //! | the listeners workers run, registered in the database | `consumer/registration.rs` | [`consumer::registered_listeners`] |
-//! | listener failures for good | [`failed_jobs`] | [`failed_jobs::list`], [`failed_jobs::retry`] |
+//! | listener failures for good: filtered pages, bulk retry, edit-and-retry | [`failed_jobs`] | [`failed_jobs::list_page`], [`failed_jobs::retry_matching`], [`failed_jobs::retry_edited`] |
+//! | "where is my event?": search, an aggregate's timeline per listener | [`timeline`] | [`timeline::search`], [`timeline::aggregate_timeline`] |
 //! | exactly-once listener effects (the worker's inbox transaction) | [`inbox`] (`consumer/inbox.rs`) | [`inbox::claim`] |
 //! | pruning and gauges on a schedule: published rows, expired leases, backlog gauges (relay); inbox rows, attempt counts (worker) | `maintenance` (one service a file) | [`RelayConfig::retention`], [`WorkerConfig::prune_interval`], [`inbox::prune`] |
 //! | asserting on recorded events in tests | `fake.rs` | [`EventFake`] |
 //! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
-//! | connections and safe-to-print URLs | `database.rs` | [`connect`], [`pool`], [`redact_url`] |
+//! | connections, diesel work on the blocking pool, safe-to-print URLs | `database.rs` | [`connect`], [`pool`], [`run_blocking`], [`redact_url`] |
 //! | RabbitMQ connection, exchange | [`amqp`] | [`DEFAULT_AMQP_URL`], [`DEFAULT_EXCHANGE`] |
 //! | database, broker and exchange from `DATABASE_URL`, `AMQP_URL`, `OUTBOX_EXCHANGE` | [`settings`] | [`Settings::from_env`] |
 //! | the wire format | [`cloudevents`] | [`cloudevents::encode_body`] |
 //! | text cut to a bound for columns, headers and messages | [`text`] | [`text::bounded_text`] |
-//! | publishing committed events | [`relay`] | [`Relay`], [`RelayConfig`] |
+//! | publishing committed events; relays alive, published per minute | [`relay`] | [`Relay`], [`RelayConfig`], [`relay::presence::relays`], [`relay::history::published_per_minute`] |
 //! | writers waking relays after commit | [`wake`] | [`wake::WakeSender`], [`wake::WakeListener`] |
 //! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |
 //! | publishing stored events again, to one queue | [`replay`] | [`replay::select`], [`replay::publish_to_queue`] |
@@ -89,6 +90,7 @@ pub mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod text;
+pub mod timeline;
 pub mod wake;
 
 pub use amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE};
@@ -96,9 +98,11 @@ pub use consumer::inbox;
 pub use consumer::{
     HandlerContext, ListenerOptions, QueuedListener, RateLimit, ReceivedEvent, Worker, WorkerConfig,
 };
-pub use database::{DEFAULT_DATABASE_URL, PgPool, connect, create_database_if_missing, pool, redact_url};
+pub use database::{
+    DEFAULT_DATABASE_URL, PgPool, connect, create_database_if_missing, pool, redact_url, run_blocking,
+};
 pub use envelope::{DEFAULT_MAX_PAYLOAD_BYTES, EventEnvelope, JsonPayload, MAX_PAYLOAD_BYTES_LIMIT};
-pub use error::{BoxError, Error, ListenerError, Result, Unconfirmed};
+pub use error::{BoxError, Error, ListenerError, Result, Unconfirmed, error_chain};
 pub use event::{DomainEvent, Metadata};
 pub use fake::EventFake;
 pub use metrics::Health;

@@ -94,11 +94,41 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// Relays alive: one row per running relay, heartbeated.
+    outbox_relays (relay_id) {
+        relay_id -> Text,
+        hostname -> Text,
+        pid -> Int4,
+        version -> Text,
+        started_at -> Timestamptz,
+        heartbeat_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    /// Payload edits of edit-and-retry: the original and the edit, who and when.
+    failed_job_edits (id) {
+        id -> Int8,
+        failed_job_uuid -> Uuid,
+        listener -> Text,
+        queue -> Text,
+        event_id -> Nullable<Uuid>,
+        event_type -> Nullable<Text>,
+        original -> Jsonb,
+        edited -> Jsonb,
+        edited_by -> Text,
+        edited_at -> Timestamptz,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     outbox_events,
     outbox_leases,
     failed_jobs,
     processed_events,
     outbox_control,
-    outbox_listeners
+    outbox_listeners,
+    outbox_relays,
+    failed_job_edits
 );

@@ -69,6 +69,9 @@ pub struct FilterArgs {
     /// Only jobs that failed before this time: RFC 3339 or a duration ago (30m).
     #[arg(long, value_parser = parse_time)]
     until: Option<DateTime<Utc>>,
+    /// Only jobs whose final error contains this text (case-insensitive).
+    #[arg(long)]
+    error_contains: Option<String>,
     /// At most this many jobs, 1 to 10000 [default: 50 for list, 10000 for retry --all].
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..=failed_jobs::MAX_LIST_LIMIT))]
     limit: Option<i64>,
@@ -81,6 +84,8 @@ impl FilterArgs {
             event_type: self.event_type.clone(),
             since: self.since,
             until: self.until,
+            error_contains: self.error_contains.clone(),
+            after: None,
             limit: Some(self.limit.unwrap_or(default_limit)),
         }
     }

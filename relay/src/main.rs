@@ -3,6 +3,7 @@
 //! Exit status: 0 on success, 1 on failure, 2 on bad usage.
 
 mod bench_cmd;
+mod dashboard_cmd;
 mod failed_cmd;
 mod migrate;
 mod pause;
@@ -84,6 +85,15 @@ enum Command {
     /// Example: outbox topology delete --app chom --listener record_audit_log --delete-exchange
     #[command(subcommand)]
     Topology(topology_cmd::TopologyCommand),
+    /// Serve the operator's web dashboard (its own process; relays stay lean).
+    ///
+    /// Overview, listeners, failed jobs with bulk and edit-and-retry, and
+    /// an aggregate's timeline. Changes need a token from
+    /// OUTBOX_DASHBOARD_TOKEN or --token-file (never a flag); without one
+    /// it is read-only and listens on loopback only.
+    ///
+    /// Example: OUTBOX_DASHBOARD_TOKEN=$(openssl rand -hex 24) outbox dashboard --bind 127.0.0.1:8090
+    Dashboard(Box<dashboard_cmd::DashboardArgs>),
     /// Let relays claim again after `outbox pause`.
     ///
     /// Example: outbox resume
@@ -105,6 +115,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status_cmd::run(database_url, &args),
         Command::Replay(args) => replay_cmd::run(database_url, &args),
         Command::Resume => pause::resume(database_url),
+        Command::Dashboard(args) => dashboard_cmd::run(database_url, &args),
         Command::Topology(command) => topology_cmd::run(&command),
         Command::Bench(args) => bench_cmd::run(database_url, global.log_format, &args),
     };

@@ -208,13 +208,12 @@ fn listener_status(
                 retry_queues: retry_names,
                 dead_queue,
             } = target;
-            let depth = outbox::amqp::queue_depth(&connection, &queue).await?;
-            let dead_depth = outbox::amqp::queue_depth(&connection, &dead_queue).await?;
-            let mut retry_queues = Vec::new();
-            for name in retry_names {
-                let depth = outbox::amqp::queue_depth(&connection, &name).await?;
-                retry_queues.push(QueueDepth { queue: name, depth });
-            }
+            let depths = topology::measure_depths(&connection, &queue, &retry_names, &dead_queue).await?;
+            let retry_queues: Vec<QueueDepth> = depths
+                .retry_queues
+                .into_iter()
+                .map(|(queue, depth)| QueueDepth { queue, depth })
+                .collect();
             let failed_jobs = failed
                 .iter()
                 .filter(|f| f.listener == listener && f.queue == queue)
@@ -223,12 +222,12 @@ fn listener_status(
             out.push(ListenerStatus {
                 app,
                 listener,
-                retry_depth: retry_queues.iter().filter_map(|q| q.depth).sum(),
+                retry_depth: depths.retry_depth,
                 queue,
-                depth,
+                depth: depths.depth,
                 retry_queues,
                 dead_queue,
-                dead_depth,
+                dead_depth: depths.dead_depth,
                 failed_jobs,
             });
         }

@@ -202,3 +202,29 @@ pub(crate) fn clear_attempts(conn: &mut PgConnection, listener: &str, event_id: 
     .execute(conn)?;
     Ok(())
 }
+
+/// `(listener, event, failed tries, last failure)`.
+pub(crate) type RetryingEvent = (String, Uuid, i32, DateTime<Utc>);
+
+/// The events `ids` being retried, for the timeline.
+pub(crate) fn attempts_for(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<RetryingEvent>> {
+    Ok(listener_attempts::table
+        .filter(listener_attempts::event_id.eq_any(ids))
+        .select((
+            listener_attempts::listener,
+            listener_attempts::event_id,
+            listener_attempts::attempts,
+            listener_attempts::updated_at,
+        ))
+        .load(conn)?)
+}
+
+/// How many events each listener is retrying: `(listener, count)`, by
+/// listener.
+pub fn retrying_by_listener(conn: &mut PgConnection) -> Result<Vec<(String, i64)>> {
+    Ok(listener_attempts::table
+        .group_by(listener_attempts::listener)
+        .select((listener_attempts::listener, diesel::dsl::count_star()))
+        .order(listener_attempts::listener)
+        .load(conn)?)
+}

@@ -65,6 +65,7 @@ mod fuzz;
 /// Deleting attempt counts left behind (a worker runs it on a schedule:
 /// [`WorkerConfig::prune_interval`]).
 pub use crate::maintenance::attempts_pruner::prune_attempts;
+pub use attempts::retrying_by_listener;
 pub use config::WorkerConfig;
 pub use headers::{ERROR_HEADER, FAILED_JOB_HEADER, HEADERS_DROPPED_HEADER, RETRY_HEADER};
 pub use listener::{HandlerContext, ListenerError, ListenerOptions, QueuedListener, RateLimit};

@@ -275,3 +275,38 @@ mod tests {
         assert_eq!(delay_label(Duration::from_millis(20)), "20ms");
     }
 }
+
+/// The depths of one listener's queues, read with passive declares (no
+/// management plugin); a depth is `None` when that queue does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueDepths {
+    /// Messages ready in `<app>.<listener>`.
+    pub depth: Option<u32>,
+    /// Each retry queue with its depth.
+    pub retry_queues: Vec<(String, Option<u32>)>,
+    /// Messages waiting out a delay, over every retry queue.
+    pub retry_depth: u32,
+    /// Copies in `<queue>.dead`.
+    pub dead_depth: Option<u32>,
+}
+
+/// Reads the depths of `queue`, its `retry_queues` and `dead_queue`.
+pub async fn measure_depths(
+    connection: &lapin::Connection,
+    queue: &str,
+    retry_queues: &[String],
+    dead_queue: &str,
+) -> Result<QueueDepths> {
+    let depth = crate::amqp::queue_depth(connection, queue).await?;
+    let dead_depth = crate::amqp::queue_depth(connection, dead_queue).await?;
+    let mut retries = Vec::with_capacity(retry_queues.len());
+    for name in retry_queues {
+        retries.push((name.clone(), crate::amqp::queue_depth(connection, name).await?));
+    }
+    Ok(QueueDepths {
+        depth,
+        retry_depth: retries.iter().filter_map(|(_, d)| *d).sum(),
+        retry_queues: retries,
+        dead_depth,
+    })
+}

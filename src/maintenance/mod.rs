@@ -8,6 +8,7 @@
 //! | [`published_pruner`] | deletes published `outbox_events` rows past the retention; with retention 0 (rows deleted on publish) the kept unroutable rows after 7 days | relay | [`RelayConfig::prune_interval`](crate::RelayConfig::prune_interval) (60 s) | [`RelayConfig::retention`](crate::RelayConfig::retention) (7 days) |
 //! | [`lease_cleaner`] | deletes `outbox_leases` rows that expired over a minute ago (their relay died) | relay | [`RelayConfig::prune_interval`](crate::RelayConfig::prune_interval) (60 s) | 1 minute past expiry |
 //! | [`backlog_gauges`] | refreshes the backlog gauges (`outbox_backlog`, oldest unpublished age, failed, unroutable, paused) | relay | [`RelayConfig::stats_interval`](crate::RelayConfig::stats_interval) (5 s) | none |
+//! | [`relay_heartbeat`] | upserts the relay's row in `outbox_relays` (relays alive, for the dashboard) and deletes rows of relays gone for an hour | relay | [`PRESENCE_INTERVAL`](crate::relay::presence::PRESENCE_INTERVAL) (5 s) | 1 hour after the last heartbeat |
 //! | [`inbox_pruner`] | deletes `processed_events` (inbox) rows older than the retention | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::inbox_retention`](crate::WorkerConfig::inbox_retention) (7 days) |
 //! | [`attempts_pruner`] | deletes `listener_attempts` rows not touched for the retention (left behind by messages purged from their queues by hand) | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::attempts_retention`](crate::WorkerConfig::attempts_retention) (7 days) |
 //!
@@ -48,6 +49,7 @@ pub(crate) mod backlog_gauges;
 pub(crate) mod inbox_pruner;
 pub(crate) mod lease_cleaner;
 pub(crate) mod published_pruner;
+pub(crate) mod relay_heartbeat;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,10 +3,11 @@
 //!
 //! [`Relay::run`] connects to the broker, runs the claim/publish/confirm
 //! loop (`engine/`), reconnects with backoff when the broker goes away
-//! (holding nothing in memory meanwhile), and runs three maintenance
+//! (holding nothing in memory meanwhile), and runs four maintenance
 //! services beside it (`src/maintenance/`): the published pruner
 //! (deletes published rows past retention), the lease cleaner (deletes
-//! expired leases of dead relays) and the backlog gauges.
+//! expired leases of dead relays), the backlog gauges and the relay
+//! heartbeat (its row in `outbox_relays`, [`presence`]).
 //!
 //! ## How relays share the table
 //!
@@ -80,6 +81,8 @@
 
 pub(crate) mod config;
 mod engine;
+pub mod history;
+pub mod presence;
 mod publisher;
 /// The relay's SQL (claim, mark, leases, failures, prune). Public only with
 /// the `testing` feature, for the library's own claim and liveness tests;
@@ -102,6 +105,7 @@ use crate::maintenance::Maintenance;
 use crate::maintenance::backlog_gauges::BacklogGauges;
 use crate::maintenance::lease_cleaner::LeaseCleaner;
 use crate::maintenance::published_pruner::PublishedPruner;
+use crate::maintenance::relay_heartbeat::RelayHeartbeat;
 use crate::metrics as m;
 
 use crate::amqp::SessionEnd;
@@ -153,10 +157,10 @@ impl Relay {
     pub fn new(config: RelayConfig) -> Result<Self> {
         config.validate()?;
         let pool = Pool::builder()
-            // The heartbeat, and one each for the three maintenance
+            // The lease heartbeat, and one each for the four maintenance
             // services, so a renewal never waits behind them (the claim
             // and mark lanes keep connections of their own).
-            .max_size(5)
+            .max_size(6)
             .min_idle(Some(0))
             .connection_timeout(Duration::from_secs(5))
             .connection_customizer(Box::new(RelaySession::new(&config.relay_id)))
@@ -201,6 +205,7 @@ impl Relay {
         maintenance.start(PublishedPruner::new(&config));
         maintenance.start(LeaseCleaner::new(&config));
         maintenance.start(BacklogGauges::new(&config));
+        maintenance.start(RelayHeartbeat::new(&config));
         let mut shutdown = std::pin::pin!(shutdown);
         let mut reconnect = Backoff::new(Duration::from_millis(100), config.reconnect_max);
         loop {
@@ -234,6 +239,16 @@ impl Relay {
             }
         }
         maintenance.stop().await;
+        // Gone from the dashboard's relays at once rather than after missed
+        // heartbeats; a failure only delays that.
+        let relay_id = config.relay_id.clone();
+        if let Err(error) = crate::database::run_blocking(&self.shared.pool, move |conn| {
+            presence::unregister(conn, &relay_id)
+        })
+        .await
+        {
+            tracing::debug!(error = %error_chain(&error), "cannot delete this relay's presence row");
+        }
         // Dropping joins the listener's thread: off the async workers.
         let _ = tokio::task::spawn_blocking(move || drop(listener)).await;
         tracing::info!(relay_id = %config.relay_id, "relay stopped");

@@ -8,27 +8,32 @@
 //! (`<app>.<listener>.dead`). At most one row exists per (listener,
 //! event id), so a redelivery after a crash cannot add a second one.
 //!
-//! The functions here are what operators' tools build on: [`list`] with
-//! filters (newest first), [`get`], [`forget`], [`flush`], [`prune`], and
-//! [`retry`], which republishes the stored event to the listener's own
-//! queue (never to the other listeners of the event) and deletes the row
-//! once the broker has confirmed it.
+//! The functions here are what operators' tools build on: [`list_page`]
+//! with filters and a keyset cursor, [`count`] (`query.rs`); [`get`],
+//! [`forget`], [`flush`], [`prune`]; [`retry`], [`retry_many`] and
+//! [`retry_matching`] (`retry.rs`), which republish the stored event to the
+//! listener's own queue (never to the other listeners of the event) and
+//! delete the row once the broker has confirmed it; and [`retry_edited`]
+//! (`edits.rs`), edit-and-retry with both versions kept.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Double, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::cloudevents::CONTENT_TYPE;
-use crate::database::PgPool;
 use crate::error::{Error, Result};
 use crate::schema::failed_jobs;
+
+mod edits;
+mod query;
+mod retry;
+
+pub use edits::{FailedJobEdit, edits_for, retry_edited, validate_edit};
+pub use query::{Cursor, Filter, Page, count, list, list_page, matching_ids};
+pub use retry::{RETRY_CHUNK, RetryOutcome, retry, retry_body, retry_many, retry_matching};
 
 /// Longest exception text kept, in bytes (the column allows 65,536
 /// characters); longer texts are cut on a character boundary.
@@ -238,50 +243,6 @@ pub fn insert(conn: &mut PgConnection, job: &NewFailedJob<'_>) -> Result<(i64, b
     Ok((existing.unwrap_or(0), false))
 }
 
-/// Which failed jobs [`list`] returns.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
-    /// Only this listener's.
-    pub listener: Option<String>,
-    /// Only this event type's.
-    pub event_type: Option<String>,
-    /// Only jobs that failed at or after this time.
-    pub since: Option<DateTime<Utc>>,
-    /// Only jobs that failed before this time.
-    pub until: Option<DateTime<Utc>>,
-    /// At most this many rows. Default (`None`) 100; at most
-    /// [`MAX_LIST_LIMIT`].
-    pub limit: Option<i64>,
-}
-
-/// Failed jobs matching `filter`, newest first.
-pub fn list(conn: &mut PgConnection, filter: &Filter) -> Result<Vec<FailedJob>> {
-    let limit = filter.limit.unwrap_or(100);
-    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
-        return Err(Error::Config(format!(
-            "limit must be between 1 and {MAX_LIST_LIMIT}, not {limit}"
-        )));
-    }
-    let mut query = failed_jobs::table.select(COLUMNS).into_boxed();
-    if let Some(listener) = &filter.listener {
-        query = query.filter(failed_jobs::listener.eq(listener));
-    }
-    if let Some(event_type) = &filter.event_type {
-        query = query.filter(failed_jobs::event_type.eq(event_type));
-    }
-    if let Some(since) = filter.since {
-        query = query.filter(failed_jobs::failed_at.ge(since));
-    }
-    if let Some(until) = filter.until {
-        query = query.filter(failed_jobs::failed_at.lt(until));
-    }
-    let rows = query
-        .order((failed_jobs::failed_at.desc(), failed_jobs::id.desc()))
-        .limit(limit)
-        .load::<Row>(conn)?;
-    Ok(rows.into_iter().map(from_row).collect())
-}
-
 /// The failed job with id `id`.
 pub fn get(conn: &mut PgConnection, id: i64) -> Result<Option<FailedJob>> {
     Ok(failed_jobs::table
@@ -323,6 +284,12 @@ pub fn forget(conn: &mut PgConnection, id: i64) -> Result<bool> {
     Ok(diesel::delete(failed_jobs::table.find(id)).execute(conn)? == 1)
 }
 
+/// Deletes the failed jobs `ids` without retrying them. Returns how many
+/// existed.
+pub fn forget_many(conn: &mut PgConnection, ids: &[i64]) -> Result<usize> {
+    Ok(diesel::delete(failed_jobs::table.filter(failed_jobs::id.eq_any(ids))).execute(conn)?)
+}
+
 /// Deletes every failed job, or with `older_than_hours` only those that
 /// failed longer ago than that. Returns how many.
 pub fn flush(conn: &mut PgConnection, older_than_hours: Option<f64>) -> Result<usize> {
@@ -345,59 +312,6 @@ pub fn prune(conn: &mut PgConnection, hours: f64) -> Result<usize> {
     )
     .bind::<Double, _>(hours)
     .execute(conn)?)
-}
-
-/// Republishes failed job `id` to its listener's own queue (through the
-/// default exchange, so no other listener sees it again), waits for the
-/// broker's confirm, then deletes the row and returns it.
-///
-/// `channel` must be in confirm mode (`confirm_select`). The retried
-/// message starts with a fresh attempt count. If the confirm does not come
-/// within `confirm_timeout`, or the queue does not exist, the row stays.
-pub async fn retry(
-    pool: &PgPool,
-    channel: &Channel,
-    id: i64,
-    confirm_timeout: Duration,
-) -> Result<FailedJob> {
-    let job = crate::database::run_blocking(pool, move |conn| get(conn, id))
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("failed job {id}")))?;
-    let body = retry_body(&job.payload);
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-outbox-retried-failed-job".into(),
-        AMQPValue::LongLongInt(job.id),
-    );
-    let mut properties = BasicProperties::default()
-        .with_content_type(CONTENT_TYPE.into())
-        .with_delivery_mode(2)
-        .with_app_id("outbox-failed-retry".into())
-        .with_headers(headers);
-    if let Some(event_id) = job.event_id {
-        properties = properties.with_message_id(event_id.to_string().into());
-    }
-    if let Some(event_type) = job.event_type.as_deref()
-        && let Ok(short) = lapin::types::ShortString::try_new(event_type)
-    {
-        properties = properties.with_type(short);
-    }
-    crate::amqp::publish_to_queue(channel, &job.queue, &body, properties, confirm_timeout)
-        .await
-        .map_err(|error| error.in_context(|context| format!("failed job {id} kept: {context}")))?;
-    crate::database::run_blocking(pool, move |conn| forget(conn, id)).await?;
-    Ok(job)
-}
-
-/// The bytes to republish for a stored payload: the CloudEvents document,
-/// or the raw body of a malformed message.
-pub fn retry_body(payload: &serde_json::Value) -> Vec<u8> {
-    if payload.get("malformed").and_then(serde_json::Value::as_bool) == Some(true)
-        && let Some(raw) = payload.get("raw_body").and_then(serde_json::Value::as_str)
-    {
-        return raw.as_bytes().to_vec();
-    }
-    serde_json::to_vec(payload).unwrap_or_default()
 }
 
 /// What `failed_jobs.payload` holds for a message body: the JSON document

@@ -1,0 +1,115 @@
+//! # outbox-dashboard
+//!
+//! The operator's web dashboard of a transactional outbox, served by
+//! `outbox dashboard` in a process of its own (relays stay lean). Pages are
+//! rendered on the server with maud (every value escaped), work without
+//! JavaScript (the policy forbids scripts), and reload themselves where
+//! figures move.
+//!
+//! ## Map of the crate
+//!
+//! | concern | file |
+//! | --- | --- |
+//! | settings, tokens | `config.rs`: [`DashboardConfig`], [`Credentials`] |
+//! | logins, sessions, CSRF, the audit log of actions | `auth.rs` |
+//! | security headers (CSP, framing, caching) | `security.rs` |
+//! | pool, broker link, sessions shared by handlers | `state.rs` |
+//! | failures as pages (400 says why; 500 details only in the log) | `error.rs`: [`DashboardError`] |
+//! | the page frame, navigation, forms' common parts | `pages/layout.rs` |
+//! | overview: backlog, chart, relays, pause, relay-failed rows | `pages/overview.rs` |
+//! | listeners: queues, retry and dead-letter depths, failures | `pages/listeners.rs` |
+//! | failed jobs: filters, keyset pages, bulk actions | `pages/failed.rs` |
+//! | one failed job: envelope, tries, edits; retry, forget, edit-and-retry | `pages/job.rs` |
+//! | "where is my event?": search and an aggregate's timeline | `pages/events.rs` |
+//! | reading filter and form input into 400s, not 500s | `pages/params.rs` |
+//! | the published-per-minute chart (inline SVG) | `chart.rs` |
+//! | the embedded stylesheet | `assets/style.css` |
+//!
+//! ## Security
+//!
+//! Mutations need a logged-in operator (a token from [`TOKEN_ENV`] or a
+//! file named by [`TOKEN_FILE_ENV`], compared in constant time) and the
+//! session's CSRF token; without credentials the dashboard is read-only and
+//! refuses to listen on anything but loopback. Every action is logged with
+//! its operator under the `outbox_dashboard::audit` target.
+
+#![warn(missing_docs)]
+#![warn(unreachable_pub)]
+
+mod auth;
+mod chart;
+mod config;
+mod error;
+mod pages;
+mod security;
+mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+
+pub use config::{Credentials, DEFAULT_BIND, DashboardConfig, MIN_TOKEN_BYTES, TOKEN_ENV, TOKEN_FILE_ENV};
+pub use error::DashboardError;
+pub use security::CONTENT_SECURITY_POLICY;
+
+use state::AppState;
+
+/// Serves the dashboard on `config.bind` until `shutdown` resolves.
+/// `on_listening` is told the bound address (useful with port 0).
+pub async fn serve(
+    config: DashboardConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_listening: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), DashboardError> {
+    config.validate()?;
+    let bind = config.bind;
+    let state = Arc::new(AppState::new(config)?);
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|e| DashboardError::Start(format!("cannot listen on {bind}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| DashboardError::Start(format!("cannot read the bound address: {e}")))?;
+    tracing::info!(
+        address = %local,
+        read_only = state.config.credentials.is_none(),
+        database = %outbox::redact_url(&state.config.database_url),
+        "dashboard listening"
+    );
+    on_listening(local);
+    let app = router(Arc::clone(&state));
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    state.close().await;
+    served.map_err(|e| DashboardError::Start(format!("the server stopped: {e}")))
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    use pages::{events, failed, job, listeners, overview};
+    Router::new()
+        .route("/", get(overview::show))
+        .route("/pause", post(overview::pause))
+        .route("/resume", post(overview::resume))
+        .route("/relay-failed/retry", post(overview::retry_relay_failed))
+        .route("/listeners", get(listeners::show))
+        .route("/failed", get(failed::list))
+        .route("/failed/retry", post(failed::retry_selected))
+        .route("/failed/forget", post(failed::forget_selected))
+        .route(
+            "/failed/retry-matching",
+            get(failed::confirm_retry_matching).post(failed::retry_matching),
+        )
+        .route("/failed/{id}", get(job::show))
+        .route("/failed/{id}/retry", post(job::retry))
+        .route("/failed/{id}/forget", post(job::forget))
+        .route("/failed/{id}/edit", get(job::edit_form).post(job::edit_and_retry))
+        .route("/events", get(events::search))
+        .route("/timeline", get(events::timeline))
+        .route("/login", get(auth::login_form).post(auth::login))
+        .route("/logout", post(auth::logout))
+        .route("/assets/style.css", get(pages::layout::stylesheet))
+        .fallback(pages::layout::not_found)
+        .layer(axum::middleware::from_fn(security::headers))
+        .with_state(state)
+}

@@ -1,0 +1,231 @@
+//! Failed jobs: a filter (listener, event type, time range, text in the
+//! error), pages by keyset cursor (newest first; fast at any depth), and
+//! bulk actions: retry or forget the selected, retry everything matching
+//! the filter after a confirmation that shows the count.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum_extra::extract::Form;
+use maud::{Markup, html};
+use serde::Deserialize;
+
+use crate::auth::{Operator, Viewer, audit};
+use crate::error::{DashboardError, Result};
+use crate::pages::layout::{csrf_field, link, notice, page, time};
+use crate::pages::params::{FilterQuery, ids};
+use crate::state::AppState;
+
+/// `GET /failed`.
+pub(crate) async fn list(
+    State(state): State<Arc<AppState>>,
+    viewer: Viewer,
+    Query(query): Query<FilterQuery>,
+) -> Result<Response> {
+    let filter = query.filter()?;
+    let (page_rows, listeners) = state
+        .db(move |conn| {
+            Ok((
+                outbox::failed_jobs::list_page(conn, &filter)?,
+                outbox::consumer::registered_listeners(conn)?,
+            ))
+        })
+        .await?;
+    let mut event_types: Vec<&str> = listeners
+        .iter()
+        .flat_map(|l| l.event_types.iter().map(String::as_str))
+        .collect();
+    event_types.sort_unstable();
+    event_types.dedup();
+    let pairs = query.pairs();
+    let next = page_rows.next.map(|cursor| {
+        let cursor = cursor.to_string();
+        let mut with_cursor = pairs.clone();
+        with_cursor.push(("after", Some(&cursor)));
+        link("/failed", &with_cursor)
+    });
+    let body = html! {
+        h1 { "Failed jobs" }
+        (notice(query.notice.as_deref()))
+        (filter_form(&query, &listeners.iter().map(|l| l.listener.as_str()).collect::<Vec<_>>(), &event_types))
+        @if page_rows.jobs.is_empty() {
+            p.empty #no-failed-jobs { "No failed job matches." }
+        } @else {
+            form #failed-jobs method="post" action="/failed/retry" {
+                @if let Some(operator) = &viewer.operator { (csrf_field(operator)) }
+                table {
+                    thead { tr {
+                        th { span.visually-hidden { "select" } } th { "id" } th { "failed" } th { "listener" } th { "event type" } th { "error" } th.num { "tries" }
+                    } }
+                    tbody {
+                        @for job in &page_rows.jobs {
+                            tr data-job=(job.id) {
+                                td { input type="checkbox" name="id" value=(job.id) aria-label=(format!("select failed job {}", job.id)); }
+                                td { a href=(format!("/failed/{}", job.id)) { (job.id) } }
+                                td { (time(job.failed_at)) }
+                                td { code { (job.listener) } }
+                                td { (job.event_type.as_deref().unwrap_or("?")) }
+                                td.error { (outbox::text::bounded_text(&job.exception, 200)) }
+                                td.num { (job.attempts) }
+                            }
+                        }
+                    }
+                }
+                @if viewer.operator.is_some() {
+                    div.actions {
+                        button type="submit" formaction="/failed/retry" { "Retry selected" }
+                        button.danger type="submit" formaction="/failed/forget" { "Forget selected" }
+                        a.button href=(link("/failed/retry-matching", &pairs)) { "Retry all matching…" }
+                    }
+                }
+            }
+            @if let Some(next) = next {
+                p.pager { a #next-page href=(next) { "Older →" } }
+            }
+        }
+    };
+    Ok(page("Failed jobs", &viewer, None, body).into_response())
+}
+
+fn filter_form(query: &FilterQuery, listeners: &[&str], event_types: &[&str]) -> Markup {
+    let value = |v: &Option<String>| v.clone().unwrap_or_default();
+    html! {
+        form.filters #filters method="get" action="/failed" {
+            label { "Listener" input type="text" name="listener" list="listener-names" value=(value(&query.listener)); }
+            datalist #listener-names { @for name in listeners { option value=(name) {} } }
+            label { "Event type" input type="text" name="event_type" list="event-types" value=(value(&query.event_type)); }
+            datalist #event-types { @for name in event_types { option value=(name) {} } }
+            label { "Since" input type="text" name="since" placeholder="2h or 2026-12-01T10:00" value=(value(&query.since)); }
+            label { "Until" input type="text" name="until" placeholder="RFC 3339 or UTC" value=(value(&query.until)); }
+            label { "Error contains" input type="search" name="error" value=(value(&query.error)); }
+            button type="submit" { "Filter" }
+            a href="/failed" { "Clear" }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct SelectedForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    id: Vec<String>,
+}
+
+/// `POST /failed/retry`: the selected jobs.
+pub(crate) async fn retry_selected(
+    State(state): State<Arc<AppState>>,
+    operator: Operator,
+    Form(form): Form<SelectedForm>,
+) -> Result<Response> {
+    operator.check_csrf(&form.csrf)?;
+    let ids = ids(&form.id)?;
+    audit(&operator, "retry", &format!("failed jobs {ids:?}"));
+    let (_, channel) = state.broker().await?;
+    let outcome =
+        outbox::failed_jobs::retry_many(&state.pool, &channel, &ids, state.config.confirm_timeout).await?;
+    Ok(Redirect::to(&link("/failed", &[("notice", Some(&summary(&outcome)))])).into_response())
+}
+
+/// `POST /failed/forget`: the selected jobs.
+pub(crate) async fn forget_selected(
+    State(state): State<Arc<AppState>>,
+    operator: Operator,
+    Form(form): Form<SelectedForm>,
+) -> Result<Response> {
+    operator.check_csrf(&form.csrf)?;
+    let ids = ids(&form.id)?;
+    audit(&operator, "forget", &format!("failed jobs {ids:?}"));
+    let forgotten = state
+        .db(move |conn| outbox::failed_jobs::forget_many(conn, &ids))
+        .await?;
+    let text = format!("Forgot {forgotten} failed jobs.");
+    Ok(Redirect::to(&link("/failed", &[("notice", Some(&text))])).into_response())
+}
+
+/// `GET /failed/retry-matching`: the confirmation, with the count.
+pub(crate) async fn confirm_retry_matching(
+    State(state): State<Arc<AppState>>,
+    viewer: Viewer,
+    Query(query): Query<FilterQuery>,
+) -> Result<Response> {
+    let filter = query.filter()?;
+    let count = state
+        .db(move |conn| outbox::failed_jobs::count(conn, &filter))
+        .await?;
+    let body = html! {
+        h1 { "Retry all matching" }
+        p #matching-count { "The filter matches " strong { (count) } " failed jobs"
+            @if query.is_empty() { " (no condition: every failed job)" } "." }
+        @if count == 0 {
+            p { a href=(link("/failed", &query.pairs())) { "Back" } }
+        } @else if let Some(operator) = &viewer.operator {
+            form method="post" action="/failed/retry-matching" {
+                (csrf_field(operator))
+                @for (key, value) in query.pairs() {
+                    @if let Some(value) = value { input type="hidden" name=(key) value=(value); }
+                }
+                input type="hidden" name="expected" value=(count);
+                button.danger type="submit" #confirm-retry-matching { "Retry these " (count) " jobs" }
+                " "
+                a href=(link("/failed", &query.pairs())) { "Cancel" }
+            }
+        } @else {
+            p { a href="/login" { "Log in" } " to retry them." }
+        }
+    };
+    Ok(page("Retry all matching", &viewer, None, body).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct MatchingForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    expected: String,
+    #[serde(flatten)]
+    filter: FilterQuery,
+}
+
+/// `POST /failed/retry-matching`.
+pub(crate) async fn retry_matching(
+    State(state): State<Arc<AppState>>,
+    operator: Operator,
+    Form(form): Form<MatchingForm>,
+) -> Result<Response> {
+    operator.check_csrf(&form.csrf)?;
+    let expected: i64 = form.expected.trim().parse().map_err(|_| {
+        DashboardError::BadRequest("expected: the count the confirmation showed is missing".into())
+    })?;
+    let mut filter = form.filter.filter()?;
+    filter.after = None;
+    audit(
+        &operator,
+        "retry_matching",
+        &format!("{filter:?}, {expected} confirmed"),
+    );
+    let (_, channel) = state.broker().await?;
+    let outcome =
+        outbox::failed_jobs::retry_matching(&state.pool, &channel, &filter, state.config.confirm_timeout)
+            .await?;
+    let mut pairs = form.filter.pairs();
+    let text = summary(&outcome);
+    pairs.push(("notice", Some(&text)));
+    Ok(Redirect::to(&link("/failed", &pairs)).into_response())
+}
+
+fn summary(outcome: &outbox::failed_jobs::RetryOutcome) -> String {
+    let mut text = format!("Retried {} failed jobs.", outcome.retried.len());
+    if !outcome.kept.is_empty() {
+        text.push_str(&format!(
+            " Kept {} (first reason: {}).",
+            outcome.kept.len(),
+            outcome.kept.first().map(|(_, why)| why.as_str()).unwrap_or("")
+        ));
+    }
+    if !outcome.missing.is_empty() {
+        text.push_str(&format!(" {} were already gone.", outcome.missing.len()));
+    }
+    text
+}

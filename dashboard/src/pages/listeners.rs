@@ -1,0 +1,99 @@
+//! Listeners: every listener workers registered (`outbox_listeners`), with
+//! its queue, retry and dead-letter depths (passive declares over AMQP),
+//! the events it is retrying and its failed jobs.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use maud::html;
+
+use crate::auth::Viewer;
+use crate::error::Result;
+use crate::pages::layout::{link, page, time};
+use crate::state::AppState;
+
+/// `GET /listeners`.
+pub(crate) async fn show(State(state): State<Arc<AppState>>, viewer: Viewer) -> Result<Response> {
+    let (registered, failed, retrying) = state
+        .db(|conn| {
+            Ok((
+                outbox::consumer::registered_listeners(conn)?,
+                outbox::failed_jobs::count_by_listener(conn)?,
+                outbox::consumer::retrying_by_listener(conn)?,
+            ))
+        })
+        .await?;
+    // Depths are best effort: the page still lists the listeners when the
+    // broker is away, and says so.
+    let mut depths = Vec::with_capacity(registered.len());
+    let mut broker_error = None;
+    if !registered.is_empty() {
+        match state.broker().await {
+            Ok((connection, _)) => {
+                for listener in &registered {
+                    match outbox::consumer::topology::measure_depths(
+                        &connection,
+                        &listener.queue,
+                        &listener.retry_queues,
+                        &listener.dead_queue,
+                    )
+                    .await
+                    {
+                        Ok(measured) => depths.push(Some(measured)),
+                        Err(error) => {
+                            broker_error.get_or_insert_with(|| outbox::error_chain(&error));
+                            depths.push(None);
+                        }
+                    }
+                }
+            }
+            Err(error) => broker_error = Some(error.to_string()),
+        }
+    }
+    let body = html! {
+        h1 { "Listeners" }
+        @if let Some(error) = &broker_error {
+            p.warn { "Queue depths unavailable: " (error) }
+        }
+        @if registered.is_empty() {
+            p.empty { "No worker has registered a listener in this database yet (workers register theirs when they start)." }
+        } @else {
+            table #listeners {
+                thead { tr {
+                    th { "app" } th { "listener" } th { "queue" } th.num { "ready" } th.num { "in retry queues" }
+                    th.num { "dead-lettered" } th.num { "retrying" } th.num { "failed jobs" } th { "event types" } th { "registered" }
+                } }
+                tbody {
+                    @for (i, listener) in registered.iter().enumerate() {
+                        @let measured = depths.get(i).and_then(Option::as_ref);
+                        @let failures: i64 = failed.iter().filter(|(l, q, _)| *l == listener.listener && *q == listener.queue).map(|(_, _, n)| *n).sum();
+                        @let retries: i64 = retrying.iter().filter(|(l, _)| *l == listener.listener).map(|(_, n)| *n).sum();
+                        tr data-listener=(listener.listener) {
+                            td { (listener.app) }
+                            td { code { (listener.listener) } }
+                            td { code { (listener.queue) } }
+                            td.num { (depth(measured.and_then(|m| m.depth))) }
+                            td.num { (measured.map_or_else(|| "?".to_owned(), |m| m.retry_depth.to_string())) }
+                            td.num { (depth(measured.and_then(|m| m.dead_depth))) }
+                            td.num { (retries) }
+                            td.num.failures {
+                                @if failures > 0 {
+                                    a href=(link("/failed", &[("listener", Some(&listener.listener))])) { (failures) }
+                                } @else { "0" }
+                            }
+                            td { (listener.event_types.join(", ")) }
+                            td { (time(listener.registered_at)) " by " code { (listener.worker_id) } }
+                        }
+                    }
+                }
+            }
+            p.hint { "Dead-lettered counts the copies kept in " code { "<queue>.dead" } "; retrying or forgetting a failed job leaves its copy (" code { "outbox topology purge-dead" } " empties them)." }
+        }
+    };
+    Ok(page("Listeners", &viewer, Some(state.config.refresh), body).into_response())
+}
+
+fn depth(depth: Option<u32>) -> String {
+    depth.map_or_else(|| "no queue".to_owned(), |d| d.to_string())
+}

@@ -1,0 +1,9 @@
+//! The pages, one concern a file (see the crate map).
+
+pub(crate) mod events;
+pub(crate) mod failed;
+pub(crate) mod job;
+pub(crate) mod layout;
+pub(crate) mod listeners;
+pub(crate) mod overview;
+pub(crate) mod params;

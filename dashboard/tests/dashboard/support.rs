@@ -1,0 +1,210 @@
+//! A dashboard on a free loopback port over a test database, an HTTP
+//! client that keeps cookies, and a queue of the test's own for retries.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use chrono::Utc;
+use outbox::TestDatabase;
+use outbox::failed_jobs::{AttemptError, NewFailedJob};
+use outbox_dashboard::{Credentials, DashboardConfig};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A running dashboard; stops when dropped.
+pub struct Dashboard {
+    pub address: SocketAddr,
+    pub db: TestDatabase,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), outbox_dashboard::DashboardError>>>,
+}
+
+impl Dashboard {
+    /// With the shared test token when `auth`, read-only otherwise.
+    pub async fn start(auth: bool) -> Result<Self> {
+        let db = TestDatabase::create()?;
+        Self::start_on(db, auth).await
+    }
+
+    pub async fn start_on(db: TestDatabase, auth: bool) -> Result<Self> {
+        let mut config = DashboardConfig::new(db.url(), outbox::DEFAULT_AMQP_URL);
+        config.bind = "127.0.0.1:0".parse()?;
+        config.refresh = Duration::from_secs(60);
+        if auth {
+            config.credentials = Some(Credentials::shared(TOKEN)?);
+        }
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let task = tokio::spawn(outbox_dashboard::serve(
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+            move |address| {
+                let _ = bound_tx.send(address);
+            },
+        ));
+        let address = tokio::time::timeout(Duration::from_secs(10), bound_rx)
+            .await
+            .context("the dashboard did not start")??;
+        Ok(Self {
+            address,
+            db,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A client that keeps cookies and does not follow redirects.
+pub fn client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+/// The value of `name="<field>" value="..."` in a page (hidden inputs).
+pub fn hidden_value(page: &str, field: &str) -> Option<String> {
+    let marker = format!("name=\"{field}\" value=\"");
+    let start = page.find(&marker)? + marker.len();
+    let end = page[start..].find('"')? + start;
+    Some(page[start..end].to_owned())
+}
+
+/// Logs `client` in as `operator`; returns the session's CSRF token.
+pub async fn log_in(dashboard: &Dashboard, client: &reqwest::Client, operator: &str) -> Result<String> {
+    let form = client.get(dashboard.url("/login")).send().await?.text().await?;
+    let nonce = hidden_value(&form, "login_csrf").ok_or_else(|| anyhow!("no login_csrf in {form}"))?;
+    let response = client
+        .post(dashboard.url("/login"))
+        .form(&[
+            ("login_csrf", nonce.as_str()),
+            ("operator", operator),
+            ("token", TOKEN),
+        ])
+        .send()
+        .await?;
+    anyhow::ensure!(response.status() == 303, "login answered {}", response.status());
+    let page = client.get(dashboard.url("/")).send().await?.text().await?;
+    hidden_value(&page, "csrf").ok_or_else(|| anyhow!("no csrf field once logged in"))
+}
+
+/// A durable queue of the test's own (deleted on drop).
+pub struct TestQueue {
+    pub name: String,
+    connection: lapin::Connection,
+}
+
+impl TestQueue {
+    pub async fn declare() -> Result<Self> {
+        let name = format!("outbox_test.{}.dashboard", Uuid::now_v7().simple());
+        let connection = outbox::amqp::connect(outbox::DEFAULT_AMQP_URL, "dashboard tests").await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        Ok(Self { name, connection })
+    }
+
+    pub async fn depth(&self) -> Result<u32> {
+        outbox::amqp::queue_depth(&self.connection, &self.name)
+            .await?
+            .ok_or_else(|| anyhow!("queue {} is gone", self.name))
+    }
+
+    /// The bodies of every message in the queue (taken off it).
+    pub async fn drain(&self) -> Result<Vec<serde_json::Value>> {
+        let channel = self.connection.create_channel().await?;
+        let mut bodies = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                self.name.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await?
+        {
+            bodies.push(serde_json::from_slice(&message.delivery.data)?);
+        }
+        Ok(bodies)
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        outbox::testing::delete_broker_objects(
+            outbox::DEFAULT_AMQP_URL,
+            std::slice::from_ref(&self.name),
+            &[],
+        );
+    }
+}
+
+/// Inserts a failed job of `listener` on `queue`; returns its id.
+pub fn insert_failed(
+    conn: &mut diesel::PgConnection,
+    queue: &str,
+    listener: &str,
+    event_type: &str,
+    error: &str,
+    data: serde_json::Value,
+) -> Result<i64> {
+    let event_id = Uuid::now_v7();
+    let payload = serde_json::json!({
+        "specversion": "1.0", "id": event_id.to_string(), "type": event_type, "source": "/outbox/test",
+        "subject": "7", "aggregatetype": "site", "data": data,
+    });
+    let errors = vec![AttemptError {
+        attempt: 1,
+        at: Utc::now(),
+        error: error.to_owned(),
+    }];
+    let (id, _) = outbox::failed_jobs::insert(
+        conn,
+        &NewFailedJob {
+            queue,
+            listener,
+            event_id: Some(event_id),
+            event_type: Some(event_type),
+            payload: &payload,
+            exception: error,
+            attempts: 1,
+            errors: &errors,
+            uuid: None,
+        },
+    )?;
+    Ok(id)
+}
