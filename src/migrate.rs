@@ -29,15 +29,31 @@ pub fn migrate(conn: &mut PgConnection) -> Result<Vec<String>> {
     })
 }
 
+#[derive(diesel::QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    locked: bool,
+}
+
 /// Runs `work` while holding the migration advisory lock, releasing it
 /// whatever happens.
 pub fn run_locked<T>(
     conn: &mut PgConnection,
     work: impl FnOnce(&mut PgConnection) -> Result<T>,
 ) -> Result<T> {
-    sql_query("SELECT pg_advisory_lock($1)")
-        .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
-        .execute(conn)?;
+    // Polled with short statements instead of one blocking
+    // `pg_advisory_lock`: a migration that builds an index CONCURRENTLY
+    // waits for every statement in flight on the database to finish, so a
+    // second migrator blocked inside one would deadlock with it.
+    loop {
+        let locked = sql_query("SELECT pg_try_advisory_lock($1) AS locked")
+            .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
+            .get_result::<Locked>(conn)?;
+        if locked.locked {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let outcome = work(conn);
     let unlocked = sql_query("SELECT pg_advisory_unlock($1)")
         .bind::<BigInt, _>(MIGRATION_LOCK_KEY)

@@ -91,6 +91,8 @@ diesel::table! {
         worker_id -> Text,
         /// When.
         registered_at -> Timestamptz,
+        /// Whether it keeps an inbox (`None`: registered by an earlier release).
+        inbox -> Nullable<Bool>,
     }
 }
 

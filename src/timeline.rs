@@ -146,6 +146,9 @@ pub enum ListenerState {
     /// None of the above: in its queue, or the event is unpublished, or the
     /// inbox row was pruned.
     Pending,
+    /// Published, neither retrying nor failed, and the listener keeps no
+    /// inbox, so whether it ran yet is not recorded.
+    Untracked,
 }
 
 /// One listener's state for one event.
@@ -281,7 +284,12 @@ fn outcomes(event: &StoredEvent, listeners: &[RegisteredListener], marks: &Marks
         .map(|l| ListenerOutcome {
             app: l.app.clone(),
             listener: l.listener.clone(),
-            state: marks.state(&l.listener, event.event_id),
+            state: match marks.state(&l.listener, event.event_id) {
+                ListenerState::Pending if l.inbox == Some(false) && event.published_at.is_some() => {
+                    ListenerState::Untracked
+                }
+                state => state,
+            },
         })
         .collect()
 }

@@ -5,8 +5,8 @@
 use maud::{Markup, html};
 use outbox::relay::history::PublishedMinute;
 
-const WIDTH: f64 = 600.0;
-const HEIGHT: f64 = 120.0;
+const WIDTH: f64 = 1140.0;
+const HEIGHT: f64 = 110.0;
 
 /// The chart of `minutes`, oldest first.
 pub(crate) fn published_per_minute(minutes: &[PublishedMinute]) -> Markup {

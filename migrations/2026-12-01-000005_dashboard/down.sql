@@ -5,3 +5,4 @@ DROP INDEX IF EXISTS failed_jobs_listener_failed_at_id;
 DROP INDEX IF EXISTS failed_jobs_failed_at_id;
 DROP TABLE IF EXISTS failed_job_edits;
 DROP TABLE IF EXISTS outbox_relays;
+ALTER TABLE outbox_listeners DROP COLUMN IF EXISTS inbox;

@@ -30,6 +30,11 @@ CREATE TABLE failed_job_edits (
 CREATE INDEX failed_job_edits_event_id ON failed_job_edits (event_id);
 CREATE INDEX failed_job_edits_failed_job_uuid ON failed_job_edits (failed_job_uuid);
 
+-- Whether each registered listener keeps an inbox (processed_events): the
+-- timeline tells "handled" from "not yet" only for those. NULL: registered
+-- by an earlier release, unknown.
+ALTER TABLE outbox_listeners ADD COLUMN inbox BOOLEAN NULL;
+
 -- Keyset pagination of failed jobs, newest first, overall and per filter
 -- column: (failed_at, id) is the page cursor.
 CREATE INDEX failed_jobs_failed_at_id ON failed_jobs (failed_at DESC, id DESC);

@@ -31,6 +31,9 @@ pub struct RegisteredListener {
     pub worker_id: String,
     /// When.
     pub registered_at: DateTime<Utc>,
+    /// Whether it records handled events in the inbox (`processed_events`);
+    /// `None` when registered by an earlier release.
+    pub inbox: Option<bool>,
 }
 
 /// One `outbox_listeners` row as a worker writes it.
@@ -45,6 +48,7 @@ struct Registration<'a> {
     dead_queue: &'a str,
     event_types: &'a [String],
     worker_id: &'a str,
+    inbox: Option<bool>,
 }
 
 /// Records (or refreshes) the listeners a worker of `app` runs.
@@ -53,9 +57,9 @@ pub(crate) fn register(
     exchange: &str,
     app: &str,
     worker_id: &str,
-    listeners: &[ListenerQueues],
+    listeners: &[(ListenerQueues, bool)],
 ) -> Result<()> {
-    for queues in listeners {
+    for (queues, inbox) in listeners {
         let row = Registration {
             app,
             listener: &queues.listener,
@@ -65,6 +69,7 @@ pub(crate) fn register(
             dead_queue: &queues.dead,
             event_types: &queues.event_types,
             worker_id,
+            inbox: Some(*inbox),
         };
         diesel::insert_into(dsl::outbox_listeners)
             .values(&row)

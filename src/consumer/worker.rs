@@ -114,7 +114,11 @@ impl Worker {
     /// grant, costs a log line, never the worker.
     fn register_listeners(&self) {
         let (pool, config) = (self.pool.clone(), Arc::clone(&self.config));
-        let queues = self.queues();
+        let queues: Vec<(ListenerQueues, bool)> = self
+            .listeners
+            .iter()
+            .map(|(registration, queues)| (queues.clone(), registration.options().inbox))
+            .collect();
         tokio::spawn(async move {
             let registered = crate::database::run_blocking(&pool, move |conn| {
                 registration::register(conn, &config.exchange, &config.app, &config.worker_id, &queues)

@@ -56,9 +56,13 @@ fn concurrent_migrations_do_not_collide() {
     assert_eq!(applied, migration_count(), "each migration applied exactly once");
 }
 
-/// A database migrated by an earlier main (every migration but the newest)
-/// upgrades with `outbox::migrate` and keeps its unpublished events and
-/// failed jobs.
+/// The newest migration of the previous main (what landed before this
+/// release's migrations).
+const PREVIOUS_RELEASE: &str = "20261201000004";
+
+/// A database migrated by the previous main upgrades with
+/// `outbox::migrate` and keeps its unpublished events, failed jobs and
+/// registered listeners.
 #[test]
 fn a_database_of_the_previous_release_upgrades_and_keeps_its_rows() {
     use diesel::migration::MigrationSource;
@@ -67,9 +71,20 @@ fn a_database_of_the_previous_release_upgrades_and_keeps_its_rows() {
     let mut conn = db.connect().unwrap();
     let mut migrations = MigrationSource::<diesel::pg::Pg>::migrations(&outbox::MIGRATIONS).unwrap();
     migrations.sort_by(|a, b| a.name().version().cmp(&b.name().version()));
-    let newest = migrations.pop().unwrap();
+    let newer: Vec<String> = migrations
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .filter(|v| v.as_str() > PREVIOUS_RELEASE)
+        .collect();
+    assert!(
+        !newer.is_empty(),
+        "this release adds migrations after {PREVIOUS_RELEASE}"
+    );
     diesel::migration::MigrationConnection::setup(&mut conn).unwrap();
-    for migration in &migrations {
+    for migration in migrations
+        .iter()
+        .filter(|m| m.name().version().to_string().as_str() <= PREVIOUS_RELEASE)
+    {
         conn.run_migration(migration).unwrap();
     }
     outbox::testing::record_ticks(&mut conn, "a1", 0..5).unwrap();
@@ -81,9 +96,17 @@ fn a_database_of_the_previous_release_upgrades_and_keeps_its_rows() {
         &mut conn,
     )
     .unwrap();
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query(
+            "INSERT INTO outbox_listeners (app, listener, exchange, queue, retry_queues, dead_queue, event_types, worker_id)
+             VALUES ('app', 'audit', 'x', 'app.audit', '{}', 'app.audit.dead', '{site.created}', 'w1')",
+        ),
+        &mut conn,
+    )
+    .unwrap();
 
     let applied = outbox::migrate(&mut conn).unwrap();
-    assert_eq!(applied, vec![newest.name().version().to_string()]);
+    assert_eq!(applied, newer);
     assert_eq!(
         count(
             &mut conn,
@@ -92,4 +115,29 @@ fn a_database_of_the_previous_release_upgrades_and_keeps_its_rows() {
         5
     );
     assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM failed_jobs"), 1);
+    let listeners = outbox::consumer::registered_listeners(&mut conn).unwrap();
+    assert_eq!(listeners.len(), 1);
+    assert_eq!(
+        listeners[0].inbox, None,
+        "unknown for a listener registered before"
+    );
+    // The dashboard's new tables and indexes are in place and usable.
+    assert_eq!(
+        outbox::failed_jobs::count(&mut conn, &outbox::failed_jobs::Filter::default()).unwrap(),
+        1
+    );
+    assert!(outbox::relay::presence::relays(&mut conn).unwrap().is_empty());
+    assert_eq!(
+        outbox::relay::history::published_per_minute(&mut conn, 60)
+            .unwrap()
+            .len(),
+        60
+    );
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM pg_indexes WHERE indexname IN ('outbox_events_by_aggregate', 'outbox_events_by_correlation', 'outbox_events_published_at')"
+        ),
+        3
+    );
 }

@@ -164,6 +164,7 @@ pub(crate) async fn timeline(
                                                 span.warn { "retrying (" (attempts) " failed tries, last " } (time(*at)) span.warn { ")" }
                                             }
                                             ListenerState::Pending => { span.pending { "not handled yet" } }
+                                            ListenerState::Untracked => { span.pending { "delivered; this listener keeps no inbox, so its handling is not recorded" } }
                                         }
                                     }
                                 }

@@ -1,1 +1,454 @@
-//! Placeholder replaced below.
+//! End to end in a real headless Chromium (Debian's `chromium` and
+//! `chromium-driver`, which `.ci/run` installs), driven over WebDriver:
+//! after a CHOM run with a notifier outage, an operator logs in, finds the
+//! failed notifications, edits and retries one, retries one as it is,
+//! retries the rest by filter, pauses and resumes the relays, sees a
+//! hostile payload as text, and follows one site's timeline. The test
+//! saves screenshots of the main pages under `docs/dashboard/`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use chom::listeners::{self, ListenerConfig};
+use fantoccini::{Client, ClientBuilder, Locator};
+use outbox::TestDatabase;
+use outbox::testing::count;
+use tokio::process::{Child, Command};
+
+use crate::support::{Dashboard, TOKEN, insert_failed};
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// chromedriver on a free port; killed on drop.
+struct Driver {
+    child: Child,
+    port: u16,
+    profile: PathBuf,
+}
+
+impl Driver {
+    async fn start() -> Result<Self> {
+        for binary in [CHROMEDRIVER, CHROMIUM] {
+            ensure!(
+                std::path::Path::new(binary).exists(),
+                "{binary} is missing: install Debian's chromium and chromium-driver (.ci/run does)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start chromedriver")?;
+        let profile = std::env::temp_dir().join(format!(
+            "outbox-dashboard-chromium-{}",
+            uuid::Uuid::now_v7().simple()
+        ));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            ensure!(Instant::now() < deadline, "chromedriver did not open port {port}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self { child, port, profile })
+    }
+
+    async fn browser(&self) -> Result<Client> {
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-quic", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--window-size=1280,900",
+                    format!("--user-data-dir={}", self.profile.display()),
+                ],
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        ClientBuilder::new(connector)
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{}", self.port))
+            .await
+            .context("cannot open a Chromium session")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// Waits until the element `css` exists and its text contains `needle`.
+async fn wait_for_text(browser: &Client, css: &str, needle: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(element) = browser.find(Locator::Css(css)).await
+            && let Ok(text) = element.text().await
+            && text.contains(needle)
+        {
+            return Ok(text);
+        }
+        if Instant::now() > deadline {
+            let url = browser
+                .current_url()
+                .await
+                .map(|u| u.to_string())
+                .unwrap_or_default();
+            bail!("{css} never contained {needle:?} (at {url})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reloads `path` until `css` contains `needle` (a worker is catching up).
+async fn reload_until(browser: &Client, url: &str, css: &str, needle: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        browser.goto(url).await?;
+        if let Ok(element) = browser.find(Locator::Css(css)).await
+            && element.text().await.is_ok_and(|t| t.contains(needle))
+        {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{url}: {css} never showed {needle:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn screenshot(browser: &Client, name: &str) -> Result<()> {
+    let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard");
+    std::fs::create_dir_all(&folder)?;
+    let png = browser.screenshot().await?;
+    std::fs::write(folder.join(format!("{name}.png")), png)?;
+    Ok(())
+}
+
+fn failed_notifications(conn: &mut diesel::PgConnection) -> i64 {
+    count(
+        conn,
+        "SELECT count(*) AS n FROM failed_jobs WHERE listener = 'send_notification'",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_fixes_a_notifier_outage_in_the_browser() -> Result<()> {
+    let db = TestDatabase::create_empty()?;
+    // The random tail of a v7 uuid: unique, and short in the screenshots.
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let id = &id[id.len() - 8..];
+    let (exchange, app) = (format!("outbox_test.{id}"), format!("chom_{id}"));
+    let listener_config = ListenerConfig {
+        retries: Some(chom::demo::demo_retries()),
+        ..ListenerConfig::default()
+    };
+    let registry = listeners::registry(&listener_config)?;
+    let queues = outbox::consumer::topology::plan(&app, &registry)?;
+    let names: Vec<String> = queues
+        .iter()
+        .flat_map(|q| q.all_queues())
+        .map(str::to_owned)
+        .collect();
+    let cleanup = BrokerCleanup(names, vec![exchange.clone()]);
+
+    // The CHOM run: normal traffic, then a notifier outage that outlasts
+    // the retries, so notifications end as failed jobs.
+    let report = chom::demo::run(
+        chom::demo::DemoConfig {
+            database_url: db.url().to_owned(),
+            exchange: exchange.clone(),
+            app: app.clone(),
+            sites: 6,
+            outage_sites: 6,
+            ..chom::demo::DemoConfig::default()
+        },
+        |_| {},
+    )
+    .await?;
+    ensure!(report.settled, "the CHOM run settled");
+    let mut conn = db.connect()?;
+    let failed_at_start = failed_notifications(&mut conn);
+    ensure!(
+        failed_at_start >= 3,
+        "the outage left {failed_at_start} failed notifications"
+    );
+    let hostile = "<script>alert(1)</script><img src=x onerror=alert(2)>";
+    let xss_job = insert_failed(
+        &mut conn,
+        "outbox_test.nowhere",
+        "record_audit_log",
+        "site.created",
+        hostile,
+        serde_json::json!({"domain": hostile}),
+    )?;
+
+    // A worker again, so retried jobs are handled (the notifier is back).
+    let worker = chom::work::worker(&chom::work::WorkConfig {
+        database_url: db.url().to_owned(),
+        amqp_url: outbox::DEFAULT_AMQP_URL.into(),
+        exchange: exchange.clone(),
+        app: app.clone(),
+        listeners: listener_config.clone(),
+        only: Vec::new(),
+        metrics_addr: None,
+        shutdown_timeout: Duration::from_secs(10),
+        accept_sources: Vec::new(),
+    })?;
+    let (stop_worker, worker_stopped) = tokio::sync::watch::channel(false);
+    let worker_task = tokio::spawn(async move {
+        let mut stopped = worker_stopped;
+        worker
+            .run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    // A relay too, so the overview shows one alive (it has nothing to
+    // publish: the run's events are out).
+    let relay = outbox::Relay::new(outbox::RelayConfig {
+        database_url: db.url().to_owned(),
+        exchange: exchange.clone(),
+        relay_id: format!("relay-{id}"),
+        ..outbox::RelayConfig::default()
+    })?;
+    let relay_task = tokio::spawn({
+        let mut stopped = stop_worker.subscribe();
+        async move {
+            relay
+                .run(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        }
+    });
+
+    let dashboard = Dashboard::start_on(db, true).await?;
+    let driver = Driver::start().await?;
+    let browser = driver.browser().await?;
+    let outcome = drive(&browser, &dashboard, failed_at_start, xss_job).await;
+    let _ = browser.close().await;
+    let _ = stop_worker.send(true);
+    worker_task.await??;
+    relay_task.await??;
+    dashboard.stop().await?;
+    drop(cleanup);
+    outcome
+}
+
+async fn drive(browser: &Client, dashboard: &Dashboard, failed_at_start: i64, xss_job: i64) -> Result<()> {
+    let mut conn = dashboard.db.connect()?;
+    // Log in.
+    browser.goto(&dashboard.url("/login")).await?;
+    browser
+        .find(Locator::Css("input[name=operator]"))
+        .await?
+        .send_keys("dana")
+        .await?;
+    browser
+        .find(Locator::Css("input[name=token]"))
+        .await?
+        .send_keys(TOKEN)
+        .await?;
+    browser
+        .find(Locator::Css("form.login button"))
+        .await?
+        .click()
+        .await?;
+    wait_for_text(browser, "header .operator", "dana").await?;
+    reload_until(
+        browser,
+        &dashboard.url("/"),
+        "#relays",
+        "alive",
+        Duration::from_secs(20),
+    )
+    .await?;
+    screenshot(browser, "overview").await?;
+    browser.goto(&dashboard.url("/listeners")).await?;
+    wait_for_text(browser, "#listeners", "send_notification").await?;
+    screenshot(browser, "listeners").await?;
+
+    // Find the failed notifications and open one.
+    browser
+        .goto(&dashboard.url("/failed?listener=send_notification"))
+        .await?;
+    let rows = browser.find_all(Locator::Css("#failed-jobs tbody tr")).await?;
+    ensure!(rows.len() as i64 == failed_at_start, "{} rows listed", rows.len());
+    screenshot(browser, "failed-jobs").await?;
+    browser
+        .find(Locator::Css("#failed-jobs tbody tr td a"))
+        .await?
+        .click()
+        .await?;
+    let event_id = wait_for_text(browser, "#event-id", "-").await?;
+    let job_url = browser.current_url().await?.to_string();
+    ensure!(
+        wait_for_text(browser, "#exception", "notifier is down")
+            .await
+            .is_ok()
+    );
+    screenshot(browser, "failed-job").await?;
+
+    // Retry it: the row goes, and its listener's effect appears in the
+    // site's timeline.
+    browser.find(Locator::Css("#retry-job")).await?.click().await?;
+    wait_for_text(browser, "p.notice", "Retried failed job").await?;
+    browser.goto(&job_url).await?;
+    wait_for_text(browser, "p.error", "does not exist").await?;
+    let timeline_url = format!(
+        "{}?{}",
+        dashboard.url("/events"),
+        url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("q", event_id.trim())
+            .finish()
+    );
+    browser.goto(&timeline_url).await?;
+    browser
+        .find(Locator::Css("#events tbody tr td a"))
+        .await?
+        .click()
+        .await?;
+    wait_for_text(browser, "#timeline", "send_notification").await?;
+    let timeline = browser.current_url().await?.to_string();
+    reload_until(
+        browser,
+        &timeline,
+        "#timeline",
+        "handled",
+        Duration::from_secs(30),
+    )
+    .await?;
+    let handled = count(
+        &mut conn,
+        &format!(
+            "SELECT count(*) AS n FROM processed_events WHERE listener = 'send_notification' AND event_id = '{}'",
+            event_id.trim()
+        ),
+    );
+    ensure!(handled == 1, "the retried notification was handled");
+    screenshot(browser, "timeline").await?;
+
+    // Edit and retry another: the JSON is checked, both versions kept.
+    browser
+        .goto(&dashboard.url("/failed?listener=send_notification"))
+        .await?;
+    browser
+        .find(Locator::Css("#failed-jobs tbody tr td a"))
+        .await?
+        .click()
+        .await?;
+    browser.find(Locator::Css("#edit-job")).await?.click().await?;
+    let editor = browser.find(Locator::Css("#payload-editor")).await?;
+    let original = editor
+        .prop("value")
+        .await?
+        .ok_or_else(|| anyhow!("empty editor"))?;
+    editor.clear().await?;
+    editor.send_keys("{\"not\": json").await?;
+    browser.find(Locator::Css("#submit-edit")).await?.click().await?;
+    wait_for_text(browser, "#edit-problem", "not valid JSON").await?;
+    let mut document: serde_json::Value = serde_json::from_str(&original)?;
+    document["data"]["note"] = serde_json::json!("edited in the dashboard");
+    let editor = browser.find(Locator::Css("#payload-editor")).await?;
+    editor.clear().await?;
+    editor.send_keys(&document.to_string()).await?;
+    browser.find(Locator::Css("#submit-edit")).await?.click().await?;
+    wait_for_text(browser, "p.notice", "edited payload").await?;
+    ensure!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM failed_job_edits WHERE edited_by = 'dana' AND edited->'data'->>'note' = 'edited in the dashboard'"
+        ) == 1
+    );
+    ensure!(failed_notifications(&mut conn) == failed_at_start - 2);
+
+    // Retry everything the filter matches, after the confirmation.
+    browser
+        .goto(&dashboard.url("/failed?listener=send_notification"))
+        .await?;
+    browser
+        .find(Locator::Css("div.actions a.button"))
+        .await?
+        .click()
+        .await?;
+    wait_for_text(browser, "#matching-count", &(failed_at_start - 2).to_string()).await?;
+    browser
+        .find(Locator::Css("#confirm-retry-matching"))
+        .await?
+        .click()
+        .await?;
+    wait_for_text(
+        browser,
+        "p.notice",
+        &format!("Retried {} failed jobs", failed_at_start - 2),
+    )
+    .await?;
+    ensure!(failed_notifications(&mut conn) == 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(
+        &mut conn,
+        "SELECT count(*) AS n FROM processed_events WHERE listener = 'send_notification'",
+    ) < count(
+        &mut conn,
+        "SELECT count(*) AS n FROM outbox_events WHERE event_type IN ('site.provisioning_failed', 'backup.failed')",
+    ) {
+        ensure!(
+            Instant::now() < deadline,
+            "every notification handled after the retries"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Pause and resume, with a reason.
+    browser.goto(&dashboard.url("/")).await?;
+    browser
+        .find(Locator::Css("#pause input[name=reason]"))
+        .await?
+        .send_keys("incident 42")
+        .await?;
+    browser
+        .find(Locator::Css("#pause button.danger"))
+        .await?
+        .click()
+        .await?;
+    wait_for_text(browser, "#paused-state", "incident 42 (by dana)").await?;
+    ensure!(outbox::control::is_paused(&mut conn)?);
+    browser.find(Locator::Css("#pause button")).await?.click().await?;
+    wait_for_text(browser, "#paused-state", "Running").await?;
+    ensure!(!outbox::control::is_paused(&mut conn)?);
+
+    // A hostile payload is shown as text: no script runs, no element made.
+    browser
+        .goto(&dashboard.url(&format!("/failed/{xss_job}")))
+        .await?;
+    let shown = wait_for_text(browser, "#payload", "<script>alert(1)</script>").await?;
+    ensure!(shown.contains("onerror=alert(2)"));
+    ensure!(
+        browser.find_all(Locator::Css("script")).await?.is_empty(),
+        "no script element"
+    );
+    ensure!(
+        browser.find_all(Locator::Css("main img")).await?.is_empty(),
+        "no img element"
+    );
+    ensure!(browser.get_alert_text().await.is_err(), "no alert opened");
+    Ok(())
+}
+
+/// Deletes the run's queues and exchange, also when the test fails.
+struct BrokerCleanup(Vec<String>, Vec<String>);
+
+impl Drop for BrokerCleanup {
+    fn drop(&mut self) {
+        outbox::testing::delete_broker_objects(outbox::DEFAULT_AMQP_URL, &self.0, &self.1);
+    }
+}
