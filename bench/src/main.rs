@@ -12,6 +12,7 @@
 
 mod broker;
 mod consume;
+mod dashboard;
 mod drain;
 mod hot;
 mod latency;
@@ -104,6 +105,12 @@ enum Scenario {
     ///
     /// Example: outbox bench seed --creates 500 --lifecycles 100
     Seed(seed::SeedArgs),
+    /// The dashboard's failed-jobs pages at 100,000 rows: server time per
+    /// page (first, deep by cursor, filtered, one job, the retry-all
+    /// count), next to the bare SQL of the first page.
+    ///
+    /// Example: outbox bench dashboard --rows 100000 --requests 30
+    Dashboard(dashboard::DashboardArgs),
     /// Every scenario with its default sizes (or tiny ones with --quick),
     /// every table; with --json one object holding all figures.
     ///
@@ -398,6 +405,9 @@ pub fn run(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
         }
         Scenario::Consume(consume) => print(args.json, &runtime.block_on(consume::run(&target, consume))?),
         Scenario::Seed(seed) => print(args.json, &runtime.block_on(seed::run(&target, seed))?),
+        Scenario::Dashboard(dashboard) => {
+            print(args.json, &runtime.block_on(dashboard::run(&target, dashboard))?)
+        }
         Scenario::All(all) => {
             let report = runtime.block_on(run_all(&target, all, args.json, plot))?;
             if args.json {

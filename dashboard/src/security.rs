@@ -1,6 +1,8 @@
 //! Headers on every response: a strict Content-Security-Policy (nothing
 //! but this origin's stylesheet; no script at all), no framing, no
 //! sniffing, no referrer, and no caching of pages (they hold payloads).
+//! `Server-Timing: app;dur=<ms>` gives the time the server spent on the
+//! request (what `outbox bench dashboard` reports).
 
 use axum::extract::Request;
 use axum::http::{HeaderValue, header};
@@ -15,7 +17,9 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self';
 /// Adds the headers.
 pub(crate) async fn headers(request: Request, next: Next) -> Response {
     let is_asset = request.uri().path().starts_with("/assets/");
+    let started = std::time::Instant::now();
     let mut response = next.run(request).await;
+    let spent = started.elapsed().as_secs_f64() * 1000.0;
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -39,5 +43,8 @@ pub(crate) async fn headers(request: Request, next: Next) -> Response {
             "no-store"
         }),
     );
+    if let Ok(timing) = HeaderValue::from_str(&format!("app;dur={spent:.3}")) {
+        headers.insert("server-timing", timing);
+    }
     response
 }
