@@ -23,6 +23,10 @@ pub enum DashboardError {
     /// The thing asked for does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The state changed since the operator looked (more jobs match than
+    /// were confirmed).
+    #[error("{0}")]
+    Conflict(String),
     /// The broker could not be reached or did not confirm.
     #[error("the broker: {0}")]
     Broker(String),
@@ -41,6 +45,7 @@ impl DashboardError {
             DashboardError::Unauthenticated => StatusCode::UNAUTHORIZED,
             DashboardError::Forbidden(_) => StatusCode::FORBIDDEN,
             DashboardError::NotFound(_) => StatusCode::NOT_FOUND,
+            DashboardError::Conflict(_) => StatusCode::CONFLICT,
             DashboardError::Broker(_) => StatusCode::BAD_GATEWAY,
             DashboardError::Outbox(outbox::Error::InvalidInput(_) | outbox::Error::Config(_)) => {
                 StatusCode::BAD_REQUEST

@@ -70,11 +70,12 @@ impl TestRoles {
             writer: self.name("writer"),
             worker: self.name("worker"),
         };
-        let script = LEAST_PRIVILEGE_SQL
-            .replace("outbox_relay", &roles.relay)
-            .replace("outbox_writer", &roles.writer)
-            .replace("outbox_worker", &roles.worker)
-            .replace("change-me", password);
+        // Whole identifiers only: `outbox_relay` is also the start of the
+        // table name `outbox_relays`.
+        let script = replace_identifier(LEAST_PRIVILEGE_SQL, "outbox_relay", &roles.relay);
+        let script = replace_identifier(&script, "outbox_writer", &roles.writer);
+        let script =
+            replace_identifier(&script, "outbox_worker", &roles.worker).replace("change-me", password);
         self.db().connect()?.batch_execute(&script)?;
         Ok(roles)
     }
@@ -109,4 +110,24 @@ impl Drop for TestRoles {
             Err(error) => eprintln!("cannot connect to drop roles {:?}: {error}", self.roles),
         }
     }
+}
+
+/// `text` with every whole-identifier occurrence of `from` replaced by `to`.
+fn replace_identifier(text: &str, from: &str, to: &str) -> String {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(from) {
+        let before = rest[..at].chars().next_back().or_else(|| out.chars().next_back());
+        let after = rest[at + from.len()..].chars().next();
+        out.push_str(&rest[..at]);
+        if before.is_some_and(is_ident) || after.is_some_and(is_ident) {
+            out.push_str(from);
+        } else {
+            out.push_str(to);
+        }
+        rest = &rest[at + from.len()..];
+    }
+    out.push_str(rest);
+    out
 }

@@ -200,6 +200,18 @@ pub(crate) async fn retry_matching(
     })?;
     let mut filter = form.filter.filter()?;
     filter.after = None;
+    // More jobs may have failed since the confirmation: retry only what the
+    // operator saw counted, else ask again.
+    let counted = filter.clone();
+    let now = state
+        .db(move |conn| outbox::failed_jobs::count(conn, &counted))
+        .await?;
+    if now > expected {
+        return Err(DashboardError::Conflict(format!(
+            "{now} jobs match now, {} more than the {expected} you confirmed: open the confirmation again",
+            now - expected
+        )));
+    }
     audit(
         &operator,
         "retry_matching",

@@ -232,6 +232,15 @@ async fn logins_sessions_and_csrf_refuse_what_they_must() -> Result<()> {
         .send()
         .await?;
     ensure!(response.status() == 401, "after logout: {}", response.status());
+    // The log names who did what, and holds no token (neither the right
+    // one nor the wrong one tried).
+    let logs = crate::support::logs();
+    ensure!(
+        logs.contains("operator=alice") && logs.contains("action=\"forget\""),
+        "{logs}"
+    );
+    ensure!(logs.contains("login refused: wrong token"));
+    ensure!(!logs.contains("0123456789abcde"), "a token in the log: {logs}");
     dashboard.stop().await
 }
 
@@ -389,6 +398,36 @@ async fn failed_jobs_filter_page_and_retry_in_bulk() -> Result<()> {
         .await?;
     ensure!(response.status() == 303, "retry matching: {}", response.status());
     ensure!(queue.depth().await? == 42);
+    // A confirmation that counted fewer jobs than match now is refused.
+    for _ in 0..2 {
+        insert_failed(
+            &mut conn,
+            &queue.name,
+            "send_notification",
+            "site.created",
+            "notifier is down again",
+            serde_json::json!({}),
+        )?;
+    }
+    let response = http
+        .post(dashboard.url("/failed/retry-matching"))
+        .form(&[("csrf", csrf.as_str()), ("error", "notifier"), ("expected", "1")])
+        .send()
+        .await?;
+    ensure!(
+        response.status() == 409,
+        "stale confirmation: {}",
+        response.status()
+    );
+    ensure!(response.text().await?.contains("1 more than the 1 you confirmed"));
+    ensure!(queue.depth().await? == 42, "nothing retried");
+    let response = http
+        .post(dashboard.url("/failed/retry-matching"))
+        .form(&[("csrf", csrf.as_str()), ("error", "notifier"), ("expected", "2")])
+        .send()
+        .await?;
+    ensure!(response.status() == 303);
+    ensure!(queue.depth().await? == 44);
     ensure!(count(&mut conn, "SELECT count(*) AS n FROM failed_jobs") == 78);
     ensure!(
         count(

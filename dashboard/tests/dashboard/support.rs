@@ -14,6 +14,39 @@ use uuid::Uuid;
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
+/// Every log line of this test binary (all tests share one subscriber).
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+#[derive(Clone, Copy)]
+struct LogBuffer;
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capturing subscriber (once per binary).
+pub fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_ansi(false)
+        .with_writer(|| LogBuffer)
+        .try_init();
+}
+
+/// What was logged so far.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
+}
+
 /// A running dashboard; stops when dropped.
 pub struct Dashboard {
     pub address: SocketAddr,
@@ -30,6 +63,7 @@ impl Dashboard {
     }
 
     pub async fn start_on(db: TestDatabase, auth: bool) -> Result<Self> {
+        capture_logs();
         let mut config = DashboardConfig::new(db.url(), outbox::DEFAULT_AMQP_URL);
         config.bind = "127.0.0.1:0".parse()?;
         config.refresh = Duration::from_secs(60);
