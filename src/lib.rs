@@ -29,6 +29,7 @@
 //! | text cut to a bound for columns, headers and messages | [`text`] | [`text::bounded_text`] |
 //! | publishing committed events; relays alive, published per minute | [`relay`] | [`Relay`], [`RelayConfig`], [`relay::presence::relays`], [`relay::history::published_per_minute`] |
 //! | writers waking relays after commit | [`wake`] | [`wake::WakeSender`], [`wake::WakeListener`] |
+//! | webhooks: endpoints, signing, the fan-out and delivery listeners (feature `webhooks`) | `webhooks/` | `webhooks::add`, `webhooks::register` |
 //! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |
 //! | publishing stored events again, to one queue | [`replay`] | [`replay::select`], [`replay::publish_to_queue`] |
 //! | metric names, health flags, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`], [`Health`] |
@@ -92,6 +93,8 @@ pub mod testing;
 pub mod text;
 pub mod timeline;
 pub mod wake;
+#[cfg(feature = "webhooks")]
+pub mod webhooks;
 
 pub use amqp::{DEFAULT_AMQP_URL, DEFAULT_EXCHANGE};
 pub use consumer::inbox;

@@ -124,6 +124,57 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// Webhook endpoints (feature `webhooks`).
+    webhook_endpoints (id) {
+        id -> Int8,
+        url -> Text,
+        description -> Text,
+        event_types -> Array<Text>,
+        status -> Text,
+        disabled_reason -> Nullable<Text>,
+        disabled_at -> Nullable<Timestamptz>,
+        oauth_token_url -> Nullable<Text>,
+        oauth_client_id -> Nullable<Text>,
+        oauth_client_secret -> Nullable<Text>,
+        oauth_scope -> Nullable<Text>,
+        failed_deliveries -> Int4,
+        failing_since -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    /// Webhook signing secrets.
+    webhook_secrets (id) {
+        id -> Int8,
+        endpoint_id -> Int8,
+        secret -> Text,
+        created_at -> Timestamptz,
+        retires_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// Every webhook delivery try.
+    webhook_deliveries (id) {
+        id -> Int8,
+        endpoint_id -> Int8,
+        event_id -> Uuid,
+        event_type -> Text,
+        attempt -> Int4,
+        at -> Timestamptz,
+        status_code -> Nullable<Int4>,
+        duration_ms -> Float8,
+        delivered -> Bool,
+        excerpt -> Nullable<Text>,
+        error -> Nullable<Text>,
+    }
+}
+
+diesel::joinable!(webhook_secrets -> webhook_endpoints (endpoint_id));
+
 diesel::allow_tables_to_appear_in_same_query!(
     outbox_events,
     outbox_leases,
@@ -132,5 +183,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     outbox_control,
     outbox_listeners,
     outbox_relays,
-    failed_job_edits
+    failed_job_edits,
+    webhook_endpoints,
+    webhook_secrets,
+    webhook_deliveries
 );

@@ -21,4 +21,5 @@ mod rate_limits;
 mod readme_example;
 mod registration;
 mod sources;
+mod webhooks;
 mod worker;

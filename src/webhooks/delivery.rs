@@ -1,0 +1,383 @@
+//! Delivery: two queued listeners a worker runs.
+//!
+//! - [`WebhookFanout`] (`webhook_fanout`, with the inbox) takes each event
+//!   of the types it is bound to and, in its inbox transaction, records one
+//!   `webhook.delivery_requested` event per subscribed active endpoint
+//!   through the outbox itself: the fan-out happens once, and each
+//!   endpoint's delivery is a message of its own.
+//! - [`WebhookDelivery`] (`webhook_delivery`, no inbox: an HTTP call is
+//!   not a database effect) sends one delivery: signed, with a bearer token
+//!   when OAuth2 is set, bounded in time and in the answer read. A failed
+//!   try is retried on the broker's delay queues like any listener's (no
+//!   sleeping in the handler), so one endpoint's retries never hold up
+//!   another's deliveries; after the last try the delivery is a failed job
+//!   of `webhook_delivery`. An endpoint whose deliveries keep failing is
+//!   short-circuited (its deliveries fail at once while it is failing, so
+//!   a dead endpoint does not hold concurrency slots for its timeouts), and
+//!   disabled after [`WebhookConfig::disable_after_failures`] deliveries
+//!   failed in a row or [`WebhookConfig::disable_after`] of failing, with a
+//!   `webhook.endpoint_disabled` event recorded in the same transaction.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::endpoints::{self, Endpoint};
+use super::signing::{Secret, signature_header};
+use super::{DELIVERY_REQUESTED, ENDPOINT_DISABLED, WebhookConfig};
+use crate::consumer::{HandlerContext, ListenerOptions, QueuedListener, ReceivedEvent};
+use crate::error::{Error, ListenerError};
+use crate::event::DomainEvent;
+
+/// The fan-out listener's name.
+pub const FANOUT_LISTENER: &str = "webhook_fanout";
+/// The delivery listener's name.
+pub const DELIVERY_LISTENER: &str = "webhook_delivery";
+
+/// One endpoint's delivery of one event, as the delivery listener gets it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliveryRequested {
+    /// The endpoint.
+    pub endpoint_id: i64,
+    /// The event (the `webhook-id`).
+    pub event_id: Uuid,
+    /// Its type.
+    pub event_type: String,
+    /// The CloudEvents document sent as the body, as the queues carry it.
+    pub event: serde_json::Value,
+}
+
+impl DomainEvent for DeliveryRequested {
+    fn event_type(&self) -> &'static str {
+        DELIVERY_REQUESTED
+    }
+    fn aggregate_type(&self) -> &'static str {
+        "webhook_endpoint"
+    }
+    fn aggregate_id(&self) -> String {
+        self.endpoint_id.to_string()
+    }
+}
+
+/// Recorded when an endpoint is disabled for failing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointDisabled {
+    /// The endpoint.
+    pub endpoint_id: i64,
+    /// Its URL.
+    pub url: String,
+    /// Why.
+    pub reason: String,
+    /// Deliveries that failed in a row.
+    pub failed_deliveries: i32,
+}
+
+impl DomainEvent for EndpointDisabled {
+    fn event_type(&self) -> &'static str {
+        ENDPOINT_DISABLED
+    }
+    fn aggregate_type(&self) -> &'static str {
+        "webhook_endpoint"
+    }
+    fn aggregate_id(&self) -> String {
+        self.endpoint_id.to_string()
+    }
+}
+
+/// The CloudEvents document of a received event, as the relay encoded it.
+pub(crate) fn document_of(event: &ReceivedEvent) -> Result<serde_json::Value, ListenerError> {
+    let body = crate::cloudevents::encode_body(
+        &crate::cloudevents::EventRef {
+            event_id: event.event_id,
+            event_type: &event.event_type,
+            aggregate_type: &event.aggregate_type,
+            aggregate_id: &event.aggregate_id,
+            tenant_id: event.tenant_id.as_deref(),
+            occurred_at: event.occurred_at,
+            actor: event.actor.as_deref(),
+            correlation_id: event.correlation_id.as_deref(),
+            causation_id: event.causation_id.as_deref(),
+            traceparent: event.traceparent.as_deref(),
+            schema_version: event.schema_version,
+            payload_json: event.data.get(),
+        },
+        &event.source,
+    )
+    .map_err(ListenerError::permanent)?;
+    serde_json::from_slice(&body).map_err(ListenerError::permanent)
+}
+
+/// Records a delivery of `document` for each active endpoint subscribed
+/// to its type, on `conn` (inside the caller's transaction). Returns how
+/// many.
+pub(crate) fn request_deliveries(
+    conn: &mut PgConnection,
+    event_id: Uuid,
+    event_type: &str,
+    document: &serde_json::Value,
+    only: Option<i64>,
+) -> crate::Result<usize> {
+    let subscribed = endpoints::subscribed(conn, event_type)?;
+    let mut requested = 0;
+    for endpoint in subscribed.iter().filter(|e| only.is_none_or(|id| e.id == id)) {
+        crate::record(
+            conn,
+            &DeliveryRequested {
+                endpoint_id: endpoint.id,
+                event_id,
+                event_type: event_type.to_owned(),
+                event: document.clone(),
+            },
+        )?;
+        requested += 1;
+    }
+    Ok(requested)
+}
+
+/// Fans events out to the subscribed endpoints (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct WebhookFanout;
+
+impl QueuedListener for WebhookFanout {
+    fn name(&self) -> &str {
+        FANOUT_LISTENER
+    }
+
+    fn options(&self) -> ListenerOptions {
+        ListenerOptions {
+            tries: 5,
+            inbox: true,
+            ..ListenerOptions::default()
+        }
+    }
+
+    fn handle(&self, event: &ReceivedEvent, ctx: &mut HandlerContext<'_>) -> Result<(), ListenerError> {
+        if event.event_type == DELIVERY_REQUESTED {
+            return Ok(());
+        }
+        let document = document_of(event)?;
+        let conn = ctx.conn()?;
+        request_deliveries(conn, event.event_id, &event.event_type, &document, None)
+            .map_err(ListenerError::transient)?;
+        Ok(())
+    }
+}
+
+/// Sends deliveries (see the module docs).
+#[derive(Clone)]
+pub struct WebhookDelivery {
+    config: Arc<WebhookConfig>,
+    client: reqwest::Client,
+    tokens: Arc<Mutex<HashMap<i64, (String, Instant)>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for WebhookDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookDelivery")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one HTTP try came to.
+struct Answer {
+    status: Option<u16>,
+    excerpt: Option<String>,
+    error: Option<String>,
+}
+
+impl WebhookDelivery {
+    /// The delivery listener, its HTTP client made from `config`. Call it
+    /// inside the worker's tokio runtime (handlers block on it).
+    pub fn new(config: WebhookConfig) -> crate::Result<Self> {
+        config.validate()?;
+        let client = super::client(&config)?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Config("WebhookDelivery::new needs a tokio runtime".into()))?;
+        Ok(Self {
+            config: Arc::new(config),
+            client,
+            tokens: Arc::new(Mutex::new(HashMap::new())),
+            runtime,
+        })
+    }
+
+    fn token(&self, endpoint: &Endpoint, fresh: bool) -> Result<Option<String>, String> {
+        let Some(oauth) = &endpoint.oauth else {
+            return Ok(None);
+        };
+        if !fresh
+            && let Some((token, until)) = self
+                .tokens
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&endpoint.id)
+            && *until > Instant::now()
+        {
+            return Ok(Some(token.clone()));
+        }
+        let (token, lifetime) = self
+            .runtime
+            .block_on(super::oauth::fetch_token(&self.client, oauth))?;
+        // Cached until shortly before it expires.
+        let until = Instant::now()
+            + lifetime
+                .saturating_sub(Duration::from_secs(30))
+                .max(Duration::from_secs(1));
+        self.tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(endpoint.id, (token.clone(), until));
+        Ok(Some(token))
+    }
+
+    fn send(&self, endpoint: &Endpoint, secrets: &[Secret], delivery: &DeliveryRequested) -> Answer {
+        let failed = |error: String| Answer {
+            status: None,
+            excerpt: None,
+            error: Some(error),
+        };
+        if let Err(error) = self.config.policy.check_url(&endpoint.url) {
+            return failed(error.to_string());
+        }
+        let body = match serde_json::to_vec(&delivery.event) {
+            Ok(body) => body,
+            Err(error) => return failed(format!("cannot encode the body: {error}")),
+        };
+        let id = delivery.event_id.to_string();
+        let timestamp = Utc::now().timestamp();
+        let signature = match signature_header(secrets, &id, timestamp, &body) {
+            Ok(signature) => signature,
+            Err(error) => return failed(error.to_string()),
+        };
+        let mut fresh = false;
+        loop {
+            let token = match self.token(endpoint, fresh) {
+                Ok(token) => token,
+                Err(error) => return failed(format!("OAuth2 token: {error}")),
+            };
+            let mut request = self
+                .client
+                .post(&endpoint.url)
+                .header("content-type", crate::cloudevents::CONTENT_TYPE)
+                .header("webhook-id", &id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", &signature)
+                .body(body.clone());
+            if let Some(token) = &token {
+                request = request.bearer_auth(token);
+            }
+            let answer = self.runtime.block_on(async {
+                match request.send().await {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let excerpt = super::read_bounded(response, self.config.max_response_bytes).await;
+                        Answer {
+                            status: Some(status),
+                            excerpt: Some(excerpt),
+                            error: None,
+                        }
+                    }
+                    Err(error) => Answer {
+                        status: None,
+                        excerpt: None,
+                        error: Some(super::describe(&error)),
+                    },
+                }
+            });
+            // A 401 with a cached token: fetch a new one once.
+            if answer.status == Some(401) && token.is_some() && !fresh {
+                fresh = true;
+                continue;
+            }
+            return answer;
+        }
+    }
+}
+
+impl QueuedListener for WebhookDelivery {
+    fn name(&self) -> &str {
+        DELIVERY_LISTENER
+    }
+
+    fn options(&self) -> ListenerOptions {
+        ListenerOptions {
+            tries: self.config.tries,
+            backoff: self.config.backoff.clone(),
+            concurrency: self.config.concurrency,
+            prefetch: u16::try_from(self.config.concurrency * 2).unwrap_or(u16::MAX),
+            timeout: self.config.request_timeout * 3 + Duration::from_secs(5),
+            inbox: false,
+            ..ListenerOptions::default()
+        }
+    }
+
+    fn handle(&self, event: &ReceivedEvent, ctx: &mut HandlerContext<'_>) -> Result<(), ListenerError> {
+        let delivery: DeliveryRequested = event.data_as()?;
+        let (attempt, last_try) = (ctx.attempt(), ctx.is_last_try());
+        let conn = ctx.conn()?;
+        let Some(endpoint) = endpoints::get(conn, delivery.endpoint_id).map_err(ListenerError::transient)?
+        else {
+            tracing::info!(endpoint = delivery.endpoint_id, event_id = %delivery.event_id, "webhook endpoint removed; delivery dropped");
+            return Ok(());
+        };
+        if !endpoint.is_active() {
+            tracing::info!(endpoint = endpoint.id, event_id = %delivery.event_id, "webhook endpoint disabled; delivery dropped");
+            return Ok(());
+        }
+        let started = Instant::now();
+        let circuit_open = endpoint.failed_deliveries >= self.config.circuit_after_failures;
+        let answer = if circuit_open && !last_try {
+            Answer {
+                status: None,
+                excerpt: None,
+                error: Some(format!(
+                    "not sent: the endpoint's last {} deliveries failed (sent again on the last try)",
+                    endpoint.failed_deliveries
+                )),
+            }
+        } else {
+            let secrets = endpoints::signing_secrets(conn, endpoint.id).map_err(ListenerError::transient)?;
+            self.send(&endpoint, &secrets, &delivery)
+        };
+        let delivered = answer.status.is_some_and(|s| (200..300).contains(&s));
+        let error = answer
+            .error
+            .clone()
+            .or_else(|| (!delivered).then(|| format!("HTTP {}", answer.status.unwrap_or_default())));
+        endpoints::log_try(
+            conn,
+            endpoint.id,
+            delivery.event_id,
+            &delivery.event_type,
+            attempt,
+            answer.status,
+            started.elapsed(),
+            delivered,
+            answer.excerpt.as_deref(),
+            error.as_deref(),
+        )
+        .map_err(ListenerError::transient)?;
+        if delivered {
+            if endpoint.failed_deliveries > 0 {
+                super::health::succeeded(conn, endpoint.id).map_err(ListenerError::transient)?;
+            }
+            return Ok(());
+        }
+        let error = error.unwrap_or_default();
+        if last_try {
+            super::health::failed_for_good(conn, &endpoint, &self.config)
+                .map_err(ListenerError::transient)?;
+        }
+        Err(ListenerError::transient(format!(
+            "delivery to endpoint {} ({}): {error}",
+            endpoint.id, endpoint.url
+        )))
+    }
+}

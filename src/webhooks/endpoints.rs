@@ -1,0 +1,459 @@
+//! Webhook endpoints in the database: who is subscribed to what, their
+//! signing secrets (two while a rotation overlaps), OAuth2 settings, and
+//! the log of every delivery try.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::outbound::OutboundPolicy;
+use super::signing::{Secret, new_secret};
+use crate::error::{Error, Result};
+use crate::schema::{webhook_deliveries, webhook_endpoints, webhook_secrets};
+
+/// An endpoint's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum EndpointStatus {
+    /// Gets deliveries.
+    Active,
+    /// Gets none, with why and when.
+    Disabled {
+        /// Why (an operator's reason or the failure threshold).
+        reason: String,
+        /// When.
+        at: Option<DateTime<Utc>>,
+    },
+}
+
+/// OAuth2 client-credentials settings (the secret never printed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OAuthSettings {
+    /// The token endpoint.
+    pub token_url: String,
+    /// The client id.
+    pub client_id: String,
+    /// The client secret.
+    #[serde(skip)]
+    pub client_secret: Secret,
+    /// The scope asked for, if any.
+    pub scope: Option<String>,
+}
+
+/// An endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// Its id.
+    pub id: i64,
+    /// Where deliveries go.
+    pub url: String,
+    /// What it is for.
+    pub description: String,
+    /// Event types it gets: exact (`site.created`), `site.*`, or `*`.
+    pub event_types: Vec<String>,
+    /// Active or disabled.
+    #[serde(flatten)]
+    pub status: EndpointStatus,
+    /// OAuth2 client credentials, when deliveries carry a bearer token.
+    pub oauth: Option<OAuthSettings>,
+    /// Deliveries that failed for good in a row.
+    pub failed_deliveries: i32,
+    /// Since when it has been failing.
+    pub failing_since: Option<DateTime<Utc>>,
+    /// When it was added.
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = webhook_endpoints)]
+struct Row {
+    id: i64,
+    url: String,
+    description: String,
+    event_types: Vec<String>,
+    status: String,
+    disabled_reason: Option<String>,
+    disabled_at: Option<DateTime<Utc>>,
+    oauth_token_url: Option<String>,
+    oauth_client_id: Option<String>,
+    oauth_client_secret: Option<String>,
+    oauth_scope: Option<String>,
+    failed_deliveries: i32,
+    failing_since: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+}
+
+fn from_row(row: Row) -> Endpoint {
+    let oauth = match (row.oauth_token_url, row.oauth_client_id, row.oauth_client_secret) {
+        (Some(token_url), Some(client_id), Some(secret)) => Some(OAuthSettings {
+            token_url,
+            client_id,
+            client_secret: Secret::new(secret),
+            scope: row.oauth_scope,
+        }),
+        _ => None,
+    };
+    Endpoint {
+        id: row.id,
+        url: row.url,
+        description: row.description,
+        event_types: row.event_types,
+        status: if row.status == "active" {
+            EndpointStatus::Active
+        } else {
+            EndpointStatus::Disabled {
+                reason: row.disabled_reason.unwrap_or_default(),
+                at: row.disabled_at,
+            }
+        },
+        oauth,
+        failed_deliveries: row.failed_deliveries,
+        failing_since: row.failing_since,
+        created_at: row.created_at,
+    }
+}
+
+/// An endpoint to add.
+#[derive(Debug, Clone)]
+pub struct NewEndpoint {
+    /// Where deliveries go (checked by the [`OutboundPolicy`]).
+    pub url: String,
+    /// What it is for.
+    pub description: String,
+    /// Event types: exact, `prefix.*` or `*`; at least one.
+    pub event_types: Vec<String>,
+    /// OAuth2 client credentials, if deliveries need a bearer token.
+    pub oauth: Option<OAuthSettings>,
+}
+
+/// Whether `pattern` is an event-type filter: `*`, `site.*`, `site.created`.
+pub fn validate_pattern(pattern: &str) -> Result<()> {
+    let base = pattern.strip_suffix(".*").unwrap_or(pattern);
+    let ok = pattern == "*"
+        || (!base.is_empty()
+            && base.len() <= 255
+            && base.split('.').all(|part| {
+                part.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            }));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "not an event-type filter: {pattern:?} (give site.created, site.* or *)"
+        )))
+    }
+}
+
+/// Whether `event_type` matches `pattern`. `*` takes every event but the
+/// webhook machinery's own (`webhook.*`), which must be named.
+pub fn pattern_matches(pattern: &str, event_type: &str) -> bool {
+    match pattern.strip_suffix(".*") {
+        _ if pattern == "*" => !event_type.starts_with("webhook."),
+        Some(prefix) => {
+            event_type.len() > prefix.len() + 1
+                && event_type.starts_with(prefix)
+                && event_type.as_bytes()[prefix.len()] == b'.'
+        }
+        None => pattern == event_type,
+    }
+}
+
+impl Endpoint {
+    /// Whether this endpoint gets `event_type`.
+    pub fn subscribes_to(&self, event_type: &str) -> bool {
+        event_type != super::DELIVERY_REQUESTED
+            && self.event_types.iter().any(|p| pattern_matches(p, event_type))
+    }
+
+    /// Whether it gets deliveries.
+    pub fn is_active(&self) -> bool {
+        self.status == EndpointStatus::Active
+    }
+}
+
+/// Adds an endpoint with a fresh signing secret; returns it and the secret
+/// (shown to the operator once, for the receiver).
+pub fn add(
+    conn: &mut PgConnection,
+    new: &NewEndpoint,
+    policy: &OutboundPolicy,
+) -> Result<(Endpoint, Secret)> {
+    policy.check_url(&new.url)?;
+    if new.event_types.is_empty() {
+        return Err(Error::InvalidInput(
+            "give at least one event type (site.created, site.* or *)".into(),
+        ));
+    }
+    for pattern in &new.event_types {
+        validate_pattern(pattern)?;
+    }
+    if new.description.len() > 1024 {
+        return Err(Error::InvalidInput("a description is at most 1,024 bytes".into()));
+    }
+    if let Some(oauth) = &new.oauth {
+        policy.check_url(&oauth.token_url)?;
+        if oauth.client_id.is_empty() || oauth.client_secret.expose().is_empty() {
+            return Err(Error::InvalidInput(
+                "OAuth2 needs a client id and a client secret".into(),
+            ));
+        }
+    }
+    let secret = new_secret();
+    let id = conn.transaction::<i64, Error, _>(|conn| {
+        let id: i64 = diesel::insert_into(webhook_endpoints::table)
+            .values((
+                webhook_endpoints::url.eq(&new.url),
+                webhook_endpoints::description.eq(&new.description),
+                webhook_endpoints::event_types.eq(&new.event_types),
+                webhook_endpoints::oauth_token_url.eq(new.oauth.as_ref().map(|o| o.token_url.as_str())),
+                webhook_endpoints::oauth_client_id.eq(new.oauth.as_ref().map(|o| o.client_id.as_str())),
+                webhook_endpoints::oauth_client_secret
+                    .eq(new.oauth.as_ref().map(|o| o.client_secret.expose())),
+                webhook_endpoints::oauth_scope.eq(new.oauth.as_ref().and_then(|o| o.scope.as_deref())),
+            ))
+            .returning(webhook_endpoints::id)
+            .get_result(conn)?;
+        diesel::insert_into(webhook_secrets::table)
+            .values((
+                webhook_secrets::endpoint_id.eq(id),
+                webhook_secrets::secret.eq(secret.expose()),
+            ))
+            .execute(conn)?;
+        Ok(id)
+    })?;
+    let endpoint = get(conn, id)?.ok_or_else(|| Error::NotFound(format!("webhook endpoint {id}")))?;
+    Ok((endpoint, secret))
+}
+
+/// Every endpoint, by id.
+pub fn list(conn: &mut PgConnection) -> Result<Vec<Endpoint>> {
+    let rows: Vec<Row> = webhook_endpoints::table
+        .select(Row::as_select())
+        .order(webhook_endpoints::id)
+        .load(conn)?;
+    Ok(rows.into_iter().map(from_row).collect())
+}
+
+/// The endpoint `id`.
+pub fn get(conn: &mut PgConnection, id: i64) -> Result<Option<Endpoint>> {
+    Ok(webhook_endpoints::table
+        .find(id)
+        .select(Row::as_select())
+        .first::<Row>(conn)
+        .optional()?
+        .map(from_row))
+}
+
+fn must_exist(changed: usize, id: i64) -> Result<()> {
+    if changed == 0 {
+        Err(Error::NotFound(format!("webhook endpoint {id}")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Lets `id` get deliveries again (its failure count reset).
+pub fn enable(conn: &mut PgConnection, id: i64) -> Result<()> {
+    must_exist(
+        diesel::update(webhook_endpoints::table.find(id))
+            .set((
+                webhook_endpoints::status.eq("active"),
+                webhook_endpoints::disabled_reason.eq(None::<String>),
+                webhook_endpoints::disabled_at.eq(None::<DateTime<Utc>>),
+                webhook_endpoints::failed_deliveries.eq(0),
+                webhook_endpoints::failing_since.eq(None::<DateTime<Utc>>),
+                webhook_endpoints::updated_at.eq(diesel::dsl::now),
+            ))
+            .execute(conn)?,
+        id,
+    )
+}
+
+/// Stops deliveries to `id`, with `reason`.
+pub fn disable(conn: &mut PgConnection, id: i64, reason: &str) -> Result<()> {
+    must_exist(
+        diesel::update(webhook_endpoints::table.find(id))
+            .set((
+                webhook_endpoints::status.eq("disabled"),
+                webhook_endpoints::disabled_reason.eq(crate::text::bounded_text(reason, 1024)),
+                webhook_endpoints::disabled_at.eq(diesel::dsl::now),
+                webhook_endpoints::updated_at.eq(diesel::dsl::now),
+            ))
+            .execute(conn)?,
+        id,
+    )
+}
+
+/// Deletes `id` and its secrets (its delivery log stays until pruned).
+pub fn remove(conn: &mut PgConnection, id: i64) -> Result<()> {
+    must_exist(
+        diesel::delete(webhook_endpoints::table.find(id)).execute(conn)?,
+        id,
+    )
+}
+
+/// Starts a rotation: a new secret signs from now on; the current ones
+/// keep signing for `overlap` (so receivers can switch), then retire.
+/// Returns the new secret.
+pub fn rotate_secret(conn: &mut PgConnection, id: i64, overlap: Duration) -> Result<Secret> {
+    let overlap_secs = overlap.as_secs_f64();
+    let secret = new_secret();
+    conn.transaction::<(), Error, _>(|conn| {
+        must_exist(webhook_endpoints::table.find(id).count().get_result::<i64>(conn)? as usize, id)?;
+        diesel::sql_query(
+            "UPDATE webhook_secrets SET retires_at = LEAST(COALESCE(retires_at, 'infinity'), now() + make_interval(secs => $2))
+             WHERE endpoint_id = $1",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(id)
+        .bind::<diesel::sql_types::Double, _>(overlap_secs)
+        .execute(conn)?;
+        diesel::insert_into(webhook_secrets::table)
+            .values((webhook_secrets::endpoint_id.eq(id), webhook_secrets::secret.eq(secret.expose())))
+            .execute(conn)?;
+        diesel::delete(webhook_secrets::table.filter(webhook_secrets::endpoint_id.eq(id)).filter(webhook_secrets::retires_at.lt(diesel::dsl::now)))
+            .execute(conn)?;
+        Ok(())
+    })?;
+    Ok(secret)
+}
+
+/// The secrets that sign `id`'s deliveries now, newest first.
+pub fn signing_secrets(conn: &mut PgConnection, id: i64) -> Result<Vec<Secret>> {
+    let secrets: Vec<String> = webhook_secrets::table
+        .filter(webhook_secrets::endpoint_id.eq(id))
+        .filter(
+            webhook_secrets::retires_at
+                .is_null()
+                .or(webhook_secrets::retires_at.gt(diesel::dsl::now)),
+        )
+        .select(webhook_secrets::secret)
+        .order(webhook_secrets::id.desc())
+        .load(conn)?;
+    Ok(secrets.into_iter().map(Secret::new).collect())
+}
+
+/// The active endpoints subscribed to `event_type`.
+pub fn subscribed(conn: &mut PgConnection, event_type: &str) -> Result<Vec<Endpoint>> {
+    let rows: Vec<Row> = webhook_endpoints::table
+        .filter(webhook_endpoints::status.eq("active"))
+        .select(Row::as_select())
+        .order(webhook_endpoints::id)
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(from_row)
+        .filter(|e| e.subscribes_to(event_type))
+        .collect())
+}
+
+/// One delivery try, as logged.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Serialize)]
+#[diesel(table_name = webhook_deliveries)]
+pub struct DeliveryTry {
+    /// Row id.
+    pub id: i64,
+    /// The endpoint.
+    pub endpoint_id: i64,
+    /// The event (the `webhook-id`).
+    pub event_id: Uuid,
+    /// Its type.
+    pub event_type: String,
+    /// The try, from 1.
+    pub attempt: i32,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The HTTP status, when an answer came.
+    pub status_code: Option<i32>,
+    /// How long the try took.
+    pub duration_ms: f64,
+    /// Whether it counted as delivered (2xx).
+    pub delivered: bool,
+    /// The start of the answer's body.
+    pub excerpt: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+/// Logs one try.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn log_try(
+    conn: &mut PgConnection,
+    endpoint_id: i64,
+    event_id: Uuid,
+    event_type: &str,
+    attempt: u32,
+    status_code: Option<u16>,
+    duration: Duration,
+    delivered: bool,
+    excerpt: Option<&str>,
+    error: Option<&str>,
+) -> Result<()> {
+    diesel::insert_into(webhook_deliveries::table)
+        .values((
+            webhook_deliveries::endpoint_id.eq(endpoint_id),
+            webhook_deliveries::event_id.eq(event_id),
+            webhook_deliveries::event_type.eq(event_type),
+            webhook_deliveries::attempt.eq(i32::try_from(attempt).unwrap_or(i32::MAX)),
+            webhook_deliveries::status_code.eq(status_code.map(i32::from)),
+            webhook_deliveries::duration_ms.eq(duration.as_secs_f64() * 1000.0),
+            webhook_deliveries::delivered.eq(delivered),
+            webhook_deliveries::excerpt.eq(excerpt.map(|e| crate::text::bounded_text(e, 2048))),
+            webhook_deliveries::error.eq(error.map(|e| crate::text::bounded_text(e, 2048))),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// The newest `limit` tries of endpoint `id` (or of every endpoint).
+pub fn deliveries(conn: &mut PgConnection, id: Option<i64>, limit: i64) -> Result<Vec<DeliveryTry>> {
+    let mut query = webhook_deliveries::table
+        .select(DeliveryTry::as_select())
+        .into_boxed();
+    if let Some(id) = id {
+        query = query.filter(webhook_deliveries::endpoint_id.eq(id));
+    }
+    Ok(query
+        .order(webhook_deliveries::id.desc())
+        .limit(limit.clamp(1, 10_000))
+        .load(conn)?)
+}
+
+/// Deletes logged tries older than `retention`, at most `batch` rows;
+/// returns how many.
+pub fn prune_deliveries(conn: &mut PgConnection, retention: Duration, batch: i64) -> Result<usize> {
+    Ok(diesel::sql_query(
+        "DELETE FROM webhook_deliveries WHERE id IN (
+             SELECT id FROM webhook_deliveries WHERE at < now() - make_interval(secs => $1) LIMIT $2)",
+    )
+    .bind::<diesel::sql_types::Double, _>(retention.as_secs_f64())
+    .bind::<diesel::sql_types::BigInt, _>(batch)
+    .execute(conn)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("*", "site.created"));
+        assert!(!pattern_matches("*", "webhook.endpoint_disabled"));
+        assert!(pattern_matches("site.*", "site.created"));
+        assert!(!pattern_matches("site.*", "sites.created"));
+        assert!(!pattern_matches("site.*", "site"));
+        assert!(pattern_matches("site.created", "site.created"));
+        assert!(!pattern_matches("site.created", "site.deleted"));
+        for ok in ["*", "site.*", "site.created", "backup.failed"] {
+            assert!(validate_pattern(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Site.created", "site.", "*.created", "site.**", "a b"] {
+            assert!(validate_pattern(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! An endpoint's failure count: reset by a delivery that succeeds, raised
+//! by one that failed for good, and past the thresholds the endpoint is
+//! disabled with a `webhook.endpoint_disabled` event recorded in the same
+//! transaction.
+
+use chrono::Utc;
+use diesel::prelude::*;
+
+use super::WebhookConfig;
+use super::delivery::EndpointDisabled;
+use super::endpoints::Endpoint;
+use crate::error::{Error, Result};
+use crate::schema::webhook_endpoints;
+
+/// A delivery to `id` succeeded: the endpoint is healthy again.
+pub(crate) fn succeeded(conn: &mut PgConnection, id: i64) -> Result<()> {
+    diesel::update(webhook_endpoints::table.find(id))
+        .set((
+            webhook_endpoints::failed_deliveries.eq(0),
+            webhook_endpoints::failing_since.eq(None::<chrono::DateTime<Utc>>),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// A delivery to `endpoint` failed after its last try. Returns whether
+/// the endpoint was disabled for it.
+pub(crate) fn failed_for_good(
+    conn: &mut PgConnection,
+    endpoint: &Endpoint,
+    config: &WebhookConfig,
+) -> Result<bool> {
+    conn.transaction::<bool, Error, _>(|conn| {
+        let (failed, since): (i32, Option<chrono::DateTime<Utc>>) = diesel::update(webhook_endpoints::table.find(endpoint.id))
+            .set((
+                webhook_endpoints::failed_deliveries.eq(webhook_endpoints::failed_deliveries + 1),
+                webhook_endpoints::failing_since.eq(diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>>(
+                    "COALESCE(failing_since, now())",
+                )),
+            ))
+            .returning((webhook_endpoints::failed_deliveries, webhook_endpoints::failing_since))
+            .get_result(conn)?;
+        let failing_for = since.map(|s| (Utc::now() - s).to_std().unwrap_or_default()).unwrap_or_default();
+        let reason = if failed >= config.disable_after_failures {
+            format!("{failed} deliveries in a row failed")
+        } else if failing_for >= config.disable_after {
+            format!("failing for {}", humanize(failing_for))
+        } else {
+            return Ok(false);
+        };
+        let disabled = diesel::update(
+            webhook_endpoints::table
+                .find(endpoint.id)
+                .filter(webhook_endpoints::status.eq("active")),
+        )
+        .set((
+            webhook_endpoints::status.eq("disabled"),
+            webhook_endpoints::disabled_reason.eq(&reason),
+            webhook_endpoints::disabled_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)?;
+        if disabled == 1 {
+            tracing::warn!(endpoint = endpoint.id, url = %endpoint.url, reason = %reason, "webhook endpoint disabled");
+            crate::record(
+                conn,
+                &EndpointDisabled {
+                    endpoint_id: endpoint.id,
+                    url: endpoint.url.clone(),
+                    reason,
+                    failed_deliveries: failed,
+                },
+            )?;
+        }
+        Ok(disabled == 1)
+    })
+}
+
+fn humanize(duration: std::time::Duration) -> String {
+    let secs = duration.as_secs();
+    if secs >= 86_400 {
+        format!("{} days", secs / 86_400)
+    } else if secs >= 3_600 {
+        format!("{} hours", secs / 3_600)
+    } else {
+        format!("{secs} s")
+    }
+}

@@ -1,0 +1,536 @@
+//! Webhooks end to end: events recorded in Postgres, relayed, fanned out
+//! by the worker, delivered over HTTP to receivers on loopback that check
+//! each signature with the `standardwebhooks` crate (an implementation
+//! independent of ours), and what happens when receivers fail.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use diesel::prelude::*;
+use outbox::webhooks::{self, NewEndpoint, OAuthSettings, OutboundPolicy, Secret, WebhookConfig};
+use outbox::{DomainEvent, Registry, TestDatabase};
+use serde::Serialize;
+
+use crate::broker::{TestBroker, amqp_url};
+use crate::harness::{Running, eventually};
+
+const TYPES: [&str; 3] = ["site.created", "site.deleted", "backup.failed"];
+const LIMIT: Duration = Duration::from_secs(30);
+
+#[derive(Serialize)]
+struct Happened {
+    #[serde(skip)]
+    kind: &'static str,
+    site_id: i64,
+}
+
+impl DomainEvent for Happened {
+    fn event_type(&self) -> &'static str {
+        self.kind
+    }
+    fn aggregate_type(&self) -> &'static str {
+        "site"
+    }
+    fn aggregate_id(&self) -> String {
+        self.site_id.to_string()
+    }
+}
+
+fn record(conn: &mut PgConnection, kind: &'static str, site_id: i64) -> uuid::Uuid {
+    conn.transaction::<_, outbox::Error, _>(|conn| outbox::record(conn, &Happened { kind, site_id }))
+        .unwrap()
+}
+
+/// How a receiver answers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Ok,
+    Fail,
+    Hang,
+    /// 401 to any bearer token but `tok-2` (the refreshed one).
+    WantsSecondToken,
+}
+
+#[derive(Clone, Debug)]
+struct Received {
+    headers: HeaderMap,
+    body: Vec<u8>,
+    at: Instant,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    mode: Mode,
+    got: Arc<Mutex<Vec<Received>>>,
+}
+
+async fn receive(
+    State(receiver): State<Receiver>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    receiver.got.lock().unwrap().push(Received {
+        headers: headers.clone(),
+        body: body.to_vec(),
+        at: Instant::now(),
+    });
+    match receiver.mode {
+        Mode::Ok => StatusCode::NO_CONTENT,
+        Mode::Fail => StatusCode::INTERNAL_SERVER_ERROR,
+        Mode::Hang => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            StatusCode::OK
+        }
+        Mode::WantsSecondToken => {
+            let auth = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if auth == "Bearer tok-2" {
+                StatusCode::OK
+            } else {
+                StatusCode::UNAUTHORIZED
+            }
+        }
+    }
+}
+
+/// An HTTP receiver on a free loopback port.
+async fn receiver(mode: Mode) -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new()
+        .route("/hook", post(receive))
+        .with_state(Receiver {
+            mode,
+            got: Arc::clone(&got),
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (address, got)
+}
+
+/// A token server counting its requests; `tok-1`, `tok-2`, ... for the
+/// client secret `right-secret`, 401 otherwise.
+async fn token_server() -> (SocketAddr, Arc<Mutex<u32>>) {
+    let issued = Arc::new(Mutex::new(0u32));
+    let counter = Arc::clone(&issued);
+    let app = axum::Router::new().route(
+        "/token",
+        post(move |headers: HeaderMap| {
+            let counter = Arc::clone(&counter);
+            async move {
+                use base64::Engine;
+                let expected = format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode("client-1:right-secret")
+                );
+                if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        String::from("{\"error\":\"invalid_client\"}"),
+                    );
+                }
+                let mut n = counter.lock().unwrap();
+                *n += 1;
+                (
+                    StatusCode::OK,
+                    format!("{{\"access_token\":\"tok-{n}\",\"token_type\":\"Bearer\",\"expires_in\":3600}}"),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (address, issued)
+}
+
+/// A database, a broker, a worker running the webhook listeners and a
+/// relay.
+struct Rig {
+    db: TestDatabase,
+    conn: PgConnection,
+    broker: TestBroker,
+    worker: Option<Running>,
+    relay: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<outbox::Result<()>>,
+    )>,
+    policy: OutboundPolicy,
+}
+
+impl Rig {
+    async fn start(config: WebhookConfig) -> Self {
+        let db = TestDatabase::create().unwrap();
+        let conn = db.connect().unwrap();
+        let mut broker = TestBroker::new().await;
+        let policy = (*config.policy).clone();
+        let registry = webhooks::register(Registry::new(), &TYPES, config).unwrap();
+        let worker = Running::start(&db, &mut broker, &registry).await;
+        let relay = outbox::Relay::new(outbox::RelayConfig {
+            database_url: db.url().to_owned(),
+            amqp_url: amqp_url(),
+            exchange: broker.exchange.clone(),
+            poll_max: Duration::from_millis(20),
+            ..outbox::RelayConfig::default()
+        })
+        .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            relay
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Self {
+            db,
+            conn,
+            broker,
+            worker: Some(worker),
+            relay: Some((stop, task)),
+            policy,
+        }
+    }
+
+    fn add(&mut self, url: &str, types: &[&str], oauth: Option<OAuthSettings>) -> (i64, Secret) {
+        let (endpoint, secret) = webhooks::add(
+            &mut self.conn,
+            &NewEndpoint {
+                url: url.to_owned(),
+                description: "test receiver".into(),
+                event_types: types.iter().map(|t| (*t).to_owned()).collect(),
+                oauth,
+            },
+            &self.policy,
+        )
+        .unwrap();
+        (endpoint.id, secret)
+    }
+
+    async fn stop(mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop().await;
+        }
+        if let Some((stop, task)) = self.relay.take() {
+            let _ = stop.send(());
+            task.await.unwrap().unwrap();
+        }
+        let _ = &self.broker;
+        let _ = &self.db;
+    }
+}
+
+fn local() -> WebhookConfig {
+    WebhookConfig {
+        policy: Arc::new(OutboundPolicy::allowing("127.0.0.1").unwrap()),
+        tries: 3,
+        backoff: vec![Duration::from_millis(100), Duration::from_millis(200)],
+        connect_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(1),
+        circuit_after_failures: 100,
+        ..WebhookConfig::default()
+    }
+}
+
+fn verify(secret: &Secret, received: &Received) -> bool {
+    standardwebhooks::Webhook::new(secret.expose())
+        .unwrap()
+        .verify(&received.body, &received.headers)
+        .is_ok()
+}
+
+fn count(conn: &mut PgConnection, sql: &str) -> i64 {
+    outbox::testing::count(conn, sql)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_get_their_events_signed_and_rotation_signs_with_both() {
+    let mut rig = Rig::start(local()).await;
+    let (a_addr, a_got) = receiver(Mode::Ok).await;
+    let (b_addr, b_got) = receiver(Mode::Ok).await;
+    let (a, a_secret) = rig.add(&format!("http://{a_addr}/hook"), &["site.*"], None);
+    let (_b, b_secret) = rig.add(&format!("http://{b_addr}/hook"), &["backup.failed"], None);
+    let created = record(&mut rig.conn, "site.created", 1);
+    let deleted = record(&mut rig.conn, "site.deleted", 1);
+    let failed = record(&mut rig.conn, "backup.failed", 2);
+    eventually("A gets both site events", LIMIT, || {
+        a_got.lock().unwrap().len() >= 2
+    })
+    .await;
+    eventually("B gets the backup event", LIMIT, || {
+        !b_got.lock().unwrap().is_empty()
+    })
+    .await;
+    let a_seen: Vec<Received> = a_got.lock().unwrap().clone();
+    let b_seen: Vec<Received> = b_got.lock().unwrap().clone();
+    assert_eq!(a_seen.len(), 2, "only the subscribed types");
+    assert_eq!(b_seen.len(), 1);
+    for (seen, secret) in a_seen
+        .iter()
+        .map(|r| (r, &a_secret))
+        .chain(b_seen.iter().map(|r| (r, &b_secret)))
+    {
+        assert!(verify(secret, seen), "signature verifies");
+        assert!(!verify(
+            if std::ptr::eq(secret, &a_secret) {
+                &b_secret
+            } else {
+                &a_secret
+            },
+            seen
+        ));
+        let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
+        assert_eq!(
+            seen.headers["webhook-id"].to_str().unwrap(),
+            body["id"].as_str().unwrap(),
+            "webhook-id is the event id"
+        );
+        assert_eq!(body["specversion"], "1.0");
+        assert_eq!(seen.headers["content-type"], outbox::cloudevents::CONTENT_TYPE);
+    }
+    let ids: Vec<String> = a_seen
+        .iter()
+        .map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned())
+        .collect();
+    assert!(ids.contains(&created.to_string()) && ids.contains(&deleted.to_string()));
+    assert_eq!(
+        b_seen[0].headers["webhook-id"].to_str().unwrap(),
+        failed.to_string()
+    );
+
+    // Rotation: both secrets sign while the old one overlaps.
+    let new_secret = webhooks::rotate_secret(&mut rig.conn, a, Duration::from_secs(3600)).unwrap();
+    record(&mut rig.conn, "site.created", 3);
+    eventually("A gets the next event", LIMIT, || {
+        a_got.lock().unwrap().len() >= 3
+    })
+    .await;
+    let last = a_got.lock().unwrap()[2].clone();
+    assert_eq!(
+        last.headers["webhook-signature"]
+            .to_str()
+            .unwrap()
+            .split(' ')
+            .count(),
+        2
+    );
+    assert!(
+        verify(&a_secret, &last) && verify(&new_secret, &last),
+        "old and new secrets both verify"
+    );
+    assert!(!format!("{:?}", webhooks::get(&mut rig.conn, a).unwrap()).contains(new_secret.expose()));
+    assert_eq!(
+        count(
+            &mut rig.conn,
+            "SELECT count(*) AS n FROM webhook_deliveries WHERE delivered"
+        ),
+        4
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_endpoints_retry_fail_for_good_and_are_disabled_without_slowing_the_healthy() {
+    let mut rig = Rig::start(WebhookConfig {
+        disable_after_failures: 2,
+        ..local()
+    })
+    .await;
+    let (dead_addr, dead_got) = receiver(Mode::Fail).await;
+    let (hang_addr, _) = receiver(Mode::Hang).await;
+    let (ok_addr, ok_got) = receiver(Mode::Ok).await;
+    let (dead, _) = rig.add(&format!("http://{dead_addr}/hook"), &["*"], None);
+    let (hang, _) = rig.add(&format!("http://{hang_addr}/hook"), &["*"], None);
+    rig.add(&format!("http://{ok_addr}/hook"), &["*"], None);
+    let mut recorded = Vec::new();
+    for i in 0..2 {
+        recorded.push((Instant::now(), record(&mut rig.conn, "site.created", i)));
+    }
+    eventually("the healthy endpoint gets both", LIMIT, || {
+        ok_got.lock().unwrap().len() >= 2
+    })
+    .await;
+    // The healthy one's deliveries came while the others were failing.
+    let worst = ok_got
+        .lock()
+        .unwrap()
+        .iter()
+        .zip(&recorded)
+        .map(|(r, (at, _))| r.at.duration_since(*at))
+        .max()
+        .unwrap();
+    assert!(
+        worst < Duration::from_secs(3),
+        "healthy delivery took {worst:?} beside dead endpoints"
+    );
+    let conn = &mut rig.conn;
+    eventually("each dead delivery ends as a failed job", LIMIT, || {
+        count(
+            conn,
+            "SELECT count(*) AS n FROM failed_jobs WHERE listener = 'webhook_delivery'",
+        ) >= 4
+    })
+    .await;
+    assert_eq!(
+        dead_got.lock().unwrap().len(),
+        6,
+        "3 tries of each of 2 deliveries"
+    );
+    let job = outbox::failed_jobs::list(
+        &mut rig.conn,
+        &outbox::failed_jobs::Filter {
+            listener: Some("webhook_delivery".into()),
+            error_contains: Some("HTTP 500".into()),
+            ..outbox::failed_jobs::Filter::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(job.len(), 2);
+    assert_eq!(job[0].errors.len(), 3, "every try in the history");
+    let timed_out = count(
+        &mut rig.conn,
+        &format!(
+            "SELECT count(*) AS n FROM webhook_deliveries WHERE endpoint_id = {hang} AND error LIKE '%timed out%'"
+        ),
+    );
+    assert_eq!(timed_out, 6, "the hanging endpoint's tries time out");
+    // Two deliveries failed in a row: both failing endpoints are disabled,
+    // each with its event recorded.
+    for id in [dead, hang] {
+        let endpoint = webhooks::get(&mut rig.conn, id).unwrap().unwrap();
+        assert!(!endpoint.is_active(), "endpoint {id} disabled");
+    }
+    assert_eq!(
+        count(
+            &mut rig.conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE event_type = 'webhook.endpoint_disabled'"
+        ),
+        2
+    );
+    assert_eq!(
+        webhooks::failed_delivery_jobs(&mut rig.conn, dead).unwrap().len(),
+        2,
+        "the dead endpoint's failed deliveries, for `outbox webhooks retry`"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_tokens_are_cached_refreshed_after_a_401_and_a_bad_secret_fails_clearly() {
+    let mut rig = Rig::start(local()).await;
+    let (tokens_addr, issued) = token_server().await;
+    let (addr, got) = receiver(Mode::WantsSecondToken).await;
+    let oauth = |secret: &str| OAuthSettings {
+        token_url: format!("http://{tokens_addr}/token"),
+        client_id: "client-1".into(),
+        client_secret: Secret::new(secret),
+        scope: Some("webhooks".into()),
+    };
+    rig.add(
+        &format!("http://{addr}/hook"),
+        &["site.created"],
+        Some(oauth("right-secret")),
+    );
+    for i in 0..3 {
+        record(&mut rig.conn, "site.created", i);
+    }
+    let conn = &mut rig.conn;
+    eventually("three deliveries accepted", LIMIT, || {
+        count(
+            conn,
+            "SELECT count(*) AS n FROM webhook_deliveries WHERE delivered",
+        ) >= 3
+    })
+    .await;
+    assert_eq!(
+        *issued.lock().unwrap(),
+        2,
+        "one token, refreshed once after the 401, then cached"
+    );
+    assert!(
+        got.lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.headers["authorization"] == "Bearer tok-1")
+    );
+
+    let (bad_addr, bad_got) = receiver(Mode::Ok).await;
+    let (bad, _) = rig.add(
+        &format!("http://{bad_addr}/hook"),
+        &["site.deleted"],
+        Some(oauth("wrong-secret-xyz")),
+    );
+    record(&mut rig.conn, "site.deleted", 9);
+    let conn = &mut rig.conn;
+    eventually("the bad secret's delivery fails for good", LIMIT, || {
+        count(conn, &format!("SELECT count(*) AS n FROM failed_jobs WHERE listener = 'webhook_delivery' AND payload->'data'->>'endpoint_id' = '{bad}'")) == 1
+    })
+    .await;
+    assert!(bad_got.lock().unwrap().is_empty(), "nothing sent without a token");
+    let texts = count(
+        &mut rig.conn,
+        "SELECT count(*) AS n FROM webhook_deliveries WHERE error LIKE '%refused client client-1: HTTP 401%'",
+    );
+    assert_eq!(texts, 3, "a clear error on each try");
+    let leaked = count(
+        &mut rig.conn,
+        "SELECT count(*) AS n FROM (SELECT error AS t FROM webhook_deliveries UNION ALL SELECT exception FROM failed_jobs UNION ALL SELECT errors::text FROM failed_jobs) x WHERE t LIKE '%wrong-secret-xyz%'",
+    );
+    assert_eq!(leaked, 0, "the client secret is in no stored text");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_urls_are_refused_and_a_name_resolving_to_loopback_is_not_called() {
+    let strict = OutboundPolicy::strict();
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    for url in [
+        "http://example.com/hook",
+        "https://127.0.0.1/hook",
+        "https://10.0.0.8/x",
+        "https://[::1]/x",
+        "https://169.254.169.254/",
+    ] {
+        let refused = webhooks::add(
+            &mut conn,
+            &NewEndpoint {
+                url: url.into(),
+                description: String::new(),
+                event_types: vec!["*".into()],
+                oauth: None,
+            },
+            &strict,
+        );
+        assert!(refused.is_err(), "{url} refused");
+    }
+    drop(conn);
+    drop(db);
+    // `localhost` is a name: accepted when added, refused when it resolves
+    // to 127.0.0.1 at delivery.
+    let mut rig = Rig::start(WebhookConfig {
+        policy: Arc::new(OutboundPolicy::strict()),
+        ..local()
+    })
+    .await;
+    let (addr, got) = receiver(Mode::Ok).await;
+    let (id, _) = rig.add(
+        &format!("https://localhost:{}/hook", addr.port()),
+        &["site.created"],
+        None,
+    );
+    record(&mut rig.conn, "site.created", 1);
+    let conn = &mut rig.conn;
+    eventually("the try is logged as refused", LIMIT, || {
+        count(conn, &format!("SELECT count(*) AS n FROM webhook_deliveries WHERE endpoint_id = {id} AND error LIKE '%not a public address%'")) >= 1
+    })
+    .await;
+    assert!(got.lock().unwrap().is_empty(), "no request reached the receiver");
+    rig.stop().await;
+}
