@@ -11,6 +11,7 @@ mod relay_cmd;
 mod replay_cmd;
 mod status_cmd;
 mod topology_cmd;
+mod webhooks_cmd;
 
 use std::process::ExitCode;
 
@@ -94,6 +95,14 @@ enum Command {
     ///
     /// Example: OUTBOX_DASHBOARD_TOKEN=$(openssl rand -hex 24) outbox dashboard --bind 127.0.0.1:8090
     Dashboard(Box<dashboard_cmd::DashboardArgs>),
+    /// Subscribe outside systems to events: endpoints, deliveries, retries, replays.
+    ///
+    /// Deliveries are made by workers running the webhook listeners
+    /// (`chom work` does); these commands manage the endpoints.
+    ///
+    /// Example: outbox webhooks add --url https://hooks.example.com/chom --event-type 'site.*'
+    #[command(subcommand)]
+    Webhooks(webhooks_cmd::WebhooksCommand),
     /// Let relays claim again after `outbox pause`.
     ///
     /// Example: outbox resume
@@ -116,6 +125,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay_cmd::run(database_url, &args),
         Command::Resume => pause::resume(database_url),
         Command::Dashboard(args) => dashboard_cmd::run(database_url, &args),
+        Command::Webhooks(command) => webhooks_cmd::run(database_url, &command),
         Command::Topology(command) => topology_cmd::run(&command),
         Command::Bench(args) => bench_cmd::run(database_url, global.log_format, &args),
     };

@@ -301,6 +301,71 @@ impl WebhookDelivery {
     }
 }
 
+/// What a test delivery ([`WebhookDelivery::send_test`]) came to.
+#[derive(Debug, Clone, Serialize)]
+pub struct TestOutcome {
+    /// The HTTP status, when an answer came.
+    pub status: Option<u16>,
+    /// Whether it counts as delivered (2xx).
+    pub delivered: bool,
+    /// The start of the answer's body.
+    pub excerpt: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// How long it took, ms.
+    pub duration_ms: f64,
+}
+
+impl WebhookDelivery {
+    /// Sends endpoint `id` a `webhook.test` event now, signed as any
+    /// delivery, and returns the answer (logged as a try, attempt 0).
+    /// Blocks: call it off the async threads.
+    pub fn send_test(&self, conn: &mut PgConnection, id: i64) -> crate::Result<TestOutcome> {
+        let endpoint =
+            endpoints::get(conn, id)?.ok_or_else(|| Error::NotFound(format!("webhook endpoint {id}")))?;
+        let secrets = endpoints::signing_secrets(conn, id)?;
+        let event_id = Uuid::now_v7();
+        let delivery = DeliveryRequested {
+            endpoint_id: id,
+            event_id,
+            event_type: "webhook.test".into(),
+            event: serde_json::json!({
+                "specversion": "1.0",
+                "id": event_id.to_string(),
+                "type": "webhook.test",
+                "source": "/outbox/webhooks",
+                "subject": id.to_string(),
+                "time": Utc::now().to_rfc3339(),
+                "datacontenttype": "application/json",
+                "data": {"endpoint_id": id, "message": "a test delivery from `outbox webhooks test`"},
+            }),
+        };
+        let started = Instant::now();
+        let answer = self.send(&endpoint, &secrets, &delivery);
+        let took = started.elapsed();
+        let delivered = answer.status.is_some_and(|s| (200..300).contains(&s));
+        endpoints::log_try(
+            conn,
+            id,
+            event_id,
+            "webhook.test",
+            0,
+            answer.status,
+            took,
+            delivered,
+            answer.excerpt.as_deref(),
+            answer.error.as_deref(),
+        )?;
+        Ok(TestOutcome {
+            status: answer.status,
+            delivered,
+            excerpt: answer.excerpt,
+            error: answer.error,
+            duration_ms: took.as_secs_f64() * 1000.0,
+        })
+    }
+}
+
 impl QueuedListener for WebhookDelivery {
     fn name(&self) -> &str {
         DELIVERY_LISTENER

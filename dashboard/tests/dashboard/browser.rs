@@ -201,6 +201,7 @@ async fn an_operator_fixes_a_notifier_outage_in_the_browser() -> Result<()> {
         metrics_addr: None,
         shutdown_timeout: Duration::from_secs(10),
         accept_sources: Vec::new(),
+        webhooks: None,
     })?;
     let (stop_worker, worker_stopped) = tokio::sync::watch::channel(false);
     let worker_task = tokio::spawn(async move {

@@ -34,6 +34,9 @@ pub struct WorkConfig {
     /// relay's default source for this database (`/outbox/<database>`), so
     /// events another database's relay left on the broker are set aside.
     pub accept_sources: Vec<String>,
+    /// Run the webhook listeners (`webhook_fanout` for CHOM's seven event
+    /// types, `webhook_delivery`) with these settings. Default `None`.
+    pub webhooks: Option<outbox::webhooks::WebhookConfig>,
 }
 
 impl Default for WorkConfig {
@@ -48,13 +51,17 @@ impl Default for WorkConfig {
             metrics_addr: None,
             shutdown_timeout: Duration::from_secs(30),
             accept_sources: Vec::new(),
+            webhooks: None,
         }
     }
 }
 
 /// CHOM's registry with only the listeners `only` names (all when empty).
 pub fn registry(config: &WorkConfig) -> outbox::Result<Registry> {
-    let registry = listeners::registry(&config.listeners)?;
+    let mut registry = listeners::registry(&config.listeners)?;
+    if let Some(webhooks) = &config.webhooks {
+        registry = outbox::webhooks::register(registry, &crate::events::EVENT_TYPES, webhooks.clone())?;
+    }
     if let Some(unknown) = config
         .only
         .iter()

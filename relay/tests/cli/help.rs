@@ -29,6 +29,21 @@ fn every_subcommand_help_has_an_example() {
         &["bench", "consume"],
         &["bench", "seed"],
         &["bench", "all"],
+        &["bench", "dashboard"],
+        &["dashboard"],
+        &["webhooks"],
+        &["webhooks", "add"],
+        &["webhooks", "list"],
+        &["webhooks", "show"],
+        &["webhooks", "enable"],
+        &["webhooks", "disable"],
+        &["webhooks", "rotate-secret"],
+        &["webhooks", "remove"],
+        &["webhooks", "deliveries"],
+        &["webhooks", "retry"],
+        &["webhooks", "replay"],
+        &["webhooks", "test"],
+        &["webhooks", "prune"],
     ];
     for command in commands {
         let mut args = command.to_vec();

@@ -17,3 +17,4 @@ mod process_faults;
 mod replay;
 mod status;
 mod topology;
+mod webhooks;

@@ -137,6 +137,7 @@ pub async fn run(config: DemoConfig, progress: impl Fn(&str)) -> Result<DemoRepo
         metrics_addr: None,
         shutdown_timeout: Duration::from_secs(10),
         accept_sources: Vec::new(),
+        webhooks: None,
     })?;
     let queues = worker.queues();
     // The topology before the relay's first publish: an event no queue is

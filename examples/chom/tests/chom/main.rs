@@ -19,3 +19,4 @@ mod simulate;
 mod sites;
 mod support;
 mod tenants;
+mod webhooks;

@@ -64,7 +64,7 @@ pub struct Background {
 }
 
 impl Background {
-    fn spawn<F>(run: impl FnOnce(watch::Receiver<bool>) -> F) -> Self
+    pub fn spawn<F>(run: impl FnOnce(watch::Receiver<bool>) -> F) -> Self
     where
         F: std::future::Future<Output = outbox::Result<()>> + Send + 'static,
     {
@@ -96,7 +96,7 @@ impl Drop for Background {
     }
 }
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
+pub async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
@@ -165,6 +165,7 @@ impl Pipeline {
 
     pub fn work_config(&self) -> WorkConfig {
         WorkConfig {
+            webhooks: None,
             database_url: self.db.url().to_owned(),
             amqp_url: amqp_url(),
             exchange: self.broker.exchange.clone(),

@@ -127,6 +127,11 @@ pub(crate) struct WorkArgs {
     /// Apply only events of this CloudEvents source (repeatable) [default: /outbox/<this database>, the relay's default].
     #[arg(long = "accept-source", value_name = "SOURCE")]
     pub(crate) accept_sources: Vec<String>,
+    /// Also deliver webhooks: run webhook_fanout and webhook_delivery
+    /// (endpoints from `outbox webhooks add`; OUTBOX_WEBHOOK_ALLOW opens
+    /// local http receivers).
+    #[arg(long, env = "CHOM_WEBHOOKS")]
+    pub(crate) webhooks: bool,
 }
 
 #[derive(Debug, Args)]

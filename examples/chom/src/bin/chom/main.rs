@@ -226,6 +226,11 @@ fn work(url: &str, args: WorkArgs) -> Result<()> {
         metrics_addr: parse_metrics_addr(&args.metrics_addr)?,
         shutdown_timeout: args.shutdown_timeout,
         accept_sources: args.accept_sources,
+        webhooks: args
+            .webhooks
+            .then(outbox::webhooks::WebhookConfig::from_env)
+            .transpose()
+            .context("webhook settings")?,
     };
     tracing::info!(database = %redact_url(url), amqp = %redact_url(&config.amqp_url), exchange = %config.exchange, "chom work starting");
     let runtime = runtime()?;
