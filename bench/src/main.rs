@@ -21,6 +21,7 @@ mod process;
 mod seed;
 mod stats;
 mod takeover;
+mod webhooks;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -111,6 +112,12 @@ enum Scenario {
     ///
     /// Example: outbox bench dashboard --rows 100000 --requests 30
     Dashboard(dashboard::DashboardArgs),
+    /// Webhook deliveries/s from a worker's webhook_delivery listener to a
+    /// loopback receiver, next to a plain HTTP client posting the same
+    /// bodies to it (target 0.7).
+    ///
+    /// Example: outbox bench webhooks --deliveries 5000 --concurrency 16
+    Webhooks(webhooks::WebhooksArgs),
     /// Every scenario with its default sizes (or tiny ones with --quick),
     /// every table; with --json one object holding all figures.
     ///
@@ -405,6 +412,9 @@ pub fn run(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
         }
         Scenario::Consume(consume) => print(args.json, &runtime.block_on(consume::run(&target, consume))?),
         Scenario::Seed(seed) => print(args.json, &runtime.block_on(seed::run(&target, seed))?),
+        Scenario::Webhooks(webhooks) => {
+            print(args.json, &runtime.block_on(webhooks::run(&target, webhooks))?)
+        }
         Scenario::Dashboard(dashboard) => {
             print(args.json, &runtime.block_on(dashboard::run(&target, dashboard))?)
         }

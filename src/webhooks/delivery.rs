@@ -52,15 +52,19 @@ pub struct DeliveryRequested {
     pub event: serde_json::Value,
 }
 
+/// Each delivery is an aggregate of its own (`<endpoint>.<event>`): the
+/// relay keeps order only within an aggregate, and one endpoint's
+/// deliveries need none (receivers order by the event's `time`), so they
+/// are published in parallel rather than one confirm at a time.
 impl DomainEvent for DeliveryRequested {
     fn event_type(&self) -> &'static str {
         DELIVERY_REQUESTED
     }
     fn aggregate_type(&self) -> &'static str {
-        "webhook_endpoint"
+        "webhook_delivery"
     }
     fn aggregate_id(&self) -> String {
-        self.endpoint_id.to_string()
+        format!("{}.{}", self.endpoint_id, self.event_id)
     }
 }
 
@@ -174,8 +178,17 @@ pub struct WebhookDelivery {
     config: Arc<WebhookConfig>,
     client: reqwest::Client,
     tokens: Arc<Mutex<HashMap<i64, (String, Instant)>>>,
+    /// Endpoints and their secrets as read last (see [`ENDPOINT_CACHE`]):
+    /// two queries less per delivery.
+    endpoints: Arc<Mutex<HashMap<i64, CachedEndpoint>>>,
     runtime: tokio::runtime::Handle,
 }
+
+type CachedEndpoint = (Option<Endpoint>, Vec<Secret>, Instant);
+
+/// How long the delivery listener uses an endpoint as it read it: a change
+/// (disabled, a rotated secret, a new URL) reaches deliveries within this.
+pub const ENDPOINT_CACHE: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for WebhookDelivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -204,8 +217,41 @@ impl WebhookDelivery {
             config: Arc::new(config),
             client,
             tokens: Arc::new(Mutex::new(HashMap::new())),
+            endpoints: Arc::new(Mutex::new(HashMap::new())),
             runtime,
         })
+    }
+
+    /// The endpoint `id` and its signing secrets, read at most
+    /// [`ENDPOINT_CACHE`] ago.
+    fn endpoint(&self, conn: &mut PgConnection, id: i64) -> crate::Result<(Option<Endpoint>, Vec<Secret>)> {
+        if let Some((endpoint, secrets, at)) = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            && at.elapsed() < ENDPOINT_CACHE
+        {
+            return Ok((endpoint.clone(), secrets.clone()));
+        }
+        let endpoint = endpoints::get(conn, id)?;
+        let secrets = if endpoint.is_some() {
+            endpoints::signing_secrets(conn, id)?
+        } else {
+            Vec::new()
+        };
+        self.endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, (endpoint.clone(), secrets.clone(), Instant::now()));
+        Ok((endpoint, secrets))
+    }
+
+    fn forget_endpoint(&self, id: i64) {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
     }
 
     fn token(&self, endpoint: &Endpoint, fresh: bool) -> Result<Option<String>, String> {
@@ -387,8 +433,10 @@ impl QueuedListener for WebhookDelivery {
         let delivery: DeliveryRequested = event.data_as()?;
         let (attempt, last_try) = (ctx.attempt(), ctx.is_last_try());
         let conn = ctx.conn()?;
-        let Some(endpoint) = endpoints::get(conn, delivery.endpoint_id).map_err(ListenerError::transient)?
-        else {
+        let (endpoint, secrets) = self
+            .endpoint(conn, delivery.endpoint_id)
+            .map_err(ListenerError::transient)?;
+        let Some(endpoint) = endpoint else {
             tracing::info!(endpoint = delivery.endpoint_id, event_id = %delivery.event_id, "webhook endpoint removed; delivery dropped");
             return Ok(());
         };
@@ -408,7 +456,6 @@ impl QueuedListener for WebhookDelivery {
                 )),
             }
         } else {
-            let secrets = endpoints::signing_secrets(conn, endpoint.id).map_err(ListenerError::transient)?;
             self.send(&endpoint, &secrets, &delivery)
         };
         let delivered = answer.status.is_some_and(|s| (200..300).contains(&s));
@@ -430,8 +477,10 @@ impl QueuedListener for WebhookDelivery {
         )
         .map_err(ListenerError::transient)?;
         if delivered {
-            if endpoint.failed_deliveries > 0 {
-                super::health::succeeded(conn, endpoint.id).map_err(ListenerError::transient)?;
+            // Always (the cached count may be stale); a no-op update when
+            // the endpoint was healthy.
+            if super::health::succeeded(conn, endpoint.id).map_err(ListenerError::transient)? {
+                self.forget_endpoint(endpoint.id);
             }
             return Ok(());
         }
@@ -439,6 +488,7 @@ impl QueuedListener for WebhookDelivery {
         if last_try {
             super::health::failed_for_good(conn, &endpoint, &self.config)
                 .map_err(ListenerError::transient)?;
+            self.forget_endpoint(endpoint.id);
         }
         Err(ListenerError::transient(format!(
             "delivery to endpoint {} ({}): {error}",

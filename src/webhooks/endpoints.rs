@@ -394,6 +394,39 @@ pub(crate) fn log_try(
     excerpt: Option<&str>,
     error: Option<&str>,
 ) -> Result<()> {
+    // The log is diagnostic: not waiting for its WAL flush is what lets a
+    // worker send hundreds of deliveries a second; a crash may lose the
+    // last few log rows, never a delivery (the broker holds those).
+    conn.transaction::<(), Error, _>(|conn| {
+        diesel::sql_query("SET LOCAL synchronous_commit = off").execute(conn)?;
+        insert_try(
+            conn,
+            endpoint_id,
+            event_id,
+            event_type,
+            attempt,
+            status_code,
+            duration,
+            delivered,
+            excerpt,
+            error,
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_try(
+    conn: &mut PgConnection,
+    endpoint_id: i64,
+    event_id: Uuid,
+    event_type: &str,
+    attempt: u32,
+    status_code: Option<u16>,
+    duration: Duration,
+    delivered: bool,
+    excerpt: Option<&str>,
+    error: Option<&str>,
+) -> Result<()> {
     diesel::insert_into(webhook_deliveries::table)
         .values((
             webhook_deliveries::endpoint_id.eq(endpoint_id),

@@ -12,15 +12,22 @@ use super::endpoints::Endpoint;
 use crate::error::{Error, Result};
 use crate::schema::webhook_endpoints;
 
-/// A delivery to `id` succeeded: the endpoint is healthy again.
-pub(crate) fn succeeded(conn: &mut PgConnection, id: i64) -> Result<()> {
-    diesel::update(webhook_endpoints::table.find(id))
-        .set((
-            webhook_endpoints::failed_deliveries.eq(0),
-            webhook_endpoints::failing_since.eq(None::<chrono::DateTime<Utc>>),
-        ))
-        .execute(conn)?;
-    Ok(())
+/// A delivery to `id` succeeded: the endpoint is healthy again. Returns
+/// whether it had been failing.
+pub(crate) fn succeeded(conn: &mut PgConnection, id: i64) -> Result<bool> {
+    let reset = diesel::update(
+        webhook_endpoints::table.find(id).filter(
+            webhook_endpoints::failed_deliveries
+                .gt(0)
+                .or(webhook_endpoints::failing_since.is_not_null()),
+        ),
+    )
+    .set((
+        webhook_endpoints::failed_deliveries.eq(0),
+        webhook_endpoints::failing_since.eq(None::<chrono::DateTime<Utc>>),
+    ))
+    .execute(conn)?;
+    Ok(reset > 0)
 }
 
 /// A delivery to `endpoint` failed after its last try. Returns whether

@@ -30,8 +30,8 @@ use std::time::Duration;
 use diesel::prelude::*;
 
 pub use delivery::{
-    DELIVERY_LISTENER, DeliveryRequested, EndpointDisabled, FANOUT_LISTENER, TestOutcome, WebhookDelivery,
-    WebhookFanout,
+    DELIVERY_LISTENER, DeliveryRequested, ENDPOINT_CACHE, EndpointDisabled, FANOUT_LISTENER, TestOutcome,
+    WebhookDelivery, WebhookFanout,
 };
 pub use endpoints::{
     DeliveryTry, Endpoint, EndpointStatus, NewEndpoint, OAuthSettings, add, deliveries, disable, enable, get,

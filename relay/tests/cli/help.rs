@@ -30,6 +30,7 @@ fn every_subcommand_help_has_an_example() {
         &["bench", "seed"],
         &["bench", "all"],
         &["bench", "dashboard"],
+        &["bench", "webhooks"],
         &["dashboard"],
         &["webhooks"],
         &["webhooks", "add"],

@@ -70,20 +70,17 @@ async fn a_sigkilled_relays_aggregates_are_taken_over_within_its_lease() {
     let db = TestDatabase::create().unwrap();
     let mut conn = db.connect().unwrap();
     let exchange = TestExchange::new().await.unwrap();
-    let total = record_interleaved(&mut conn, 200, 40);
-    // Default lease (3 s, heartbeated); two relays share the drain.
+    const PER_AGGREGATE: i64 = 100;
+    let total = record_interleaved(&mut conn, 200, PER_AGGREGATE);
+    // Default lease (3 s, heartbeated); two relays share the drain. The
+    // doomed one starts first: a survivor started first could claim the
+    // whole backlog before the other runs (on a loaded machine it did).
     let small = ["--batch-size", "100"];
     let mut doomed = RelayChild::spawn(
         db.url(),
         outbox::DEFAULT_AMQP_URL,
         &exchange.exchange,
         &[&small[..], &["--relay-id", "takeover-doomed"]].concat(),
-    );
-    let mut survivor = RelayChild::spawn(
-        db.url(),
-        outbox::DEFAULT_AMQP_URL,
-        &exchange.exchange,
-        &[&small[..], &["--relay-id", "takeover-survivor"]].concat(),
     );
     let held_sql = "SELECT count(*) AS n FROM outbox_leases l CROSS JOIN unnest(l.seqs) AS s(seq)
                       JOIN outbox_events e ON e.seq = s.seq
@@ -92,6 +89,29 @@ async fn a_sigkilled_relays_aggregates_are_taken_over_within_its_lease() {
         count(&mut conn, held_sql) > 0
     })
     .await;
+    let mut survivor = RelayChild::spawn(
+        db.url(),
+        outbox::DEFAULT_AMQP_URL,
+        &exchange.exchange,
+        &[&small[..], &["--relay-id", "takeover-survivor"]].concat(),
+    );
+    // The survivor is up (its heartbeat row is written at start) while the
+    // doomed one still holds rows.
+    eventually(
+        "the survivor runs beside the doomed relay",
+        Duration::from_secs(30),
+        || {
+            count(
+                &mut conn,
+                "SELECT count(*) AS n FROM outbox_relays WHERE relay_id = 'takeover-survivor'",
+            ) == 1
+        },
+    )
+    .await;
+    assert!(
+        count(&mut conn, held_sql) > 0,
+        "the doomed relay still holds rows when killed"
+    );
     doomed.child.kill().unwrap();
     doomed.child.wait().unwrap();
     let killed = std::time::Instant::now();
@@ -129,7 +149,7 @@ async fn a_sigkilled_relays_aggregates_are_taken_over_within_its_lease() {
     for (aggregate, ns) in exchange.first_arrival_order("n") {
         assert_eq!(
             ns,
-            (0..40).collect::<Vec<_>>(),
+            (0..PER_AGGREGATE).collect::<Vec<_>>(),
             "aggregate {aggregate} out of order"
         );
     }
