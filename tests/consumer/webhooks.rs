@@ -51,6 +51,8 @@ enum Mode {
     Ok,
     Fail,
     Hang,
+    /// 200 after 300 ms (slow, within the timeout).
+    Slow,
     /// 401 to the first token issued (`tok-1`, as if revoked), 200 to others.
     RevokedFirstToken,
 }
@@ -83,6 +85,10 @@ async fn receive(
         Mode::Fail => StatusCode::INTERNAL_SERVER_ERROR,
         Mode::Hang => {
             tokio::time::sleep(Duration::from_secs(5)).await;
+            StatusCode::OK
+        }
+        Mode::Slow => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
             StatusCode::OK
         }
         Mode::RevokedFirstToken => {
@@ -555,5 +561,98 @@ async fn unsafe_urls_are_refused_and_a_name_resolving_to_loopback_is_not_called(
     })
     .await;
     assert!(got.lock().unwrap().is_empty(), "no request reached the receiver");
+    rig.stop().await;
+}
+
+/// A receiver that accepts each connection and closes it at once, counting
+/// them.
+async fn closing_receiver() -> (SocketAddr, Arc<Mutex<u32>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let accepted = Arc::new(Mutex::new(0u32));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            *counter.lock().unwrap() += 1;
+            drop(stream);
+        }
+    });
+    (address, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_connections_fail_slow_answers_succeed_and_replays_resend_the_same_ids() {
+    let mut rig = Rig::start(local()).await;
+    let (closing_addr, accepted) = closing_receiver().await;
+    let (slow_addr, slow_got) = receiver(Mode::Slow).await;
+    let (closing, _) = rig.add(&format!("http://{closing_addr}/hook"), &["site.created"], None);
+    let (slow, slow_secret) = rig.add(&format!("http://{slow_addr}/hook"), &["site.created"], None);
+    let first = record(&mut rig.conn, "site.created", 1);
+    let second = record(&mut rig.conn, "site.created", 2);
+    let conn = &mut rig.conn;
+    eventually("the closed connections end as failed jobs", LIMIT, || {
+        count(
+            conn,
+            &format!("SELECT count(*) AS n FROM failed_jobs WHERE listener = 'webhook_delivery' AND payload->'data'->>'endpoint_id' = '{closing}'"),
+        ) == 2
+    })
+    .await;
+    assert!(
+        *accepted.lock().unwrap() >= 6,
+        "3 tries of each delivery reached the receiver"
+    );
+    assert_eq!(
+        count(
+            &mut rig.conn,
+            &format!(
+                "SELECT count(*) AS n FROM webhook_deliveries WHERE endpoint_id = {closing} AND NOT delivered AND status_code IS NULL AND error IS NOT NULL"
+            ),
+        ),
+        6,
+        "each try logged with the connection error"
+    );
+    eventually("the slow receiver got both", LIMIT, || {
+        slow_got.lock().unwrap().len() >= 2
+    })
+    .await;
+    assert_eq!(
+        count(
+            &mut rig.conn,
+            &format!(
+                "SELECT count(*) AS n FROM webhook_deliveries WHERE endpoint_id = {slow} AND delivered AND duration_ms >= 300"
+            ),
+        ),
+        2,
+        "slow answers within the timeout are deliveries"
+    );
+
+    // Replay: the stored events again, with the same ids. The relay marks
+    // rows published a moment after the confirm; wait for both marks.
+    let conn = &mut rig.conn;
+    eventually("both events marked published", LIMIT, || {
+        count(conn, "SELECT count(*) AS n FROM outbox_events WHERE event_type = 'site.created' AND published_at IS NOT NULL") == 2
+    })
+    .await;
+    let since = chrono::Utc::now() - chrono::Duration::hours(1);
+    let replayed = webhooks::replay(&mut rig.conn, slow, since, 100, "/outbox/test").unwrap();
+    assert_eq!(replayed, 2);
+    eventually("the replayed deliveries arrive", LIMIT, || {
+        slow_got.lock().unwrap().len() >= 4
+    })
+    .await;
+    let seen = slow_got.lock().unwrap().clone();
+    let ids: Vec<String> = seen
+        .iter()
+        .map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned())
+        .collect();
+    for id in [first, second] {
+        assert_eq!(
+            ids.iter().filter(|i| **i == id.to_string()).count(),
+            2,
+            "{id} sent twice, same id"
+        );
+    }
+    assert!(seen.iter().all(|r| verify(&slow_secret, r)));
+    assert!(webhooks::replay(&mut rig.conn, 999_999, since, 100, "/outbox/test").is_err());
     rig.stop().await;
 }
