@@ -67,7 +67,7 @@ pub fn validate_edit(original: &serde_json::Value, edited: &str) -> Result<serde
             }
         }
     }
-    if value.to_string().contains('\0') {
+    if super::contains_nul(&value) {
         return Err(Error::InvalidInput(
             "the edited payload may not hold NUL characters".into(),
         ));
@@ -159,6 +159,11 @@ mod tests {
                 .unwrap_or_default();
             assert!(error.contains(says), "{edit}: {error}");
         }
+        let nul = validate_edit(
+            &original,
+            r#"{"id":"e1","type":"site.created","source":"/s","specversion":"1.0","data":"a\u0000b"}"#,
+        );
+        assert!(nul.is_err(), "jsonb cannot store NUL");
         let malformed = serde_json::json!({"malformed": true, "raw_body": "x"});
         assert!(validate_edit(&malformed, r#"{"id":"new"}"#).is_ok());
     }

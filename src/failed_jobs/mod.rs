@@ -32,7 +32,7 @@ mod query;
 mod retry;
 
 pub use edits::{FailedJobEdit, edits_for, retry_edited, validate_edit};
-pub use query::{Cursor, Filter, Page, count, list, list_page, matching_ids};
+pub use query::{Cursor, Filter, Page, count, list, list_page};
 pub use retry::{RETRY_CHUNK, RetryOutcome, retry, retry_body, retry_many, retry_matching};
 
 /// Longest exception text kept, in bytes (the column allows 65,536
@@ -358,7 +358,8 @@ pub fn malformed_uuid(listener: &str, body: &[u8]) -> Uuid {
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
-fn contains_nul(value: &serde_json::Value) -> bool {
+/// Whether `value` holds a NUL character anywhere (jsonb cannot store one).
+pub(super) fn contains_nul(value: &serde_json::Value) -> bool {
     match value {
         serde_json::Value::String(s) => s.contains('\0'),
         serde_json::Value::Array(items) => items.iter().any(contains_nul),

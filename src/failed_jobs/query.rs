@@ -165,25 +165,6 @@ pub fn count(conn: &mut PgConnection, filter: &Filter) -> Result<i64> {
     Ok(matching(filter).count().get_result(conn)?)
 }
 
-/// The ids of up to `limit` jobs matching `filter` after `after`, newest
-/// first, with the cursor of the last: how bulk actions walk a filter.
-pub fn matching_ids(
-    conn: &mut PgConnection,
-    filter: &Filter,
-    after: Option<Cursor>,
-    limit: i64,
-) -> Result<Vec<(i64, Cursor)>> {
-    let page = list_page(
-        conn,
-        &Filter {
-            after,
-            limit: Some(limit),
-            ..filter.clone()
-        },
-    )?;
-    Ok(page.jobs.iter().map(|job| (job.id, Cursor::of(job))).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

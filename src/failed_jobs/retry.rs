@@ -10,7 +10,7 @@ use diesel::prelude::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
-use super::query::{Cursor, Filter, matching_ids};
+use super::query::{Cursor, Filter, list_page};
 use super::{FailedJob, get};
 use crate::cloudevents::CONTENT_TYPE;
 use crate::database::{PgPool, run_blocking};
@@ -94,19 +94,19 @@ pub async fn retry_matching(
     let mut outcome = RetryOutcome::default();
     let mut after: Option<Cursor> = None;
     loop {
-        let (walk, at) = (filter.clone(), after);
-        let page = run_blocking(pool, move |conn| {
-            matching_ids(conn, &walk, at, RETRY_CHUNK as i64)
-        })
-        .await?;
-        let Some((_, last)) = page.last().copied() else {
+        let walk = Filter {
+            after,
+            limit: Some(RETRY_CHUNK as i64),
+            ..filter.clone()
+        };
+        let page = run_blocking(pool, move |conn| list_page(conn, &walk)).await?;
+        let Some(last) = page.jobs.last().map(Cursor::of) else {
             break;
         };
         after = Some(last);
-        let ids: Vec<i64> = page.iter().map(|(id, _)| *id).collect();
-        let jobs = run_blocking(pool, move |conn| load(conn, &ids)).await?;
-        outcome.absorb(retry_loaded(pool, channel, jobs, confirm_timeout).await?);
-        if page.len() < RETRY_CHUNK {
+        let more = page.next.is_some();
+        outcome.absorb(retry_loaded(pool, channel, page.jobs, confirm_timeout).await?);
+        if !more {
             break;
         }
     }

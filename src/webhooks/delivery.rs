@@ -392,15 +392,17 @@ impl WebhookDelivery {
         let delivered = answer.status.is_some_and(|s| (200..300).contains(&s));
         endpoints::log_try(
             conn,
-            id,
-            event_id,
-            "webhook.test",
-            0,
-            answer.status,
-            took,
-            delivered,
-            answer.excerpt.as_deref(),
-            answer.error.as_deref(),
+            &endpoints::NewTry {
+                endpoint_id: id,
+                event_id,
+                event_type: "webhook.test",
+                attempt: 0,
+                status_code: answer.status,
+                duration: took,
+                delivered,
+                excerpt: answer.excerpt.as_deref(),
+                error: answer.error.as_deref(),
+            },
         )?;
         Ok(TestOutcome {
             status: answer.status,
@@ -465,15 +467,17 @@ impl QueuedListener for WebhookDelivery {
             .or_else(|| (!delivered).then(|| format!("HTTP {}", answer.status.unwrap_or_default())));
         endpoints::log_try(
             conn,
-            endpoint.id,
-            delivery.event_id,
-            &delivery.event_type,
-            attempt,
-            answer.status,
-            started.elapsed(),
-            delivered,
-            answer.excerpt.as_deref(),
-            error.as_deref(),
+            &endpoints::NewTry {
+                endpoint_id: endpoint.id,
+                event_id: delivery.event_id,
+                event_type: &delivery.event_type,
+                attempt,
+                status_code: answer.status,
+                duration: started.elapsed(),
+                delivered,
+                excerpt: answer.excerpt.as_deref(),
+                error: error.as_deref(),
+            },
         )
         .map_err(ListenerError::transient)?;
         if delivered {

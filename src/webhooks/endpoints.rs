@@ -380,67 +380,42 @@ pub struct DeliveryTry {
     pub error: Option<String>,
 }
 
+/// One try to log (see [`log_try`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewTry<'a> {
+    pub(crate) endpoint_id: i64,
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: &'a str,
+    pub(crate) attempt: u32,
+    pub(crate) status_code: Option<u16>,
+    pub(crate) duration: Duration,
+    pub(crate) delivered: bool,
+    pub(crate) excerpt: Option<&'a str>,
+    pub(crate) error: Option<&'a str>,
+}
+
 /// Logs one try.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn log_try(
-    conn: &mut PgConnection,
-    endpoint_id: i64,
-    event_id: Uuid,
-    event_type: &str,
-    attempt: u32,
-    status_code: Option<u16>,
-    duration: Duration,
-    delivered: bool,
-    excerpt: Option<&str>,
-    error: Option<&str>,
-) -> Result<()> {
+pub(crate) fn log_try(conn: &mut PgConnection, entry: &NewTry<'_>) -> Result<()> {
     // The log is diagnostic: not waiting for its WAL flush is what lets a
     // worker send hundreds of deliveries a second; a crash may lose the
     // last few log rows, never a delivery (the broker holds those).
     conn.transaction::<(), Error, _>(|conn| {
         diesel::sql_query("SET LOCAL synchronous_commit = off").execute(conn)?;
-        insert_try(
-            conn,
-            endpoint_id,
-            event_id,
-            event_type,
-            attempt,
-            status_code,
-            duration,
-            delivered,
-            excerpt,
-            error,
-        )
+        diesel::insert_into(webhook_deliveries::table)
+            .values((
+                webhook_deliveries::endpoint_id.eq(entry.endpoint_id),
+                webhook_deliveries::event_id.eq(entry.event_id),
+                webhook_deliveries::event_type.eq(entry.event_type),
+                webhook_deliveries::attempt.eq(i32::try_from(entry.attempt).unwrap_or(i32::MAX)),
+                webhook_deliveries::status_code.eq(entry.status_code.map(i32::from)),
+                webhook_deliveries::duration_ms.eq(entry.duration.as_secs_f64() * 1000.0),
+                webhook_deliveries::delivered.eq(entry.delivered),
+                webhook_deliveries::excerpt.eq(entry.excerpt.map(|e| crate::text::bounded_text(e, 2048))),
+                webhook_deliveries::error.eq(entry.error.map(|e| crate::text::bounded_text(e, 2048))),
+            ))
+            .execute(conn)?;
+        Ok(())
     })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn insert_try(
-    conn: &mut PgConnection,
-    endpoint_id: i64,
-    event_id: Uuid,
-    event_type: &str,
-    attempt: u32,
-    status_code: Option<u16>,
-    duration: Duration,
-    delivered: bool,
-    excerpt: Option<&str>,
-    error: Option<&str>,
-) -> Result<()> {
-    diesel::insert_into(webhook_deliveries::table)
-        .values((
-            webhook_deliveries::endpoint_id.eq(endpoint_id),
-            webhook_deliveries::event_id.eq(event_id),
-            webhook_deliveries::event_type.eq(event_type),
-            webhook_deliveries::attempt.eq(i32::try_from(attempt).unwrap_or(i32::MAX)),
-            webhook_deliveries::status_code.eq(status_code.map(i32::from)),
-            webhook_deliveries::duration_ms.eq(duration.as_secs_f64() * 1000.0),
-            webhook_deliveries::delivered.eq(delivered),
-            webhook_deliveries::excerpt.eq(excerpt.map(|e| crate::text::bounded_text(e, 2048))),
-            webhook_deliveries::error.eq(error.map(|e| crate::text::bounded_text(e, 2048))),
-        ))
-        .execute(conn)?;
-    Ok(())
 }
 
 /// The newest `limit` tries of endpoint `id` (or of every endpoint).

@@ -159,9 +159,10 @@ async fn token_server() -> (SocketAddr, Arc<Mutex<u32>>) {
 /// A database, a broker, a worker running the webhook listeners and a
 /// relay.
 struct Rig {
-    db: TestDatabase,
+    /// Kept for their drop: the database and the queues go with the rig.
+    _db: TestDatabase,
     conn: PgConnection,
-    broker: TestBroker,
+    _broker: TestBroker,
     worker: Option<Running>,
     relay: Option<(
         tokio::sync::oneshot::Sender<()>,
@@ -195,9 +196,9 @@ impl Rig {
                 .await
         });
         Self {
-            db,
+            _db: db,
             conn,
-            broker,
+            _broker: broker,
             worker: Some(worker),
             relay: Some((stop, task)),
             policy,
@@ -227,8 +228,6 @@ impl Rig {
             let _ = stop.send(());
             task.await.unwrap().unwrap();
         }
-        let _ = &self.broker;
-        let _ = &self.db;
     }
 }
 

@@ -197,11 +197,8 @@ async fn an_operator_fixes_a_notifier_outage_in_the_browser() -> Result<()> {
         exchange: exchange.clone(),
         app: app.clone(),
         listeners: listener_config.clone(),
-        only: Vec::new(),
-        metrics_addr: None,
         shutdown_timeout: Duration::from_secs(10),
-        accept_sources: Vec::new(),
-        webhooks: None,
+        ..chom::work::WorkConfig::default()
     })?;
     let (stop_worker, worker_stopped) = tokio::sync::watch::channel(false);
     let worker_task = tokio::spawn(async move {
@@ -394,20 +391,14 @@ async fn drive(browser: &Client, dashboard: &Dashboard, failed_at_start: i64, xs
     )
     .await?;
     ensure!(failed_notifications(&mut conn) == 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count(
-        &mut conn,
-        "SELECT count(*) AS n FROM processed_events WHERE listener = 'send_notification'",
-    ) < count(
-        &mut conn,
-        "SELECT count(*) AS n FROM outbox_events WHERE event_type IN ('site.provisioning_failed', 'backup.failed')",
-    ) {
-        ensure!(
-            Instant::now() < deadline,
-            "every notification handled after the retries"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    outbox::testing::eventually("every notification handled after the retries", Duration::from_secs(30), || {
+        count(&mut conn, "SELECT count(*) AS n FROM processed_events WHERE listener = 'send_notification'")
+            >= count(
+                &mut conn,
+                "SELECT count(*) AS n FROM outbox_events WHERE event_type IN ('site.provisioning_failed', 'backup.failed')",
+            )
+    })
+    .await;
 
     // Pause and resume, with a reason.
     browser.goto(&dashboard.url("/")).await?;
