@@ -75,6 +75,8 @@ pub const INBOX_PRUNED_TOTAL: &str = "outbox_inbox_pruned_total";
 /// `listener_attempts` rows deleted past the attempts retention (the
 /// worker's attempts pruner).
 pub const ATTEMPTS_PRUNED_TOTAL: &str = "outbox_attempts_pruned_total";
+/// Counter: webhook delivery log rows pruned past retention.
+pub const WEBHOOK_LOG_PRUNED_TOTAL: &str = "outbox_webhook_log_pruned_total";
 
 /// Registers descriptions and units (idempotent).
 pub fn describe() {
@@ -134,6 +136,10 @@ pub fn describe() {
     );
     describe_counter!(INBOX_PRUNED_TOTAL, "Inbox rows pruned past retention");
     describe_counter!(ATTEMPTS_PRUNED_TOTAL, "Attempt counts pruned past retention");
+    describe_counter!(
+        WEBHOOK_LOG_PRUNED_TOTAL,
+        "Webhook delivery log rows pruned past retention"
+    );
 }
 
 /// Liveness of a relay or a worker, as `/health` reports it.

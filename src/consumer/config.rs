@@ -75,6 +75,10 @@ pub struct WorkerConfig {
     /// listener's longest retry delay plus its timeout (checked by
     /// [`Worker::new`](crate::Worker::new)). At least 1 s. Default 7 days.
     pub attempts_retention: Duration,
+    /// How long the webhook delivery log (`webhook_deliveries`, one row a
+    /// try) is kept, by a worker that runs the `webhook_delivery`
+    /// listener. At least 1 s. Default 30 days.
+    pub webhook_log_retention: Duration,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -94,6 +98,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("prune_interval", &self.prune_interval)
             .field("inbox_retention", &self.inbox_retention)
             .field("attempts_retention", &self.attempts_retention)
+            .field("webhook_log_retention", &self.webhook_log_retention)
             .finish()
     }
 }
@@ -115,6 +120,7 @@ impl Default for WorkerConfig {
             prune_interval: Some(Duration::from_secs(600)),
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             attempts_retention: Duration::from_secs(7 * 24 * 3600),
+            webhook_log_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -170,6 +176,7 @@ impl WorkerConfig {
         for (name, retention) in [
             ("inbox retention", self.inbox_retention),
             ("attempts retention", self.attempts_retention),
+            ("webhook log retention", self.webhook_log_retention),
         ] {
             if retention < MIN_RETENTION {
                 return bad(format!(

@@ -52,6 +52,8 @@ use crate::error::{Error, Result, error_chain};
 use crate::maintenance::Maintenance;
 use crate::maintenance::attempts_pruner::AttemptsPruner;
 use crate::maintenance::inbox_pruner::InboxPruner;
+#[cfg(feature = "webhooks")]
+use crate::maintenance::webhook_log_pruner::WebhookLogPruner;
 use crate::metrics::Health;
 use crate::registry::{QueuedRegistration, Registry};
 
@@ -177,7 +179,9 @@ impl Worker {
     /// connection, which returns every unacknowledged message to its
     /// queue. Beside the listeners it prunes old inbox rows and attempt
     /// counts every [`WorkerConfig::prune_interval`] (see
-    /// [`WorkerConfig::inbox_retention`]); pruning stops with the worker.
+    /// [`WorkerConfig::inbox_retention`]), and with the webhook delivery
+    /// listener its log ([`WorkerConfig::webhook_log_retention`]); pruning
+    /// stops with the worker.
     pub async fn run<F: Future<Output = ()>>(&self, shutdown: F) -> Result<()> {
         crate::metrics::describe();
         self.health.set_database_ok(true);
@@ -187,6 +191,14 @@ impl Worker {
         if let Some(period) = self.config.prune_interval {
             maintenance.start(InboxPruner::new(self.config.inbox_retention, period));
             maintenance.start(AttemptsPruner::new(self.config.attempts_retention, period));
+            #[cfg(feature = "webhooks")]
+            if self
+                .listeners
+                .iter()
+                .any(|(registration, _)| registration.name() == crate::webhooks::DELIVERY_LISTENER)
+            {
+                maintenance.start(WebhookLogPruner::new(self.config.webhook_log_retention, period));
+            }
         }
         let mut shutdown = std::pin::pin!(shutdown);
         let mut reconnect = Backoff::new(Duration::from_millis(100), self.config.reconnect_max);

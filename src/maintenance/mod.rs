@@ -10,6 +10,7 @@
 //! | [`backlog_gauges`] | refreshes the backlog gauges (`outbox_backlog`, oldest unpublished age, failed, unroutable, paused) | relay | [`RelayConfig::stats_interval`](crate::RelayConfig::stats_interval) (5 s) | none |
 //! | [`relay_heartbeat`] | upserts the relay's row in `outbox_relays` (relays alive, for the dashboard) and deletes rows of relays gone for an hour | relay | [`PRESENCE_INTERVAL`](crate::relay::presence::PRESENCE_INTERVAL) (5 s) | 1 hour after the last heartbeat |
 //! | [`inbox_pruner`] | deletes `processed_events` (inbox) rows older than the retention | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::inbox_retention`](crate::WorkerConfig::inbox_retention) (7 days) |
+//! | [`webhook_log_pruner`] | deletes `webhook_deliveries` rows (the webhook delivery log) older than the retention; only in a worker running `webhook_delivery` | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::webhook_log_retention`](crate::WorkerConfig::webhook_log_retention) (30 days) |
 //! | [`attempts_pruner`] | deletes `listener_attempts` rows not touched for the retention (left behind by messages purged from their queues by hand) | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::attempts_retention`](crate::WorkerConfig::attempts_retention) (7 days) |
 //!
 //! Pruners delete in bounded batches (the relay's
@@ -42,7 +43,8 @@
 //!
 //! Rows removed are counted per service: `outbox_pruned_total` (published
 //! rows), `outbox_expired_leases_deleted_total`, `outbox_inbox_pruned_total`,
-//! `outbox_attempts_pruned_total` (see [`crate::metrics`]).
+//! `outbox_attempts_pruned_total`, `outbox_webhook_log_pruned_total` (see
+//! [`crate::metrics`]).
 
 pub(crate) mod attempts_pruner;
 pub(crate) mod backlog_gauges;
@@ -50,6 +52,8 @@ pub(crate) mod inbox_pruner;
 pub(crate) mod lease_cleaner;
 pub(crate) mod published_pruner;
 pub(crate) mod relay_heartbeat;
+#[cfg(feature = "webhooks")]
+pub(crate) mod webhook_log_pruner;
 
 use std::sync::Arc;
 use std::time::Duration;

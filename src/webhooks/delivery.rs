@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use super::endpoints::{self, Endpoint};
 use super::signing::{Secret, signature_header};
+use super::try_log::TryLog;
 use super::{DELIVERY_REQUESTED, ENDPOINT_DISABLED, WebhookConfig};
 use crate::consumer::{HandlerContext, ListenerOptions, QueuedListener, ReceivedEvent};
 use crate::error::{Error, ListenerError};
@@ -181,7 +182,8 @@ pub struct WebhookDelivery {
     /// Endpoints and their secrets as read last (see [`ENDPOINT_CACHE`]):
     /// two queries less per delivery.
     endpoints: Arc<Mutex<HashMap<i64, CachedEndpoint>>>,
-    runtime: tokio::runtime::Handle,
+    /// The delivery log, written for concurrent deliveries together.
+    log: Arc<TryLog>,
 }
 
 type CachedEndpoint = (Option<Endpoint>, Vec<Secret>, Instant);
@@ -206,19 +208,18 @@ struct Answer {
 }
 
 impl WebhookDelivery {
-    /// The delivery listener, its HTTP client made from `config`. Call it
-    /// inside the worker's tokio runtime (handlers block on it).
+    /// The delivery listener, its HTTP client made from `config`. It sends
+    /// from threads of a tokio runtime's blocking pool (a worker's
+    /// handlers run there), blocking on the runtime for each request.
     pub fn new(config: WebhookConfig) -> crate::Result<Self> {
         config.validate()?;
         let client = super::client(&config)?;
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| Error::Config("WebhookDelivery::new needs a tokio runtime".into()))?;
         Ok(Self {
             config: Arc::new(config),
             client,
             tokens: Arc::new(Mutex::new(HashMap::new())),
             endpoints: Arc::new(Mutex::new(HashMap::new())),
-            runtime,
+            log: Arc::default(),
         })
     }
 
@@ -268,9 +269,7 @@ impl WebhookDelivery {
         {
             return Ok(Some(token.clone()));
         }
-        let (token, lifetime) = self
-            .runtime
-            .block_on(super::oauth::fetch_token(&self.client, oauth))?;
+        let (token, lifetime) = runtime()?.block_on(super::oauth::fetch_token(&self.client, oauth))?;
         // Cached until shortly before it expires.
         let until = Instant::now()
             + lifetime
@@ -319,7 +318,11 @@ impl WebhookDelivery {
             if let Some(token) = &token {
                 request = request.bearer_auth(token);
             }
-            let answer = self.runtime.block_on(async {
+            let runtime = match runtime() {
+                Ok(runtime) => runtime,
+                Err(error) => return failed(error),
+            };
+            let answer = runtime.block_on(async {
                 match request.send().await {
                     Ok(response) => {
                         let status = response.status().as_u16();
@@ -345,6 +348,14 @@ impl WebhookDelivery {
             return answer;
         }
     }
+}
+
+/// The runtime the calling thread belongs to (a blocking-pool thread of
+/// the worker's, or of the command's).
+fn runtime() -> Result<tokio::runtime::Handle, String> {
+    tokio::runtime::Handle::try_current().map_err(|_| {
+        "webhooks are sent from a tokio runtime's blocking pool; this thread has none".to_owned()
+    })
 }
 
 /// What a test delivery ([`WebhookDelivery::send_test`]) came to.
@@ -386,23 +397,23 @@ impl WebhookDelivery {
                 "data": {"endpoint_id": id, "message": "a test delivery from `outbox webhooks test`"},
             }),
         };
-        let started = Instant::now();
+        let (at, started) = (Utc::now(), Instant::now());
         let answer = self.send(&endpoint, &secrets, &delivery);
         let took = started.elapsed();
         let delivered = answer.status.is_some_and(|s| (200..300).contains(&s));
-        endpoints::log_try(
+        endpoints::log_tries(
             conn,
-            &endpoints::NewTry {
-                endpoint_id: id,
+            &[endpoints::NewTry::new(
+                id,
                 event_id,
-                event_type: "webhook.test",
-                attempt: 0,
-                status_code: answer.status,
-                duration: took,
-                delivered,
-                excerpt: answer.excerpt.as_deref(),
-                error: answer.error.as_deref(),
-            },
+                "webhook.test",
+                0,
+                at,
+                took,
+                answer.status,
+                answer.excerpt.as_deref(),
+                answer.error.as_deref(),
+            )],
         )?;
         Ok(TestOutcome {
             status: answer.status,
@@ -446,7 +457,7 @@ impl QueuedListener for WebhookDelivery {
             tracing::info!(endpoint = endpoint.id, event_id = %delivery.event_id, "webhook endpoint disabled; delivery dropped");
             return Ok(());
         }
-        let started = Instant::now();
+        let (at, started) = (Utc::now(), Instant::now());
         let circuit_open = endpoint.failed_deliveries >= self.config.circuit_after_failures;
         let answer = if circuit_open && !last_try {
             Answer {
@@ -465,25 +476,27 @@ impl QueuedListener for WebhookDelivery {
             .error
             .clone()
             .or_else(|| (!delivered).then(|| format!("HTTP {}", answer.status.unwrap_or_default())));
-        endpoints::log_try(
-            conn,
-            &endpoints::NewTry {
-                endpoint_id: endpoint.id,
-                event_id: delivery.event_id,
-                event_type: &delivery.event_type,
-                attempt,
-                status_code: answer.status,
-                duration: started.elapsed(),
-                delivered,
-                excerpt: answer.excerpt.as_deref(),
-                error: error.as_deref(),
-            },
-        )
-        .map_err(ListenerError::transient)?;
+        let entry = endpoints::NewTry::new(
+            endpoint.id,
+            delivery.event_id,
+            &delivery.event_type,
+            attempt,
+            at,
+            started.elapsed(),
+            answer.status,
+            answer.excerpt.as_deref(),
+            error.as_deref(),
+        );
+        self.log
+            .write(conn, entry)
+            .map_err(|error| ListenerError::transient(format!("cannot log the try: {error}")))?;
         if delivered {
-            // Always (the cached count may be stale); a no-op update when
-            // the endpoint was healthy.
-            if super::health::succeeded(conn, endpoint.id).map_err(ListenerError::transient)? {
+            // Only an endpoint seen failing needs resetting: the cached
+            // state is at most ENDPOINT_CACHE old, and this worker forgets
+            // it at every failure it counts, so a reset missed on a stale
+            // read is made by the next delivery after the cache expires.
+            let failing = endpoint.failed_deliveries > 0 || endpoint.failing_since.is_some();
+            if failing && super::health::succeeded(conn, endpoint.id).map_err(ListenerError::transient)? {
                 self.forget_endpoint(endpoint.id);
             }
             return Ok(());

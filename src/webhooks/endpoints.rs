@@ -380,39 +380,62 @@ pub struct DeliveryTry {
     pub error: Option<String>,
 }
 
-/// One try to log (see [`log_try`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct NewTry<'a> {
+/// One try to log (see [`log_tries`]).
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = webhook_deliveries)]
+pub(crate) struct NewTry {
     pub(crate) endpoint_id: i64,
     pub(crate) event_id: Uuid,
-    pub(crate) event_type: &'a str,
-    pub(crate) attempt: u32,
-    pub(crate) status_code: Option<u16>,
-    pub(crate) duration: Duration,
+    pub(crate) event_type: String,
+    pub(crate) attempt: i32,
+    /// When the try started.
+    pub(crate) at: DateTime<Utc>,
+    pub(crate) status_code: Option<i32>,
+    pub(crate) duration_ms: f64,
     pub(crate) delivered: bool,
-    pub(crate) excerpt: Option<&'a str>,
-    pub(crate) error: Option<&'a str>,
+    pub(crate) excerpt: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
-/// Logs one try.
-pub(crate) fn log_try(conn: &mut PgConnection, entry: &NewTry<'_>) -> Result<()> {
+impl NewTry {
+    /// The try of `event_id` (attempt `attempt`) to `endpoint_id` that
+    /// started at `at` and took `duration`; the texts bounded to 2 kB.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        endpoint_id: i64,
+        event_id: Uuid,
+        event_type: &str,
+        attempt: u32,
+        at: DateTime<Utc>,
+        duration: Duration,
+        status_code: Option<u16>,
+        excerpt: Option<&str>,
+        error: Option<&str>,
+    ) -> Self {
+        Self {
+            endpoint_id,
+            event_id,
+            event_type: event_type.to_owned(),
+            attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+            at,
+            status_code: status_code.map(i32::from),
+            duration_ms: duration.as_secs_f64() * 1000.0,
+            delivered: status_code.is_some_and(|s| (200..300).contains(&s)),
+            excerpt: excerpt.map(|e| crate::text::bounded_text(e, 2048)),
+            error: error.map(|e| crate::text::bounded_text(e, 2048)),
+        }
+    }
+}
+
+/// Logs tries, one statement.
+pub(crate) fn log_tries(conn: &mut PgConnection, tries: &[NewTry]) -> Result<()> {
     // The log is diagnostic: not waiting for its WAL flush is what lets a
     // worker send hundreds of deliveries a second; a crash may lose the
     // last few log rows, never a delivery (the broker holds those).
     conn.transaction::<(), Error, _>(|conn| {
         diesel::sql_query("SET LOCAL synchronous_commit = off").execute(conn)?;
         diesel::insert_into(webhook_deliveries::table)
-            .values((
-                webhook_deliveries::endpoint_id.eq(entry.endpoint_id),
-                webhook_deliveries::event_id.eq(entry.event_id),
-                webhook_deliveries::event_type.eq(entry.event_type),
-                webhook_deliveries::attempt.eq(i32::try_from(entry.attempt).unwrap_or(i32::MAX)),
-                webhook_deliveries::status_code.eq(entry.status_code.map(i32::from)),
-                webhook_deliveries::duration_ms.eq(entry.duration.as_secs_f64() * 1000.0),
-                webhook_deliveries::delivered.eq(entry.delivered),
-                webhook_deliveries::excerpt.eq(entry.excerpt.map(|e| crate::text::bounded_text(e, 2048))),
-                webhook_deliveries::error.eq(entry.error.map(|e| crate::text::bounded_text(e, 2048))),
-            ))
+            .values(tries)
             .execute(conn)?;
         Ok(())
     })
@@ -433,15 +456,14 @@ pub fn deliveries(conn: &mut PgConnection, id: Option<i64>, limit: i64) -> Resul
 }
 
 /// Deletes logged tries older than `retention`, at most `batch` rows;
-/// returns how many.
+/// returns how many (a worker running `webhook_delivery` does this every
+/// [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval)).
 pub fn prune_deliveries(conn: &mut PgConnection, retention: Duration, batch: i64) -> Result<usize> {
-    Ok(diesel::sql_query(
-        "DELETE FROM webhook_deliveries WHERE id IN (
-             SELECT id FROM webhook_deliveries WHERE at < now() - make_interval(secs => $1) LIMIT $2)",
+    crate::maintenance::delete_older_than::<crate::maintenance::webhook_log_pruner::WebhookLog>(
+        conn,
+        retention.as_secs_f64(),
+        batch,
     )
-    .bind::<diesel::sql_types::Double, _>(retention.as_secs_f64())
-    .bind::<diesel::sql_types::BigInt, _>(batch)
-    .execute(conn)?)
 }
 
 #[cfg(test)]

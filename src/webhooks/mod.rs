@@ -9,6 +9,8 @@
 //! | where deliveries may go (HTTPS, public addresses, the allow-list) | `outbound.rs`: [`OutboundPolicy`] |
 //! | the fan-out and delivery listeners | `delivery.rs`: [`WebhookFanout`], [`WebhookDelivery`] |
 //! | failure counts, disabling | `health.rs` |
+//! | writing concurrent deliveries' log rows in one statement | `try_log.rs` |
+//! | pruning the delivery log | `maintenance/webhook_log_pruner.rs` (a worker running [`WebhookDelivery`]) |
 //! | OAuth2 client credentials | `oauth.rs` |
 //!
 //! A service enables webhooks by registering [`WebhookFanout`] for the
@@ -24,6 +26,7 @@ mod health;
 mod oauth;
 mod outbound;
 mod signing;
+mod try_log;
 
 use std::time::Duration;
 

@@ -655,3 +655,50 @@ async fn closed_connections_fail_slow_answers_succeed_and_replays_resend_the_sam
     assert!(webhooks::replay(&mut rig.conn, 999_999, since, 100, "/outbox/test").is_err());
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_running_webhook_delivery_prunes_the_delivery_log_past_its_retention() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    let mut broker = TestBroker::new().await;
+    let registry = webhooks::register(Registry::new(), &TYPES, local()).unwrap();
+    let (endpoint, _) = webhooks::add(
+        &mut conn,
+        &NewEndpoint {
+            url: "http://127.0.0.1:9/hook".into(),
+            description: "log only".into(),
+            event_types: vec!["*".into()],
+            oauth: None,
+        },
+        &OutboundPolicy::allowing("127.0.0.1").unwrap(),
+    )
+    .unwrap();
+    // Three tries two days old, one from a minute ago.
+    diesel::sql_query(format!(
+        "INSERT INTO webhook_deliveries (endpoint_id, event_id, event_type, attempt, at, duration_ms, delivered)
+         SELECT {}, gen_random_uuid(), 'site.created', 1, now() - make_interval(days => d), 1.0, true
+         FROM unnest(ARRAY[2, 2, 2]) AS d
+         UNION ALL SELECT {0}, gen_random_uuid(), 'site.created', 1, now() - interval '1 minute', 1.0, true",
+        endpoint.id
+    ))
+    .execute(&mut conn)
+    .unwrap();
+    let worker = Running::start_with(&db, &mut broker, &registry, |config| {
+        config.prune_interval = Some(Duration::from_millis(100));
+        config.webhook_log_retention = Duration::from_secs(24 * 3600);
+    })
+    .await;
+    eventually("the old tries pruned", LIMIT, || {
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM webhook_deliveries WHERE at < now() - interval '1 day'",
+        ) == 0
+    })
+    .await;
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM webhook_deliveries"),
+        1,
+        "the recent try is kept"
+    );
+    worker.stop().await;
+}

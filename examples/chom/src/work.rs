@@ -35,7 +35,12 @@ pub struct WorkConfig {
     /// events another database's relay left on the broker are set aside.
     pub accept_sources: Vec<String>,
     /// Run the webhook listeners (`webhook_fanout` for CHOM's seven event
-    /// types, `webhook_delivery`) with these settings. Default `None`.
+    /// types, `webhook_delivery`) with these settings; `None` runs neither.
+    /// Default: on, with [`WebhookConfig::default`] (https receivers on
+    /// public addresses only), so an endpoint added with `outbox webhooks
+    /// add` gets CHOM's events without the worker being reconfigured.
+    ///
+    /// [`WebhookConfig::default`]: outbox::webhooks::WebhookConfig
     pub webhooks: Option<outbox::webhooks::WebhookConfig>,
 }
 
@@ -51,7 +56,7 @@ impl Default for WorkConfig {
             metrics_addr: None,
             shutdown_timeout: Duration::from_secs(30),
             accept_sources: Vec::new(),
-            webhooks: None,
+            webhooks: Some(outbox::webhooks::WebhookConfig::default()),
         }
     }
 }
@@ -68,10 +73,13 @@ pub fn registry(config: &WorkConfig) -> outbox::Result<Registry> {
         .find(|name| registry.queued_listener_named(name).is_none())
     {
         return Err(outbox::Error::Config(format!(
-            "no queued listener named {unknown} (CHOM has {}, {}, {})",
-            listeners::UPDATE_TENANT_METRICS,
-            listeners::RECORD_AUDIT_LOG,
-            listeners::SEND_NOTIFICATION
+            "no queued listener named {unknown} (this worker has {})",
+            registry
+                .queued_listeners()
+                .iter()
+                .map(|l| l.name())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let only = config.only.clone();

@@ -25,7 +25,10 @@ pub fn amqp_url() -> String {
 pub struct BrokerNames {
     pub exchange: String,
     pub app: String,
+    /// CHOM's listeners' queues.
     pub queues: Vec<ListenerQueues>,
+    /// The webhook listeners' queues (`chom work` declares them too).
+    pub webhook_queues: Vec<ListenerQueues>,
 }
 
 impl BrokerNames {
@@ -34,10 +37,22 @@ impl BrokerNames {
         let app = format!("outbox_test.chom{}", &id[20..]);
         let registry = chom::listeners::registry(listeners).unwrap();
         let queues = outbox::consumer::topology::plan(&app, &registry).unwrap();
+        // `chom work` (the binary) runs the webhook listeners too.
+        let binary = chom::work::registry(&WorkConfig {
+            listeners: listeners.clone(),
+            ..WorkConfig::default()
+        })
+        .unwrap();
+        let webhook_queues = outbox::consumer::topology::plan(&app, &binary)
+            .unwrap()
+            .into_iter()
+            .filter(|planned| !queues.iter().any(|q| q.listener == planned.listener))
+            .collect();
         Self {
             exchange: format!("outbox_test.{id}"),
             app,
             queues,
+            webhook_queues,
         }
     }
 
@@ -51,6 +66,7 @@ impl Drop for BrokerNames {
         let queues: Vec<String> = self
             .queues
             .iter()
+            .chain(&self.webhook_queues)
             .flat_map(|q| q.all_queues().into_iter().map(str::to_owned).collect::<Vec<_>>())
             .collect();
         outbox::testing::delete_broker_objects(&amqp_url(), &queues, std::slice::from_ref(&self.exchange));

@@ -127,11 +127,32 @@ pub(crate) struct WorkArgs {
     /// Apply only events of this CloudEvents source (repeatable) [default: /outbox/<this database>, the relay's default].
     #[arg(long = "accept-source", value_name = "SOURCE")]
     pub(crate) accept_sources: Vec<String>,
-    /// Also deliver webhooks: run webhook_fanout and webhook_delivery
-    /// (endpoints from `outbox webhooks add`; OUTBOX_WEBHOOK_ALLOW opens
-    /// local http receivers).
-    #[arg(long, env = "CHOM_WEBHOOKS")]
+    #[command(flatten)]
+    pub(crate) webhooks: WebhookArgs,
+}
+
+/// Whether the worker delivers webhooks.
+#[derive(Debug, Args)]
+pub(crate) struct WebhookArgs {
+    /// Do not deliver webhooks. By default the worker runs webhook_fanout
+    /// and webhook_delivery too: endpoints added with `outbox webhooks add`
+    /// get the events they subscribe to (https on public addresses only;
+    /// OUTBOX_WEBHOOK_ALLOW opens local http receivers).
+    #[arg(long, env = "CHOM_NO_WEBHOOKS")]
+    pub(crate) no_webhooks: bool,
+    /// Deliver webhooks (the default; kept for scripts that pass it).
+    #[arg(long, hide = true, conflicts_with = "no_webhooks")]
     pub(crate) webhooks: bool,
+}
+
+impl WebhookArgs {
+    /// The webhook settings, `None` with --no-webhooks.
+    pub(crate) fn config(&self) -> outbox::Result<Option<outbox::webhooks::WebhookConfig>> {
+        if self.no_webhooks {
+            return Ok(None);
+        }
+        outbox::webhooks::WebhookConfig::from_env().map(Some)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +187,8 @@ pub(crate) struct TopologyArgs {
     /// Only print what would be declared.
     #[arg(long)]
     pub(crate) dry_run: bool,
+    #[command(flatten)]
+    pub(crate) webhooks: WebhookArgs,
     #[command(flatten)]
     pub(crate) output: Output,
 }

@@ -226,11 +226,7 @@ fn work(url: &str, args: WorkArgs) -> Result<()> {
         metrics_addr: parse_metrics_addr(&args.metrics_addr)?,
         shutdown_timeout: args.shutdown_timeout,
         accept_sources: args.accept_sources,
-        webhooks: args
-            .webhooks
-            .then(outbox::webhooks::WebhookConfig::from_env)
-            .transpose()
-            .context("webhook settings")?,
+        webhooks: args.webhooks.config().context("webhook settings")?,
     };
     tracing::info!(database = %redact_url(url), amqp = %redact_url(&config.amqp_url), exchange = %config.exchange, "chom work starting");
     let runtime = runtime()?;
@@ -279,7 +275,11 @@ fn demo(url: &str, args: DemoArgs) -> Result<()> {
 }
 
 fn topology(args: TopologyArgs) -> Result<()> {
-    let registry = chom::listeners::registry(&args.retry.listener_config())?;
+    let registry = chom::work::registry(&chom::work::WorkConfig {
+        listeners: args.retry.listener_config(),
+        webhooks: args.webhooks.config().context("webhook settings")?,
+        ..chom::work::WorkConfig::default()
+    })?;
     let plan = outbox::consumer::topology::plan(&args.broker.app, &registry)?;
     if !args.dry_run {
         let runtime = runtime()?;
