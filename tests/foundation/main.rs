@@ -6,6 +6,7 @@
 
 mod support;
 
+mod alert_rules;
 mod batch;
 mod migrate;
 mod payload_cap;
