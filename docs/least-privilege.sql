@@ -17,6 +17,12 @@ GRANT USAGE ON SCHEMA public TO outbox_relay;
 -- SELECT ... FOR UPDATE SKIP LOCKED (claim), UPDATE (mark published or
 -- failed), DELETE (prune, or retention 0).
 GRANT SELECT, UPDATE, DELETE ON outbox_events TO outbox_relay;
+-- The event log: published rows past the retention are moved there
+-- (DELETE above, INSERT here; SELECT for replays). Its monthly partitions
+-- are created by `outbox migrate` (this month and the next three) as the
+-- owner: run it at least every three months, or the relay's moves fail
+-- (logged, counted, nothing lost) until it runs.
+GRANT SELECT, INSERT ON outbox_event_log TO outbox_relay;
 -- Claims are leases: one row per claimed batch.
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_leases TO outbox_relay;
 -- The pause switch (`outbox pause`/`resume` need UPDATE; the relay only reads).

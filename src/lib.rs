@@ -31,7 +31,9 @@
 //! | writers waking relays after commit | [`wake`] | [`wake::WakeSender`], [`wake::WakeListener`] |
 //! | webhooks: endpoints, signing, the fan-out and delivery listeners (feature `webhooks`) | `webhooks/` | `webhooks::add`, `webhooks::register` |
 //! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |
+//! | where events live after publishing: the event log, partitioned by month | [`event_log`] | [`event_log::read_after`], [`event_log::aggregate_history`], [`RelayConfig::event_log`] |
 //! | publishing stored events again, to one queue | [`replay`] | [`replay::select`], [`replay::publish_to_queue`] |
+//! | old payload shapes brought to the current one wherever events are read | [`upcast`] | [`Registry::upcaster`], [`upcast::Upcasters`] |
 //! | metric names, health flags, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`], [`Health`] |
 //! | one backoff schedule for every wait-and-try-again | `delay.rs` | |
 //! | per-test databases, exchanges, proxy, waits (feature `testing`) | `testing` | `TestDatabase`, `testing::eventually` |
@@ -75,6 +77,7 @@ mod delay;
 mod envelope;
 mod error;
 mod event;
+pub mod event_log;
 pub mod failed_jobs;
 mod fake;
 mod maintenance;
@@ -92,6 +95,7 @@ pub mod settings;
 pub mod testing;
 pub mod text;
 pub mod timeline;
+pub mod upcast;
 pub mod wake;
 #[cfg(feature = "webhooks")]
 pub mod webhooks;

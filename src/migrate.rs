@@ -16,16 +16,22 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 const MIGRATION_LOCK_KEY: i64 = 0x6f75_7462_6f78_6d67;
 
 /// Runs the library's pending migrations on `conn` and returns the versions
-/// it applied (empty when the schema is current). Safe to call from several
-/// processes at once.
+/// it applied (empty when the schema is current), then creates the event
+/// log's partitions for this month and the next
+/// [`MONTHS_AHEAD`](crate::event_log::MONTHS_AHEAD) where missing. Safe to
+/// call from several processes at once.
 ///
 /// The service's own migrations share diesel's bookkeeping table; give
 /// them versions that sort apart from the library's.
 pub fn migrate(conn: &mut PgConnection) -> Result<Vec<String>> {
     run_locked(conn, |conn| {
-        conn.run_pending_migrations(MIGRATIONS)
+        let versions = conn
+            .run_pending_migrations(MIGRATIONS)
             .map(|versions| versions.iter().map(ToString::to_string).collect())
-            .map_err(|e| Error::Migration(e.to_string()))
+            .map_err(|e| Error::Migration(e.to_string()))?;
+        // The event log's months ahead, made by the owner (see event_log).
+        crate::event_log::ensure_partitions(conn, chrono::Utc::now(), crate::event_log::MONTHS_AHEAD)?;
+        Ok(versions)
     })
 }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::consumer::listener::{ListenerOptions, QueuedListener, is_valid_listener_name};
 use crate::envelope::{EventEnvelope, is_valid_event_type};
 use crate::error::{BoxError, Error, Result};
+use crate::upcast::Upcasters;
 
 /// A listener that runs in the writer's process after the transaction that
 /// recorded the event commits (never for a rolled-back one).
@@ -80,6 +81,7 @@ impl QueuedRegistration {
 pub struct Registry {
     sync: Vec<Arc<SyncRegistration>>,
     queued: Vec<QueuedRegistration>,
+    upcasters: Upcasters,
 }
 
 impl fmt::Debug for Registry {
@@ -124,6 +126,26 @@ impl Registry {
             event_types: event_types.iter().map(|t| (*t).to_owned()).collect(),
         }));
         Ok(self)
+    }
+
+    /// Registers the upcaster of `event_type` payloads from schema version
+    /// `from_version` to the next (see [`crate::upcast`]): the worker
+    /// applies it, and the later steps, before any listener sees an event
+    /// recorded at an older version. Fails on a bad type, a version below
+    /// 1 or a step already registered.
+    pub fn upcaster(
+        mut self,
+        event_type: &str,
+        from_version: i32,
+        step: impl Fn(serde_json::Value) -> std::result::Result<serde_json::Value, String> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        self.upcasters.add(event_type, from_version, step)?;
+        Ok(self)
+    }
+
+    /// The upcasters registered.
+    pub fn upcasters(&self) -> &Upcasters {
+        &self.upcasters
     }
 
     /// Registers queued `listener` for each of `event_types`, with the

@@ -1,7 +1,8 @@
 //! Replaying stored events to one listener: `outbox replay`.
 //!
 //! Published rows stay in `outbox_events` for the relay's retention (7 days
-//! by default). [`select`] finds them by type, aggregate and time;
+//! by default), then in the event log ([`crate::event_log`], forever by
+//! default). [`select`] finds them in both by type, aggregate and time;
 //! [`publish_to_queue`] sends them, encoded exactly as the relay encodes
 //! them (CloudEvents body, same AMQP properties), through the default
 //! exchange straight to one listener's queue, so no other listener gets
@@ -40,8 +41,9 @@ pub struct ReplayFilter {
     pub limit: i64,
 }
 
-/// Published events matching `filter`, in commit order (seq). Their
-/// `lease_id` is 0 and `attempts` their publish attempts.
+/// Published events matching `filter`: those in the event log (in log
+/// order), then those still in `outbox_events` (in seq order). Their `lease_id` is 0 and `attempts` 0 for logged events, their
+/// publish attempts otherwise.
 pub fn select(conn: &mut PgConnection, filter: &ReplayFilter) -> Result<Vec<ClaimedEvent>> {
     if !(1..=MAX_REPLAY_LIMIT).contains(&filter.limit) {
         return Err(Error::Config(format!(
@@ -49,28 +51,40 @@ pub fn select(conn: &mut PgConnection, filter: &ReplayFilter) -> Result<Vec<Clai
             filter.limit
         )));
     }
-    Ok(diesel::sql_query(
-        "SELECT seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id,
-                occurred_at, recorded_at, actor, correlation_id, causation_id,
-                traceparent, schema_version, payload::text AS payload, attempts,
-                0::bigint AS lease_id
-         FROM outbox_events
-         WHERE published_at IS NOT NULL
-           AND ($1::text IS NULL OR event_type = $1)
+    let matching = "($1::text IS NULL OR event_type = $1)
            AND ($2::text IS NULL OR aggregate_type = $2)
            AND ($3::text IS NULL OR aggregate_id = $3)
            AND ($4::timestamptz IS NULL OR recorded_at >= $4)
-           AND ($5::timestamptz IS NULL OR recorded_at < $5)
-         ORDER BY seq
-         LIMIT $6",
-    )
-    .bind::<Nullable<Text>, _>(filter.event_type.as_deref())
-    .bind::<Nullable<Text>, _>(filter.aggregate_type.as_deref())
-    .bind::<Nullable<Text>, _>(filter.aggregate_id.as_deref())
-    .bind::<Nullable<Timestamptz>, _>(filter.since)
-    .bind::<Nullable<Timestamptz>, _>(filter.until)
-    .bind::<BigInt, _>(filter.limit)
-    .load(conn)?)
+           AND ($5::timestamptz IS NULL OR recorded_at < $5)";
+    let query = format!(
+        "SELECT seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id,
+                occurred_at, recorded_at, actor, correlation_id, causation_id,
+                traceparent, schema_version, payload, attempts, lease_id
+         FROM (
+             SELECT 0 AS part, position AS ord, seq, event_id, event_type, aggregate_type, aggregate_id,
+                    tenant_id, occurred_at, recorded_at, actor, correlation_id, causation_id,
+                    traceparent, schema_version, payload::text AS payload, 0 AS attempts,
+                    0::bigint AS lease_id
+             FROM outbox_event_log WHERE {matching}
+             UNION ALL
+             SELECT 1, seq, seq, event_id, event_type, aggregate_type, aggregate_id,
+                    tenant_id, occurred_at, recorded_at, actor, correlation_id, causation_id,
+                    traceparent, schema_version, payload::text, attempts, 0::bigint
+             FROM outbox_events WHERE published_at IS NOT NULL AND {matching}
+         ) stored
+         ORDER BY part, ord
+         LIMIT $6"
+    );
+    // One statement: one snapshot, so an event moved into the log
+    // meanwhile is read once.
+    Ok(diesel::sql_query(&query)
+        .bind::<Nullable<Text>, _>(filter.event_type.as_deref())
+        .bind::<Nullable<Text>, _>(filter.aggregate_type.as_deref())
+        .bind::<Nullable<Text>, _>(filter.aggregate_id.as_deref())
+        .bind::<Nullable<Timestamptz>, _>(filter.since)
+        .bind::<Nullable<Timestamptz>, _>(filter.until)
+        .bind::<BigInt, _>(filter.limit)
+        .load(conn)?)
 }
 
 /// Publishes `events` in order to `queue` through the default exchange

@@ -62,9 +62,19 @@ pub struct RelayArgs {
     /// Longest wait between a row's publish tries.
     #[arg(long, alias = "retry-max", env = "OUTBOX_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration, hide_env_values = true)]
     backoff_max: Duration,
-    /// Keep published rows this long (for replay); 0 deletes them on publish.
+    /// Keep published rows in outbox_events this long, then move them into
+    /// the event log (or, with --no-event-log, delete them; 0 then deletes
+    /// them on publish).
     #[arg(long, env = "OUTBOX_RETENTION", default_value = "7d", value_parser = parse_duration, hide_env_values = true)]
     retention: Duration,
+    /// Delete published rows past --retention instead of keeping them in the
+    /// event log (outbox_event_log, read by replays and projection rebuilds).
+    #[arg(long, env = "OUTBOX_NO_EVENT_LOG", hide_env_values = true)]
+    no_event_log: bool,
+    /// Drop event log months once they ended this long ago (at least 1d)
+    /// [default: keep the log forever].
+    #[arg(long, env = "OUTBOX_LOG_RETENTION", value_parser = parse_duration, hide_env_values = true)]
+    log_retention: Option<Duration>,
     /// How often to prune published rows past retention.
     #[arg(long, env = "OUTBOX_PRUNE_INTERVAL", default_value = "60s", value_parser = parse_duration, hide_env_values = true)]
     prune_interval: Duration,
@@ -114,6 +124,8 @@ impl RelayArgs {
             backoff_initial: self.backoff_initial,
             backoff_max: self.backoff_max,
             retention: self.retention,
+            event_log: !self.no_event_log,
+            log_retention: self.log_retention,
             prune_interval: self.prune_interval,
             shutdown_timeout: self.shutdown_timeout,
             source: self.source.clone(),

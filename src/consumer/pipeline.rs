@@ -38,6 +38,7 @@ use crate::metrics::{
     FAILED_JOBS_TOTAL, FOREIGN_EVENTS_TOTAL, Health, LISTENER_DURATION_SECONDS, LISTENER_OUTCOMES_TOTAL,
 };
 use crate::registry::QueuedRegistration;
+use crate::upcast::Upcasters;
 
 /// What every delivery task of one listener shares.
 pub(crate) struct ListenerShared {
@@ -52,6 +53,8 @@ pub(crate) struct ListenerShared {
     pub(crate) batcher: Option<Batcher>,
     /// CloudEvents sources this worker applies; empty: any.
     pub(crate) accept_sources: Arc<[String]>,
+    /// Brings old payload shapes to the current one before the handler.
+    pub(crate) upcasters: Arc<Upcasters>,
     /// Foreign sources already logged (a bounded set).
     pub(crate) foreign_sources_seen: std::sync::Mutex<HashSet<String>>,
 }
@@ -201,8 +204,11 @@ async fn process(
 ) -> std::result::Result<&'static str, Stopped> {
     let listener = shared.registration.name();
     let options = shared.registration.options();
-    let event = match decode(&delivery.data) {
-        Ok(event) => Arc::new(event),
+    let (event, upcast) = match decode(&delivery.data) {
+        Ok(mut event) => {
+            let upcast = shared.upcasters.upcast(&mut event);
+            (Arc::new(event), upcast)
+        }
         Err(error) => {
             let text = format!("cannot decode message: {error}");
             return fail_malformed(shared, delivery, None, &text).await;
@@ -210,6 +216,9 @@ async fn process(
     };
     if !shared.accepts_source(&event.source) {
         return set_aside_foreign(shared, delivery, &event).await;
+    }
+    if let Err(error) = upcast {
+        return fail_event(shared, delivery, &event, &error.to_string(), true).await;
     }
     if !shared.registration.handles(&event.event_type) {
         let text = format!(

@@ -22,6 +22,7 @@ use crate::database::PgPool;
 use crate::error::{Error, Result};
 use crate::metrics::Health;
 use crate::registry::QueuedRegistration;
+use crate::upcast::Upcasters;
 
 /// One broker connection: a confirm-mode channel for retry and
 /// dead-letter copies, and a channel and consumer per listener.
@@ -39,6 +40,7 @@ impl ConsumerSession {
     pub(crate) async fn open(
         config: &WorkerConfig,
         listeners: &[(QueuedRegistration, ListenerQueues)],
+        upcasters: &Arc<Upcasters>,
         pool: &PgPool,
         health: &Arc<Health>,
     ) -> Result<Self> {
@@ -85,6 +87,7 @@ impl ConsumerSession {
                     stop: stop_rx.clone(),
                     reconnect_max: config.reconnect_max,
                     accept_sources: Arc::clone(&accept_sources),
+                    upcasters: Arc::clone(upcasters),
                     foreign_sources_seen: std::sync::Mutex::default(),
                     batcher: registration
                         .options()

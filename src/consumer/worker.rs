@@ -56,11 +56,13 @@ use crate::maintenance::inbox_pruner::InboxPruner;
 use crate::maintenance::webhook_log_pruner::WebhookLogPruner;
 use crate::metrics::Health;
 use crate::registry::{QueuedRegistration, Registry};
+use crate::upcast::Upcasters;
 
 /// A worker running a registry's queued listeners.
 pub struct Worker {
     config: Arc<WorkerConfig>,
     listeners: Vec<(QueuedRegistration, ListenerQueues)>,
+    upcasters: Arc<Upcasters>,
     pool: PgPool,
     health: Arc<Health>,
 }
@@ -106,6 +108,7 @@ impl Worker {
         Ok(Self {
             config: Arc::new(config),
             listeners,
+            upcasters: Arc::new(registry.upcasters().clone()),
             pool,
             health: Arc::new(Health::default()),
         })
@@ -205,7 +208,7 @@ impl Worker {
         loop {
             let opened = tokio::select! {
                 () = &mut shutdown => break,
-                opened = tokio::time::timeout(Duration::from_secs(60), ConsumerSession::open(&self.config, &self.listeners, &self.pool, &self.health)) => {
+                opened = tokio::time::timeout(Duration::from_secs(60), ConsumerSession::open(&self.config, &self.listeners, &self.upcasters, &self.pool, &self.health)) => {
                     opened.unwrap_or_else(|_| Err(Error::Config("broker session setup took over 60 s".into())))
                 }
             };

@@ -5,7 +5,8 @@
 //!
 //! | service | what it does | run by | period (default) | retention (default) |
 //! | --- | --- | --- | --- | --- |
-//! | [`published_pruner`] | deletes published `outbox_events` rows past the retention; with retention 0 (rows deleted on publish) the kept unroutable rows after 7 days | relay | [`RelayConfig::prune_interval`](crate::RelayConfig::prune_interval) (60 s) | [`RelayConfig::retention`](crate::RelayConfig::retention) (7 days) |
+//! | [`published_pruner`] | moves published `outbox_events` rows past the retention into the event log (deletes them without it); with retention 0 (rows deleted on publish) the kept unroutable rows after 7 days | relay | [`RelayConfig::prune_interval`](crate::RelayConfig::prune_interval) (60 s) | [`RelayConfig::retention`](crate::RelayConfig::retention) (7 days) |
+//! | [`event_log_pruner`] | drops the event log's monthly partitions past the log retention (none by default: kept forever) | relay | [`RelayConfig::prune_interval`](crate::RelayConfig::prune_interval) (60 s) | [`RelayConfig::log_retention`](crate::RelayConfig::log_retention) (forever) |
 //! | [`lease_cleaner`] | deletes `outbox_leases` rows that expired over a minute ago (their relay died) | relay | [`RelayConfig::prune_interval`](crate::RelayConfig::prune_interval) (60 s) | 1 minute past expiry |
 //! | [`backlog_gauges`] | refreshes the backlog gauges (`outbox_backlog`, oldest unpublished age, failed, unroutable, paused) | relay | [`RelayConfig::stats_interval`](crate::RelayConfig::stats_interval) (5 s) | none |
 //! | [`relay_heartbeat`] | upserts the relay's row in `outbox_relays` (relays alive, for the dashboard) and deletes rows of relays gone for an hour | relay | [`PRESENCE_INTERVAL`](crate::relay::presence::PRESENCE_INTERVAL) (5 s) | 1 hour after the last heartbeat |
@@ -48,6 +49,7 @@
 
 pub(crate) mod attempts_pruner;
 pub(crate) mod backlog_gauges;
+pub(crate) mod event_log_pruner;
 pub(crate) mod inbox_pruner;
 pub(crate) mod lease_cleaner;
 pub(crate) mod published_pruner;

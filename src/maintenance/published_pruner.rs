@@ -1,9 +1,11 @@
-//! The published pruner (run by the relay): deletes published
-//! `outbox_events` rows older than [`RelayConfig::retention`], oldest
-//! first, [`RelayConfig::prune_batch`] a statement, every
-//! [`RelayConfig::prune_interval`]. Published rows are kept that long for
-//! `outbox replay`. With retention 0 the relay deletes rows as it marks them
-//! published; what is left published then is kept unroutable rows (see
+//! The published pruner (run by the relay): moves published
+//! `outbox_events` rows older than [`RelayConfig::retention`] into the
+//! event log ([`RelayConfig::event_log`], on by default; see
+//! [`crate::event_log`]) or, without the log, deletes them; oldest first,
+//! [`RelayConfig::prune_batch`] a statement, every
+//! [`RelayConfig::prune_interval`]. Without the log and with retention 0
+//! the relay deletes rows as it marks them published; what is left
+//! published then is kept unroutable rows (see
 //! [`RelayConfig::strict_routing`]), pruned after
 //! [`UNROUTABLE_RETENTION_WITHOUT_HISTORY`].
 
@@ -27,12 +29,14 @@ pub(crate) struct PublishedPruner {
     retention: Duration,
     batch: usize,
     period: Duration,
+    /// Move into the event log instead of deleting.
+    to_log: bool,
 }
 
 impl PublishedPruner {
     /// The pruner of a relay configured with `config`.
     pub(crate) fn new(config: &RelayConfig) -> Self {
-        let retention = if config.retention.is_zero() {
+        let retention = if config.retention.is_zero() && !config.event_log {
             UNROUTABLE_RETENTION_WITHOUT_HISTORY
         } else {
             config.retention
@@ -41,6 +45,7 @@ impl PublishedPruner {
             retention,
             batch: config.prune_batch,
             period: config.prune_interval,
+            to_log: config.event_log,
         }
     }
 }
@@ -54,7 +59,12 @@ impl MaintenanceService for PublishedPruner {
     }
 
     fn run_once(&self, conn: &mut PgConnection) -> Result<Step> {
-        let deleted = store::prune_published(conn, self.retention.as_secs_f64(), batch_limit(self.batch))?;
+        let (older_than, batch) = (self.retention.as_secs_f64(), batch_limit(self.batch));
+        let deleted = if self.to_log {
+            crate::event_log::move_published(conn, older_than, batch)?
+        } else {
+            store::prune_published(conn, older_than, batch)?
+        };
         Ok(Step::batch(deleted, self.batch))
     }
 }
@@ -67,6 +77,7 @@ mod tests {
     fn retention_zero_keeps_unroutable_rows_a_week() {
         let pruner = PublishedPruner::new(&RelayConfig {
             retention: Duration::ZERO,
+            event_log: false,
             ..RelayConfig::default()
         });
         assert_eq!(pruner.retention, UNROUTABLE_RETENTION_WITHOUT_HISTORY);

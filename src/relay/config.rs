@@ -52,9 +52,22 @@ pub struct RelayConfig {
     pub backoff_initial: Duration,
     /// Longest wait between a row's publish tries. Default 5 min.
     pub backoff_max: Duration,
-    /// How long published rows are kept (for replay) before pruning; zero
-    /// deletes rows as soon as they are published. Default 7 days.
+    /// How long published rows stay in `outbox_events`. Past it they are
+    /// moved into the event log (with [`event_log`](Self::event_log)) or
+    /// deleted (without). Zero: without the event log, rows are deleted as
+    /// they are published; with it, they are moved at the next prune.
+    /// Default 7 days.
     pub retention: Duration,
+    /// Keep published events past [`retention`](Self::retention) in the
+    /// event log (`outbox_event_log`, see [`crate::event_log`]), where
+    /// `outbox replay`, projection rebuilds and webhook replays read them.
+    /// Default on.
+    pub event_log: bool,
+    /// How long the event log keeps events, dropped a whole month at a
+    /// time once the month is over by this much; `None` keeps them
+    /// forever (what rebuilding a projection from the whole history
+    /// needs). At least 1 day. Default `None`.
+    pub log_retention: Option<Duration>,
     /// How often the published pruner and the lease cleaner run (see
     /// `src/maintenance/`). Default 60 s.
     pub prune_interval: Duration,
@@ -106,6 +119,8 @@ impl std::fmt::Debug for RelayConfig {
             .field("backoff_initial", &self.backoff_initial)
             .field("backoff_max", &self.backoff_max)
             .field("retention", &self.retention)
+            .field("event_log", &self.event_log)
+            .field("log_retention", &self.log_retention)
             .field("prune_interval", &self.prune_interval)
             .field("prune_batch", &self.prune_batch)
             .field("source", &self.source)
@@ -133,6 +148,8 @@ impl Default for RelayConfig {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             retention: Duration::from_secs(7 * 24 * 3600),
+            event_log: true,
+            log_retention: None,
             prune_interval: Duration::from_secs(60),
             prune_batch: 5000,
             reconnect_max: Duration::from_secs(30),
@@ -264,6 +281,15 @@ impl RelayConfig {
         }
         if self.prune_batch == 0 || self.prune_interval.is_zero() {
             return bad("prune batch and prune interval must be positive".into());
+        }
+        if self
+            .log_retention
+            .is_some_and(|retention| retention < Duration::from_secs(24 * 3600))
+        {
+            return bad(format!(
+                "log retention must be at least 1 day (or none: forever), not {:?}",
+                self.log_retention.unwrap_or_default()
+            ));
         }
         if self.reconnect_max.is_zero() || self.stats_interval.is_zero() {
             return bad("reconnect max and stats interval must be positive".into());

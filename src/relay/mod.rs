@@ -103,6 +103,7 @@ use crate::database::PgPool;
 use crate::error::Result;
 use crate::maintenance::Maintenance;
 use crate::maintenance::backlog_gauges::BacklogGauges;
+use crate::maintenance::event_log_pruner::EventLogPruner;
 use crate::maintenance::lease_cleaner::LeaseCleaner;
 use crate::maintenance::published_pruner::PublishedPruner;
 use crate::maintenance::relay_heartbeat::RelayHeartbeat;
@@ -204,6 +205,9 @@ impl Relay {
         let mut maintenance = Maintenance::new(self.shared.pool.clone());
         maintenance.start(PublishedPruner::new(&config));
         maintenance.start(LeaseCleaner::new(&config));
+        if let (true, Some(retention)) = (config.event_log, config.log_retention) {
+            maintenance.start(EventLogPruner::new(retention, config.prune_interval));
+        }
         maintenance.start(BacklogGauges::new(&config));
         maintenance.start(RelayHeartbeat::new(&config));
         let mut shutdown = std::pin::pin!(shutdown);

@@ -239,3 +239,37 @@ async fn wait_for_consumer(broker: &TestBroker, queue: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A relay publishing `db`'s events to `broker`'s exchange, in this
+/// test's runtime, until [`RelayRunning::stop`].
+pub struct RelayRunning {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<outbox::Result<()>>,
+}
+
+impl RelayRunning {
+    pub fn start(db: &TestDatabase, broker: &TestBroker) -> Self {
+        let relay = outbox::Relay::new(outbox::RelayConfig {
+            database_url: db.url().to_owned(),
+            amqp_url: amqp_url(),
+            exchange: broker.exchange.clone(),
+            poll_max: Duration::from_millis(20),
+            ..outbox::RelayConfig::default()
+        })
+        .unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            relay
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Self { stop, task }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}

@@ -21,5 +21,6 @@ mod rate_limits;
 mod readme_example;
 mod registration;
 mod sources;
+mod upcasting;
 mod webhooks;
 mod worker;

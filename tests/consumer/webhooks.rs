@@ -15,8 +15,8 @@ use outbox::webhooks::{self, NewEndpoint, OAuthSettings, OutboundPolicy, Secret,
 use outbox::{DomainEvent, Registry, TestDatabase};
 use serde::Serialize;
 
-use crate::broker::{TestBroker, amqp_url};
-use crate::harness::{Running, eventually};
+use crate::broker::TestBroker;
+use crate::harness::{RelayRunning, Running, eventually};
 
 const TYPES: [&str; 3] = ["site.created", "site.deleted", "backup.failed"];
 const LIMIT: Duration = Duration::from_secs(30);
@@ -164,10 +164,7 @@ struct Rig {
     conn: PgConnection,
     _broker: TestBroker,
     worker: Option<Running>,
-    relay: Option<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<outbox::Result<()>>,
-    )>,
+    relay: Option<RelayRunning>,
     policy: OutboundPolicy,
 }
 
@@ -179,28 +176,13 @@ impl Rig {
         let policy = (*config.policy).clone();
         let registry = webhooks::register(Registry::new(), &TYPES, config).unwrap();
         let worker = Running::start(&db, &mut broker, &registry).await;
-        let relay = outbox::Relay::new(outbox::RelayConfig {
-            database_url: db.url().to_owned(),
-            amqp_url: amqp_url(),
-            exchange: broker.exchange.clone(),
-            poll_max: Duration::from_millis(20),
-            ..outbox::RelayConfig::default()
-        })
-        .unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            relay
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let relay = RelayRunning::start(&db, &broker);
         Self {
             _db: db,
             conn,
             _broker: broker,
             worker: Some(worker),
-            relay: Some((stop, task)),
+            relay: Some(relay),
             policy,
         }
     }
@@ -224,9 +206,8 @@ impl Rig {
         if let Some(worker) = self.worker.take() {
             worker.stop().await;
         }
-        if let Some((stop, task)) = self.relay.take() {
-            let _ = stop.send(());
-            task.await.unwrap().unwrap();
+        if let Some(relay) = self.relay.take() {
+            relay.stop().await;
         }
     }
 }

@@ -68,7 +68,7 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
     )
     .await;
     relay.stop().await;
-    // ...and prunes published rows past retention.
+    // ...and moves published rows past retention into the event log.
     record_ticks(&mut writer, "c2", 0..3);
     let relay = RunningRelay::start(outbox::RelayConfig {
         retention: Duration::from_millis(1),
@@ -83,6 +83,11 @@ async fn the_relay_runs_as_a_role_that_can_touch_only_the_outbox_tables() {
     )
     .await;
     relay.stop().await;
+    assert_eq!(
+        count(&mut admin, "SELECT count(*) AS n FROM outbox_event_log"),
+        8,
+        "moved into the event log, not lost"
+    );
 
     // Nothing else: no domain table, no inserting events, no consumer
     // tables, no switching the pause.

@@ -7,6 +7,7 @@
 mod support;
 
 mod claiming;
+mod event_log;
 mod faults;
 mod least_privilege;
 mod liveness;

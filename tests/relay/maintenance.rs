@@ -108,6 +108,8 @@ async fn with_retention_zero_the_pruner_keeps_unroutable_rows_a_week() {
     );
     let relay = RunningRelay::start(outbox::RelayConfig {
         retention: Duration::ZERO,
+        // Deleted on publish: the mode without the event log.
+        event_log: false,
         prune_interval: PERIOD,
         ..relay_config(&db, &broker)
     });

@@ -39,6 +39,8 @@ async fn retention_zero_deletes_rows_once_published() {
     record_ticks(&mut conn, "r", 0..5);
     let relay = RunningRelay::start(outbox::RelayConfig {
         retention: Duration::ZERO,
+        // Deleted on publish: the mode without the event log.
+        event_log: false,
         ..relay_config(&db, &broker)
     });
     broker.wait_for_distinct(5, Duration::from_secs(10)).await;

@@ -201,6 +201,8 @@ async fn with_retention_zero_unroutable_events_are_still_kept() {
     crate::support::record_ticks(&mut conn, "kept", 1..3);
     let relay = RunningRelay::start(RelayConfig {
         retention: Duration::ZERO,
+        // Deleted on publish: the mode without the event log.
+        event_log: false,
         ..relay_config(&db, &broker)
     });
     broker.wait_for_distinct(2, Duration::from_secs(20)).await;

@@ -330,7 +330,8 @@ pub(super) fn run_lane_job(
             return result;
         }
     };
-    let delete = config.retention.is_zero();
+    // With the event log, rows are kept until the pruner moves them.
+    let delete = config.retention.is_zero() && !config.event_log;
     let flush_started = Instant::now();
     let flushed = (|| -> Result<(usize, usize)> {
         if !pending.to_mark.is_empty() || !pending.to_mark_unroutable.is_empty() {
