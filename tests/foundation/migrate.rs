@@ -58,7 +58,7 @@ fn concurrent_migrations_do_not_collide() {
 
 /// The newest migration of the previous main (what landed before this
 /// release's migrations).
-const PREVIOUS_RELEASE: &str = "20261201000004";
+const PREVIOUS_RELEASE: &str = "20261201000009";
 
 /// A database migrated by the previous main upgrades with
 /// `outbox::migrate` and keeps its unpublished events, failed jobs and
