@@ -87,6 +87,15 @@ pub enum Error {
     /// The thing named does not exist (a failed job id, ...).
     #[error("not found: {0}")]
     NotFound(String),
+    /// A projection refused events while rebuilding (its `apply` or
+    /// `reset` failed, or an event could not be upcast).
+    #[error("projection {name}: {reason}")]
+    Projection {
+        /// The projection.
+        name: String,
+        /// What failed.
+        reason: String,
+    },
     /// The broker did not confirm a publish; [`Unconfirmed`](enum@Unconfirmed) says how.
     #[error("{context}: {reason}")]
     Unconfirmed {

@@ -165,7 +165,7 @@ pub fn drop_partitions_older_than(
 /// Moves up to `batch` published rows older than `older_than_secs` from
 /// `outbox_events` into the log, oldest seq first, in one transaction.
 /// Returns how many; 0 also when another relay is moving right now.
-pub(crate) fn move_published(conn: &mut PgConnection, older_than_secs: f64, batch: i64) -> Result<usize> {
+pub fn move_published(conn: &mut PgConnection, older_than_secs: f64, batch: i64) -> Result<usize> {
     #[derive(QueryableByName)]
     struct Waiting {
         #[diesel(sql_type = Bool)]

@@ -33,6 +33,7 @@
 //! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |
 //! | where events live after publishing: the event log, partitioned by month | [`event_log`] | [`event_log::read_after`], [`event_log::aggregate_history`], [`RelayConfig::event_log`] |
 //! | publishing stored events again, to one queue | [`replay`] | [`replay::select`], [`replay::publish_to_queue`] |
+//! | read models fed by events, rebuilt from the log while writers write | [`projection`] | [`projection::Projection`], [`Registry::projection`], [`projection::rebuild`] |
 //! | old payload shapes brought to the current one wherever events are read | [`upcast`] | [`Registry::upcaster`], [`upcast::Upcasters`] |
 //! | metric names, health flags, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`], [`Health`] |
 //! | one backoff schedule for every wait-and-try-again | `delay.rs` | |
@@ -85,6 +86,7 @@ pub mod metrics;
 pub mod migrate;
 mod outbox;
 mod prepared;
+pub mod projection;
 mod record;
 mod registry;
 pub mod relay;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::consumer::listener::{ListenerOptions, QueuedListener, is_valid_listener_name};
 use crate::envelope::{EventEnvelope, is_valid_event_type};
 use crate::error::{BoxError, Error, Result};
+use crate::projection::{Projection, ProjectionListener};
 use crate::upcast::Upcasters;
 
 /// A listener that runs in the writer's process after the transaction that
@@ -82,6 +83,7 @@ pub struct Registry {
     sync: Vec<Arc<SyncRegistration>>,
     queued: Vec<QueuedRegistration>,
     upcasters: Upcasters,
+    projections: Vec<Arc<dyn Projection>>,
 }
 
 impl fmt::Debug for Registry {
@@ -146,6 +148,33 @@ impl Registry {
     /// The upcasters registered.
     pub fn upcasters(&self) -> &Upcasters {
         &self.upcasters
+    }
+
+    /// Registers `projection`: a queued listener of its name (with the
+    /// inbox) for its event types, which a worker runs live and rebuilds
+    /// when asked (see [`crate::projection`]).
+    pub fn projection<P: Projection>(mut self, projection: P) -> Result<Self> {
+        let projection: Arc<dyn Projection> = Arc::new(projection);
+        let name = projection.name().to_owned();
+        let types = projection.event_types();
+        let listener = ProjectionListener {
+            projection: Arc::clone(&projection),
+            name: name.clone(),
+        };
+        let options = listener.options();
+        let types: Vec<&str> = types.iter().map(String::as_str).collect();
+        self = self.queued_listener_with(&types, listener, options)?;
+        self.projections.push(projection);
+        Ok(self)
+    }
+
+    /// The projections registered (whose listener is still registered).
+    pub fn projections(&self) -> Vec<Arc<dyn Projection>> {
+        self.projections
+            .iter()
+            .filter(|p| self.queued.iter().any(|q| q.name() == p.name()))
+            .cloned()
+            .collect()
     }
 
     /// Registers queued `listener` for each of `event_types`, with the

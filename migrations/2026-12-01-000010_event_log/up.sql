@@ -37,18 +37,20 @@ CREATE INDEX outbox_event_log_by_event_id ON outbox_event_log (event_id);
 CREATE INDEX outbox_event_log_by_recorded_at ON outbox_event_log USING brin (recorded_at);
 
 -- Projections: named read models fed by events. `state` is `live` (fed by
--- its listener) or `rebuilding` (the listener leaves events to the rebuild,
--- which applies them in log order); `position` is the last log position a
--- rebuild applied (a killed rebuild resumes after it), `rebuilt_through` the
--- last log position the finished rebuild covered (a late live delivery of
--- an event at or before it was applied by the rebuild).
+-- its listener), `rebuild_requested` (`outbox projection rebuild`; a worker
+-- running the projection starts it) or `rebuilding` (the listener leaves
+-- events to the rebuild, which applies them in log order); `position` is
+-- the last log position a rebuild applied (a killed rebuild resumes after
+-- it), `rebuilt_through` the last log position the finished rebuild covered
+-- (a late live delivery of an event at or before it was applied by the
+-- rebuild).
 CREATE TABLE outbox_projections (
     name             TEXT        PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 255),
-    state            TEXT        NOT NULL DEFAULT 'live' CHECK (state IN ('live', 'rebuilding')),
+    state            TEXT        NOT NULL DEFAULT 'live' CHECK (state IN ('live', 'rebuild_requested', 'rebuilding')),
     position         BIGINT      NOT NULL DEFAULT 0,
     rebuilt_through  BIGINT      NOT NULL DEFAULT 0,
-    applied          BIGINT      NOT NULL DEFAULT 0,
-    last_applied_at  TIMESTAMPTZ NULL,
+    -- Events the last rebuild applied.
+    rebuilt_events   BIGINT      NOT NULL DEFAULT 0,
     rebuild_started_at  TIMESTAMPTZ NULL,
     rebuild_finished_at TIMESTAMPTZ NULL,
     updated_at       TIMESTAMPTZ NOT NULL DEFAULT now()

@@ -7,6 +7,7 @@ mod dashboard_cmd;
 mod failed_cmd;
 mod migrate;
 mod pause;
+mod projection_cmd;
 mod relay_cmd;
 mod replay_cmd;
 mod status_cmd;
@@ -103,6 +104,14 @@ enum Command {
     /// Example: outbox webhooks add --url https://hooks.example.com/chom --event-type 'site.*'
     #[command(subcommand)]
     Webhooks(webhooks_cmd::WebhooksCommand),
+    /// Projections: their state and lag, and rebuilding one from the event log.
+    ///
+    /// A worker running the projection (its code is the service's) does
+    /// the rebuild; these commands ask for it and follow it.
+    ///
+    /// Example: outbox projection rebuild tenant_stats --wait
+    #[command(subcommand)]
+    Projection(projection_cmd::ProjectionCommand),
     /// Let relays claim again after `outbox pause`.
     ///
     /// Example: outbox resume
@@ -126,6 +135,7 @@ fn main() -> ExitCode {
         Command::Resume => pause::resume(database_url),
         Command::Dashboard(args) => dashboard_cmd::run(database_url, &args),
         Command::Webhooks(command) => webhooks_cmd::run(database_url, &command),
+        Command::Projection(command) => projection_cmd::run(database_url, &command),
         Command::Topology(command) => topology_cmd::run(&command),
         Command::Bench(args) => bench_cmd::run(database_url, global.log_format, &args),
     };

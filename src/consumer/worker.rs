@@ -52,6 +52,7 @@ use crate::error::{Error, Result, error_chain};
 use crate::maintenance::Maintenance;
 use crate::maintenance::attempts_pruner::AttemptsPruner;
 use crate::maintenance::inbox_pruner::InboxPruner;
+use crate::maintenance::projection_rebuilder::ProjectionRebuilder;
 #[cfg(feature = "webhooks")]
 use crate::maintenance::webhook_log_pruner::WebhookLogPruner;
 use crate::metrics::Health;
@@ -63,6 +64,7 @@ pub struct Worker {
     config: Arc<WorkerConfig>,
     listeners: Vec<(QueuedRegistration, ListenerQueues)>,
     upcasters: Arc<Upcasters>,
+    projections: Vec<Arc<dyn crate::projection::Projection>>,
     pool: PgPool,
     health: Arc<Health>,
 }
@@ -109,6 +111,7 @@ impl Worker {
             config: Arc::new(config),
             listeners,
             upcasters: Arc::new(registry.upcasters().clone()),
+            projections: registry.projections(),
             pool,
             health: Arc::new(Health::default()),
         })
@@ -202,6 +205,13 @@ impl Worker {
             {
                 maintenance.start(WebhookLogPruner::new(self.config.webhook_log_retention, period));
             }
+        }
+        for projection in &self.projections {
+            maintenance.start(ProjectionRebuilder {
+                projection: Arc::clone(projection),
+                upcasters: Arc::clone(&self.upcasters),
+                period: crate::projection::REBUILD_POLL,
+            });
         }
         let mut shutdown = std::pin::pin!(shutdown);
         let mut reconnect = Backoff::new(Duration::from_millis(100), self.config.reconnect_max);

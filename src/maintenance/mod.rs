@@ -12,6 +12,7 @@
 //! | [`relay_heartbeat`] | upserts the relay's row in `outbox_relays` (relays alive, for the dashboard) and deletes rows of relays gone for an hour | relay | [`PRESENCE_INTERVAL`](crate::relay::presence::PRESENCE_INTERVAL) (5 s) | 1 hour after the last heartbeat |
 //! | [`inbox_pruner`] | deletes `processed_events` (inbox) rows older than the retention | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::inbox_retention`](crate::WorkerConfig::inbox_retention) (7 days) |
 //! | [`webhook_log_pruner`] | deletes `webhook_deliveries` rows (the webhook delivery log) older than the retention; only in a worker running `webhook_delivery` | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::webhook_log_retention`](crate::WorkerConfig::webhook_log_retention) (30 days) |
+//! | [`projection_rebuilder`] | rebuilds a projection when `outbox projection rebuild` asked for it, or resumes one that stopped half way (one worker at a time) | worker, one a projection it runs | [`REBUILD_POLL`](crate::projection::REBUILD_POLL) (1 s) | none |
 //! | [`attempts_pruner`] | deletes `listener_attempts` rows not touched for the retention (left behind by messages purged from their queues by hand) | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::attempts_retention`](crate::WorkerConfig::attempts_retention) (7 days) |
 //!
 //! Pruners delete in bounded batches (the relay's
@@ -52,6 +53,7 @@ pub(crate) mod backlog_gauges;
 pub(crate) mod event_log_pruner;
 pub(crate) mod inbox_pruner;
 pub(crate) mod lease_cleaner;
+pub(crate) mod projection_rebuilder;
 pub(crate) mod published_pruner;
 pub(crate) mod relay_heartbeat;
 #[cfg(feature = "webhooks")]

@@ -17,6 +17,7 @@ mod faults;
 mod inbox;
 mod least_privilege;
 mod maintenance;
+mod projections;
 mod rate_limits;
 mod readme_example;
 mod registration;

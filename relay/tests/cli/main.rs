@@ -14,6 +14,7 @@ mod failed_e2e;
 mod failpoints;
 mod help;
 mod process_faults;
+mod projection;
 mod replay;
 mod status;
 mod topology;

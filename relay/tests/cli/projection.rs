@@ -1,0 +1,51 @@
+//! `outbox projection status | rebuild` as an operator runs them (the
+//! rebuild itself is a worker's: see tests/consumer/projections.rs).
+
+use outbox::TestDatabase;
+
+use crate::support::run_outbox;
+
+#[test]
+fn status_lists_projections_and_rebuild_records_a_request_once() {
+    let db = TestDatabase::create().unwrap();
+    let env = [("DATABASE_URL", db.url())];
+    let (code, out, err) = run_outbox(&["projection", "status", "--json"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        serde_json::json!([])
+    );
+
+    let (code, _, err) = run_outbox(&["projection", "rebuild", "tenant_stats"], &env);
+    assert_eq!(code, 1);
+    assert!(err.contains("no worker running it has started yet"), "{err}");
+
+    // A worker running it records its row when it starts.
+    outbox::projection::ensure_row(&mut db.connect().unwrap(), "tenant_stats").unwrap();
+    let (code, out, err) = run_outbox(&["projection", "rebuild", "tenant_stats"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rebuild of tenant_stats requested"), "{out}");
+    let (code, _, err) = run_outbox(&["projection", "rebuild", "tenant_stats"], &env);
+    assert_eq!(code, 1);
+    assert!(err.contains("is rebuild requested already"), "{err}");
+
+    let (code, out, err) = run_outbox(&["projection", "status"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("tenant_stats") && out.contains("rebuild_requested"),
+        "{out}"
+    );
+    let (code, _, err) = run_outbox(
+        &[
+            "projection",
+            "rebuild",
+            "tenant_stats",
+            "--wait",
+            "--timeout",
+            "300ms",
+        ],
+        &env,
+    );
+    assert_eq!(code, 1, "nobody rebuilds it here");
+    assert!(err.contains("is a worker running it?"), "{err}");
+}

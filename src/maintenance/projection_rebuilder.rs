@@ -1,0 +1,86 @@
+//! The projection rebuilder (run by a worker for each projection it
+//! runs, see [`crate::projection`]): every
+//! [`REBUILD_POLL`](crate::projection::REBUILD_POLL) it looks at the
+//! projection's row; when a rebuild was requested (`outbox projection
+//! rebuild NAME`), or one stopped half way (its worker died), it rebuilds
+//! the projection. Workers running the same projection take turns on an
+//! advisory lock held for the rebuild, so one rebuilds; if it dies its
+//! session ends, the lock goes with it, and another resumes from the
+//! checkpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{Bool, Text};
+
+use super::{MaintenanceService, Step};
+use crate::error::Result;
+use crate::projection::{self, Projection};
+use crate::upcast::Upcasters;
+
+/// Rebuilds one projection when asked.
+pub(crate) struct ProjectionRebuilder {
+    pub(crate) projection: Arc<dyn Projection>,
+    pub(crate) upcasters: Arc<Upcasters>,
+    pub(crate) period: Duration,
+}
+
+#[derive(QueryableByName)]
+struct Wanted {
+    #[diesel(sql_type = Bool)]
+    wanted: bool,
+}
+
+#[derive(QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = Bool)]
+    locked: bool,
+}
+
+impl MaintenanceService for ProjectionRebuilder {
+    const NAME: &'static str = "projection_rebuilder";
+    const ROWS_TOTAL: Option<&'static str> = None;
+    const RUN_AT_START: bool = true;
+
+    fn period(&self) -> Duration {
+        self.period
+    }
+
+    fn run_once(&self, conn: &mut PgConnection) -> Result<Step> {
+        let name = self.projection.name();
+        projection::ensure_row(conn, name)?;
+        let wanted = diesel::sql_query(
+            "SELECT EXISTS (SELECT 1 FROM outbox_projections
+                            WHERE name = $1 AND state IN ('rebuild_requested', 'rebuilding')) AS wanted",
+        )
+        .bind::<Text, _>(name)
+        .get_result::<Wanted>(conn)?
+        .wanted;
+        if !wanted {
+            return Ok(Step::done(0));
+        }
+        let key = format!("outbox_projection:{name}");
+        let locked = diesel::sql_query("SELECT pg_try_advisory_lock(hashtextextended($1, 0)) AS locked")
+            .bind::<Text, _>(&key)
+            .get_result::<Locked>(conn)?
+            .locked;
+        if !locked {
+            // Another worker is rebuilding it.
+            return Ok(Step::done(0));
+        }
+        let rebuilt = projection::rebuild(
+            conn,
+            self.projection.as_ref(),
+            &self.upcasters,
+            projection::REBUILD_BATCH,
+        );
+        let unlocked = diesel::sql_query("SELECT pg_advisory_unlock(hashtextextended($1, 0)) AS locked")
+            .bind::<Text, _>(&key)
+            .get_result::<Locked>(conn);
+        rebuilt?;
+        unlocked?;
+        Ok(Step::done(0))
+    }
+}
