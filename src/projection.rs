@@ -46,8 +46,11 @@ use crate::error::{Error, ListenerError, Result};
 use crate::event_log::{self, LoggedEvent};
 use crate::upcast::Upcasters;
 
-/// Events a rebuild reads and applies a transaction.
-pub const REBUILD_BATCH: i64 = 5_000;
+/// Events a rebuild reads and applies a transaction (a projection that
+/// recounts per batch, like CHOM's tenant stats, does it this often; measured
+/// in `outbox bench projection`: 5,000 gave 0.38 of a plain scan, 20,000
+/// 0.78).
+pub const REBUILD_BATCH: i64 = 20_000;
 
 /// A named read model fed by events.
 pub trait Projection: Send + Sync + 'static {

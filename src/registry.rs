@@ -153,7 +153,14 @@ impl Registry {
     /// Registers `projection`: a queued listener of its name (with the
     /// inbox) for its event types, which a worker runs live and rebuilds
     /// when asked (see [`crate::projection`]).
-    pub fn projection<P: Projection>(mut self, projection: P) -> Result<Self> {
+    pub fn projection<P: Projection>(self, projection: P) -> Result<Self> {
+        let options = projection.options();
+        self.projection_with(projection, options)
+    }
+
+    /// [`Registry::projection`] with the live listener's `options` (the
+    /// inbox is turned on whatever they say).
+    pub fn projection_with<P: Projection>(mut self, projection: P, options: ListenerOptions) -> Result<Self> {
         let projection: Arc<dyn Projection> = Arc::new(projection);
         let name = projection.name().to_owned();
         let types = projection.event_types();
@@ -161,7 +168,10 @@ impl Registry {
             projection: Arc::clone(&projection),
             name: name.clone(),
         };
-        let options = listener.options();
+        let options = ListenerOptions {
+            inbox: true,
+            ..options
+        };
         let types: Vec<&str> = types.iter().map(String::as_str).collect();
         self = self.queued_listener_with(&types, listener, options)?;
         self.projections.push(projection);

@@ -18,6 +18,7 @@ mod hot;
 mod latency;
 mod plot;
 mod process;
+mod projection;
 mod seed;
 mod stats;
 mod takeover;
@@ -118,6 +119,11 @@ enum Scenario {
     ///
     /// Example: outbox bench webhooks --deliveries 5000 --concurrency 16
     Webhooks(webhooks::WebhooksArgs),
+    /// A rebuild of CHOM's tenant_stats projection from 1,000,000 logged
+    /// events, events/s, next to a plain scan of the same log (target 0.5).
+    ///
+    /// Example: outbox bench projection --events 1000000 --tenants 1000
+    Projection(projection::ProjectionArgs),
     /// Every scenario with its default sizes (or tiny ones with --quick),
     /// every table; with --json one object holding all figures.
     ///
@@ -415,6 +421,10 @@ pub fn run(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
         Scenario::Webhooks(webhooks) => {
             print(args.json, &runtime.block_on(webhooks::run(&target, webhooks))?)
         }
+        Scenario::Projection(projection) => print(
+            args.json,
+            &runtime.block_on(projection::run(&target, projection))?,
+        ),
         Scenario::Dashboard(dashboard) => {
             print(args.json, &runtime.block_on(dashboard::run(&target, dashboard))?)
         }

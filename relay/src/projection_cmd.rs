@@ -111,7 +111,10 @@ pub fn run(database_url: &str, command: &ProjectionCommand) -> anyhow::Result<()
                 .any(|s| s.name == args.name && s.state != "live");
             if under_way && args.wait {
                 // Already asked for: follow that one.
-                eprintln!("a rebuild of {} is already requested or under way; following it", args.name);
+                eprintln!(
+                    "a rebuild of {} is already requested or under way; following it",
+                    args.name
+                );
             } else {
                 projection::request_rebuild(&mut conn, &args.name)
                     .with_context(|| format!("cannot rebuild {}", args.name))?;

@@ -89,6 +89,18 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    tenant_activity (event_id) {
+        event_id -> Uuid,
+        tenant_id -> Int8,
+        event_type -> Text,
+        occurred_at -> Timestamptz,
+        actor -> Nullable<Text>,
+        subject -> Text,
+        summary -> Text,
+    }
+}
+
 diesel::joinable!(users -> tenants (tenant_id));
 diesel::joinable!(sites -> tenants (tenant_id));
 diesel::joinable!(backups -> sites (site_id));

@@ -19,8 +19,13 @@
 //! with the seed's retries (3 tries, 30 s / 60 s / 120 s backoff) unless
 //! [`ListenerConfig`] says otherwise. Delivery guarantees:
 //!
-//! - [`UpdateTenantMetrics`]: recomputes from the source tables, so any
-//!   number of deliveries give the same row (no inbox needed).
+//! - [`UpdateTenantMetrics`]: a projection (`outbox projection rebuild
+//!   update_tenant_metrics`) that recomputes from the source tables, so
+//!   any number of deliveries give the same row and a rebuild equals a
+//!   recompute.
+//! - [`TenantActivity`]: a projection fed by the events alone, the
+//!   per-tenant activity feed (`tenant_activity`), rebuilt from the event
+//!   log.
 //! - [`RecordAuditLog`]: exactly one audit row per event (inbox
 //!   transaction, and a unique event id as a backstop).
 //! - [`SendNotification`]: with the default [`DatabaseNotifier`], exactly
@@ -28,6 +33,7 @@
 //!   notifier that reaches outside the database (email) is at least once.
 //! - [`RecordMetrics`]: in-process counters; nothing to retry.
 
+pub mod activity_feed;
 mod audit_log;
 mod metrics;
 mod notification;
@@ -38,6 +44,7 @@ use std::time::Duration;
 
 use outbox::{ListenerOptions, Registry};
 
+pub use activity_feed::{TENANT_ACTIVITY, TenantActivity};
 pub use audit_log::RecordAuditLog;
 pub use metrics::{
     BACKUP_DURATION_SECONDS, BACKUP_SIZE_BYTES, BACKUPS_COMPLETED_TOTAL, BACKUPS_CREATED_TOTAL,
@@ -148,11 +155,11 @@ pub fn registry(config: &ListenerConfig) -> outbox::Result<Registry> {
             .unwrap_or(&[])
     };
     Registry::new()
-        .queued_listener_with(
-            listed(UPDATE_TENANT_METRICS),
+        .projection_with(
             UpdateTenantMetrics,
             config.options(UpdateTenantMetrics::base_options()),
         )?
+        .projection_with(TenantActivity, config.options(outbox::ListenerOptions::default()))?
         .queued_listener_with(
             listed(RECORD_AUDIT_LOG),
             RecordAuditLog,

@@ -1,9 +1,13 @@
-//! UpdateTenantMetrics (queued): recomputes a tenant's cached stats from
-//! the source tables, replacing the seed's `updateCachedStats()` model
-//! hooks.
+//! UpdateTenantMetrics (a projection): recomputes a tenant's cached stats
+//! from the source tables, replacing the seed's `updateCachedStats()` model
+//! hooks. As a projection ([`outbox::projection`]) it is fed live by its
+//! queue and rebuilt from the event log with `outbox projection rebuild
+//! update_tenant_metrics`: every tenant an event names is recounted, so a
+//! rebuild ends equal to a recompute from the source tables.
 
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
+use outbox::projection::Projection;
 use outbox::{HandlerContext, ListenerError, ListenerOptions, QueuedListener, ReceivedEvent};
 
 use crate::listeners::{UPDATE_TENANT_METRICS, tenant_id};
@@ -20,12 +24,11 @@ use crate::listeners::{UPDATE_TENANT_METRICS, tenant_id};
 pub struct UpdateTenantMetrics;
 
 impl UpdateTenantMetrics {
-    /// No inbox (idempotent by construction); otherwise the defaults.
+    /// The defaults (the inbox, which a projection's rebuild relies on,
+    /// is on). Recounting is idempotent, so a duplicate would be harmless
+    /// anyway.
     pub fn base_options() -> ListenerOptions {
-        ListenerOptions {
-            inbox: false,
-            ..ListenerOptions::default()
-        }
+        ListenerOptions::default()
     }
 }
 
@@ -46,6 +49,72 @@ impl QueuedListener for UpdateTenantMetrics {
         }
         Ok(())
     }
+}
+
+/// Registered as a projection (see the module docs); its direct
+/// [`QueuedListener`] side recounts one event's tenant.
+impl Projection for UpdateTenantMetrics {
+    fn name(&self) -> &str {
+        UPDATE_TENANT_METRICS
+    }
+
+    fn event_types(&self) -> Vec<String> {
+        crate::listeners::MAPPING
+            .iter()
+            .find(|(listener, _)| *listener == UPDATE_TENANT_METRICS)
+            .map(|(_, types)| types.iter().map(|t| (*t).to_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    fn reset(&self, conn: &mut PgConnection) -> Result<(), ListenerError> {
+        diesel::sql_query("DELETE FROM tenant_stats").execute(conn)?;
+        Ok(())
+    }
+
+    fn apply(&self, conn: &mut PgConnection, events: &[ReceivedEvent]) -> Result<(), ListenerError> {
+        let mut tenants = events.iter().map(tenant_id).collect::<Result<Vec<i64>, _>>()?;
+        // In id order: concurrent recounts lock tenants in one order.
+        tenants.sort_unstable();
+        tenants.dedup();
+        recount_many(conn, &tenants)?;
+        Ok(())
+    }
+
+    fn options(&self) -> ListenerOptions {
+        Self::base_options()
+    }
+}
+
+/// Recounts the stats of `tenants` (sorted) in one statement; tenants that
+/// no longer exist are skipped.
+pub(crate) fn recount_many(conn: &mut PgConnection, tenants: &[i64]) -> QueryResult<usize> {
+    diesel::sql_query(
+        "INSERT INTO tenant_stats AS ts (tenant_id, site_count, active_site_count, storage_bytes,
+                                         backup_count, failed_backup_count, updated_at)
+         SELECT t.id, COALESCE(s.sites, 0), COALESCE(s.active, 0), COALESCE(s.storage, 0),
+                COALESCE(b.backups, 0), COALESCE(b.failed, 0), now()
+         FROM tenants t
+         LEFT JOIN (SELECT tenant_id, count(*) AS sites,
+                           count(*) FILTER (WHERE status = 'active') AS active,
+                           COALESCE(sum(storage_bytes), 0)::bigint AS storage
+                    FROM sites WHERE tenant_id = ANY($1) AND deleted_at IS NULL
+                    GROUP BY tenant_id) s ON s.tenant_id = t.id
+         LEFT JOIN (SELECT tenant_id, count(*) AS backups,
+                           count(*) FILTER (WHERE status = 'failed') AS failed
+                    FROM backups WHERE tenant_id = ANY($1)
+                    GROUP BY tenant_id) b ON b.tenant_id = t.id
+         WHERE t.id = ANY($1)
+         ORDER BY t.id
+         ON CONFLICT (tenant_id) DO UPDATE SET
+             site_count = EXCLUDED.site_count,
+             active_site_count = EXCLUDED.active_site_count,
+             storage_bytes = EXCLUDED.storage_bytes,
+             backup_count = EXCLUDED.backup_count,
+             failed_backup_count = EXCLUDED.failed_backup_count,
+             updated_at = now()",
+    )
+    .bind::<diesel::sql_types::Array<BigInt>, _>(tenants)
+    .execute(conn)
 }
 
 /// Recounts `tenant`'s stats in the open transaction; false when the

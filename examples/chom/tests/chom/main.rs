@@ -15,6 +15,7 @@ mod killed_worker;
 mod listeners;
 mod operate;
 mod pipeline;
+mod projections;
 mod simulate;
 mod sites;
 mod support;

@@ -55,9 +55,9 @@ async fn topology_declares_every_listeners_queues() {
     );
     let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(listed["declared"], true);
-    // CHOM's three, webhook_fanout and webhook_delivery.
-    assert_eq!(listed["listeners"].as_array().unwrap().len(), 5);
-    assert_eq!(broker.queues.len() + broker.webhook_queues.len(), 5);
+    // CHOM's four (two of them projections), webhook_fanout and webhook_delivery.
+    assert_eq!(listed["listeners"].as_array().unwrap().len(), 6);
+    assert_eq!(broker.queues.len() + broker.webhook_queues.len(), 6);
     for queues in broker.queues.iter().chain(&broker.webhook_queues) {
         for queue in queues.all_queues() {
             assert_eq!(queue_state(queue).await, (0, 0), "{queue} exists, empty");
