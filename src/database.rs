@@ -126,9 +126,54 @@ fn percent_decode(value: &str) -> String {
 
 /// `url` with any password replaced by `***`, for logs and errors. Works
 /// for URLs of any scheme (`postgres://`, `amqp://`) and for key=value
-/// connection strings (`password=...`). Unparsable input is replaced whole
-/// rather than risk printing a secret.
+/// connection strings (`password=...`), and for comma-separated lists of
+/// URLs (several brokers in `AMQP_URL`), each redacted. Unparsable input is
+/// replaced whole rather than risk printing a secret.
 pub fn redact_url(url: &str) -> String {
+    // A comma-separated list of URLs (several brokers in `AMQP_URL`): each
+    // redacted on its own, or the URL parser would take the later ones
+    // (passwords and all) for the first one's path.
+    let pieces = split_url_list(url);
+    if pieces.len() > 1 {
+        return pieces
+            .into_iter()
+            .map(redact_one_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one_url(url)
+}
+
+/// Splits a comma-separated list of URLs. A comma splits only where what
+/// follows it starts with a scheme (`amqp://`), another comma or nothing,
+/// so a comma inside a password or a query stays in its URL; entries are
+/// trimmed and may be empty (callers that parse the list refuse those).
+pub(crate) fn split_url_list(list: &str) -> Vec<&str> {
+    fn starts_with_scheme(text: &str) -> bool {
+        match text.find("://") {
+            Some(end) if end > 0 => text[..end]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')),
+            _ => false,
+        }
+    }
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for (at, _) in list.match_indices(',') {
+        if at < start {
+            continue;
+        }
+        let rest = list[at + 1..].trim_start();
+        if rest.is_empty() || rest.starts_with(',') || starts_with_scheme(rest) {
+            pieces.push(list[start..at].trim());
+            start = at + 1;
+        }
+    }
+    pieces.push(list[start..].trim());
+    pieces
+}
+
+fn redact_one_url(url: &str) -> String {
     if !url.contains("://") {
         return redact_key_value(url);
     }
@@ -169,7 +214,21 @@ fn redact_key_value(conninfo: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{redact_url, split_url_list};
+
+    #[test]
+    fn splits_url_lists_only_before_a_scheme() {
+        assert_eq!(split_url_list("amqp://h1"), vec!["amqp://h1"]);
+        assert_eq!(
+            split_url_list("amqp://h1, amqps://h2 ,amqp://u:p,w@h3"),
+            vec!["amqp://h1", "amqps://h2", "amqp://u:p,w@h3"]
+        );
+        assert_eq!(
+            split_url_list("amqp://h1,,amqp://h2,"),
+            vec!["amqp://h1", "", "amqp://h2", ""]
+        );
+        assert_eq!(split_url_list(""), vec![""]);
+    }
 
     #[test]
     fn redacts_passwords() {
@@ -190,6 +249,12 @@ mod tests {
             "host=db password=*** user=app"
         );
         assert_eq!(redact_url("postgres://[bad"), "<unparsable url>");
+        assert_eq!(
+            redact_url("amqp://a:s1@h1:5681/%2f, amqp://b:s2@h2:5682/%2f"),
+            "amqp://a:***@h1:5681/%2f,amqp://b:***@h2:5682/%2f"
+        );
+        // A comma in a password does not split the URL (and is hidden).
+        assert_eq!(redact_url("amqp://a:pa,ss@h1/%2f"), "amqp://a:***@h1/%2f");
         assert!(!redact_url("postgres://app:p%40ss@db/x").contains("p%40ss"));
     }
 }

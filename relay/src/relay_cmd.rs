@@ -13,7 +13,7 @@ use crate::duration::parse_duration;
 /// Options of `outbox relay`; defaults are the library's.
 #[derive(Debug, clap::Args)]
 pub struct RelayArgs {
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://); several, comma separated, for the nodes of a cluster (the first that answers is used).
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// Topic exchange to publish to; declared durable if missing.

@@ -77,7 +77,7 @@ pub struct ListenerArgs {
     /// A listener whose queues to work on; repeat for each.
     #[arg(long = "listener", required = true)]
     listeners: Vec<String>,
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://); several, comma separated, for the nodes of a cluster (the first that answers is used).
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// Print JSON instead of text.

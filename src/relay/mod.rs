@@ -126,6 +126,8 @@ pub(crate) struct Shared {
     pub(crate) health: Arc<Health>,
     /// Notified when writers committed events (see [`crate::wake`]).
     pub(crate) woken: Arc<tokio::sync::Notify>,
+    /// The brokers of `amqp_url`, and which to try next.
+    pub(crate) broker: crate::amqp::BrokerConnector,
 }
 
 impl Shared {
@@ -156,6 +158,7 @@ impl Relay {
     /// [`Relay::run`] rather than failing here).
     pub fn new(config: RelayConfig) -> Result<Self> {
         config.validate()?;
+        let broker = crate::amqp::BrokerConnector::new(&config.amqp_url)?;
         let pool = Pool::builder()
             // The lease heartbeat, and one each for the four maintenance
             // services, so a renewal never waits behind them (the claim
@@ -171,6 +174,7 @@ impl Relay {
                 pool,
                 health: Arc::new(Health::default()),
                 woken: Arc::new(tokio::sync::Notify::new()),
+                broker,
             },
         })
     }
@@ -211,25 +215,29 @@ impl Relay {
         loop {
             let opened = tokio::select! {
                 () = &mut shutdown => break,
-                opened = publisher::Publisher::open(&config) => opened,
+                opened = publisher::Publisher::open(&config, &self.shared.broker) => opened,
             };
             match opened {
                 Ok(publisher) => {
                     reconnect.reset();
                     self.shared.health.set_broker_ok(true);
-                    tracing::info!(relay_id = %config.relay_id, "connected to the broker");
+                    tracing::info!(relay_id = %config.relay_id, broker = %self.shared.broker.current(), "connected to the broker");
                     let end = Session::new(&self.shared, publisher).run(shutdown.as_mut()).await;
                     self.shared.health.set_broker_ok(false);
                     match end {
                         SessionEnd::Shutdown => break,
                         SessionEnd::BrokerLost(reason) => {
                             metrics::counter!(m::BROKER_RECONNECTS_TOTAL).increment(1);
-                            tracing::warn!(reason = %error_chain(&reason), "broker connection lost; claiming stops until it is back");
+                            tracing::warn!(reason = %error_chain(&reason), broker = %self.shared.broker.current(), "broker connection lost; claiming stops until it is back");
+                            self.shared.broker.connection_lost();
                         }
                     }
                 }
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), retry_in = ?reconnect.upcoming(), "cannot reach the broker");
+                    // Connected but the session could not be set up (a
+                    // node starting or stopping): try the others first.
+                    self.shared.broker.connection_lost();
                 }
             }
             let delay = reconnect.next_delay();

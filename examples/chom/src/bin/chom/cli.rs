@@ -60,7 +60,7 @@ pub(crate) enum Command {
 /// Where the broker is and how CHOM's queues are named.
 #[derive(Debug, Args)]
 pub(crate) struct BrokerArgs {
-    /// RabbitMQ URL.
+    /// RabbitMQ URL; several, comma separated, for the nodes of a cluster (the first that answers is used).
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     pub(crate) amqp_url: String,
     /// The topic exchange the relay publishes to.
