@@ -23,7 +23,7 @@
 //! | asserting on recorded events in tests | `fake.rs` | [`EventFake`] |
 //! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
 //! | connections, diesel work on the blocking pool, safe-to-print URLs | `database.rs` | [`connect`], [`pool`], [`run_blocking`], [`redact_url`] |
-//! | RabbitMQ connection, exchange | [`amqp`] | [`DEFAULT_AMQP_URL`], [`DEFAULT_EXCHANGE`] |
+//! | RabbitMQ connection (one node or a list of a cluster's nodes), exchange | [`amqp`] | [`DEFAULT_AMQP_URL`], [`DEFAULT_EXCHANGE`], [`amqp::BrokerAddresses`], [`amqp::BrokerConnector`] |
 //! | database, broker and exchange from `DATABASE_URL`, `AMQP_URL`, `OUTBOX_EXCHANGE` | [`settings`] | [`Settings::from_env`] |
 //! | the wire format | [`cloudevents`] | [`cloudevents::encode_body`] |
 //! | text cut to a bound for columns, headers and messages | [`text`] | [`text::bounded_text`] |

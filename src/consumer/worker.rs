@@ -90,7 +90,11 @@ impl Worker {
         let listeners = registry
             .queued_listeners()
             .iter()
-            .map(|r| Ok((r.clone(), topology::queues_for(&config.app, r)?)))
+            .map(|r| {
+                let queues = topology::queues_for(&config.app, r)?
+                    .with_quorum_initial_group_size(config.quorum_initial_group_size);
+                Ok((r.clone(), queues))
+            })
             .collect::<Result<Vec<_>>>()?;
         if config.prune_interval.is_some() {
             check_attempts_retention(&config, &listeners)?;

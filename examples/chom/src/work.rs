@@ -37,6 +37,9 @@ pub struct WorkConfig {
     /// Run the webhook listeners (`webhook_fanout` for CHOM's seven event
     /// types, `webhook_delivery`) with these settings. Default `None`.
     pub webhooks: Option<outbox::webhooks::WebhookConfig>,
+    /// [`WorkerConfig::quorum_initial_group_size`]. Default `None`: the
+    /// broker's default.
+    pub quorum_initial_group_size: Option<u32>,
 }
 
 impl Default for WorkConfig {
@@ -52,6 +55,7 @@ impl Default for WorkConfig {
             shutdown_timeout: Duration::from_secs(30),
             accept_sources: Vec::new(),
             webhooks: None,
+            quorum_initial_group_size: None,
         }
     }
 }
@@ -87,6 +91,7 @@ pub fn worker(config: &WorkConfig) -> outbox::Result<Worker> {
             exchange: config.exchange.clone(),
             app: config.app.clone(),
             shutdown_timeout: config.shutdown_timeout,
+            quorum_initial_group_size: config.quorum_initial_group_size,
             accept_sources: if config.accept_sources.is_empty() {
                 vec![outbox::relay::default_source(&config.database_url)]
             } else {

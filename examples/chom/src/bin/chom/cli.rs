@@ -71,6 +71,14 @@ pub(crate) struct BrokerArgs {
     pub(crate) app: String,
 }
 
+/// How the queues are replicated on a RabbitMQ cluster.
+#[derive(Debug, Args)]
+pub(crate) struct ClusterArgs {
+    /// On how many cluster nodes each queue is replicated (x-quorum-initial-group-size; read when a queue is created) [default: the broker's, 3 in RabbitMQ 3.10].
+    #[arg(long, env = outbox::settings::QUORUM_INITIAL_GROUP_SIZE_ENV, value_parser = clap::value_parser!(u32).range(1..=255), hide_env_values = true)]
+    pub(crate) quorum_initial_group_size: Option<u32>,
+}
+
 /// Retry settings of the queued listeners.
 #[derive(Debug, Args)]
 pub(crate) struct RetryArgs {
@@ -113,6 +121,8 @@ impl RetryArgs {
 pub(crate) struct WorkArgs {
     #[command(flatten)]
     pub(crate) broker: BrokerArgs,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
     #[command(flatten)]
     pub(crate) retry: RetryArgs,
     /// Run only this queued listener (repeatable; default all).
@@ -161,6 +171,8 @@ pub(crate) struct DemoArgs {
 pub(crate) struct TopologyArgs {
     #[command(flatten)]
     pub(crate) broker: BrokerArgs,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
     #[command(flatten)]
     pub(crate) retry: RetryArgs,
     /// Only print what would be declared.
