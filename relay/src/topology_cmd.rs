@@ -106,7 +106,7 @@ pub struct DeclareArgs {
     /// As ListenerOptions::single_active_consumer.
     #[arg(long)]
     single_active_consumer: bool,
-    /// On how many cluster nodes each queue is replicated (x-quorum-initial-group-size; read when a queue is created) [default: the broker's, 3 in RabbitMQ 3.10].
+    /// On how many cluster nodes each queue is replicated (x-quorum-initial-group-size; a queue argument, so existing queues must have been declared with the same) [default: the broker's, 3 in RabbitMQ 3.10].
     #[arg(long, env = outbox::settings::QUORUM_INITIAL_GROUP_SIZE_ENV, value_parser = clap::value_parser!(u32).range(1..=255), hide_env_values = true)]
     quorum_initial_group_size: Option<u32>,
 }

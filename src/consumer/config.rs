@@ -46,8 +46,11 @@ pub struct WorkerConfig {
     /// declares is replicated (`x-quorum-initial-group-size` of its quorum
     /// queues). `None` (the default): the broker's default,
     /// `quorum_cluster_size` (3 in RabbitMQ 3.10; every node of a smaller
-    /// cluster). Read only when a queue is created. An odd number: 3
-    /// tolerates one node down, 5 two. 1 to 255.
+    /// cluster). An odd number: 3 tolerates one node down, 5 two. 1 to
+    /// 255. It is a queue argument: a worker whose value differs from the
+    /// one its existing queues were declared with cannot declare them
+    /// (PRECONDITION_FAILED), so set it before the queues are created or
+    /// delete them first (`outbox topology delete`).
     pub quorum_initial_group_size: Option<u32>,
     /// The CloudEvents `source`s whose events this worker applies; an event
     /// from any other (another database's relay on the same broker) is not

@@ -56,8 +56,11 @@ pub struct ListenerQueues {
     pub delivery_limit: u32,
     /// `x-quorum-initial-group-size` of every queue: on how many cluster
     /// nodes each is replicated. `None` (the default): the broker's own
-    /// default. Only read when a queue is created; a queue that exists
-    /// keeps its members (grow or shrink them with `rabbitmq-queues`).
+    /// default. A queue argument like the others: declaring an existing
+    /// queue with another value (or none where it had one) fails with
+    /// PRECONDITION_FAILED, so choose it before the queues exist (or
+    /// delete them first); change a live queue's members with
+    /// `rabbitmq-queues add_member` / `delete_member` instead.
     pub quorum_initial_group_size: Option<u32>,
 }
 

@@ -229,13 +229,77 @@ impl RabbitCluster {
     }
 
     /// Whether stopping `node` now keeps every quorum queue's majority
-    /// (`rabbitmq-queues check_if_node_is_quorum_critical`).
-    pub fn safe_to_stop(&self, node: &Node) -> bool {
+    /// (`rabbitmq-queues check_if_node_is_quorum_critical`), with what the
+    /// check printed.
+    pub fn safe_to_stop(&self, node: &Node) -> (bool, String) {
         let script = format!(
             "cd {RABBITMQ_HOME} && HOME={RABBITMQ_HOME} timeout 60 {RABBITMQ_BIN}/rabbitmq-queues -n '{}' check_if_node_is_quorum_critical 2>&1",
             node.name
         );
-        as_rabbitmq(&script).output().is_ok_and(|o| o.status.success())
+        match as_rabbitmq(&script).output() {
+            Ok(output) => (
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+            ),
+            Err(e) => (false, format!("cannot run rabbitmq-queues: {e}")),
+        }
+    }
+
+    /// Waits until every quorum queue has `count` members online.
+    pub fn await_members(&self, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let short: Vec<(String, usize)> = self
+                .queue_members()
+                .into_iter()
+                .filter(|(_, online)| online.len() < count)
+                .map(|(name, online)| (name, online.len()))
+                .collect();
+            if short.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queues without {count} members online after {limit:?}: {short:?}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Every queue with its online members, as the first node that
+    /// answers sees them (empty when none answers).
+    pub fn queue_members(&self) -> Vec<(String, Vec<String>)> {
+        for node in &self.nodes {
+            let (ok, output) = self.ctl(node, &["list_queues", "name", "online", "--formatter", "json"]);
+            if !ok {
+                continue;
+            }
+            let Some(rows) = json_in(&output) else {
+                continue;
+            };
+            return rows
+                .as_array()
+                .map(|rows| {
+                    rows.iter()
+                        .filter_map(|row| {
+                            let name = row.get("name")?.as_str()?.to_owned();
+                            let online = row
+                                .get("online")
+                                .and_then(|o| o.as_array())
+                                .map(|members| {
+                                    members
+                                        .iter()
+                                        .filter_map(|m| m.as_str().map(str::to_owned))
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            Some((name, online))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        Vec::new()
     }
 
     /// The leader and the online members of quorum queue `queue`, as a

@@ -254,8 +254,17 @@ async fn nothing_is_lost_through_node_kills_and_a_rolling_restart() {
                 blocking(move || {
                     for node in &rolling.nodes {
                         let deadline = Instant::now() + Duration::from_secs(60);
-                        while !rolling.safe_to_stop(node) {
-                            assert!(Instant::now() < deadline, "{} stays quorum critical", node.name);
+                        loop {
+                            let (safe, said) = rolling.safe_to_stop(node);
+                            if safe {
+                                break;
+                            }
+                            assert!(
+                                Instant::now() < deadline,
+                                "{} stays quorum critical: {said}\nmembers: {:?}",
+                                node.name,
+                                rolling.queue_members()
+                            );
                             std::thread::sleep(Duration::from_millis(500));
                         }
                         rolling.stop(node);
@@ -271,6 +280,7 @@ async fn nothing_is_lost_through_node_kills_and_a_rolling_restart() {
 
     // Every event delivered, once in effect, in order.
     let recorded = writer.stop();
+    let committed = count(&mut conn, "SELECT count(*) AS n FROM outbox_events");
     eventually(
         "every event delivered to both listeners",
         Duration::from_secs(60),
@@ -279,13 +289,17 @@ async fn nothing_is_lost_through_node_kills_and_a_rolling_restart() {
                 && traffic::first_arrival_order(&ordered.snapshot())
                     .values()
                     .map(Vec::len)
-                    .sum::<usize>() as u64
-                    == recorded
+                    .sum::<usize>() as i64
+                    == committed
         },
     )
     .await;
-    let committed = count(&mut conn, "SELECT count(*) AS n FROM outbox_events");
-    assert_eq!(committed as u64, recorded);
+    // The writer counts the commits it saw; one cut off by a database
+    // restart may have committed unseen, never the other way round.
+    assert!(
+        committed as u64 >= recorded,
+        "{committed} committed, {recorded} seen"
+    );
     assert_eq!(
         count(&mut conn, "SELECT count(DISTINCT event_id) AS n FROM effects"),
         committed,
@@ -296,10 +310,13 @@ async fn nothing_is_lost_through_node_kills_and_a_rolling_restart() {
         committed,
         "no effect applied twice"
     );
-    for (aggregate, ticks) in traffic::first_arrival_order(&ordered.snapshot()) {
-        let expected: Vec<i64> = (0..ticks.len() as i64).collect();
+    let committed_order = traffic::committed_order(&mut conn);
+    let arrived = traffic::first_arrival_order(&ordered.snapshot());
+    assert_eq!(arrived.len(), traffic::AGGREGATES);
+    for (aggregate, ticks) in arrived {
         assert_eq!(
-            ticks, expected,
+            Some(&ticks),
+            committed_order.get(&aggregate),
             "per-aggregate order at the ordered listener, {aggregate}"
         );
     }
@@ -330,11 +347,11 @@ async fn nothing_is_lost_through_node_kills_and_a_rolling_restart() {
     drop(cluster);
 }
 
-/// Starts `node` again and waits until it runs in the cluster (its
-/// quorum queue members catch up from there; the rolling restart checks
-/// they have before stopping the next node).
+/// Starts `node` again and waits until it runs in the cluster and every
+/// quorum queue has all its members online again.
 fn restart(cluster: &RabbitCluster, node: &fixture::Node) {
     cluster.spawn(node);
     cluster.await_startup(node, Duration::from_secs(120));
     cluster.await_running(cluster.nodes.len(), Duration::from_secs(60));
+    cluster.await_members(cluster.nodes.len(), Duration::from_secs(60));
 }

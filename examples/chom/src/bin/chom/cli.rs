@@ -74,7 +74,7 @@ pub(crate) struct BrokerArgs {
 /// How the queues are replicated on a RabbitMQ cluster.
 #[derive(Debug, Args)]
 pub(crate) struct ClusterArgs {
-    /// On how many cluster nodes each queue is replicated (x-quorum-initial-group-size; read when a queue is created) [default: the broker's, 3 in RabbitMQ 3.10].
+    /// On how many cluster nodes each queue is replicated (x-quorum-initial-group-size; a queue argument, so existing queues must have been declared with the same) [default: the broker's, 3 in RabbitMQ 3.10].
     #[arg(long, env = outbox::settings::QUORUM_INITIAL_GROUP_SIZE_ENV, value_parser = clap::value_parser!(u32).range(1..=255), hide_env_values = true)]
     pub(crate) quorum_initial_group_size: Option<u32>,
 }
