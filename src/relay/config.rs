@@ -150,11 +150,7 @@ impl Default for RelayConfig {
 /// `database_url` names: `/outbox/<database name>` (`/outbox` when the URL
 /// names none).
 pub fn default_source(database_url: &str) -> String {
-    let name = url::Url::parse(database_url)
-        .ok()
-        .map(|url| url.path().trim_start_matches('/').to_owned())
-        .filter(|name| !name.is_empty());
-    match name {
+    match crate::database::database_path(database_url) {
         Some(name) => format!("/outbox/{name}"),
         None => "/outbox".to_owned(),
     }
