@@ -83,6 +83,9 @@ pub struct RelayArgs {
     /// Do not LISTEN for writers' wake-ups; find new events by polling only.
     #[arg(long, env = "OUTBOX_NO_WAKE_UP", hide_env_values = true)]
     no_wake_up: bool,
+    /// The phantom guard: publish a claimed batch only once a streaming standby has flushed it, waiting at most this long per batch (at most half the lease; the role needs pg_monitor) [default: off].
+    #[arg(long, env = "OUTBOX_WAIT_FOR_STANDBY", value_parser = parse_duration, hide_env_values = true)]
+    wait_for_standby: Option<Duration>,
     /// Address for GET /metrics and /health; "off" disables it.
     #[arg(
         long,
@@ -119,6 +122,7 @@ impl RelayArgs {
             source: self.source.clone(),
             strict_routing: self.strict_routing,
             wake_up: !self.no_wake_up,
+            wait_for_standby: self.wait_for_standby,
             ..defaults
         }
     }

@@ -78,12 +78,22 @@
 //! and `outbox_unroutable_total`, and its aggregate goes on; `outbox
 //! replay` sends it to a listener added later. With
 //! [`RelayConfig::strict_routing`] it is a failed attempt instead.
+//!
+//! ## With a Postgres standby
+//!
+//! A multi-host `DATABASE_URL` with `target_session_attrs=read-write`
+//! finds the primary; after a promotion the relay's connections fail and
+//! reopen on the new primary, and claiming goes on. With
+//! [`RelayConfig::wait_for_standby`] a batch is published only once a
+//! standby holds it (`standby.rs`): no event the promoted standby lacks
+//! is ever published.
 
 pub(crate) mod config;
 mod engine;
 pub mod history;
 pub mod presence;
 mod publisher;
+mod standby;
 /// The relay's SQL (claim, mark, leases, failures, prune). Public only with
 /// the `testing` feature, for the library's own claim and liveness tests;
 /// operators' reads are re-exported below.

@@ -112,6 +112,8 @@ impl Ordered {
 pub struct Writer {
     stop: Arc<AtomicBool>,
     recorded: Arc<AtomicU64>,
+    /// The ids of the events whose commit the writer saw succeed.
+    pub acknowledged: Arc<Mutex<Vec<Uuid>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -122,6 +124,8 @@ impl Writer {
         let url = database_url.to_owned();
         let mut conn = Some(outbox::connect(&url).unwrap());
         let (flag, count) = (Arc::clone(&stop), Arc::clone(&recorded));
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let acked = Arc::clone(&acknowledged);
         let thread = std::thread::spawn(move || {
             let mut next = std::time::Instant::now();
             let mut i: i64 = 0;
@@ -135,8 +139,11 @@ impl Writer {
                         n: i / AGGREGATES as i64,
                     };
                     match open.transaction::<_, outbox::Error, _>(|conn| outbox::record(conn, &tick)) {
-                        Ok(_) => {
+                        Ok(event_id) => {
                             count.fetch_add(1, Ordering::SeqCst);
+                            if let Ok(mut acked) = acked.lock() {
+                                acked.push(event_id);
+                            }
                         }
                         Err(error) => {
                             eprintln!("writer: {}; reconnecting", outbox::error_chain(&error));
@@ -155,6 +162,7 @@ impl Writer {
         Self {
             stop,
             recorded,
+            acknowledged,
             thread: Some(thread),
         }
     }
@@ -348,4 +356,21 @@ pub fn first_arrival_order(deliveries: &[Delivery]) -> HashMap<String, Vec<i64>>
         }
     }
     order
+}
+
+/// The median and the 99th percentile of commit-to-effect latency, in
+/// milliseconds, of the events recorded in `[from, to]`.
+pub fn latency_percentiles(conn: &mut PgConnection, from: DateTime<Utc>, to: DateTime<Utc>) -> (f64, f64) {
+    let percentile = |conn: &mut PgConnection, p: f64| {
+        float(
+            conn,
+            &format!(
+                "SELECT COALESCE(percentile_cont({p}) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM f.at - e.recorded_at) * 1000), 0)::float8 AS v
+                 FROM outbox_events e JOIN effects f USING (event_id) WHERE e.recorded_at BETWEEN $1 AND $2"
+            ),
+            from,
+            to,
+        )
+    };
+    (percentile(conn, 0.5), percentile(conn, 0.99))
 }
