@@ -1,10 +1,28 @@
 //! Connecting to RabbitMQ and declaring the outbox's exchange.
+//!
+//! ## Several brokers
+//!
+//! `AMQP_URL` (and every `--amqp-url`) may list several brokers, comma
+//! separated: the nodes of a RabbitMQ cluster,
+//! `amqp://app:pw@mq1:5672/%2f,amqp://app:pw@mq2:5672/%2f`. The list is
+//! parsed and checked once ([`BrokerAddresses::parse`]); a connect tries
+//! the addresses in turn until one answers (each given
+//! [`CONNECT_TIMEOUT_PER_ADDRESS`] when there are others to try). Relays
+//! and workers keep a [`BrokerConnector`]: their first connect starts at
+//! the first address, and after a lost connection the next one starts at
+//! the address after the one lost, so a dead node is tried last, not
+//! first. Their reconnect backoff is unchanged: it runs between whole
+//! passes over the list. A comma splits the list only where an `amqp://`
+//! or `amqps://` URL follows it, so a comma inside a password stays in it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::database::redact_url;
+use crate::database::{redact_url, split_url_list};
 use crate::error::{Error, Result, Unconfirmed};
 
 /// Where the outbox looks for RabbitMQ when `AMQP_URL` is not set.
@@ -13,16 +31,223 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The topic exchange events are published to unless configured otherwise.
 pub const DEFAULT_EXCHANGE: &str = "outbox.events";
 
-/// Opens an AMQP connection named `connection_name` (shown in the broker's
-/// management UI). Errors name the URL with its password redacted.
-pub async fn connect(url: &str, connection_name: &str) -> Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
-    Connection::connect(url, properties)
+/// How long one address of a list of several may take to answer before
+/// the next is tried (a single address has no bound of its own: callers
+/// bound the whole connect).
+pub const CONNECT_TIMEOUT_PER_ADDRESS: Duration = Duration::from_secs(10);
+
+/// The most addresses one list may hold.
+const MAX_ADDRESSES: usize = 64;
+
+/// A checked list of broker URLs (`AMQP_URL`: one URL, or several comma
+/// separated). `Debug` and [`redacted`](Self::redacted) hide passwords.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerAddresses {
+    urls: Vec<String>,
+}
+
+impl std::fmt::Debug for BrokerAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("BrokerAddresses").field(&self.redacted()).finish()
+    }
+}
+
+impl BrokerAddresses {
+    /// Parses and checks `list`: each entry must be an `amqp://` or
+    /// `amqps://` URL naming a host; an empty entry (a stray comma) is an
+    /// error. Errors name the entry by position, its password redacted.
+    pub fn parse(list: &str) -> Result<Self> {
+        let pieces = split_url_list(list);
+        let count = pieces.len();
+        if count > MAX_ADDRESSES {
+            return Err(Error::Config(format!(
+                "AMQP URL list has {count} entries; at most {MAX_ADDRESSES} are allowed"
+            )));
+        }
+        let mut urls = Vec::with_capacity(count);
+        for (index, piece) in pieces.into_iter().enumerate() {
+            let checked = if piece.is_empty() {
+                Err(Error::Config(
+                    "AMQP URL is empty (a stray comma in the list?)".to_owned(),
+                ))
+            } else {
+                validate_one_amqp_url(piece)
+            };
+            match checked {
+                Ok(()) => urls.push(piece.to_owned()),
+                Err(Error::Config(message)) if count > 1 => {
+                    return Err(Error::Config(format!(
+                        "entry {} of {count} in the AMQP URL list: {message}",
+                        index + 1
+                    )));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(Self { urls })
+    }
+
+    /// The URLs, in the order given.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// How many addresses the list holds (at least one).
+    pub fn len(&self) -> usize {
+        self.urls.len()
+    }
+
+    /// Always false: a parsed list holds at least one address.
+    pub fn is_empty(&self) -> bool {
+        self.urls.is_empty()
+    }
+
+    /// The list with every password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        self.urls
+            .iter()
+            .map(|url| redact_url(url))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Opens a connection to the first broker of `urls` (one AMQP URL, or
+/// several comma separated; see the module docs) that answers, named
+/// `connection_name` (shown in the broker's management UI). Errors name
+/// each URL tried with its password redacted.
+pub async fn connect(urls: &str, connection_name: &str) -> Result<Connection> {
+    let addresses = BrokerAddresses::parse(urls)?;
+    connect_from(&addresses, 0, connection_name)
         .await
-        .map_err(|source| Error::Broker {
-            context: format!("cannot connect to {}", redact_url(url)),
-            source,
-        })
+        .map(|(connection, _)| connection)
+}
+
+/// Tries the addresses from `start` on, wrapping around; returns the
+/// connection and the index of the address that answered.
+async fn connect_from(
+    addresses: &BrokerAddresses,
+    start: usize,
+    connection_name: &str,
+) -> Result<(Connection, usize)> {
+    let count = addresses.len();
+    // Each address tried, with why it failed; the last one's reason is
+    // the error's source.
+    let mut failures: Vec<(String, lapin::Error)> = Vec::with_capacity(count);
+    for step in 0..count {
+        let index = (start + step) % count;
+        let url = &addresses.urls[index];
+        let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+        let attempt = Connection::connect(url, properties);
+        let result = if count > 1 {
+            tokio::time::timeout(CONNECT_TIMEOUT_PER_ADDRESS, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(lapin::Error::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {CONNECT_TIMEOUT_PER_ADDRESS:?}"),
+                    )))
+                })
+        } else {
+            attempt.await
+        };
+        match result {
+            Ok(connection) => {
+                if step > 0 {
+                    tracing::info!(broker = %redact_url(url), skipped = step, "connected to a later broker of the list");
+                }
+                return Ok((connection, index));
+            }
+            Err(error) => {
+                if count > 1 {
+                    tracing::debug!(broker = %redact_url(url), error = %error, "broker did not answer; trying the next");
+                }
+                failures.push((redact_url(url), error));
+            }
+        }
+    }
+    let Some((last_url, source)) = failures.pop() else {
+        return Err(Error::Config("no broker address to connect to".to_owned()));
+    };
+    let context = if failures.is_empty() {
+        format!("cannot connect to {last_url}")
+    } else {
+        let earlier: Vec<String> = failures
+            .iter()
+            .map(|(url, error)| format!("{url} ({error})"))
+            .collect();
+        format!(
+            "cannot connect to any of {count} brokers: {}, then {last_url}",
+            earlier.join(", ")
+        )
+    };
+    Err(Error::Broker { context, source })
+}
+
+/// A relay's or a worker's way to its brokers: connects to the first
+/// address that answers, starting after a loss from the address after the
+/// one lost (see the module docs).
+#[derive(Debug)]
+pub struct BrokerConnector {
+    addresses: BrokerAddresses,
+    /// Where the next connect starts.
+    next: AtomicUsize,
+    /// The address of the connection opened last.
+    current: AtomicUsize,
+}
+
+impl BrokerConnector {
+    /// A connector for `urls` (parsed and checked here).
+    pub fn new(urls: &str) -> Result<Self> {
+        Ok(Self::from_addresses(BrokerAddresses::parse(urls)?))
+    }
+
+    /// A connector for addresses already parsed.
+    pub fn from_addresses(addresses: BrokerAddresses) -> Self {
+        Self {
+            addresses,
+            next: AtomicUsize::new(0),
+            current: AtomicUsize::new(0),
+        }
+    }
+
+    /// The addresses.
+    pub fn addresses(&self) -> &BrokerAddresses {
+        &self.addresses
+    }
+
+    /// Connects to the first address that answers, from where the last
+    /// connect or loss left off.
+    pub async fn connect(&self, connection_name: &str) -> Result<Connection> {
+        let start = self.next.load(Ordering::Relaxed) % self.addresses.len().max(1);
+        let (connection, index) = connect_from(&self.addresses, start, connection_name).await?;
+        self.current.store(index, Ordering::Relaxed);
+        self.next.store(index, Ordering::Relaxed);
+        Ok(connection)
+    }
+
+    /// The connection opened last was lost (or its session could not be
+    /// set up): the next connect starts at the address after it.
+    pub fn connection_lost(&self) {
+        let count = self.addresses.len().max(1);
+        let current = self.current.load(Ordering::Relaxed);
+        self.next.store((current + 1) % count, Ordering::Relaxed);
+    }
+
+    /// The address of the connection opened last, its password redacted.
+    pub fn current(&self) -> String {
+        let index = self.current.load(Ordering::Relaxed);
+        self.addresses
+            .urls
+            .get(index)
+            .map(|url| redact_url(url))
+            .unwrap_or_default()
+    }
+
+    /// The index in the list of the connection opened last.
+    pub fn current_index(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
+    }
 }
 
 /// Declares `exchange` as a durable topic exchange; idempotent.
@@ -62,11 +287,26 @@ pub fn validate_amqp_name(kind: &str, name: &str) -> Result<()> {
     }
 }
 
-/// Checks that `url` is an `amqp://` or `amqps://` URL, without echoing a
+/// Checks that `url` is an `amqp://` or `amqps://` URL, or a comma
+/// separated list of them ([`BrokerAddresses::parse`]), without echoing a
 /// password.
 pub fn validate_amqp_url(url: &str) -> Result<()> {
+    BrokerAddresses::parse(url).map(|_| ())
+}
+
+fn validate_one_amqp_url(url: &str) -> Result<()> {
     match url::Url::parse(url) {
-        Ok(parsed) if matches!(parsed.scheme(), "amqp" | "amqps") && parsed.host().is_some() => Ok(()),
+        Ok(parsed) if matches!(parsed.scheme(), "amqp" | "amqps") && parsed.host().is_some() => {
+            // lapin's own parser, for what the generic one lets through
+            // (query settings such as `heartbeat=abc`); its message may
+            // quote the URL, so it is not shown.
+            url.parse::<lapin::uri::AMQPUri>().map(|_| ()).map_err(|_| {
+                Error::Config(format!(
+                    "AMQP URL {} is not a valid AMQP URI (check its port, vhost and query settings)",
+                    redact_url(url)
+                ))
+            })
+        }
         Ok(parsed) => Err(Error::Config(format!(
             "AMQP URL {} must start with amqp:// or amqps:// and name a host (scheme was {:?})",
             redact_url(url),
@@ -227,4 +467,120 @@ pub(crate) enum SessionLost {
     /// Every listener loop ended.
     #[error("no listener loop left")]
     ListenersEnded,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(list: &str) -> String {
+        BrokerAddresses::parse(list)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn one_url_or_a_comma_separated_list() {
+        let one = BrokerAddresses::parse(DEFAULT_AMQP_URL).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(one.urls(), [DEFAULT_AMQP_URL]);
+        let list = BrokerAddresses::parse(
+            "amqp://guest:s3cret@127.0.0.1:5681/%2f, amqp://guest:s3cret@127.0.0.1:5682/%2f,amqps://mq3:5671/%2f?heartbeat=10",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            list.urls(),
+            [
+                "amqp://guest:s3cret@127.0.0.1:5681/%2f",
+                "amqp://guest:s3cret@127.0.0.1:5682/%2f",
+                "amqps://mq3:5671/%2f?heartbeat=10"
+            ]
+        );
+        assert_eq!(list.len(), 3);
+        assert_eq!(
+            list.redacted(),
+            "amqp://guest:***@127.0.0.1:5681/%2f,amqp://guest:***@127.0.0.1:5682/%2f,amqps://mq3:5671/%2f?heartbeat=10"
+        );
+        assert!(!format!("{list:?}").contains("s3cret"));
+        // A comma inside a password is part of it.
+        let comma = BrokerAddresses::parse("amqp://u:pa,ss@h/%2f").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(comma.urls(), ["amqp://u:pa,ss@h/%2f"]);
+        assert!(validate_amqp_url("amqp://h1,amqp://h2").is_ok());
+    }
+
+    #[test]
+    fn a_bad_entry_is_named_by_position_without_its_password() {
+        let cases = [
+            (
+                "amqp://u:s3cret@h1/%2f,http://u:s3cret@h2/",
+                "entry 2 of 2",
+                "amqp://",
+            ),
+            (
+                "amqp://u:s3cret@h1/%2f,,amqp://u:s3cret@h2/",
+                "entry 2 of 3",
+                "empty",
+            ),
+            ("amqp://u:s3cret@h1/%2f,", "entry 2 of 2", "empty"),
+            (
+                "amqp://u:s3cret@h1:99999/%2f,amqp://h2",
+                "entry 1 of 2",
+                "does not parse",
+            ),
+            (
+                "amqp://u:s3cret@h1/%2f,amqp://u:s3cret@h2/%2f?heartbeat=abc",
+                "entry 2 of 2",
+                "not a valid AMQP URI",
+            ),
+            ("", "", "empty"),
+            ("mq1:5672", "", "must start with amqp://"),
+        ];
+        for (list, position, reason) in cases {
+            let message = message(list);
+            assert!(message.contains(position), "{list}: {message}");
+            assert!(message.contains(reason), "{list}: {message}");
+            assert!(!message.contains("s3cret"), "{list}: {message}");
+        }
+        // A single URL's error reads as before, with no position.
+        assert!(!message("http://h/").contains("entry"));
+        let many = vec!["amqp://h"; MAX_ADDRESSES + 1].join(",");
+        assert!(message(&many).contains("at most"));
+    }
+
+    #[test]
+    fn the_connector_starts_after_the_address_lost() {
+        let connector =
+            BrokerConnector::new("amqp://h1,amqp://h2,amqp://h3").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(connector.next.load(Ordering::Relaxed), 0);
+        connector.current.store(2, Ordering::Relaxed);
+        connector.connection_lost();
+        assert_eq!(connector.next.load(Ordering::Relaxed), 0, "wraps around");
+        connector.current.store(0, Ordering::Relaxed);
+        connector.connection_lost();
+        assert_eq!(connector.next.load(Ordering::Relaxed), 1);
+        assert_eq!(connector.current(), "amqp://h1");
+    }
+
+    #[tokio::test]
+    async fn no_broker_answering_names_every_address_tried() {
+        // Port 1 on loopback: refused at once.
+        let list = "amqp://guest:s3cret@127.0.0.1:1/%2f,amqp://guest:s3cret@127.0.0.2:1/%2f";
+        let error = connect(list, "unit test")
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("any of 2 brokers"), "{error}");
+        assert!(
+            error.contains("127.0.0.1:1") && error.contains("127.0.0.2:1"),
+            "{error}"
+        );
+        assert!(!error.contains("s3cret"), "{error}");
+        let one = connect("amqp://guest:s3cret@127.0.0.1:1/%2f", "unit test")
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(one, "cannot connect to amqp://guest:***@127.0.0.1:1/%2f");
+    }
 }

@@ -107,6 +107,12 @@ pub enum Error {
     /// A task on tokio's blocking pool panicked or was cancelled.
     #[error("a blocking task failed")]
     BlockingTask(#[source] tokio::task::JoinError),
+    /// With [`RelayConfig::wait_for_standby`](crate::RelayConfig::wait_for_standby)
+    /// on, no streaming standby had flushed the WAL of a claimed batch in
+    /// time (the message says why: none connected, none visible to this
+    /// role, or behind); the batch was given back unpublished.
+    #[error("standby guard: {0}")]
+    StandbyNotFlushed(String),
 }
 
 impl Error {

@@ -23,11 +23,11 @@
 //! | asserting on recorded events in tests | `fake.rs` | [`EventFake`] |
 //! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
 //! | connections, diesel work on the blocking pool, safe-to-print URLs | `database.rs` | [`connect`], [`pool`], [`run_blocking`], [`redact_url`] |
-//! | RabbitMQ connection, exchange | [`amqp`] | [`DEFAULT_AMQP_URL`], [`DEFAULT_EXCHANGE`] |
+//! | RabbitMQ connection (one node or a list of a cluster's nodes), exchange | [`amqp`] | [`DEFAULT_AMQP_URL`], [`DEFAULT_EXCHANGE`], [`amqp::BrokerAddresses`], [`amqp::BrokerConnector`] |
 //! | database, broker and exchange from `DATABASE_URL`, `AMQP_URL`, `OUTBOX_EXCHANGE` | [`settings`] | [`Settings::from_env`] |
 //! | the wire format | [`cloudevents`] | [`cloudevents::encode_body`] |
 //! | text cut to a bound for columns, headers and messages | [`text`] | [`text::bounded_text`] |
-//! | publishing committed events; relays alive, published per minute | [`relay`] | [`Relay`], [`RelayConfig`], [`relay::presence::relays`], [`relay::history::published_per_minute`] |
+//! | publishing committed events; relays alive, published per minute; the phantom guard for a Postgres standby (`relay/standby.rs`) | [`relay`] | [`Relay`], [`RelayConfig`], [`RelayConfig::wait_for_standby`], [`relay::presence::relays`], [`relay::history::published_per_minute`] |
 //! | writers waking relays after commit | [`wake`] | [`wake::WakeSender`], [`wake::WakeListener`] |
 //! | webhooks: endpoints, signing, the fan-out and delivery listeners (feature `webhooks`) | `webhooks/` | `webhooks::add`, `webhooks::register` |
 //! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |

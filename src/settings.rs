@@ -35,6 +35,11 @@ pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
 pub const AMQP_URL_ENV: &str = "AMQP_URL";
 /// The environment variable of [`Settings::exchange`].
 pub const EXCHANGE_ENV: &str = "OUTBOX_EXCHANGE";
+/// The environment variable the commands that declare queues (`outbox
+/// topology declare`, `chom work`, `chom topology`) read
+/// [`WorkerConfig::quorum_initial_group_size`](crate::WorkerConfig::quorum_initial_group_size)
+/// from, beside their `--quorum-initial-group-size` flag.
+pub const QUORUM_INITIAL_GROUP_SIZE_ENV: &str = "OUTBOX_QUORUM_INITIAL_GROUP_SIZE";
 
 /// The database, broker and exchange of a service: one value for its
 /// relay and its worker ([`RelayConfig::from_settings`],

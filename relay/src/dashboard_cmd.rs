@@ -24,7 +24,7 @@ pub struct DashboardArgs {
     /// and without OUTBOX_DASHBOARD_TOKEN the dashboard is read-only.
     #[arg(long, env = TOKEN_FILE_ENV)]
     token_file: Option<PathBuf>,
-    /// RabbitMQ URL, for queue depths and retries.
+    /// RabbitMQ URL, for queue depths and retries; several, comma separated, for the nodes of a cluster.
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// How often the overview, listeners and timeline pages reload themselves.

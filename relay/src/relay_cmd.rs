@@ -13,7 +13,7 @@ use crate::duration::parse_duration;
 /// Options of `outbox relay`; defaults are the library's.
 #[derive(Debug, clap::Args)]
 pub struct RelayArgs {
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://); several, comma separated, for the nodes of a cluster (the first that answers is used).
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// Topic exchange to publish to; declared durable if missing.
@@ -93,6 +93,9 @@ pub struct RelayArgs {
     /// Do not LISTEN for writers' wake-ups; find new events by polling only.
     #[arg(long, env = "OUTBOX_NO_WAKE_UP", hide_env_values = true)]
     no_wake_up: bool,
+    /// The phantom guard: publish a claimed batch only once a streaming standby has flushed it, waiting at most this long per batch (at most half the lease; the role needs pg_monitor) [default: off].
+    #[arg(long, env = "OUTBOX_WAIT_FOR_STANDBY", value_parser = parse_duration, hide_env_values = true)]
+    wait_for_standby: Option<Duration>,
     /// Address for GET /metrics and /health; "off" disables it.
     #[arg(
         long,
@@ -131,6 +134,7 @@ impl RelayArgs {
             source: self.source.clone(),
             strict_routing: self.strict_routing,
             wake_up: !self.no_wake_up,
+            wait_for_standby: self.wait_for_standby,
             ..defaults
         }
     }

@@ -54,7 +54,7 @@ pub struct ReplayArgs {
         hide_env_values = true
     )]
     source: String,
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://); several, comma separated, for the nodes of a cluster (the first that answers is used).
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// How long to wait for the broker's confirm of each event.

@@ -42,7 +42,7 @@ pub struct StatusArgs {
     /// The listeners' retry delays, naming their retry queues (`<queue>.retry.30s`).
     #[arg(long, value_delimiter = ',', default_value = "30s,1m", value_parser = parse_duration)]
     retry_delays: Vec<Duration>,
-    /// RabbitMQ URL (amqp:// or amqps://), used with --listener.
+    /// RabbitMQ URL (amqp:// or amqps://), used with --listener; several, comma separated, for the nodes of a cluster.
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// Print JSON instead of text.

@@ -77,7 +77,7 @@ pub struct ListenerArgs {
     /// A listener whose queues to work on; repeat for each.
     #[arg(long = "listener", required = true)]
     listeners: Vec<String>,
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://); several, comma separated, for the nodes of a cluster (the first that answers is used).
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// Print JSON instead of text.
@@ -106,6 +106,9 @@ pub struct DeclareArgs {
     /// As ListenerOptions::single_active_consumer.
     #[arg(long)]
     single_active_consumer: bool,
+    /// On how many cluster nodes each queue is replicated (x-quorum-initial-group-size; a queue argument, so existing queues must have been declared with the same) [default: the broker's, 3 in RabbitMQ 3.10].
+    #[arg(long, env = outbox::settings::QUORUM_INITIAL_GROUP_SIZE_ENV, value_parser = clap::value_parser!(u32).range(1..=255), hide_env_values = true)]
+    quorum_initial_group_size: Option<u32>,
 }
 
 /// Options of `outbox topology delete`.
@@ -236,7 +239,10 @@ async fn declare(args: &DeclareArgs) -> anyhow::Result<()> {
             ..ListenerOptions::default()
         },
     );
-    let plan = plan(&args.target, &args.event_types, &options)?;
+    let plan: Vec<ListenerQueues> = plan(&args.target, &args.event_types, &options)?
+        .into_iter()
+        .map(|queues| queues.with_quorum_initial_group_size(args.quorum_initial_group_size))
+        .collect();
     let connection = connect(&args.target, "declare").await?;
     let declared = async {
         let channel = channel(&connection).await?;

@@ -179,7 +179,7 @@ pub struct RetryArgs {
     /// The endpoint whose failed deliveries to retry.
     #[arg(long)]
     endpoint: i64,
-    /// RabbitMQ URL.
+    /// RabbitMQ URL; several, comma separated, for the nodes of a cluster.
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
 }

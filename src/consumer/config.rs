@@ -42,6 +42,16 @@ pub struct WorkerConfig {
     pub shutdown_timeout: Duration,
     /// Declare the exchange and queues on every connect. Default true.
     pub declare_topology: bool,
+    /// On how many nodes of a RabbitMQ cluster each queue this worker
+    /// declares is replicated (`x-quorum-initial-group-size` of its quorum
+    /// queues). `None` (the default): the broker's default,
+    /// `quorum_cluster_size` (3 in RabbitMQ 3.10; every node of a smaller
+    /// cluster). An odd number: 3 tolerates one node down, 5 two. 1 to
+    /// 255. It is a queue argument: a worker whose value differs from the
+    /// one its existing queues were declared with cannot declare them
+    /// (PRECONDITION_FAILED), so set it before the queues are created or
+    /// delete them first (`outbox topology delete`).
+    pub quorum_initial_group_size: Option<u32>,
     /// The CloudEvents `source`s whose events this worker applies; an event
     /// from any other (another database's relay on the same broker) is not
     /// applied: counted in `outbox_foreign_events_total`, logged once per
@@ -94,6 +104,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("reconnect_max", &self.reconnect_max)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("declare_topology", &self.declare_topology)
+            .field("quorum_initial_group_size", &self.quorum_initial_group_size)
             .field("accept_sources", &self.accept_sources)
             .field("prune_interval", &self.prune_interval)
             .field("inbox_retention", &self.inbox_retention)
@@ -116,6 +127,7 @@ impl Default for WorkerConfig {
             reconnect_max: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             declare_topology: true,
+            quorum_initial_group_size: None,
             accept_sources: Vec::new(),
             prune_interval: Some(Duration::from_secs(600)),
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
@@ -164,6 +176,13 @@ impl WorkerConfig {
         {
             return bad(format!("pool size must be between 1 and 1024, not {size}"));
         }
+        if let Some(size) = self.quorum_initial_group_size
+            && !(1..=255).contains(&size)
+        {
+            return bad(format!(
+                "quorum initial group size must be between 1 and 255, not {size}"
+            ));
+        }
         if self.accept_sources.iter().any(|s| s.is_empty() || s.len() > 1000) {
             return bad("an accepted source must be 1 to 1000 bytes".into());
         }
@@ -207,6 +226,19 @@ mod tests {
             ..WorkerConfig::default()
         };
         assert!(bad.validate().is_err());
+        for (size, ok) in [
+            (Some(0), false),
+            (Some(1), true),
+            (Some(3), true),
+            (Some(256), false),
+            (None, true),
+        ] {
+            let config = WorkerConfig {
+                quorum_initial_group_size: size,
+                ..WorkerConfig::default()
+            };
+            assert_eq!(config.validate().is_ok(), ok, "{size:?}");
+        }
     }
 
     #[test]

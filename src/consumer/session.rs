@@ -39,13 +39,15 @@ impl ConsumerSession {
     /// queue.
     pub(crate) async fn open(
         config: &WorkerConfig,
+        broker: &amqp::BrokerConnector,
         listeners: &[(QueuedRegistration, ListenerQueues)],
         upcasters: &Arc<Upcasters>,
         pool: &PgPool,
         health: &Arc<Health>,
     ) -> Result<Self> {
-        let connection =
-            amqp::connect(&config.amqp_url, &format!("outbox-worker {}", config.worker_id)).await?;
+        let connection = broker
+            .connect(&format!("outbox-worker {}", config.worker_id))
+            .await?;
         let broker = |context: String| move |source| Error::Broker { context, source };
         let publish = amqp::open_channel(&connection, true).await?;
         if config.declare_topology {

@@ -8,6 +8,14 @@
 //! | `<app>.<listener>.retry.<delay>` | quorum, `x-message-ttl` = delay | one per distinct backoff delay; a failed message waits here, then dead-letters back to the listener's queue (and only there) |
 //! | `<app>.<listener>.dead` | quorum | messages that failed for good, beside their failed_jobs rows |
 //!
+//! Every queue is a quorum queue (`x-queue-type: quorum`): replicated by
+//! Raft over `x-quorum-initial-group-size` nodes of a cluster (the
+//! broker's default when [`ListenerQueues::quorum_initial_group_size`] is
+//! `None`: `quorum_cluster_size`, 3 in RabbitMQ 3.10, fewer on a smaller
+//! cluster), available while a majority of them is up. On one node
+//! every queue has one member. The exchange is durable, and bindings live
+//! in the cluster's metadata store, on every node.
+//!
 //! Dead-lettering uses the default exchange with the target queue as the
 //! routing key, and RabbitMQ's at-least-once strategy, so a message moving
 //! between queues is never lost and never reaches another listener.
@@ -46,9 +54,26 @@ pub struct ListenerQueues {
     pub single_active_consumer: bool,
     /// The queue's `x-delivery-limit`.
     pub delivery_limit: u32,
+    /// `x-quorum-initial-group-size` of every queue: on how many cluster
+    /// nodes each is replicated. `None` (the default): the broker's own
+    /// default. A queue argument like the others: declaring an existing
+    /// queue with another value (or none where it had one) fails with
+    /// PRECONDITION_FAILED, so choose it before the queues exist (or
+    /// delete them first); change a live queue's members with
+    /// `rabbitmq-queues add_member` / `delete_member` instead.
+    pub quorum_initial_group_size: Option<u32>,
 }
 
 impl ListenerQueues {
+    /// The same queues declared with `x-quorum-initial-group-size` =
+    /// `size` (`None`: the broker's default).
+    pub fn with_quorum_initial_group_size(self, size: Option<u32>) -> Self {
+        Self {
+            quorum_initial_group_size: size,
+            ..self
+        }
+    }
+
     /// The retry queue for `delay`.
     pub fn retry_queue(&self, delay: Duration) -> Option<&str> {
         self.retries
@@ -110,6 +135,7 @@ pub fn listener_queues(
         event_types: event_types.to_vec(),
         single_active_consumer: options.single_active_consumer,
         delivery_limit: options.max_unacked_deliveries + 3,
+        quorum_initial_group_size: None,
     })
 }
 
@@ -151,9 +177,15 @@ fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
-fn quorum_arguments() -> FieldTable {
+fn quorum_arguments(queues: &ListenerQueues) -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), text("quorum"));
+    if let Some(size) = queues.quorum_initial_group_size {
+        arguments.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongInt(i32::try_from(size).unwrap_or(i32::MAX)),
+        );
+    }
     arguments
 }
 
@@ -206,15 +238,15 @@ pub async fn declare(
 
 /// Declares one listener's queues and bindings.
 pub async fn declare_listener(channel: &Channel, exchange: &str, queues: &ListenerQueues) -> Result<()> {
-    declare_queue(channel, &queues.dead, quorum_arguments()).await?;
+    declare_queue(channel, &queues.dead, quorum_arguments(queues)).await?;
     for (delay, name) in &queues.retries {
-        let mut arguments = quorum_arguments();
+        let mut arguments = quorum_arguments(queues);
         let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
         arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
         dead_letter_to(&mut arguments, &queues.queue);
         declare_queue(channel, name, arguments).await?;
     }
-    let mut arguments = quorum_arguments();
+    let mut arguments = quorum_arguments(queues);
     arguments.insert(
         "x-delivery-limit".into(),
         AMQPValue::LongInt(i32::try_from(queues.delivery_limit).unwrap_or(i32::MAX)),
@@ -265,6 +297,23 @@ pub async fn delete(channel: &Channel, queues: &[ListenerQueues]) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_queue_is_a_quorum_queue_with_the_group_size_set() {
+        let options = ListenerOptions::default();
+        let queues = listener_queues("app", "audit", &["site.created".to_owned()], &options)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let arguments = quorum_arguments(&queues);
+        assert_eq!(arguments.inner().get("x-queue-type"), Some(&text("quorum")));
+        assert!(arguments.inner().get("x-quorum-initial-group-size").is_none());
+        let sized = queues.with_quorum_initial_group_size(Some(3));
+        assert_eq!(
+            quorum_arguments(&sized)
+                .inner()
+                .get("x-quorum-initial-group-size"),
+            Some(&AMQPValue::LongInt(3))
+        );
+    }
 
     #[test]
     fn delay_labels() {

@@ -67,6 +67,8 @@ pub struct Worker {
     projections: Vec<Arc<dyn crate::projection::Projection>>,
     pool: PgPool,
     health: Arc<Health>,
+    /// The brokers of `amqp_url`, and which to try next.
+    broker: crate::amqp::BrokerConnector,
 }
 
 impl std::fmt::Debug for Worker {
@@ -87,13 +89,18 @@ impl Worker {
     /// not an error here).
     pub fn new(config: WorkerConfig, registry: &Registry) -> Result<Self> {
         config.validate()?;
+        let broker = crate::amqp::BrokerConnector::new(&config.amqp_url)?;
         if registry.queued_listeners().is_empty() {
             return Err(Error::Config("the registry has no queued listener to run".into()));
         }
         let listeners = registry
             .queued_listeners()
             .iter()
-            .map(|r| Ok((r.clone(), topology::queues_for(&config.app, r)?)))
+            .map(|r| {
+                let queues = topology::queues_for(&config.app, r)?
+                    .with_quorum_initial_group_size(config.quorum_initial_group_size);
+                Ok((r.clone(), queues))
+            })
             .collect::<Result<Vec<_>>>()?;
         if config.prune_interval.is_some() {
             check_attempts_retention(&config, &listeners)?;
@@ -114,6 +121,7 @@ impl Worker {
             projections: registry.projections(),
             pool,
             health: Arc::new(Health::default()),
+            broker,
         })
     }
 
@@ -161,11 +169,10 @@ impl Worker {
     /// listener's queue is bound reaches no queue and is kept as unroutable
     /// (or, with strict routing, retried). Returns the queues declared.
     pub async fn declare_topology(&self) -> Result<Vec<ListenerQueues>> {
-        let connection = crate::amqp::connect(
-            &self.config.amqp_url,
-            &format!("outbox-worker {} topology", self.config.worker_id),
-        )
-        .await?;
+        let connection = self
+            .broker
+            .connect(&format!("outbox-worker {} topology", self.config.worker_id))
+            .await?;
         let declared = async {
             let channel = crate::amqp::open_channel(&connection, false).await?;
             crate::amqp::declare_exchange(&channel, &self.config.exchange).await?;
@@ -218,7 +225,7 @@ impl Worker {
         loop {
             let opened = tokio::select! {
                 () = &mut shutdown => break,
-                opened = tokio::time::timeout(Duration::from_secs(60), ConsumerSession::open(&self.config, &self.listeners, &self.upcasters, &self.pool, &self.health)) => {
+                opened = tokio::time::timeout(Duration::from_secs(60), ConsumerSession::open(&self.config, &self.broker, &self.listeners, &self.upcasters, &self.pool, &self.health)) => {
                     opened.unwrap_or_else(|_| Err(Error::Config("broker session setup took over 60 s".into())))
                 }
             };
@@ -226,18 +233,22 @@ impl Worker {
                 Ok(session) => {
                     reconnect.reset();
                     self.health.set_broker_ok(true);
-                    tracing::info!(worker_id = %self.config.worker_id, "worker connected to the broker");
+                    tracing::info!(worker_id = %self.config.worker_id, broker = %self.broker.current(), "worker connected to the broker");
                     let end = session.run(shutdown.as_mut(), &self.config).await;
                     self.health.set_broker_ok(false);
                     match end {
                         SessionEnd::Shutdown => break,
                         SessionEnd::BrokerLost(reason) => {
-                            tracing::warn!(reason = %error_chain(&reason), "worker lost the broker; reconnecting");
+                            tracing::warn!(reason = %error_chain(&reason), broker = %self.broker.current(), "worker lost the broker; reconnecting");
+                            self.broker.connection_lost();
                         }
                     }
                 }
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), retry_in = ?reconnect.upcoming(), "worker cannot set up its broker session");
+                    // Perhaps connected to a node that cannot serve yet:
+                    // try the others first.
+                    self.broker.connection_lost();
                 }
             }
             tokio::select! {

@@ -99,6 +99,17 @@ pub struct RelayConfig {
     /// `LISTEN` for writers' wake-ups (see [`crate::wake`]) and claim at
     /// once when one arrives; polling stays the fallback. Default on.
     pub wake_up: bool,
+    /// The phantom guard, for a primary with asynchronous streaming
+    /// standbys: publish a claimed batch only once a standby has flushed
+    /// the primary's WAL up to where it stood after the claim (which then
+    /// commits synchronously: `pg_stat_replication.flush_lsn >=
+    /// pg_current_wal_flush_lsn()`),
+    /// so that every event published is also on a standby that may be
+    /// promoted. Waits up to this long per batch, then gives the batch
+    /// back (claimed again after the database backoff). Needs a role that
+    /// sees `pg_stat_replication`'s positions (`pg_monitor`). `None`
+    /// (the default): off. At most half the lease. See `src/relay/standby.rs`.
+    pub wait_for_standby: Option<Duration>,
 }
 
 impl std::fmt::Debug for RelayConfig {
@@ -126,6 +137,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("source", &self.source)
             .field("strict_routing", &self.strict_routing)
             .field("wake_up", &self.wake_up)
+            .field("wait_for_standby", &self.wait_for_standby)
             .finish_non_exhaustive()
     }
 }
@@ -159,6 +171,7 @@ impl Default for RelayConfig {
             app_id: "outbox-relay".to_owned(),
             strict_routing: false,
             wake_up: true,
+            wait_for_standby: None,
         }
     }
 }
@@ -167,11 +180,7 @@ impl Default for RelayConfig {
 /// `database_url` names: `/outbox/<database name>` (`/outbox` when the URL
 /// names none).
 pub fn default_source(database_url: &str) -> String {
-    let name = url::Url::parse(database_url)
-        .ok()
-        .map(|url| url.path().trim_start_matches('/').to_owned())
-        .filter(|name| !name.is_empty());
-    match name {
+    match crate::database::database_path(database_url) {
         Some(name) => format!("/outbox/{name}"),
         None => "/outbox".to_owned(),
     }
@@ -299,6 +308,14 @@ impl RelayConfig {
         }
         if self.app_id.is_empty() || self.app_id.len() > 255 {
             return bad("app id must be 1 to 255 characters".into());
+        }
+        if let Some(wait) = self.wait_for_standby
+            && (wait.is_zero() || wait > self.lease / 2)
+        {
+            return bad(format!(
+                "wait for standby ({wait:?}) must be positive and at most half the lease ({:?}), or the batch's lease would run out while it waits",
+                self.lease
+            ));
         }
         Ok(())
     }

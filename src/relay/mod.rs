@@ -78,12 +78,22 @@
 //! and `outbox_unroutable_total`, and its aggregate goes on; `outbox
 //! replay` sends it to a listener added later. With
 //! [`RelayConfig::strict_routing`] it is a failed attempt instead.
+//!
+//! ## With a Postgres standby
+//!
+//! A multi-host `DATABASE_URL` with `target_session_attrs=read-write`
+//! finds the primary; after a promotion the relay's connections fail and
+//! reopen on the new primary, and claiming goes on. With
+//! [`RelayConfig::wait_for_standby`] a batch is published only once a
+//! standby holds it (`standby.rs`): no event the promoted standby lacks
+//! is ever published.
 
 pub(crate) mod config;
 mod engine;
 pub mod history;
 pub mod presence;
 mod publisher;
+mod standby;
 /// The relay's SQL (claim, mark, leases, failures, prune). Public only with
 /// the `testing` feature, for the library's own claim and liveness tests;
 /// operators' reads are re-exported below.
@@ -127,6 +137,8 @@ pub(crate) struct Shared {
     pub(crate) health: Arc<Health>,
     /// Notified when writers committed events (see [`crate::wake`]).
     pub(crate) woken: Arc<tokio::sync::Notify>,
+    /// The brokers of `amqp_url`, and which to try next.
+    pub(crate) broker: crate::amqp::BrokerConnector,
 }
 
 impl Shared {
@@ -157,6 +169,7 @@ impl Relay {
     /// [`Relay::run`] rather than failing here).
     pub fn new(config: RelayConfig) -> Result<Self> {
         config.validate()?;
+        let broker = crate::amqp::BrokerConnector::new(&config.amqp_url)?;
         let pool = Pool::builder()
             // The lease heartbeat, and one each for the four maintenance
             // services, so a renewal never waits behind them (the claim
@@ -172,6 +185,7 @@ impl Relay {
                 pool,
                 health: Arc::new(Health::default()),
                 woken: Arc::new(tokio::sync::Notify::new()),
+                broker,
             },
         })
     }
@@ -215,25 +229,29 @@ impl Relay {
         loop {
             let opened = tokio::select! {
                 () = &mut shutdown => break,
-                opened = publisher::Publisher::open(&config) => opened,
+                opened = publisher::Publisher::open(&config, &self.shared.broker) => opened,
             };
             match opened {
                 Ok(publisher) => {
                     reconnect.reset();
                     self.shared.health.set_broker_ok(true);
-                    tracing::info!(relay_id = %config.relay_id, "connected to the broker");
+                    tracing::info!(relay_id = %config.relay_id, broker = %self.shared.broker.current(), "connected to the broker");
                     let end = Session::new(&self.shared, publisher).run(shutdown.as_mut()).await;
                     self.shared.health.set_broker_ok(false);
                     match end {
                         SessionEnd::Shutdown => break,
                         SessionEnd::BrokerLost(reason) => {
                             metrics::counter!(m::BROKER_RECONNECTS_TOTAL).increment(1);
-                            tracing::warn!(reason = %error_chain(&reason), "broker connection lost; claiming stops until it is back");
+                            tracing::warn!(reason = %error_chain(&reason), broker = %self.shared.broker.current(), "broker connection lost; claiming stops until it is back");
+                            self.shared.broker.connection_lost();
                         }
                     }
                 }
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), retry_in = ?reconnect.upcoming(), "cannot reach the broker");
+                    // Connected but the session could not be set up (a
+                    // node starting or stopping): try the others first.
+                    self.shared.broker.connection_lost();
                 }
             }
             let delay = reconnect.next_delay();

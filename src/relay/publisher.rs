@@ -30,10 +30,16 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    /// Connects, enables publisher confirms and declares the exchange.
-    pub(crate) async fn open(config: &RelayConfig) -> Result<Self> {
-        let connection =
-            amqp::connect(&config.amqp_url, &format!("outbox-relay {}", config.relay_id)).await?;
+    /// Connects (to the first of the configured brokers that answers),
+    /// enables publisher confirms and declares the exchange. Confirms are
+    /// per channel: a row published here is marked only on this
+    /// connection's confirm, and a session that loses its connection
+    /// counts its unconfirmed rows as failed attempts (published again
+    /// later, over whichever connection comes next).
+    pub(crate) async fn open(config: &RelayConfig, broker: &amqp::BrokerConnector) -> Result<Self> {
+        let connection = broker
+            .connect(&format!("outbox-relay {}", config.relay_id))
+            .await?;
         let channel = amqp::open_channel(&connection, true).await?;
         amqp::declare_exchange(&channel, &config.exchange).await?;
         Ok(Self {

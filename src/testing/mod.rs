@@ -112,10 +112,8 @@ impl Drop for TestDatabase {
     }
 }
 
-/// `server` with its database path replaced by `database`.
+/// `server` with its database path replaced by `database` (one host or
+/// several).
 fn with_database(server: &str, database: &str) -> Result<String> {
-    let mut url = url::Url::parse(server)
-        .map_err(|e| Error::Config(format!("test database URL {}: {e}", database::redact_url(server))))?;
-    url.set_path(&format!("/{database}"));
-    Ok(url.to_string())
+    database::with_database(server, database)
 }

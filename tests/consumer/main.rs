@@ -9,6 +9,7 @@
 mod bad_input;
 mod batching;
 mod broker;
+mod brokers;
 mod harness;
 mod support;
 

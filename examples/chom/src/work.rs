@@ -42,6 +42,9 @@ pub struct WorkConfig {
     ///
     /// [`WebhookConfig::default`]: outbox::webhooks::WebhookConfig
     pub webhooks: Option<outbox::webhooks::WebhookConfig>,
+    /// [`WorkerConfig::quorum_initial_group_size`]. Default `None`: the
+    /// broker's default.
+    pub quorum_initial_group_size: Option<u32>,
 }
 
 impl Default for WorkConfig {
@@ -57,6 +60,7 @@ impl Default for WorkConfig {
             shutdown_timeout: Duration::from_secs(30),
             accept_sources: Vec::new(),
             webhooks: Some(outbox::webhooks::WebhookConfig::default()),
+            quorum_initial_group_size: None,
         }
     }
 }
@@ -95,6 +99,7 @@ pub fn worker(config: &WorkConfig) -> outbox::Result<Worker> {
             exchange: config.exchange.clone(),
             app: config.app.clone(),
             shutdown_timeout: config.shutdown_timeout,
+            quorum_initial_group_size: config.quorum_initial_group_size,
             accept_sources: if config.accept_sources.is_empty() {
                 vec![outbox::relay::default_source(&config.database_url)]
             } else {

@@ -3,6 +3,8 @@
 //! acked rows published) and the lease heartbeat, each one job at a time
 //! with its own connection.
 
+use diesel::connection::SimpleConnection;
+
 use super::*;
 
 /// Database work waiting for the next lane job.
@@ -300,6 +302,38 @@ pub(crate) struct LaneContext {
     pub(crate) pool: crate::database::PgPool,
 }
 
+/// The phantom guard (`standby.rs`), when configured: waits until a
+/// standby has the claimed rows; if none does in time, gives their leases
+/// back (the rows are claimed again after the database backoff) and
+/// fails the job.
+fn guard(conn: &mut PgConnection, config: &crate::relay::RelayConfig, rows: &[ClaimedEvent]) -> Result<()> {
+    let Some(limit) = config.wait_for_standby else {
+        return Ok(());
+    };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    match crate::relay::standby::wait_until_flushed(conn, limit) {
+        Ok(waited) => {
+            tracing::trace!(
+                rows = rows.len(),
+                waited_us = waited.as_micros() as u64,
+                "a standby has the claimed rows"
+            );
+            Ok(())
+        }
+        Err(error) => {
+            let mut leases: Vec<i64> = rows.iter().map(|row| row.lease_id).collect();
+            leases.sort_unstable();
+            leases.dedup();
+            if let Err(release) = store::drop_leases(conn, &config.relay_id, &leases) {
+                tracing::debug!(error = %error_chain(&release), "cannot give the unguarded batch back; its lease expires");
+            }
+            Err(error)
+        }
+    }
+}
+
 /// Flushes `pending`, then claims if `claim` (generation, this session's
 /// leases) is set. Runs on the
 /// blocking pool.
@@ -378,20 +412,43 @@ pub(super) fn run_lane_job(
     if let Some((generation, held)) = claim {
         let started = Instant::now();
         let batch = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
-        match store::claim_batch_holding(
-            &mut conn,
-            &config.relay_id,
-            &held,
-            batch,
-            config.lease.as_secs_f64(),
-        ) {
+        // With the phantom guard the claim commits synchronously (locally):
+        // once it returns, the WAL of every row it claimed is flushed, so
+        // the guard waits for the standby only (see `standby.rs`).
+        let claimed = if config.wait_for_standby.is_some() {
+            conn.batch_execute("SET synchronous_commit = local")
+                .map_err(Error::from)
+                .and_then(|()| {
+                    let claimed = store::claim_batch_holding(
+                        &mut conn,
+                        &config.relay_id,
+                        &held,
+                        batch,
+                        config.lease.as_secs_f64(),
+                    );
+                    conn.batch_execute("SET synchronous_commit = off")?;
+                    claimed
+                })
+        } else {
+            store::claim_batch_holding(
+                &mut conn,
+                &config.relay_id,
+                &held,
+                batch,
+                config.lease.as_secs_f64(),
+            )
+        };
+        match claimed {
             Ok(rows) => {
                 tracing::trace!(
                     rows = rows.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "claimed"
                 );
-                result.claimed = Some((generation, started, rows));
+                match guard(&mut conn, config, &rows) {
+                    Ok(()) => result.claimed = Some((generation, started, rows)),
+                    Err(e) => result.error = Some(e),
+                }
             }
             Err(e) => result.error = Some(e),
         }

@@ -138,6 +138,7 @@ pub async fn run(config: DemoConfig, progress: impl Fn(&str)) -> Result<DemoRepo
         shutdown_timeout: Duration::from_secs(10),
         accept_sources: Vec::new(),
         webhooks: None,
+        quorum_initial_group_size: None,
     })?;
     let queues = worker.queues();
     // The topology before the relay's first publish: an event no queue is

@@ -191,6 +191,7 @@ impl Pipeline {
             metrics_addr: None,
             shutdown_timeout: Duration::from_secs(10),
             accept_sources: Vec::new(),
+            quorum_initial_group_size: None,
         }
     }
 

@@ -60,7 +60,7 @@ pub(crate) enum Command {
 /// Where the broker is and how CHOM's queues are named.
 #[derive(Debug, Args)]
 pub(crate) struct BrokerArgs {
-    /// RabbitMQ URL.
+    /// RabbitMQ URL; several, comma separated, for the nodes of a cluster (the first that answers is used).
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     pub(crate) amqp_url: String,
     /// The topic exchange the relay publishes to.
@@ -69,6 +69,14 @@ pub(crate) struct BrokerArgs {
     /// Queue name prefix (`<app>.<listener>`).
     #[arg(long, default_value = chom::listeners::APP)]
     pub(crate) app: String,
+}
+
+/// How the queues are replicated on a RabbitMQ cluster.
+#[derive(Debug, Args)]
+pub(crate) struct ClusterArgs {
+    /// On how many cluster nodes each queue is replicated (x-quorum-initial-group-size; a queue argument, so existing queues must have been declared with the same) [default: the broker's, 3 in RabbitMQ 3.10].
+    #[arg(long, env = outbox::settings::QUORUM_INITIAL_GROUP_SIZE_ENV, value_parser = clap::value_parser!(u32).range(1..=255), hide_env_values = true)]
+    pub(crate) quorum_initial_group_size: Option<u32>,
 }
 
 /// Retry settings of the queued listeners.
@@ -113,6 +121,8 @@ impl RetryArgs {
 pub(crate) struct WorkArgs {
     #[command(flatten)]
     pub(crate) broker: BrokerArgs,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
     #[command(flatten)]
     pub(crate) retry: RetryArgs,
     /// Run only this queued listener (repeatable; default all).
@@ -182,6 +192,8 @@ pub(crate) struct DemoArgs {
 pub(crate) struct TopologyArgs {
     #[command(flatten)]
     pub(crate) broker: BrokerArgs,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
     #[command(flatten)]
     pub(crate) retry: RetryArgs,
     /// Only print what would be declared.

@@ -226,6 +226,7 @@ fn work(url: &str, args: WorkArgs) -> Result<()> {
         metrics_addr: parse_metrics_addr(&args.metrics_addr)?,
         shutdown_timeout: args.shutdown_timeout,
         accept_sources: args.accept_sources,
+        quorum_initial_group_size: args.cluster.quorum_initial_group_size,
         webhooks: args.webhooks.config().context("webhook settings")?,
     };
     tracing::info!(database = %redact_url(url), amqp = %redact_url(&config.amqp_url), exchange = %config.exchange, "chom work starting");
@@ -280,7 +281,11 @@ fn topology(args: TopologyArgs) -> Result<()> {
         webhooks: args.webhooks.config().context("webhook settings")?,
         ..chom::work::WorkConfig::default()
     })?;
-    let plan = outbox::consumer::topology::plan(&args.broker.app, &registry)?;
+    let plan: Vec<outbox::consumer::ListenerQueues> =
+        outbox::consumer::topology::plan(&args.broker.app, &registry)?
+            .into_iter()
+            .map(|queues| queues.with_quorum_initial_group_size(args.cluster.quorum_initial_group_size))
+            .collect();
     if !args.dry_run {
         let runtime = runtime()?;
         runtime.block_on(async {
@@ -292,8 +297,10 @@ fn topology(args: TopologyArgs) -> Result<()> {
                     context: "cannot open a channel".into(),
                     source,
                 })?;
-            outbox::consumer::topology::declare(&channel, &args.broker.exchange, &args.broker.app, &registry)
-                .await?;
+            outbox::amqp::declare_exchange(&channel, &args.broker.exchange).await?;
+            for queues in &plan {
+                outbox::consumer::topology::declare_listener(&channel, &args.broker.exchange, queues).await?;
+            }
             let _ = connection.close(200, "declared".into()).await;
             Ok::<_, outbox::Error>(())
         })?;
