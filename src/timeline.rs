@@ -4,9 +4,9 @@
 //! whether it was handled (inbox), is being retried (attempt counts) or
 //! failed (a failed job).
 //!
-//! Reads `outbox_events`, so only events within the relay's retention
-//! appear; an inbox row pruned past the worker's inbox retention reads as
-//! not yet handled.
+//! Reads `outbox_events` and the event log (`outbox_event_log`), so every
+//! event the log still keeps appears; an inbox row pruned past the
+//! worker's inbox retention reads as not yet handled.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -79,6 +79,11 @@ const EVENT_COLUMNS: &str = "seq, event_id, event_type, aggregate_type, aggregat
      correlation_id, causation_id, occurred_at, recorded_at, published_at, attempts, last_error, \
      failed_at, unroutable_at, payload";
 
+/// The same columns of an event in the event log (published, never failed).
+const LOGGED_COLUMNS: &str = "seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id, actor, \
+     correlation_id, causation_id, occurred_at, recorded_at, published_at, 0 AS attempts, \
+     NULL::text AS last_error, NULL::timestamptz AS failed_at, NULL::timestamptz AS unroutable_at, payload";
+
 /// Events whose id, aggregate id or correlation id is `text` (an id is
 /// matched only when `text` is a UUID), newest first, at most `limit`.
 pub fn search(conn: &mut PgConnection, text: &str, limit: i64) -> Result<Vec<StoredEvent>> {
@@ -100,6 +105,12 @@ pub fn search(conn: &mut PgConnection, text: &str, limit: i64) -> Result<Vec<Sto
          SELECT {EVENT_COLUMNS} FROM outbox_events WHERE aggregate_id = $2
          UNION
          SELECT {EVENT_COLUMNS} FROM outbox_events WHERE correlation_id = $2
+         UNION
+         SELECT {LOGGED_COLUMNS} FROM outbox_event_log WHERE event_id = $1
+         UNION
+         SELECT {LOGGED_COLUMNS} FROM outbox_event_log WHERE aggregate_id = $2
+         UNION
+         SELECT {LOGGED_COLUMNS} FROM outbox_event_log WHERE correlation_id = $2
          ORDER BY seq DESC LIMIT $3"
     ))
     .bind::<Nullable<SqlUuid>, _>(event_id)
@@ -182,7 +193,11 @@ pub fn aggregate_timeline(
     let limit = checked_limit(limit)?;
     let events: Vec<StoredEvent> = diesel::sql_query(format!(
         "SELECT {EVENT_COLUMNS} FROM outbox_events
-         WHERE aggregate_id = $1 AND aggregate_type = $2 ORDER BY seq LIMIT $3"
+         WHERE aggregate_id = $1 AND aggregate_type = $2
+         UNION ALL
+         SELECT {LOGGED_COLUMNS} FROM outbox_event_log
+         WHERE aggregate_id = $1 AND aggregate_type = $2
+         ORDER BY seq LIMIT $3"
     ))
     .bind::<Text, _>(aggregate_id)
     .bind::<Text, _>(aggregate_type)

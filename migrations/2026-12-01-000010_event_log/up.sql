@@ -34,6 +34,10 @@ CREATE TABLE outbox_event_log (
 -- replays by time.
 CREATE INDEX outbox_event_log_by_aggregate ON outbox_event_log (aggregate_type, aggregate_id, position);
 CREATE INDEX outbox_event_log_by_event_id ON outbox_event_log (event_id);
+-- The dashboard's "where is my event?" search: by aggregate id alone and by
+-- correlation id.
+CREATE INDEX outbox_event_log_by_aggregate_id ON outbox_event_log (aggregate_id);
+CREATE INDEX outbox_event_log_by_correlation ON outbox_event_log (correlation_id) WHERE correlation_id IS NOT NULL;
 CREATE INDEX outbox_event_log_by_recorded_at ON outbox_event_log USING brin (recorded_at);
 
 -- Projections: named read models fed by events. `state` is `live` (fed by

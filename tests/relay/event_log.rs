@@ -77,6 +77,14 @@ async fn published_rows_move_into_the_log_once_each_in_aggregate_order_and_stay_
         history.iter().map(|e| e.event.event_id).collect::<Vec<_>>(),
         "replay reads the log, in order"
     );
+    // The dashboard's search and timeline see logged events too.
+    assert_eq!(outbox::timeline::search(&mut conn, "a3", 100).unwrap().len(), 30);
+    assert_eq!(
+        outbox::timeline::aggregate_timeline(&mut conn, "counter", "a3", 100)
+            .unwrap()
+            .len(),
+        30
+    );
 }
 
 #[test]
