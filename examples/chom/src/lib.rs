@@ -46,6 +46,7 @@ pub mod listeners;
 pub mod migrate;
 pub mod models;
 pub mod schema;
+pub mod secret;
 pub mod services;
 pub mod simulate;
 pub mod work;
