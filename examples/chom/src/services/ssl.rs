@@ -3,7 +3,7 @@
 //! `ssl.certificate_requested`, `ssl.certificate_issued`,
 //! `ssl.certificate_expiring`.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use diesel::dsl::{exists, now};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer, Timestamptz};
@@ -72,6 +72,8 @@ pub fn issue_certificate(
     if expires_at <= Utc::now() {
         return Err(ChomError::invalid("expires_at", "must be in the future"));
     }
+    // Postgres keeps microseconds: the event carries the stored time.
+    let expires_at = expires_at.trunc_subsecs(6);
     outbox.transaction_with(conn, metadata, |tx| {
         let certificate = lock_certificate(tx.conn(), certificate_id)?;
         if certificate.status != CertificateStatus::Requested {
