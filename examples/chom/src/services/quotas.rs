@@ -26,11 +26,9 @@ use crate::models::{QuotaBreach, Site, TenantQuota};
 use crate::schema::{bandwidth_usage, quota_breaches, sites, tenant_quotas, tenants};
 use crate::services::RecordedEvent;
 
-/// A plan: a name and its limits (`None`: unlimited).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Plan {
-    /// The plan's name.
-    pub name: &'static str,
+/// A tenant's limits (`None`: unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Limits {
     /// Live sites allowed.
     pub max_sites: Option<i64>,
     /// Storage allowed, bytes.
@@ -39,27 +37,42 @@ pub struct Plan {
     pub monthly_bandwidth_bytes: Option<i64>,
 }
 
+/// A plan: a name and its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// The plan's name.
+    pub name: &'static str,
+    /// Its limits.
+    pub limits: Limits,
+}
+
 const GIB: i64 = 1 << 30;
 
 /// CHOM's plans.
 pub const PLANS: [Plan; 3] = [
     Plan {
         name: "starter",
-        max_sites: Some(3),
-        max_storage_bytes: Some(10 * GIB),
-        monthly_bandwidth_bytes: Some(100 * GIB),
+        limits: Limits {
+            max_sites: Some(3),
+            max_storage_bytes: Some(10 * GIB),
+            monthly_bandwidth_bytes: Some(100 * GIB),
+        },
     },
     Plan {
         name: "pro",
-        max_sites: Some(25),
-        max_storage_bytes: Some(250 * GIB),
-        monthly_bandwidth_bytes: Some(2048 * GIB),
+        limits: Limits {
+            max_sites: Some(25),
+            max_storage_bytes: Some(250 * GIB),
+            monthly_bandwidth_bytes: Some(2048 * GIB),
+        },
     },
     Plan {
         name: "business",
-        max_sites: None,
-        max_storage_bytes: Some(1024 * GIB),
-        monthly_bandwidth_bytes: None,
+        limits: Limits {
+            max_sites: None,
+            max_storage_bytes: Some(1024 * GIB),
+            monthly_bandwidth_bytes: None,
+        },
     },
 ];
 
@@ -68,10 +81,15 @@ pub fn plan(name: &str) -> Option<Plan> {
     PLANS.iter().find(|p| p.name == name).copied()
 }
 
-/// Sets a tenant's limits (a plain write, no event). `plan` names them
-/// (one of [`PLANS`] or a custom name); each limit must be at least 0.
-pub fn set_quota(conn: &mut PgConnection, tenant_id: i64, limits: &Plan) -> Result<TenantQuota> {
-    let plan = limits.name.trim();
+/// Sets a tenant's plan and limits (a plain write, no event). `plan` names
+/// them (one of [`PLANS`] or a custom name); each limit must be at least 0.
+pub fn set_quota(
+    conn: &mut PgConnection,
+    tenant_id: i64,
+    plan: &str,
+    limits: &Limits,
+) -> Result<TenantQuota> {
+    let plan = plan.trim();
     if plan.is_empty() || plan.len() > 64 || plan.contains('\0') {
         return Err(ChomError::invalid("plan", "must be 1 to 64 bytes"));
     }

@@ -4,7 +4,7 @@
 
 use chom::ChomError;
 use chom::schema::{bandwidth_usage, quota_breaches, sites as sites_table};
-use chom::services::quotas::{Plan, list_breaches, plan, report_bandwidth, set_quota, usage};
+use chom::services::quotas::{Limits, list_breaches, plan, report_bandwidth, set_quota, usage};
 use chom::services::{backups, sites};
 use chrono::{TimeZone, Utc};
 use diesel::prelude::*;
@@ -15,9 +15,8 @@ use crate::support::{
     assert_envelope, assert_rolled_back, events_of, failing_metadata, setup, tenant_with_user,
 };
 
-fn limits(max_sites: Option<i64>, storage: Option<i64>, bandwidth: Option<i64>) -> Plan {
-    Plan {
-        name: "custom",
+fn limits(max_sites: Option<i64>, storage: Option<i64>, bandwidth: Option<i64>) -> Limits {
+    Limits {
         max_sites,
         max_storage_bytes: storage,
         monthly_bandwidth_bytes: bandwidth,
@@ -47,7 +46,7 @@ fn the_site_quota_refuses_a_creation_and_records_the_refusal() {
     let (_db, mut conn) = setup();
     let outbox = Outbox::new();
     let (tenant, user) = tenant_with_user(&mut conn, "Acme");
-    set_quota(&mut conn, tenant.id, &limits(Some(2), None, None)).unwrap();
+    set_quota(&mut conn, tenant.id, "custom", &limits(Some(2), None, None)).unwrap();
     let first = sites::create_site(&outbox, &mut conn, Metadata::system(), tenant.id, "a.test").unwrap();
     sites::create_site(&outbox, &mut conn, Metadata::system(), tenant.id, "b.test").unwrap();
     let actor = format!("user:{}", user.id);
@@ -118,7 +117,7 @@ fn storage_over_the_plan_records_storage_quota_exceeded_once_per_crossing() {
     let (_db, mut conn) = setup();
     let outbox = Outbox::new();
     let (tenant, _) = tenant_with_user(&mut conn, "Acme");
-    set_quota(&mut conn, tenant.id, &limits(None, Some(1_000), None)).unwrap();
+    set_quota(&mut conn, tenant.id, "custom", &limits(None, Some(1_000), None)).unwrap();
     let a = live_site(&outbox, &mut conn, tenant.id, "a.test");
     let b = live_site(&outbox, &mut conn, tenant.id, "b.test");
 
@@ -182,7 +181,7 @@ fn bandwidth_reaching_the_plan_records_bandwidth_limit_reached_once_a_month() {
     let (_db, mut conn) = setup();
     let outbox = Outbox::new();
     let (tenant, _) = tenant_with_user(&mut conn, "Acme");
-    set_quota(&mut conn, tenant.id, &limits(None, None, Some(1_000))).unwrap();
+    set_quota(&mut conn, tenant.id, "custom", &limits(None, None, Some(1_000))).unwrap();
     let a = live_site(&outbox, &mut conn, tenant.id, "a.test");
     let b = live_site(&outbox, &mut conn, tenant.id, "b.test");
     let december = Utc.with_ymd_and_hms(2026, 12, 10, 12, 0, 0).unwrap();
@@ -242,7 +241,13 @@ fn quota_writes_that_cannot_be_recorded_roll_back() {
     let (_db, mut conn) = setup();
     let outbox = Outbox::new();
     let (tenant, _) = tenant_with_user(&mut conn, "Acme");
-    set_quota(&mut conn, tenant.id, &limits(Some(1), Some(100), Some(100))).unwrap();
+    set_quota(
+        &mut conn,
+        tenant.id,
+        "custom",
+        &limits(Some(1), Some(100), Some(100)),
+    )
+    .unwrap();
     let site = live_site(&outbox, &mut conn, tenant.id, "a.test");
 
     assert_rolled_back(sites::create_site(
@@ -293,16 +298,21 @@ fn plans_and_limits_are_checked() {
     let (_db, mut conn) = setup();
     let (tenant, _) = tenant_with_user(&mut conn, "Acme");
     let starter = plan("starter").unwrap();
-    let set = set_quota(&mut conn, tenant.id, &starter).unwrap();
+    let set = set_quota(&mut conn, tenant.id, starter.name, &starter.limits).unwrap();
     assert_eq!((set.plan.as_str(), set.max_sites), ("starter", Some(3)));
     assert!(plan("platinum").is_none());
-    let negative = set_quota(&mut conn, tenant.id, &limits(Some(-1), None, None));
+    let negative = set_quota(&mut conn, tenant.id, "custom", &limits(Some(-1), None, None));
     assert!(
         matches!(negative, Err(ChomError::InvalidInput { .. })),
         "{negative:?}"
     );
-    let unknown = set_quota(&mut conn, 999, &starter);
+    let unknown = set_quota(&mut conn, 999, "starter", &starter.limits);
     assert!(matches!(unknown, Err(ChomError::NotFound { .. })), "{unknown:?}");
-    let replaced = set_quota(&mut conn, tenant.id, &limits(None, None, None)).unwrap();
+    let nameless = set_quota(&mut conn, tenant.id, " ", &starter.limits);
+    assert!(
+        matches!(nameless, Err(ChomError::InvalidInput { field: "plan", .. })),
+        "{nameless:?}"
+    );
+    let replaced = set_quota(&mut conn, tenant.id, "custom", &limits(None, None, None)).unwrap();
     assert_eq!((replaced.plan.as_str(), replaced.max_sites), ("custom", None));
 }
