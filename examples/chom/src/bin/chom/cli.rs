@@ -53,8 +53,9 @@ pub(crate) enum Command {
     /// Plans, quotas and usage (quota.* events).
     #[command(subcommand)]
     Quota(QuotaCommand),
-    /// Drive whole site lifecycles from concurrent writers and check that
-    /// the outbox holds every event the services recorded.
+    /// Drive whole site lifecycles from concurrent writers, then phase 2
+    /// for each tenant (team, SSL, security, quota), and check that the
+    /// outbox holds every event the services recorded.
     Simulate(SimulateArgs),
     /// Run the worker: CHOM's queued listeners (UpdateTenantMetrics,
     /// RecordAuditLog, SendNotification) from their queues, until SIGINT or
@@ -62,7 +63,8 @@ pub(crate) enum Command {
     Work(WorkArgs),
     /// The whole platform in one process: create and migrate the database,
     /// run a relay and a worker, drive site and backup lifecycles (with
-    /// failures and a notifier outage), then report what happened.
+    /// failures and a notifier outage) and phase 2 (team, SSL, security,
+    /// quota), then report what happened.
     Demo(DemoArgs),
     /// Declare the exchange and every listener's queues, retry queues and
     /// dead-letter queue ahead of a deploy (the worker also does it on
@@ -624,6 +626,10 @@ pub(crate) struct SimulateArgs {
     /// Seed of the lifecycle mix, for a reproducible run (default: random).
     #[arg(long)]
     pub(crate) seed: Option<u64>,
+    /// Only the seed's site and backup lifecycles: no phase 2 (team, SSL,
+    /// security, quota) pass after them.
+    #[arg(long)]
+    pub(crate) no_phase2: bool,
     #[command(flatten)]
     pub(crate) output: Output,
 }

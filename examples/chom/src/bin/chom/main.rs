@@ -180,6 +180,7 @@ fn simulate(url: &str, outbox: &Outbox, args: SimulateArgs) -> Result<()> {
         rate: args.rate,
         failure_rate: args.failure_rate,
         seed: args.seed.unwrap_or_else(rand::random),
+        phase2: !args.no_phase2,
     };
     let pool = outbox::pool(url, config.writers, Duration::from_secs(30))?;
     let report = chom::simulate::run(&pool, outbox, &config).context("simulation failed")?;
