@@ -8,6 +8,7 @@
 
 mod backups;
 mod cli;
+mod cli_phase2;
 mod demo;
 mod end_to_end;
 mod fake;
