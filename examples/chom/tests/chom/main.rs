@@ -12,6 +12,7 @@ mod cli_phase2;
 mod demo;
 mod end_to_end;
 mod fake;
+mod guide;
 mod killed_worker;
 mod listeners;
 mod operate;
