@@ -358,7 +358,7 @@ fn pick<'a>(rng: &mut StdRng, choices: &[&'a str]) -> &'a str {
     choices[rng.random_range(0..choices.len())]
 }
 
-/// The expiry check's window in a run: the certificates [`phase2`] issues
+/// The expiry check's window in a run: the certificates phase 2 issues
 /// expire in 10 days (warned about) and in 90 (not).
 pub const EXPIRY_WINDOW_DAYS: u32 = 30;
 

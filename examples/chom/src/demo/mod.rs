@@ -9,7 +9,7 @@
 //!    with provisioning and backup failures, then phase 2 for each tenant
 //!    (team changes, certificates and the expiry check, credential and
 //!    token rotations, failed sign-ins, quotas met and exceeded: see
-//!    [`simulate`](crate::simulate)).
+//!    [`simulate`]).
 //! 4. A notifier outage that outlasts the retries: more lifecycles with
 //!    failures while SendNotification's notifier is down; those
 //!    notifications end in failed_jobs and the dead-letter queue. Then the

@@ -20,7 +20,7 @@ use crate::services::{Recorded, error_text, is_unique_violation, quotas};
 /// used by another live site ([`ChomError::Conflict`] otherwise). A tenant
 /// with as many live sites as its plan allows is refused with
 /// [`ChomError::QuotaExceeded`]: no site, but the refusal itself commits
-/// with `quota.site_quota_exceeded` ([`quotas`](super::quotas)).
+/// with `quota.site_quota_exceeded` ([`quotas`]).
 pub fn create_site(
     outbox: &Outbox,
     conn: &mut PgConnection,

@@ -3,7 +3,7 @@
 //! `team.ownership_transferred`.
 //!
 //! Every team change locks the tenant's row first
-//! ([`lock_tenant_for_team_change`]), so one tenant's team events commit in
+//! (`FOR NO KEY UPDATE`), so one tenant's team events commit in
 //! the order they were recorded and two transfers cannot both win. A user
 //! joins the team when [`create_user`](super::tenants::create_user) creates
 //! it: as the owner if the team has none, else as a member.
