@@ -39,9 +39,13 @@ pub const LISTEN_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 /// connection failed.
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
+/// Longest a dropped [`WakeSender`] waits for its thread to end.
+const SENDER_STOP_WAIT: Duration = Duration::from_millis(500);
+
 /// Sends coalesced wake-ups to relays from a background thread.
 pub struct WakeSender {
     shared: Arc<SenderShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 struct SenderShared {
@@ -76,11 +80,14 @@ impl WakeSender {
         });
         let thread_shared = Arc::clone(&shared);
         let url = database_url.to_owned();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("outbox-wake-sender".into())
             .spawn(move || run_sender(&thread_shared, &url))
             .map_err(|e| Error::Config(format!("cannot start the wake-up thread: {e}")))?;
-        Ok(Self { shared })
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
     }
 
     /// Asks for a wake-up after the commit that just happened. Never
@@ -104,6 +111,20 @@ impl Drop for WakeSender {
             state.stopping = true;
         }
         self.shared.signal.notify_one();
+        // Waits for the thread to end (it does at once unless it is backing
+        // off from a database that is down): a process that exits while
+        // the thread is still ending runs OpenSSL's exit handlers against
+        // the thread's own cleanup of its OpenSSL state, and crashes.
+        if let Some(thread) = self.thread.take() {
+            let deadline = Instant::now() + SENDER_STOP_WAIT;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if thread.is_finished() {
+                // Returns once the thread's thread-local cleanup is done.
+                let _ = thread.join();
+            }
+        }
     }
 }
 

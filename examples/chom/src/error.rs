@@ -32,6 +32,23 @@ pub enum ChomError {
     /// already in use).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The tenant's plan does not allow it (a site over the plan's site
+    /// count). Unlike every other error this one committed: the refusal is
+    /// recorded as a `quota_breaches` row and a `quota.site_quota_exceeded`
+    /// event, so the tenant's team hears of it.
+    #[error("quota exceeded: tenant {tenant_id} has {used} {quota}, as many as its plan allows ({limit})")]
+    QuotaExceeded {
+        /// The tenant.
+        tenant_id: i64,
+        /// Which quota: `sites`.
+        quota: &'static str,
+        /// The plan's limit.
+        limit: i64,
+        /// The usage that met it.
+        used: i64,
+        /// The `quota.*` event recorded for the refusal.
+        event_id: uuid::Uuid,
+    },
     /// An argument is malformed or out of range.
     #[error("invalid {field}: {reason}")]
     InvalidInput {

@@ -3,17 +3,22 @@
 //! The CHOM hosting platform as a write-path service on the [`outbox`]:
 //! tenants own sites, sites have backups, and every change to a site or a
 //! backup records one of the seed's seven domain events in the same
-//! Postgres transaction as the change.
+//! Postgres transaction as the change. Phase 2 adds teams (roles,
+//! ownership), SSL certificates, VPS credentials and API tokens (stored as
+//! hashes), failed sign-ins, and quotas, with twelve more events recorded
+//! the same way. `docs/adding-an-event.md` walks adding one.
 //!
 //! ## Map of the crate
 //!
 //! | concern | module | main items |
 //! | --- | --- | --- |
 //! | the database schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
-//! | rows as Rust values | [`models`] | [`Site`], [`Backup`], [`Tenant`], [`User`] |
-//! | the seven domain events | [`events`] | [`SiteCreated`](events::SiteCreated), ..., [`EVENT_TYPES`](events::EVENT_TYPES) |
-//! | the write path | [`services`] | [`services::sites`], [`services::backups`], [`services::tenants`] |
-//! | the four listeners and the event → listener mapping | [`listeners`] | [`listeners::registry`], [`listeners::MAPPING`] |
+//! | rows as Rust values | [`models`] | [`Site`], [`Backup`], [`Tenant`], [`User`], [`TeamMember`](models::TeamMember), [`SslCertificate`](models::SslCertificate), ... |
+//! | the nineteen domain events | [`events`] | [`SiteCreated`](events::SiteCreated), ..., [`EVENT_TYPES`](events::EVENT_TYPES), [`PHASE2_EVENT_TYPES`](events::PHASE2_EVENT_TYPES) |
+//! | the write path (seed) | [`services`] | [`services::sites`], [`services::backups`], [`services::tenants`] |
+//! | the write path (phase 2) | [`services`] | [`services::team`], [`services::ssl`], [`services::security`], [`services::quotas`] |
+//! | secrets (shown once, stored hashed, redacted in `Debug`) | [`secret`] | [`Secret`](secret::Secret) |
+//! | the four listeners and the event → listener mapping | [`listeners`] | [`listeners::registry`], [`listeners::MAPPING`], [`listeners::NOTIFIED_EVENT_TYPES`] |
 //! | a load generator | [`simulate`] | [`simulate::run`] |
 //! | the worker (`chom work`) | [`work`] | [`work::run`] |
 //! | everything at once (`chom demo`) | [`demo`] | [`demo::run`] |
@@ -46,6 +51,7 @@ pub mod listeners;
 pub mod migrate;
 pub mod models;
 pub mod schema;
+pub mod secret;
 pub mod services;
 pub mod simulate;
 pub mod work;

@@ -1,5 +1,7 @@
-//! CHOM's rows as Rust values, and the statuses sites and backups move
-//! through.
+//! CHOM's rows as Rust values, and the statuses sites, backups and
+//! certificates move through. Rows holding a secret's hash (VPS
+//! credentials, API tokens) have no field for it: the hash is written and
+//! compared in SQL, never loaded into a value that could be printed.
 
 use std::fmt;
 use std::io::Write;
@@ -13,7 +15,10 @@ use diesel::sql_types::Text;
 use diesel::{AsExpression, FromSqlRow, Insertable, Queryable, Selectable};
 use serde::{Deserialize, Serialize};
 
-use crate::schema::{backups, sites, tenants, users};
+use crate::schema::{
+    api_tokens, backups, quota_breaches, security_incidents, sites, ssl_certificates, tenant_quotas, tenants,
+    users, vps_servers,
+};
 
 /// Implements text conversions (Display, FromStr, diesel Text) for a status
 /// enum, so the column's CHECK constraint and the enum name the same words.
@@ -33,7 +38,7 @@ macro_rules! text_status {
 
         impl fmt::Display for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
+                f.pad(self.as_str())
             }
         }
 
@@ -107,6 +112,44 @@ text_status!(BackupStatus {
     Running => "running",
     Completed => "completed",
     Failed => "failed",
+});
+
+/// A team member's role in its tenant. A tenant has at most one owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AsExpression, FromSqlRow)]
+#[diesel(sql_type = Text)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Owns the tenant; changes only by a transfer of ownership.
+    Owner,
+    /// Manages the team and the sites.
+    Admin,
+    /// Works on the sites.
+    Member,
+}
+
+text_status!(Role {
+    Owner => "owner",
+    Admin => "admin",
+    Member => "member",
+});
+
+/// Where an SSL certificate is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AsExpression, FromSqlRow)]
+#[diesel(sql_type = Text)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateStatus {
+    /// Requested from the issuer, not issued yet.
+    Requested,
+    /// Issued and in use; the expiry check watches it.
+    Issued,
+    /// Replaced by a newer issued certificate of the same site.
+    Superseded,
+}
+
+text_status!(CertificateStatus {
+    Requested => "requested",
+    Issued => "issued",
+    Superseded => "superseded",
 });
 
 /// A customer account; owns users and sites.
@@ -183,6 +226,144 @@ pub struct Backup {
     pub created_at: DateTime<Utc>,
     /// When it completed or failed.
     pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// A current member of a tenant's team: the user and its role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Queryable)]
+pub struct TeamMember {
+    /// The user's id.
+    pub user_id: i64,
+    /// The tenant.
+    pub tenant_id: i64,
+    /// The user's email.
+    pub email: String,
+    /// The user's name.
+    pub name: String,
+    /// The member's role.
+    pub role: Role,
+    /// When the user joined the team.
+    pub joined_at: DateTime<Utc>,
+    /// When the role last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An SSL certificate of a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Queryable, Selectable)]
+#[diesel(table_name = ssl_certificates, check_for_backend(Pg))]
+pub struct SslCertificate {
+    /// Row id; also the `aggregate_id` of its events.
+    pub id: i64,
+    /// The site.
+    pub site_id: i64,
+    /// The site's tenant.
+    pub tenant_id: i64,
+    /// The domain it covers.
+    pub domain: String,
+    /// Lifecycle status.
+    pub status: CertificateStatus,
+    /// Who issued it, once issued.
+    pub issuer: Option<String>,
+    /// When it was requested.
+    pub requested_at: DateTime<Utc>,
+    /// When it was issued.
+    pub issued_at: Option<DateTime<Utc>>,
+    /// When it expires, once issued.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A tenant's virtual server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Queryable, Selectable)]
+#[diesel(table_name = vps_servers, check_for_backend(Pg))]
+pub struct VpsServer {
+    /// Row id; also the `aggregate_id` of its events.
+    pub id: i64,
+    /// The tenant.
+    pub tenant_id: i64,
+    /// Host name, unique.
+    pub hostname: String,
+    /// When it was added.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An API token, without its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Queryable, Selectable)]
+#[diesel(table_name = api_tokens, check_for_backend(Pg))]
+pub struct ApiToken {
+    /// Row id; also the `aggregate_id` of its events.
+    pub id: i64,
+    /// The tenant.
+    pub tenant_id: i64,
+    /// Name, unique within the tenant.
+    pub name: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it was last rotated.
+    pub rotated_at: Option<DateTime<Utc>>,
+}
+
+/// What the failed-login detector found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Queryable, Selectable)]
+#[diesel(table_name = security_incidents, check_for_backend(Pg))]
+pub struct SecurityIncident {
+    /// Row id; also the `aggregate_id` of its event.
+    pub id: i64,
+    /// The user's tenant.
+    pub tenant_id: i64,
+    /// The targeted user.
+    pub user_id: i64,
+    /// `failed_logins`.
+    pub kind: String,
+    /// Failed sign-ins within the window.
+    pub attempts: i32,
+    /// The window's length.
+    pub window_seconds: i32,
+    /// The first counted attempt.
+    pub first_attempt_at: DateTime<Utc>,
+    /// The last one.
+    pub last_attempt_at: DateTime<Utc>,
+    /// When it was detected.
+    pub detected_at: DateTime<Utc>,
+}
+
+/// A tenant's plan limits; `None` is unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Queryable, Selectable)]
+#[diesel(table_name = tenant_quotas, check_for_backend(Pg))]
+pub struct TenantQuota {
+    /// The tenant.
+    pub tenant_id: i64,
+    /// The plan's name.
+    pub plan: String,
+    /// Live sites allowed.
+    pub max_sites: Option<i64>,
+    /// Storage allowed (live sites' measured storage).
+    pub max_storage_bytes: Option<i64>,
+    /// Bytes served a calendar month.
+    pub monthly_bandwidth_bytes: Option<i64>,
+    /// When the limits last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A quota that was exceeded, with the event recorded for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Queryable, Selectable)]
+#[diesel(table_name = quota_breaches, check_for_backend(Pg))]
+pub struct QuotaBreach {
+    /// Row id.
+    pub id: i64,
+    /// The tenant.
+    pub tenant_id: i64,
+    /// `sites`, `storage` or `bandwidth`.
+    pub quota: String,
+    /// The limit.
+    #[diesel(column_name = limit_value)]
+    pub limit: i64,
+    /// The usage that exceeded (or, for sites, met) it.
+    pub used: i64,
+    /// The site concerned, if any.
+    pub site_id: Option<i64>,
+    /// The `quota.*` event recorded with it.
+    pub event_id: uuid::Uuid,
+    /// When.
+    pub detected_at: DateTime<Utc>,
 }
 
 #[derive(Insertable)]

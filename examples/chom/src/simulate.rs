@@ -1,5 +1,9 @@
 //! A load generator: whole site lifecycles driven from concurrent writers,
-//! then a check that every event the services reported is in the outbox.
+//! then (unless turned off) phase 2 for each tenant: team changes, SSL
+//! certificates and the expiry check, credential and token rotations, a
+//! burst of failed sign-ins, and quotas met and exceeded, so a run records
+//! all nineteen event types. Then a check that every event the services
+//! reported is in the outbox.
 //!
 //! Each site's lifecycle is drawn from its own random generator, seeded from
 //! the run's seed and the site's index, so a seed gives the same mix of
@@ -21,8 +25,10 @@ use uuid::Uuid;
 
 use crate::error::{ChomError, Result};
 use crate::events::EVENT_TYPES;
-use crate::models::{SiteStatus, Tenant, User};
-use crate::services::{Recorded, backups, sites, tenants};
+use crate::models::{Role, SiteStatus, Tenant, User};
+use crate::services::quotas::{self, Limits};
+use crate::services::security::{self, FailedLoginPolicy};
+use crate::services::{Recorded, RecordedEvent, backups, sites, ssl, team, tenants};
 
 /// Ids sent per verification query; keeps the bound array modest.
 const VERIFY_CHUNK: usize = 10_000;
@@ -56,6 +62,9 @@ pub struct SimulateConfig {
     pub failure_rate: f64,
     /// Seed of the lifecycle mix.
     pub seed: u64,
+    /// Run phase 2 for every tenant after the lifecycles ([`run`]).
+    /// Default true.
+    pub phase2: bool,
 }
 
 impl Default for SimulateConfig {
@@ -67,6 +76,7 @@ impl Default for SimulateConfig {
             rate: None,
             failure_rate: 0.1,
             seed: 0,
+            phase2: true,
         }
     }
 }
@@ -95,7 +105,7 @@ impl SimulateConfig {
 /// What a run did, and whether the outbox agrees.
 #[derive(Debug, Clone, Serialize)]
 pub struct SimulateReport {
-    /// Events the services reported recording, by type (all seven types).
+    /// Events the services reported recording, by type (every type).
     pub events: BTreeMap<String, u64>,
     /// Events of this run found in `outbox_events`, by type.
     pub database_events: BTreeMap<String, u64>,
@@ -104,9 +114,11 @@ pub struct SimulateReport {
     pub missing_events: u64,
     /// Whether the services' counts and the table's agree exactly.
     pub verified: bool,
-    /// Service transactions of the lifecycles (tenant setup excluded).
+    /// Service transactions that recorded events (tenant setup excluded);
+    /// one may record two (`backup.completed` and a quota event).
     pub transactions: u64,
-    /// Wall time of the lifecycles, setup and verification excluded.
+    /// Wall time of the lifecycles and phase 2, setup and verification
+    /// excluded.
     pub elapsed_seconds: f64,
     /// `transactions / elapsed_seconds`.
     pub transactions_per_second: f64,
@@ -130,7 +142,9 @@ pub struct SimulateReport {
 /// Each lifecycle: create the site; provision it (fails with probability
 /// `failure_rate`); if active, 1 to 3 backups, each created then completed
 /// or failed (probability `failure_rate`); delete about a third of the
-/// sites. A service error stops the run and is returned.
+/// sites. A service error stops the run and is returned. Then, with
+/// `config.phase2`, phase 2 for each tenant, one after the other (see
+/// the module's documentation), and the SSL expiry check once.
 pub fn run(pool: &PgPool, outbox: &Outbox, config: &SimulateConfig) -> Result<SimulateReport> {
     config.validate()?;
     // Names unique to this run, so runs can share a database.
@@ -175,12 +189,28 @@ pub fn run(pool: &PgPool, outbox: &Outbox, config: &SimulateConfig) -> Result<Si
             })
             .collect()
     });
-    let elapsed = started.elapsed();
-
     let mut total = Tally::default();
     for outcome in outcomes {
         total.merge(outcome?);
     }
+    if config.phase2 {
+        let mut conn = pool.get().map_err(outbox::Error::Pool)?;
+        for (n, (tenant, owner)) in owners.iter().enumerate() {
+            phase2(
+                outbox,
+                &mut conn,
+                tenant,
+                owner,
+                &format!("{n}.{tag}"),
+                &mut total,
+            )?;
+        }
+        let expiring = ssl::check_expiring(outbox, &mut conn, Metadata::system(), EXPIRY_WINDOW_DAYS)?;
+        for recorded in &expiring {
+            total.add(recorded);
+        }
+    }
+    let elapsed = started.elapsed();
 
     let mut conn = pool.get().map_err(outbox::Error::Pool)?;
     let database_events = count_in_outbox(&mut conn, &total.event_ids)?;
@@ -328,6 +358,145 @@ fn pick<'a>(rng: &mut StdRng, choices: &[&'a str]) -> &'a str {
     choices[rng.random_range(0..choices.len())]
 }
 
+/// The expiry check's window in a run: the certificates phase 2 issues
+/// expire in 10 days (warned about) and in 90 (not).
+pub const EXPIRY_WINDOW_DAYS: u32 = 30;
+
+/// Phase 2 for one tenant, `label` making its names unique: an admin and a
+/// member join the team, the member is removed, the admin becomes the owner;
+/// a new active site gets a certificate expiring in 10 days and an older one
+/// expiring in 90; a VPS and an API token are created and rotated (their
+/// secrets dropped at once); five failed sign-ins of the owner raise an
+/// incident; then limits are set at the tenant's usage, so one more site is
+/// refused, the next backup takes storage over the limit, and two bandwidth
+/// reports reach the month's limit.
+fn phase2(
+    outbox: &Outbox,
+    conn: &mut PgConnection,
+    tenant: &Tenant,
+    owner: &User,
+    label: &str,
+    tally: &mut Tally,
+) -> Result<()> {
+    let by_owner = Metadata::by(format!("user:{}", owner.id));
+    let domain = |what: &str| format!("{what}-{label}.sim.chom.test");
+
+    let admin = tenants::create_user(conn, tenant.id, &format!("admin-{label}@sim.chom.test"), "Admin")?;
+    let member = tenants::create_user(
+        conn,
+        tenant.id,
+        &format!("member-{label}@sim.chom.test"),
+        "Member",
+    )?;
+    tally.add(&team::change_role(
+        outbox,
+        conn,
+        by_owner.clone(),
+        admin.id,
+        Role::Admin,
+    )?);
+    tally.add(&team::remove_member(outbox, conn, by_owner.clone(), member.id)?);
+    tally.add(&team::transfer_ownership(
+        outbox,
+        conn,
+        by_owner.clone(),
+        tenant.id,
+        admin.id,
+    )?);
+
+    let site = sites::create_site(outbox, conn, by_owner.clone(), tenant.id, &domain("secure"))?;
+    tally.add(&site);
+    let site_id = site.value.id;
+    tally.add(&sites::provision_site(
+        outbox,
+        conn,
+        Metadata::system(),
+        site_id,
+        Ok(()),
+    )?);
+    for days in [90, 10] {
+        let requested = ssl::request_certificate(outbox, conn, by_owner.clone(), site_id)?;
+        tally.add(&requested);
+        let expires_at = chrono::Utc::now() + chrono::Duration::days(days);
+        tally.add(&ssl::issue_certificate(
+            outbox,
+            conn,
+            Metadata::system(),
+            requested.value.id,
+            "Simulated CA",
+            expires_at,
+        )?);
+    }
+
+    let (vps, _first) = security::add_vps(conn, tenant.id, &domain("vps"))?;
+    tally.add(&security::rotate_vps_credentials(outbox, conn, by_owner.clone(), vps.id)?.recorded);
+    let (token, _first) = security::create_api_token(conn, tenant.id, &format!("deploy {label}"))?;
+    tally.add(&security::rotate_api_token(outbox, conn, by_owner.clone(), token.id)?.recorded);
+    let policy = FailedLoginPolicy::default();
+    for _ in 0..policy.threshold {
+        let outcome = security::record_failed_login(
+            outbox,
+            conn,
+            Metadata::system(),
+            owner.id,
+            "198.51.100.23",
+            &policy,
+        )?;
+        if let Some(incident) = outcome.incident {
+            tally.add(&incident);
+        }
+    }
+
+    let usage = quotas::usage(conn, tenant.id, chrono::Utc::now())?;
+    quotas::set_quota(
+        conn,
+        tenant.id,
+        "simulated",
+        &Limits {
+            max_sites: Some(usage.sites),
+            max_storage_bytes: Some(usage.storage_bytes),
+            monthly_bandwidth_bytes: Some(usage.bandwidth_bytes + (1 << 30)),
+        },
+    )?;
+    match sites::create_site(outbox, conn, by_owner.clone(), tenant.id, &domain("one-too-many")) {
+        Err(ChomError::QuotaExceeded { event_id, .. }) => tally.add_events([RecordedEvent {
+            event_id,
+            event_type: crate::events::QUOTA_SITE_QUOTA_EXCEEDED,
+        }]),
+        Err(error) => return Err(error),
+        Ok(created) => {
+            return Err(ChomError::invalid(
+                "simulate",
+                format!("site {} was created over the site quota", created.value.id),
+            ));
+        }
+    }
+    let backup = backups::create_backup(outbox, conn, Metadata::system(), site_id)?;
+    tally.add(&backup);
+    tally.add(&backups::complete_backup(
+        outbox,
+        conn,
+        Metadata::system(),
+        backup.value.id,
+        64 << 20,
+        1_500,
+    )?);
+    for _ in 0..2 {
+        let report = quotas::report_bandwidth(
+            outbox,
+            conn,
+            Metadata::system(),
+            site_id,
+            600 << 20,
+            chrono::Utc::now(),
+        )?;
+        if let Some(event) = report.event {
+            tally.add_events([event]);
+        }
+    }
+    Ok(())
+}
+
 /// One writer's count of transactions and recorded events.
 #[derive(Debug, Default)]
 struct Tally {
@@ -337,10 +506,18 @@ struct Tally {
 }
 
 impl Tally {
+    /// Counts a service transaction and every event it recorded.
     fn add<T>(&mut self, recorded: &Recorded<T>) {
+        self.add_events(recorded.events());
+    }
+
+    /// Counts one transaction that recorded `events`.
+    fn add_events(&mut self, events: impl IntoIterator<Item = RecordedEvent>) {
         self.transactions += 1;
-        *self.events.entry(recorded.event_type).or_default() += 1;
-        self.event_ids.push(recorded.event_id);
+        for event in events {
+            *self.events.entry(event.event_type).or_default() += 1;
+            self.event_ids.push(event.event_id);
+        }
     }
 
     fn merge(&mut self, other: Tally) {

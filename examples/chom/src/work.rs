@@ -34,8 +34,8 @@ pub struct WorkConfig {
     /// relay's default source for this database (`/outbox/<database>`), so
     /// events another database's relay left on the broker are set aside.
     pub accept_sources: Vec<String>,
-    /// Run the webhook listeners (`webhook_fanout` for CHOM's seven event
-    /// types, `webhook_delivery`) with these settings; `None` runs neither.
+    /// Run the webhook listeners (`webhook_fanout` for every CHOM event
+    /// type, `webhook_delivery`) with these settings; `None` runs neither.
     /// Default: on, with [`WebhookConfig::default`] (https receivers on
     /// public addresses only), so an endpoint added with `outbox webhooks
     /// add` gets CHOM's events without the worker being reconfigured.

@@ -6,7 +6,10 @@
 //!    to milliseconds (3 tries, 200 ms then 400 ms instead of the seed's
 //!    30 s / 60 s / 120 s), so the demo takes seconds.
 //! 3. Normal traffic: site and backup lifecycles from concurrent writers,
-//!    with provisioning and backup failures.
+//!    with provisioning and backup failures, then phase 2 for each tenant
+//!    (team changes, certificates and the expiry check, credential and
+//!    token rotations, failed sign-ins, quotas met and exceeded: see
+//!    [`simulate`]).
 //! 4. A notifier outage that outlasts the retries: more lifecycles with
 //!    failures while SendNotification's notifier is down; those
 //!    notifications end in failed_jobs and the dead-letter queue. Then the
@@ -219,6 +222,7 @@ async fn drive(
             rate: None,
             failure_rate: config.failure_rate,
             seed: config.seed,
+            phase2: true,
         },
     )
     .await?;
@@ -240,6 +244,7 @@ async fn drive(
             rate: None,
             failure_rate: 0.5,
             seed: config.seed.wrapping_add(1),
+            phase2: false,
         },
     )
     .await?;
@@ -357,17 +362,23 @@ async fn tenant_of(pool: &PgPool, ids: &[Uuid]) -> Result<i64> {
     .await
 }
 
+/// Events of `ids` that SendNotification handles.
+fn count_notified(conn: &mut PgConnection, ids: &[Uuid]) -> Result<i64> {
+    Ok(diesel::sql_query(
+        "SELECT count(*) AS n FROM outbox_events WHERE event_id = ANY($1) AND event_type = ANY($2)",
+    )
+    .bind::<Array<SqlUuid>, _>(ids)
+    .bind::<Array<Text>, _>(&listeners::NOTIFIED_EVENT_TYPES[..])
+    .get_result::<Count>(conn)?
+    .n)
+}
+
 /// Events of the run that SendNotification handles.
 async fn notifiable(pool: &PgPool, ids: &[Uuid]) -> Result<i64> {
     let (pool, ids) = (pool.clone(), ids.to_vec());
     blocking(move || {
         let mut conn = pool.get().map_err(outbox::Error::Pool)?;
-        count_ids(
-            &mut conn,
-            "SELECT count(*) AS n FROM outbox_events WHERE event_id = ANY($1)
-             AND event_type IN ('site.provisioning_failed', 'backup.failed')",
-            &ids,
-        )
+        count_notified(&mut conn, &ids)
     })
     .await
 }
@@ -400,12 +411,7 @@ fn inbox_listeners_done(conn: &mut PgConnection, ids: &[Uuid]) -> Result<bool> {
               + (SELECT count(*) FROM failed_jobs WHERE listener = 'record_audit_log' AND event_id = ANY($1)) AS n",
         ids,
     )?;
-    let notify_wanted = count_ids(
-        conn,
-        "SELECT count(*) AS n FROM outbox_events WHERE event_id = ANY($1)
-         AND event_type IN ('site.provisioning_failed', 'backup.failed')",
-        ids,
-    )?;
+    let notify_wanted = count_notified(conn, ids)?;
     let notified = count_ids(
         conn,
         "SELECT (SELECT count(*) FROM processed_events WHERE listener = 'send_notification' AND event_id = ANY($1))

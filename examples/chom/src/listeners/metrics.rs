@@ -4,8 +4,11 @@
 use outbox::{BoxError, EventEnvelope, SyncListener};
 
 use crate::events::{
-    BACKUP_COMPLETED, BACKUP_CREATED, BACKUP_FAILED, BackupCompleted, SITE_CREATED, SITE_DELETED,
-    SITE_PROVISIONED, SITE_PROVISIONING_FAILED,
+    BACKUP_COMPLETED, BACKUP_CREATED, BACKUP_FAILED, BackupCompleted, QUOTA_BANDWIDTH_LIMIT_REACHED,
+    QUOTA_SITE_QUOTA_EXCEEDED, QUOTA_STORAGE_QUOTA_EXCEEDED, SECURITY_API_TOKEN_ROTATED,
+    SECURITY_SUSPICIOUS_ACTIVITY_DETECTED, SECURITY_VPS_CREDENTIALS_ROTATED, SITE_CREATED, SITE_DELETED,
+    SITE_PROVISIONED, SITE_PROVISIONING_FAILED, SSL_CERTIFICATE_EXPIRING, SSL_CERTIFICATE_ISSUED,
+    SSL_CERTIFICATE_REQUESTED, TEAM_MEMBER_REMOVED, TEAM_MEMBER_ROLE_CHANGED, TEAM_OWNERSHIP_TRANSFERRED,
 };
 use crate::listeners::RECORD_METRICS;
 
@@ -28,6 +31,70 @@ pub const BACKUP_SIZE_BYTES: &str = "chom_backup_size_bytes";
 /// Duration of completed backups.
 pub const BACKUP_DURATION_SECONDS: &str = "chom_backup_duration_seconds";
 
+/// Phase 2's counters: event type, counter name, description.
+pub const PHASE2_COUNTERS: [(&str, &str, &str); 12] = [
+    (
+        TEAM_MEMBER_ROLE_CHANGED,
+        "chom_team_role_changes_total",
+        "Team members whose role changed",
+    ),
+    (
+        TEAM_MEMBER_REMOVED,
+        "chom_team_members_removed_total",
+        "Team members removed",
+    ),
+    (
+        TEAM_OWNERSHIP_TRANSFERRED,
+        "chom_team_ownership_transfers_total",
+        "Transfers of a tenant's ownership",
+    ),
+    (
+        SSL_CERTIFICATE_REQUESTED,
+        "chom_ssl_certificates_requested_total",
+        "SSL certificates requested",
+    ),
+    (
+        SSL_CERTIFICATE_ISSUED,
+        "chom_ssl_certificates_issued_total",
+        "SSL certificates issued",
+    ),
+    (
+        SSL_CERTIFICATE_EXPIRING,
+        "chom_ssl_certificates_expiring_total",
+        "Expiry warnings of SSL certificates",
+    ),
+    (
+        SECURITY_VPS_CREDENTIALS_ROTATED,
+        "chom_vps_credential_rotations_total",
+        "VPS credentials rotated",
+    ),
+    (
+        SECURITY_API_TOKEN_ROTATED,
+        "chom_api_token_rotations_total",
+        "API tokens rotated",
+    ),
+    (
+        SECURITY_SUSPICIOUS_ACTIVITY_DETECTED,
+        "chom_suspicious_activity_total",
+        "Suspicious activity detected (failed sign-ins)",
+    ),
+    (
+        QUOTA_SITE_QUOTA_EXCEEDED,
+        "chom_site_quota_exceeded_total",
+        "Site creations refused by the plan's site quota",
+    ),
+    (
+        QUOTA_STORAGE_QUOTA_EXCEEDED,
+        "chom_storage_quota_exceeded_total",
+        "Tenants whose storage went over the plan's",
+    ),
+    (
+        QUOTA_BANDWIDTH_LIMIT_REACHED,
+        "chom_bandwidth_limit_reached_total",
+        "Tenants whose month reached the plan's bandwidth",
+    ),
+];
+
 /// Counts each committed event with the `metrics` facade; whatever
 /// recorder the process installed (`chom work` and `chom demo` serve
 /// Prometheus text on `/metrics`) exports them. Never fails: a counter
@@ -49,7 +116,13 @@ impl SyncListener for RecordMetrics {
             BACKUP_CREATED => BACKUPS_CREATED_TOTAL,
             BACKUP_COMPLETED => BACKUPS_COMPLETED_TOTAL,
             BACKUP_FAILED => BACKUPS_FAILED_TOTAL,
-            _ => return Ok(()),
+            other => match PHASE2_COUNTERS
+                .iter()
+                .find(|(event_type, _, _)| *event_type == other)
+            {
+                Some((_, counter, _)) => counter,
+                None => return Ok(()),
+            },
         };
         metrics::counter!(counter).increment(1);
         if event.event_type == BACKUP_COMPLETED {
@@ -71,6 +144,9 @@ pub fn describe() {
     describe_counter!(BACKUPS_CREATED_TOTAL, "Backups started");
     describe_counter!(BACKUPS_COMPLETED_TOTAL, "Backups completed");
     describe_counter!(BACKUPS_FAILED_TOTAL, "Backups failed");
+    for (_, counter, description) in PHASE2_COUNTERS {
+        describe_counter!(counter, description);
+    }
     describe_histogram!(BACKUP_SIZE_BYTES, Unit::Bytes, "Size of completed backups");
     describe_histogram!(
         BACKUP_DURATION_SECONDS,

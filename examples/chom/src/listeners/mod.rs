@@ -10,10 +10,25 @@
 //! | `backup.created` | ✓ | ✓ | | ✓ |
 //! | `backup.completed` | ✓ | ✓ | | ✓ |
 //! | `backup.failed` | ✓ | ✓ | ✓ | ✓ |
+//! | `team.member_role_changed` | | ✓ | | ✓ |
+//! | `team.member_removed` | | ✓ | | ✓ |
+//! | `team.ownership_transferred` | | ✓ | ✓ | ✓ |
+//! | `ssl.certificate_requested` | | ✓ | | ✓ |
+//! | `ssl.certificate_issued` | | ✓ | | ✓ |
+//! | `ssl.certificate_expiring` | | ✓ | ✓ | ✓ |
+//! | `security.vps_credentials_rotated` | | ✓ | | ✓ |
+//! | `security.api_token_rotated` | | ✓ | | ✓ |
+//! | `security.suspicious_activity_detected` | | ✓ | ✓ | ✓ |
+//! | `quota.site_quota_exceeded` | | ✓ | ✓ | ✓ |
+//! | `quota.storage_quota_exceeded` | | ✓ | ✓ | ✓ |
+//! | `quota.bandwidth_limit_reached` | | ✓ | ✓ | ✓ |
 //!
 //! As in the seed: two queued jobs per site change (tenant metrics, audit),
 //! two or three per backup change (plus a notification when it failed),
 //! and the metrics counters in-process right after the write commits.
+//! Phase 2's events are audited, counted, and notified where a person must
+//! act: an expiring certificate, an exceeded quota, suspicious activity, a
+//! new owner. They change no tenant stats.
 //!
 //! Queued listeners run in `chom work` from the queues `chom.<listener>`
 //! with the seed's retries (3 tries, 30 s / 60 s / 120 s backoff) unless
@@ -29,8 +44,9 @@
 //! - [`RecordAuditLog`]: exactly one audit row per event (inbox
 //!   transaction, and a unique event id as a backstop).
 //! - [`SendNotification`]: with the default [`DatabaseNotifier`], exactly
-//!   one stored notification per user and event (inbox transaction). A
-//!   notifier that reaches outside the database (email) is at least once.
+//!   one stored notification per team member and event (inbox
+//!   transaction). A notifier that reaches outside the database (email) is
+//!   at least once.
 //! - [`RecordMetrics`]: in-process counters; nothing to retry.
 
 pub mod activity_feed;
@@ -48,8 +64,8 @@ pub use activity_feed::{TENANT_ACTIVITY, TenantActivity};
 pub use audit_log::RecordAuditLog;
 pub use metrics::{
     BACKUP_DURATION_SECONDS, BACKUP_SIZE_BYTES, BACKUPS_COMPLETED_TOTAL, BACKUPS_CREATED_TOTAL,
-    BACKUPS_FAILED_TOTAL, RecordMetrics, SITES_CREATED_TOTAL, SITES_DELETED_TOTAL, SITES_PROVISIONED_TOTAL,
-    SITES_PROVISIONING_FAILED_TOTAL, describe as describe_metrics,
+    BACKUPS_FAILED_TOTAL, PHASE2_COUNTERS, RecordMetrics, SITES_CREATED_TOTAL, SITES_DELETED_TOTAL,
+    SITES_PROVISIONED_TOTAL, SITES_PROVISIONING_FAILED_TOTAL, describe as describe_metrics,
 };
 pub use notification::{
     DatabaseNotifier, Notification, Notifier, NotifierError, OutageSwitch, SendNotification,
@@ -58,8 +74,9 @@ pub use notification::{
 pub use tenant_metrics::UpdateTenantMetrics;
 
 use crate::events::{
-    BACKUP_COMPLETED, BACKUP_CREATED, BACKUP_FAILED, EVENT_TYPES, SITE_CREATED, SITE_DELETED,
-    SITE_PROVISIONED, SITE_PROVISIONING_FAILED,
+    BACKUP_FAILED, EVENT_TYPES, QUOTA_BANDWIDTH_LIMIT_REACHED, QUOTA_SITE_QUOTA_EXCEEDED,
+    QUOTA_STORAGE_QUOTA_EXCEEDED, SECURITY_SUSPICIOUS_ACTIVITY_DETECTED, SEED_EVENT_TYPES,
+    SITE_PROVISIONING_FAILED, SSL_CERTIFICATE_EXPIRING, TEAM_OWNERSHIP_TRANSFERRED,
 };
 
 /// Queue name prefix: queues are `chom.<listener>`.
@@ -74,23 +91,25 @@ pub const SEND_NOTIFICATION: &str = "send_notification";
 /// `record_metrics`.
 pub const RECORD_METRICS: &str = "record_metrics";
 
-/// The seed's mapping, listener by listener.
+/// The events SendNotification tells a tenant's team about: failures
+/// (the seed's), and phase 2's events someone has to act on.
+pub const NOTIFIED_EVENT_TYPES: [&str; 8] = [
+    SITE_PROVISIONING_FAILED,
+    BACKUP_FAILED,
+    TEAM_OWNERSHIP_TRANSFERRED,
+    SSL_CERTIFICATE_EXPIRING,
+    SECURITY_SUSPICIOUS_ACTIVITY_DETECTED,
+    QUOTA_SITE_QUOTA_EXCEEDED,
+    QUOTA_STORAGE_QUOTA_EXCEEDED,
+    QUOTA_BANDWIDTH_LIMIT_REACHED,
+];
+
+/// The mapping, listener by listener.
 pub const MAPPING: [(&str, &[&str]); 4] = [
-    (UPDATE_TENANT_METRICS, &EVENT_TYPES),
+    (UPDATE_TENANT_METRICS, &SEED_EVENT_TYPES),
     (RECORD_AUDIT_LOG, &EVENT_TYPES),
-    (SEND_NOTIFICATION, &[SITE_PROVISIONING_FAILED, BACKUP_FAILED]),
-    (
-        RECORD_METRICS,
-        &[
-            SITE_CREATED,
-            SITE_PROVISIONED,
-            SITE_PROVISIONING_FAILED,
-            SITE_DELETED,
-            BACKUP_CREATED,
-            BACKUP_COMPLETED,
-            BACKUP_FAILED,
-        ],
-    ),
+    (SEND_NOTIFICATION, &NOTIFIED_EVENT_TYPES),
+    (RECORD_METRICS, &EVENT_TYPES),
 ];
 
 /// What the listeners need and how they retry.

@@ -1,5 +1,7 @@
-//! SendNotification (queued): tells a tenant's users that a provisioning
-//! or a backup failed, through a [`Notifier`].
+//! SendNotification (queued): tells a tenant's team that a provisioning or
+//! a backup failed, that a certificate expires soon, that a quota was
+//! exceeded, that someone keeps failing to sign in, or that the tenant has
+//! a new owner, through a [`Notifier`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,10 +11,15 @@ use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
 use outbox::{HandlerContext, ListenerError, QueuedListener, ReceivedEvent};
 use uuid::Uuid;
 
-use crate::events::{BACKUP_FAILED, BackupFailed, SITE_PROVISIONING_FAILED, SiteProvisioningFailed};
+use crate::events::{
+    BACKUP_FAILED, BackupFailed, BandwidthLimitReached, OwnershipTransferred, QUOTA_BANDWIDTH_LIMIT_REACHED,
+    QUOTA_SITE_QUOTA_EXCEEDED, QUOTA_STORAGE_QUOTA_EXCEEDED, SECURITY_SUSPICIOUS_ACTIVITY_DETECTED,
+    SITE_PROVISIONING_FAILED, SSL_CERTIFICATE_EXPIRING, SiteProvisioningFailed, SiteQuotaExceeded,
+    SslCertificateExpiring, StorageQuotaExceeded, SuspiciousActivityDetected, TEAM_OWNERSHIP_TRANSFERRED,
+};
 use crate::listeners::{SEND_NOTIFICATION, tenant_id};
 use crate::models::User;
-use crate::schema::{tenants, users};
+use crate::schema::{team_members, tenants, users};
 
 /// One message to one user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +30,7 @@ pub struct Notification {
     pub user_id: i64,
     /// The recipient's address.
     pub email: String,
-    /// `site.provisioning_failed` or `backup.failed`.
+    /// The event type it is about (`backup.failed`, ...).
     pub kind: String,
     /// Subject line.
     pub subject: String,
@@ -143,9 +150,9 @@ impl<N: Notifier> Notifier for SwitchableNotifier<N> {
     }
 }
 
-/// Notifies every user of the tenant about a failed provisioning or a
-/// failed backup. Runs in the inbox transaction; skips (succeeds) when the
-/// tenant is gone. When the notifier is unavailable it logs and fails the
+/// Notifies every current member of the tenant's team about an event of
+/// [`NOTIFIED_EVENT_TYPES`](super::NOTIFIED_EVENT_TYPES). Runs in the inbox
+/// transaction; skips (succeeds) when the tenant is gone. When the notifier is unavailable it logs and fails the
 /// try as transient, so the framework retries it and, after the last try,
 /// records it in failed_jobs.
 pub struct SendNotification {
@@ -174,33 +181,7 @@ impl QueuedListener for SendNotification {
 
     fn handle(&self, event: &ReceivedEvent, ctx: &mut HandlerContext<'_>) -> Result<(), ListenerError> {
         let tenant = tenant_id(event)?;
-        let (subject, body) = match event.event_type.as_str() {
-            SITE_PROVISIONING_FAILED => {
-                let failed: SiteProvisioningFailed = event.data_as()?;
-                (
-                    format!("Provisioning of {} failed", failed.domain),
-                    format!(
-                        "We could not provision your site {} (site {}): {}",
-                        failed.domain, failed.site_id, failed.error
-                    ),
-                )
-            }
-            BACKUP_FAILED => {
-                let failed: BackupFailed = event.data_as()?;
-                (
-                    format!("Backup of {} failed", failed.domain),
-                    format!(
-                        "Backup {} of your site {} failed: {}",
-                        failed.backup_id, failed.domain, failed.error
-                    ),
-                )
-            }
-            other => {
-                return Err(ListenerError::permanent(format!(
-                    "send_notification has no message for {other} events"
-                )));
-            }
-        };
+        let (subject, body) = message(event)?;
         let (attempt, tries, last) = (ctx.attempt(), ctx.tries(), ctx.is_last_try());
         let conn = ctx.conn()?;
         let exists = tenants::table
@@ -213,7 +194,8 @@ impl QueuedListener for SendNotification {
             return Ok(());
         }
         let recipients = users::table
-            .filter(users::tenant_id.eq(tenant))
+            .inner_join(team_members::table)
+            .filter(team_members::tenant_id.eq(tenant))
             .order(users::id)
             .select(User::as_select())
             .load(conn)?;
@@ -249,4 +231,118 @@ impl QueuedListener for SendNotification {
         }
         Ok(())
     }
+}
+
+/// The subject and body of the notification about `event`. An event type
+/// without a message is a permanent failure (a mapping mistake).
+fn message(event: &ReceivedEvent) -> Result<(String, String), ListenerError> {
+    Ok(match event.event_type.as_str() {
+        SITE_PROVISIONING_FAILED => {
+            let failed: SiteProvisioningFailed = event.data_as()?;
+            (
+                format!("Provisioning of {} failed", failed.domain),
+                format!(
+                    "We could not provision your site {} (site {}): {}",
+                    failed.domain, failed.site_id, failed.error
+                ),
+            )
+        }
+        BACKUP_FAILED => {
+            let failed: BackupFailed = event.data_as()?;
+            (
+                format!("Backup of {} failed", failed.domain),
+                format!(
+                    "Backup {} of your site {} failed: {}",
+                    failed.backup_id, failed.domain, failed.error
+                ),
+            )
+        }
+        TEAM_OWNERSHIP_TRANSFERRED => {
+            let moved: OwnershipTransferred = event.data_as()?;
+            (
+                format!("{} now owns your team", moved.new_owner_email),
+                match moved.previous_owner_email {
+                    Some(previous) => format!(
+                        "Ownership of your tenant moved from {previous} (now an admin) to {}.",
+                        moved.new_owner_email
+                    ),
+                    None => format!("{} is your tenant's owner.", moved.new_owner_email),
+                },
+            )
+        }
+        SSL_CERTIFICATE_EXPIRING => {
+            let expiring: SslCertificateExpiring = event.data_as()?;
+            (
+                format!(
+                    "The SSL certificate of {} expires in {} day(s)",
+                    expiring.domain, expiring.days_remaining
+                ),
+                format!(
+                    "Certificate {} of your site {} (site {}) expires at {}. Request a new one before then.",
+                    expiring.certificate_id,
+                    expiring.domain,
+                    expiring.site_id,
+                    expiring.expires_at.format("%Y-%m-%d %H:%M UTC")
+                ),
+            )
+        }
+        SECURITY_SUSPICIOUS_ACTIVITY_DETECTED => {
+            let detected: SuspiciousActivityDetected = event.data_as()?;
+            (
+                format!("Suspicious sign-in attempts on {}", detected.email),
+                format!(
+                    "{} failed sign-ins to {} within {} s, from {} to {} (incident {}). \
+                     If they were not yours, change the password and review the API tokens.",
+                    detected.attempts,
+                    detected.email,
+                    detected.window_seconds,
+                    detected.first_attempt_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    detected.last_attempt_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    detected.incident_id
+                ),
+            )
+        }
+        QUOTA_SITE_QUOTA_EXCEEDED => {
+            let exceeded: SiteQuotaExceeded = event.data_as()?;
+            (
+                format!("Site quota of the {} plan reached", exceeded.plan),
+                format!(
+                    "The site {} was not created: you have {} live sites and the {} plan allows {}.",
+                    exceeded.domain, exceeded.sites, exceeded.plan, exceeded.max_sites
+                ),
+            )
+        }
+        QUOTA_STORAGE_QUOTA_EXCEEDED => {
+            let exceeded: StorageQuotaExceeded = event.data_as()?;
+            (
+                format!("Storage quota of the {} plan exceeded", exceeded.plan),
+                format!(
+                    "Your sites use {} bytes, over the {} bytes the {} plan allows (measured by backup {} of site {}).",
+                    exceeded.storage_bytes,
+                    exceeded.max_storage_bytes,
+                    exceeded.plan,
+                    exceeded.backup_id,
+                    exceeded.site_id
+                ),
+            )
+        }
+        QUOTA_BANDWIDTH_LIMIT_REACHED => {
+            let reached: BandwidthLimitReached = event.data_as()?;
+            (
+                format!(
+                    "Bandwidth limit of the {} plan reached for {}",
+                    reached.plan, reached.month
+                ),
+                format!(
+                    "Your sites served {} bytes in {}, the {} bytes a month the {} plan allows.",
+                    reached.bandwidth_bytes, reached.month, reached.monthly_bandwidth_bytes, reached.plan
+                ),
+            )
+        }
+        other => {
+            return Err(ListenerError::permanent(format!(
+                "send_notification has no message for {other} events"
+            )));
+        }
+    })
 }

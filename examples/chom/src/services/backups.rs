@@ -10,7 +10,7 @@ use crate::events::{BACKUP_COMPLETED, BACKUP_CREATED, BACKUP_FAILED};
 use crate::events::{BackupCompleted, BackupCreated, BackupFailed};
 use crate::models::{Backup, BackupStatus, NewBackup, Site, SiteStatus};
 use crate::schema::{backups, sites};
-use crate::services::{Recorded, error_text};
+use crate::services::{Recorded, error_text, quotas};
 
 /// Starts a backup of an `active` site: inserts a `running` backup and
 /// records `backup.created`.
@@ -60,12 +60,16 @@ pub fn create_backup(
             value: backup,
             event_id,
             event_type: BACKUP_CREATED,
+            also: Vec::new(),
         })
     })
 }
 
 /// Completes a running backup with its size and duration, records
 /// `backup.completed`, and takes the size as the site's measured storage.
+/// When that takes the tenant's storage over its plan's limit, the same
+/// transaction records `quota.storage_quota_exceeded` too (in
+/// [`Recorded::also`]).
 pub fn complete_backup(
     outbox: &Outbox,
     conn: &mut PgConnection,
@@ -82,6 +86,9 @@ pub fn complete_backup(
     }
     outbox.transaction_with(conn, metadata, |tx| {
         let backup = lock_unfinished_backup(tx.conn(), backup_id, "complete")?;
+        // The quota row before the site's: the order every quota check
+        // locks in.
+        let storage = quotas::before_storage_change(tx.conn(), backup.tenant_id)?;
         let backup = diesel::update(backups::table.find(backup.id))
             .set((
                 backups::status.eq(BackupStatus::Completed),
@@ -111,10 +118,13 @@ pub fn complete_backup(
             size_bytes,
             duration_ms,
         })?;
+        let exceeded =
+            quotas::after_storage_change(tx, storage, backup.tenant_id, backup.site_id, backup.id)?;
         Ok(Recorded {
             value: backup,
             event_id,
             event_type: BACKUP_COMPLETED,
+            also: exceeded.into_iter().collect(),
         })
     })
 }
@@ -151,6 +161,7 @@ pub fn fail_backup(
             value: backup,
             event_id,
             event_type: BACKUP_FAILED,
+            also: Vec::new(),
         })
     })
 }

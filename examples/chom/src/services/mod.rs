@@ -8,10 +8,19 @@
 //! service that changes an existing aggregate locks its row first
 //! (`SELECT ... FOR UPDATE`), so the events of one aggregate commit in the
 //! order they were recorded. An error means the transaction rolled back:
-//! nothing was written and no event exists.
+//! nothing was written and no event exists; the one exception is
+//! [`ChomError::QuotaExceeded`], a refusal that is itself recorded
+//! (`quota.site_quota_exceeded`), so it committed.
+//!
+//! Seed: [`sites`], [`backups`], [`tenants`]. Phase 2: [`team`], [`ssl`],
+//! [`security`], [`quotas`].
 
 pub mod backups;
+pub mod quotas;
+pub mod security;
 pub mod sites;
+pub mod ssl;
+pub mod team;
 pub mod tenants;
 
 use serde::Serialize;
@@ -27,6 +36,41 @@ pub struct Recorded<T> {
     /// The recorded event's id (UUIDv7).
     pub event_id: Uuid,
     /// The recorded event's type (`site.created`, ...).
+    pub event_type: &'static str,
+    /// Further events the same transaction recorded, in order: a
+    /// `quota.storage_quota_exceeded` beside the `backup.completed` whose
+    /// size took the tenant over its plan. Usually empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<RecordedEvent>,
+}
+
+impl<T> Recorded<T> {
+    /// A result with one event.
+    pub(crate) fn one(value: T, event_id: Uuid, event_type: &'static str) -> Self {
+        Self {
+            value,
+            event_id,
+            event_type,
+            also: Vec::new(),
+        }
+    }
+
+    /// Every event the transaction recorded, the main one first.
+    pub fn events(&self) -> impl Iterator<Item = RecordedEvent> + '_ {
+        std::iter::once(RecordedEvent {
+            event_id: self.event_id,
+            event_type: self.event_type,
+        })
+        .chain(self.also.iter().copied())
+    }
+}
+
+/// One recorded event: its id and type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct RecordedEvent {
+    /// The event's id (UUIDv7).
+    pub event_id: Uuid,
+    /// The event's type.
     pub event_type: &'static str,
 }
 
@@ -46,6 +90,29 @@ pub(crate) fn error_text(field: &'static str, text: &str) -> Result<String, Chom
         return Err(ChomError::invalid(field, "must not contain NUL characters"));
     }
     Ok(outbox::text::prefix_within(text, MAX_ERROR_BYTES).to_owned())
+}
+
+/// Locks the tenant's row against other team changes for the rest of the
+/// transaction (`FOR NO KEY UPDATE`: site creations, which only take a key
+/// share, are not held up). [`ChomError::NotFound`] if there is no tenant.
+pub(crate) fn lock_tenant_for_team_change(
+    conn: &mut diesel::PgConnection,
+    tenant_id: i64,
+) -> Result<(), ChomError> {
+    use diesel::prelude::*;
+    let found = crate::schema::tenants::table
+        .find(tenant_id)
+        .select(crate::schema::tenants::id)
+        .for_no_key_update()
+        .first::<i64>(conn)
+        .optional()?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(ChomError::NotFound {
+            what: "tenant",
+            id: tenant_id,
+        }),
+    }
 }
 
 /// Whether `error` is a violation of the unique index or constraint named

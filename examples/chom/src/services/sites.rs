@@ -12,12 +12,15 @@ use crate::events::{SITE_CREATED, SITE_DELETED, SITE_PROVISIONED, SITE_PROVISION
 use crate::events::{SiteCreated, SiteDeleted, SiteProvisioned, SiteProvisioningFailed};
 use crate::models::{NewSite, Site, SiteStatus};
 use crate::schema::{sites, tenants};
-use crate::services::{Recorded, error_text, is_unique_violation};
+use crate::services::{Recorded, error_text, is_unique_violation, quotas};
 
 /// Creates a `pending` site for `tenant_id` and records `site.created`.
 ///
 /// The domain is trimmed and lower-cased and must be a valid host name not
-/// used by another live site ([`ChomError::Conflict`] otherwise).
+/// used by another live site ([`ChomError::Conflict`] otherwise). A tenant
+/// with as many live sites as its plan allows is refused with
+/// [`ChomError::QuotaExceeded`]: no site, but the refusal itself commits
+/// with `quota.site_quota_exceeded` ([`quotas`]).
 pub fn create_site(
     outbox: &Outbox,
     conn: &mut PgConnection,
@@ -26,47 +29,50 @@ pub fn create_site(
     domain: &str,
 ) -> Result<Recorded<Site>> {
     let domain = normalize_domain(domain)?;
-    outbox.transaction_with(conn, metadata, |tx| {
-        // FOR KEY SHARE: the tenant cannot vanish before the insert commits,
-        // and concurrent site creations for one tenant do not queue up.
-        let tenant = tenants::table
-            .find(tenant_id)
-            .select(tenants::id)
-            .for_key_share()
-            .first::<i64>(tx.conn())
-            .optional()?;
-        if tenant.is_none() {
-            return Err(ChomError::NotFound {
-                what: "tenant",
-                id: tenant_id,
-            });
-        }
-        let site = diesel::insert_into(sites::table)
-            .values(NewSite {
-                tenant_id,
-                domain: &domain,
-                status: SiteStatus::Pending,
-            })
-            .returning(Site::as_returning())
-            .get_result(tx.conn())
-            .map_err(|error| {
-                if is_unique_violation(&error, "sites_domain_live") {
-                    ChomError::Conflict(format!("domain {domain} is already used by a live site"))
-                } else {
-                    error.into()
-                }
+    // Ok(Err(refusal)) committed the refusal; it is returned as the error.
+    outbox
+        .transaction_with(conn, metadata, |tx| {
+            // FOR KEY SHARE: the tenant cannot vanish before the insert commits,
+            // and concurrent site creations for one tenant do not queue up.
+            let tenant = tenants::table
+                .find(tenant_id)
+                .select(tenants::id)
+                .for_key_share()
+                .first::<i64>(tx.conn())
+                .optional()?;
+            if tenant.is_none() {
+                return Err(ChomError::NotFound {
+                    what: "tenant",
+                    id: tenant_id,
+                });
+            }
+            // Returned after the commit, with the refusal's event recorded.
+            if let Some(refused) = quotas::refuse_site_over_quota(tx, tenant_id, &domain)? {
+                return Ok(Err(refused));
+            }
+            let site = diesel::insert_into(sites::table)
+                .values(NewSite {
+                    tenant_id,
+                    domain: &domain,
+                    status: SiteStatus::Pending,
+                })
+                .returning(Site::as_returning())
+                .get_result(tx.conn())
+                .map_err(|error| {
+                    if is_unique_violation(&error, "sites_domain_live") {
+                        ChomError::Conflict(format!("domain {domain} is already used by a live site"))
+                    } else {
+                        error.into()
+                    }
+                })?;
+            let event_id = tx.record(&SiteCreated {
+                site_id: site.id,
+                tenant_id: site.tenant_id,
+                domain: site.domain.clone(),
             })?;
-        let event_id = tx.record(&SiteCreated {
-            site_id: site.id,
-            tenant_id: site.tenant_id,
-            domain: site.domain.clone(),
-        })?;
-        Ok(Recorded {
-            value: site,
-            event_id,
-            event_type: SITE_CREATED,
+            Ok(Ok(Recorded::one(site, event_id, SITE_CREATED)))
         })
-    })
+        .and_then(std::convert::identity)
 }
 
 /// Marks a `pending` (or previously `failed`) site as `provisioning`, the
@@ -148,6 +154,7 @@ pub fn provision_site(
             value: site,
             event_id,
             event_type,
+            also: Vec::new(),
         })
     })
 }
@@ -178,6 +185,7 @@ pub fn delete_site(
             value: site,
             event_id,
             event_type: SITE_DELETED,
+            also: Vec::new(),
         })
     })
 }

@@ -1,5 +1,7 @@
 //! Tenants and their users. The seed has no events for them, so these are
-//! plain writes without the outbox.
+//! plain writes without the outbox. A new user joins its tenant's team
+//! ([`team`](super::team)): as the owner if the team has none, else as a
+//! member.
 
 use diesel::prelude::*;
 
@@ -30,8 +32,9 @@ pub fn get_tenant(conn: &mut PgConnection, tenant_id: i64) -> Result<Tenant> {
         })
 }
 
-/// Creates a user of `tenant_id`. The email is lower-cased and must be
-/// unused; [`ChomError::Conflict`] otherwise.
+/// Creates a user of `tenant_id` and adds it to the tenant's team (the
+/// owner if the team has none, else a member). The email is lower-cased
+/// and must be unused; [`ChomError::Conflict`] otherwise.
 pub fn create_user(conn: &mut PgConnection, tenant_id: i64, email: &str, name: &str) -> Result<User> {
     let email = email.trim().to_lowercase();
     if email.len() < 3 || email.len() > 320 || !email.contains('@') || email.contains(char::is_whitespace) {
@@ -42,21 +45,11 @@ pub fn create_user(conn: &mut PgConnection, tenant_id: i64, email: &str, name: &
     }
     let name = display_name("name", name)?;
     conn.transaction(|conn| {
-        // FOR KEY SHARE: the tenant cannot be deleted under us, while other
-        // writers for the same tenant are not blocked.
-        let tenant = tenants::table
-            .find(tenant_id)
-            .select(tenants::id)
-            .for_key_share()
-            .first::<i64>(conn)
-            .optional()?;
-        if tenant.is_none() {
-            return Err(ChomError::NotFound {
-                what: "tenant",
-                id: tenant_id,
-            });
-        }
-        diesel::insert_into(users::table)
+        // Locks the tenant against other team changes (NotFound if it does
+        // not exist): whether the new user becomes the owner depends on
+        // the team as it is.
+        crate::services::lock_tenant_for_team_change(conn, tenant_id)?;
+        let user = diesel::insert_into(users::table)
             .values(NewUser {
                 tenant_id,
                 email: &email,
@@ -70,12 +63,15 @@ pub fn create_user(conn: &mut PgConnection, tenant_id: i64, email: &str, name: &
                 } else {
                     error.into()
                 }
-            })
+            })?;
+        crate::services::team::join(conn, tenant_id, user.id)?;
+        Ok(user)
     })
 }
 
-/// The users of `tenant_id`, oldest first: the recipients of the tenant's
-/// notifications.
+/// The users of `tenant_id`, oldest first, members of its team or not
+/// (notifications go to the current members:
+/// [`team::list_members`](super::team::list_members)).
 pub fn list_users(conn: &mut PgConnection, tenant_id: i64) -> Result<Vec<User>> {
     Ok(users::table
         .filter(users::tenant_id.eq(tenant_id))
@@ -85,7 +81,7 @@ pub fn list_users(conn: &mut PgConnection, tenant_id: i64) -> Result<Vec<User>> 
 }
 
 /// A trimmed, non-empty name of at most 255 bytes.
-fn display_name<'a>(field: &'static str, name: &'a str) -> Result<&'a str> {
+pub(crate) fn display_name<'a>(field: &'static str, name: &'a str) -> Result<&'a str> {
     let name = name.trim();
     if name.is_empty() {
         return Err(ChomError::invalid(field, "must not be empty"));

@@ -146,6 +146,10 @@ fn passwords_are_never_printed() {
         &["site", "list"][..],
         &["migrate"][..],
         &["simulate", "--tenants", "1", "--sites", "1"][..],
+        &["team", "list", "--tenant", "1"][..],
+        &["ssl", "check"][..],
+        &["security", "token", "list", "--json"][..],
+        &["quota", "show", "--tenant", "1"][..],
     ] {
         let output = chom(url, args);
         assert_eq!(output.status.code(), Some(1), "{args:?}");

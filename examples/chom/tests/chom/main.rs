@@ -8,16 +8,24 @@
 
 mod backups;
 mod cli;
+mod cli_phase2;
 mod demo;
 mod end_to_end;
 mod fake;
+mod guide;
 mod killed_worker;
 mod listeners;
 mod operate;
+mod phase2;
 mod pipeline;
 mod projections;
+mod quotas;
+mod secret_scan;
+mod security;
 mod simulate;
 mod sites;
+mod ssl;
 mod support;
+mod team;
 mod tenants;
 mod webhooks;

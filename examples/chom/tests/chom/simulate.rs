@@ -1,5 +1,6 @@
 //! The load generator: 16 concurrent writers lose nothing, events of one
-//! aggregate keep their order, and a seed reproduces the mix.
+//! aggregate keep their order, a seed reproduces the mix, and phase 2
+//! records each of its twelve event types for every tenant.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -23,6 +24,8 @@ fn sixteen_writers_lose_nothing() {
         sites: 200,
         writers: 16,
         seed: 42,
+        // The seed's lifecycles only: this test counts them exactly.
+        phase2: false,
         ..SimulateConfig::default()
     };
 
@@ -124,7 +127,75 @@ fn a_seed_reproduces_the_mix() {
     assert_eq!(first.events, second.events);
     assert_eq!(first.transactions, second.transactions);
     let total: i64 = outbox_events::table.count().get_result(&mut conn).unwrap();
-    assert_eq!(total.unsigned_abs(), first.transactions * 2);
+    let recorded: u64 = first.events.values().sum();
+    assert_eq!(total.unsigned_abs(), recorded * 2);
+}
+
+#[test]
+fn phase_two_records_each_new_event_type_for_every_tenant() {
+    let (db, mut conn) = setup();
+    let pool = db.pool(4).unwrap();
+    let config = SimulateConfig {
+        tenants: 2,
+        sites: 6,
+        writers: 2,
+        seed: 3,
+        ..SimulateConfig::default()
+    };
+
+    let report = run(&pool, &Outbox::new(), &config).unwrap();
+
+    assert!(report.verified, "{report:#?}");
+    for event_type in chom::events::PHASE2_EVENT_TYPES {
+        // Two certificates a tenant, one of them expiring within the window.
+        let per_tenant = match event_type {
+            "ssl.certificate_requested" | "ssl.certificate_issued" => 2,
+            _ => 1,
+        };
+        assert_eq!(
+            report.events[event_type],
+            2 * per_tenant,
+            "{event_type}: {report:#?}"
+        );
+    }
+    assert_eq!(
+        report.events.len(),
+        chom::events::EVENT_TYPES.len(),
+        "every type is reported"
+    );
+    // The quota events committed with their breaches, the expiry warnings
+    // with theirs.
+    assert_eq!(
+        crate::support::count(&mut conn, "SELECT count(*) AS n FROM quota_breaches"),
+        6
+    );
+    assert_eq!(
+        crate::support::count(&mut conn, "SELECT count(*) AS n FROM ssl_expiry_warnings"),
+        2
+    );
+    // Per-aggregate order holds for phase 2's aggregates too.
+    let rows = events(&mut conn);
+    let mut certificates: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for row in rows.iter().filter(|r| r.aggregate_type == "ssl_certificate") {
+        certificates
+            .entry(row.aggregate_id.clone())
+            .or_default()
+            .push(&row.event_type);
+    }
+    for (id, types) in &certificates {
+        assert!(
+            matches!(
+                types.as_slice(),
+                ["ssl.certificate_requested", "ssl.certificate_issued"]
+                    | [
+                        "ssl.certificate_requested",
+                        "ssl.certificate_issued",
+                        "ssl.certificate_expiring"
+                    ]
+            ),
+            "certificate {id}: {types:?}"
+        );
+    }
 }
 
 #[test]
@@ -137,6 +208,7 @@ fn rate_caps_transactions_per_second() {
         writers: 4,
         rate: Some(100.0),
         seed: 1,
+        phase2: false,
         ..SimulateConfig::default()
     };
 

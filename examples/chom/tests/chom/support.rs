@@ -178,3 +178,40 @@ pub fn run_plain(
     let mut ctx = outbox::HandlerContext::with_transaction(conn, 1, 3);
     listener.handle(event, &mut ctx)
 }
+
+/// Metadata whose actor is over the contract's 255 bytes: `record()` fails
+/// with it, after the service's domain writes ran in the same transaction,
+/// so the whole transaction rolls back.
+pub fn failing_metadata() -> outbox::Metadata {
+    outbox::Metadata::by("x".repeat(300))
+}
+
+/// Checks a service failed because its event could not be recorded.
+#[track_caller]
+pub fn assert_rolled_back<T: std::fmt::Debug>(result: chom::Result<T>) {
+    assert!(
+        matches!(
+            result,
+            Err(chom::ChomError::Outbox(outbox::Error::InvalidEvent(_)))
+        ),
+        "{result:?}"
+    );
+}
+
+/// The rows of `outbox_events` of type `event_type`, in seq order.
+pub fn events_of(conn: &mut PgConnection, event_type: &str) -> Vec<EventRow> {
+    events(conn)
+        .into_iter()
+        .filter(|row| row.event_type == event_type)
+        .collect()
+}
+
+/// The sorted keys of a JSON object.
+pub fn keys(value: &serde_json::Value) -> Vec<String> {
+    let mut keys: Vec<String> = value
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}

@@ -40,8 +40,22 @@ pub(crate) enum Command {
     /// Manage backups.
     #[command(subcommand)]
     Backup(BackupCommand),
-    /// Drive whole site lifecycles from concurrent writers and check that
-    /// the outbox holds every event the services recorded.
+    /// A tenant's team: members, roles, ownership (team.* events).
+    #[command(subcommand)]
+    Team(TeamCommand),
+    /// SSL certificates: request, issue, the expiry check (ssl.* events).
+    #[command(subcommand)]
+    Ssl(SslCommand),
+    /// VPS credentials, API tokens, failed sign-ins (security.* events).
+    /// Secrets are printed once, when created or rotated, and never again.
+    #[command(subcommand)]
+    Security(SecurityCommand),
+    /// Plans, quotas and usage (quota.* events).
+    #[command(subcommand)]
+    Quota(QuotaCommand),
+    /// Drive whole site lifecycles from concurrent writers, then phase 2
+    /// for each tenant (team, SSL, security, quota), and check that the
+    /// outbox holds every event the services recorded.
     Simulate(SimulateArgs),
     /// Run the worker: CHOM's queued listeners (UpdateTenantMetrics,
     /// RecordAuditLog, SendNotification) from their queues, until SIGINT or
@@ -49,7 +63,8 @@ pub(crate) enum Command {
     Work(WorkArgs),
     /// The whole platform in one process: create and migrate the database,
     /// run a relay and a worker, drive site and backup lifecycles (with
-    /// failures and a notifier outage), then report what happened.
+    /// failures and a notifier outage) and phase 2 (team, SSL, security,
+    /// quota), then report what happened.
     Demo(DemoArgs),
     /// Declare the exchange and every listener's queues, retry queues and
     /// dead-letter queue ahead of a deploy (the worker also does it on
@@ -330,6 +345,279 @@ pub(crate) enum BackupCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub(crate) enum TeamCommand {
+    /// List a tenant's team, the owner first.
+    List {
+        /// The tenant's id.
+        #[arg(long)]
+        tenant: i64,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Make a member an admin or a member (team.member_role_changed);
+    /// prints the event id.
+    SetRole {
+        /// The member's user id.
+        #[arg(long)]
+        user: i64,
+        /// The new role: admin or member (the owner changes by `transfer`).
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Remove a member from its team (team.member_removed); prints the
+    /// event id.
+    Remove {
+        /// The member's user id.
+        #[arg(long)]
+        user: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Give the tenant to another member of its team; the owner becomes an
+    /// admin (team.ownership_transferred). Prints the event id.
+    Transfer {
+        /// The tenant's id.
+        #[arg(long)]
+        tenant: i64,
+        /// The new owner's user id.
+        #[arg(long = "to")]
+        to: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SslCommand {
+    /// Request a certificate for a live site (ssl.certificate_requested);
+    /// prints its id.
+    Request {
+        /// The site's id.
+        #[arg(long)]
+        site: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Issue a requested certificate (simulated; ssl.certificate_issued);
+    /// prints the event id.
+    Issue {
+        /// The certificate's id.
+        id: i64,
+        /// Who issues it.
+        #[arg(long, default_value = "Let's Encrypt (simulated)")]
+        issuer: String,
+        /// How long it is valid.
+        #[arg(long, default_value = "90days", value_parser = parse_duration)]
+        valid_for: Duration,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// The expiry check: ssl.certificate_expiring for each issued
+    /// certificate expiring within --within-days, once per certificate and
+    /// window. Prints the certificates warned about.
+    Check {
+        /// The warning window, in days (1 to 365).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=365))]
+        within_days: u32,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List certificates.
+    List {
+        /// Only this site's.
+        #[arg(long)]
+        site: Option<i64>,
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<i64>,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SecurityCommand {
+    /// VPS servers and their credentials.
+    #[command(subcommand)]
+    Vps(VpsCommand),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Record a failed sign-in; enough of them within the window raise a
+    /// security incident (security.suspicious_activity_detected).
+    FailedLogin {
+        /// The user whose sign-in failed.
+        #[arg(long)]
+        user: i64,
+        /// Where the attempt came from (IPv4 or IPv6).
+        #[arg(long)]
+        ip: String,
+        /// Failures within the window that make an incident.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        threshold: u32,
+        /// The sliding window.
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        window: Duration,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List security incidents, newest first.
+    Incidents {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<i64>,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum VpsCommand {
+    /// Add a VPS with a first credential; prints its id, then the
+    /// credential (shown once).
+    Add {
+        /// The tenant's id.
+        #[arg(long)]
+        tenant: i64,
+        /// The server's host name.
+        #[arg(long)]
+        hostname: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Rotate a VPS's credential (security.vps_credentials_rotated); prints
+    /// the event id, then the new credential (shown once).
+    Rotate {
+        /// The server's id.
+        id: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List servers (never their credentials).
+    List {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<i64>,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Create a named API token; prints its id, then the token (shown
+    /// once).
+    Create {
+        /// The tenant's id.
+        #[arg(long)]
+        tenant: i64,
+        /// The token's name, unique within the tenant.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Rotate an API token (security.api_token_rotated); prints the event
+    /// id, then the new token (shown once). The old token stops working.
+    Rotate {
+        /// The token's id.
+        id: i64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Check a token read from stdin (never from the command line, where
+    /// other users can see it); prints the token's id and name, or fails.
+    Verify {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List tokens (never the tokens themselves).
+    List {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<i64>,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum QuotaCommand {
+    /// Set a tenant's plan and limits. A known plan (starter, pro,
+    /// business) gives the defaults; each --max-* flag overrides one.
+    Set {
+        /// The tenant's id.
+        #[arg(long)]
+        tenant: i64,
+        /// The plan's name: starter, pro, business, or any other name for
+        /// custom limits (unlimited unless given).
+        #[arg(long, default_value = "custom")]
+        plan: String,
+        /// Live sites allowed.
+        #[arg(long)]
+        max_sites: Option<u64>,
+        /// Storage allowed, in bytes.
+        #[arg(long)]
+        max_storage_bytes: Option<u64>,
+        /// Bytes served a calendar month.
+        #[arg(long)]
+        monthly_bandwidth_bytes: Option<u64>,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// A tenant's usage beside its limits this month.
+    Show {
+        /// The tenant's id.
+        #[arg(long)]
+        tenant: i64,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Report bytes a site served (quota.bandwidth_limit_reached when the
+    /// tenant's month reaches its limit).
+    ReportBandwidth {
+        /// The site's id.
+        #[arg(long)]
+        site: i64,
+        /// Bytes served.
+        #[arg(long)]
+        bytes: u64,
+        #[command(flatten)]
+        actor: Actor,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List quota breaches, newest first.
+    Breaches {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<i64>,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct SimulateArgs {
     /// Tenants to create, each with one user.
@@ -350,6 +638,10 @@ pub(crate) struct SimulateArgs {
     /// Seed of the lifecycle mix, for a reproducible run (default: random).
     #[arg(long)]
     pub(crate) seed: Option<u64>,
+    /// Only the seed's site and backup lifecycles: no phase 2 (team, SSL,
+    /// security, quota) pass after them.
+    #[arg(long)]
+    pub(crate) no_phase2: bool,
     #[command(flatten)]
     pub(crate) output: Output,
 }
@@ -410,5 +702,13 @@ pub(crate) fn parse_probability(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
         _ => Err("must be a number between 0 and 1".into()),
+    }
+}
+
+pub(crate) fn parse_role(value: &str) -> Result<Role, String> {
+    match value.trim().parse::<Role>() {
+        Ok(Role::Owner) => Err("the owner changes by `chom team transfer`; use admin or member".into()),
+        Ok(role) => Ok(role),
+        Err(_) => Err("must be admin or member".into()),
     }
 }

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use chom::models::Role;
 use chom::services::{backups, sites, tenants};
 use chom::simulate::{SimulateConfig, SimulateReport};
 use chom::{ChomError, Recorded, Site};
@@ -22,9 +23,11 @@ use serde::Serialize;
 
 mod cli;
 mod output;
+mod phase2;
 
 use cli::*;
 use output::*;
+use phase2::*;
 
 /// CHOM's database when `DATABASE_URL` is not set.
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/chom";
@@ -81,6 +84,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Site(command) => site(url, &outbox, command),
         Command::Backup(command) => backup(url, &outbox, command),
+        Command::Team(command) => team_command(url, &outbox, command),
+        Command::Ssl(command) => ssl_command(url, &outbox, command),
+        Command::Security(command) => security_command(url, &outbox, command),
+        Command::Quota(command) => quota_command(url, &outbox, command),
         Command::Simulate(args) => simulate(url, &outbox, args),
         Command::Work(args) => work(url, args),
         Command::Topology(args) => topology(args),
@@ -173,6 +180,7 @@ fn simulate(url: &str, outbox: &Outbox, args: SimulateArgs) -> Result<()> {
         rate: args.rate,
         failure_rate: args.failure_rate,
         seed: args.seed.unwrap_or_else(rand::random),
+        phase2: !args.no_phase2,
     };
     let pool = outbox::pool(url, config.writers, Duration::from_secs(30))?;
     let report = chom::simulate::run(&pool, outbox, &config).context("simulation failed")?;
@@ -379,6 +387,14 @@ fn hint(error: &anyhow::Error) -> Option<&'static str> {
             Some("run `chom migrate` to create CHOM's tables")
         } else if let Some(ChomError::NotFound { what: "site", .. }) = cause.downcast_ref::<ChomError>() {
             Some("`chom site list` shows the live sites; deleted sites are not found")
+        } else if let Some(ChomError::QuotaExceeded { .. }) = cause.downcast_ref::<ChomError>() {
+            Some("the refusal was recorded (quota.site_quota_exceeded); `chom quota show --tenant ID` shows the usage, `chom quota set` changes the plan")
+        } else if let Some(ChomError::NotFound { what: "team member", .. }) = cause.downcast_ref::<ChomError>() {
+            Some("`chom team list --tenant ID` shows the team; removed members are not found")
+        } else if let Some(ChomError::InvalidState { what: "team member", status, .. }) = cause.downcast_ref::<ChomError>()
+            && status == "owner"
+        {
+            Some("the owner changes only by `chom team transfer --tenant ID --to USER`")
         } else {
             None
         }

@@ -5,17 +5,17 @@ use super::*;
 pub(crate) fn print_demo(report: &chom::demo::DemoReport) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "\n== events (this run) ==")?;
-    writeln!(out, "{:<26} {:>9} {:>10}", "event type", "recorded", "published")?;
+    writeln!(out, "{:<38} {:>9} {:>10}", "event type", "recorded", "published")?;
     for (event_type, count) in &report.events {
         writeln!(
             out,
-            "{event_type:<26} {:>9} {:>10}",
+            "{event_type:<38} {:>9} {:>10}",
             count.recorded, count.published
         )?;
     }
     let recorded: u64 = report.events.values().map(|c| c.recorded).sum();
     let published: u64 = report.events.values().map(|c| c.published).sum();
-    writeln!(out, "{:<26} {recorded:>9} {published:>10}", "total")?;
+    writeln!(out, "{:<38} {recorded:>9} {published:>10}", "total")?;
 
     writeln!(out, "\n== listener outcomes ==  ({})", report.retry_policy)?;
     writeln!(
@@ -60,7 +60,7 @@ pub(crate) fn print_demo(report: &chom::demo::DemoReport) -> Result<()> {
     for job in &report.failed_jobs {
         writeln!(
             out,
-            "#{:<5} {:<20} {:<26} {} tries  {}",
+            "#{:<5} {:<20} {:<38} {} tries  {}",
             job.id,
             job.listener,
             job.event_type.as_deref().unwrap_or("-"),
@@ -138,15 +138,15 @@ pub(crate) fn print_site_table(list: &[Site]) -> Result<()> {
 
 pub(crate) fn print_report(report: &SimulateReport) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{:<26} {:>10} {:>10}", "event type", "recorded", "in outbox")?;
+    writeln!(out, "{:<38} {:>10} {:>10}", "event type", "recorded", "in outbox")?;
     for event_type in chom::events::EVENT_TYPES {
         let recorded = report.events.get(event_type).copied().unwrap_or(0);
         let stored = report.database_events.get(event_type).copied().unwrap_or(0);
-        writeln!(out, "{event_type:<26} {recorded:>10} {stored:>10}")?;
+        writeln!(out, "{event_type:<38} {recorded:>10} {stored:>10}")?;
     }
     writeln!(
         out,
-        "{:<26} {:>10} {:>10}",
+        "{:<38} {:>10} {:>10}",
         "total",
         report.events.values().sum::<u64>(),
         report.database_events.values().sum::<u64>()

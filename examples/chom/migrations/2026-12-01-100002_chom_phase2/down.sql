@@ -1,0 +1,12 @@
+DROP TABLE quota_breaches;
+DROP TABLE bandwidth_usage;
+DROP TABLE tenant_quotas;
+DROP TABLE security_incidents;
+DROP TABLE failed_logins;
+DROP TABLE api_tokens;
+DROP TABLE vps_credentials;
+DROP TABLE vps_servers;
+DROP TABLE ssl_expiry_warnings;
+DROP TABLE ssl_certificates;
+DROP TABLE team_members;
+ALTER TABLE users DROP CONSTRAINT users_id_tenant_unique;
