@@ -36,6 +36,7 @@ fn the_registry_maps_events_as_the_seed_does() {
             [
                 "record_metrics (sync)",
                 "update_tenant_metrics",
+                "tenant_activity",
                 "record_audit_log"
             ],
             "{event_type}"
@@ -47,6 +48,7 @@ fn the_registry_maps_events_as_the_seed_does() {
             [
                 "record_metrics (sync)",
                 "update_tenant_metrics",
+                "tenant_activity",
                 "record_audit_log",
                 "send_notification"
             ],
@@ -64,14 +66,16 @@ fn the_registry_maps_events_as_the_seed_does() {
         "the seed's backoff"
     );
     assert!(options.inbox);
-    assert!(
-        !registry
-            .queued_listener_named("update_tenant_metrics")
-            .unwrap()
-            .options()
-            .inbox,
-        "idempotent by construction"
-    );
+    for projection in ["update_tenant_metrics", "tenant_activity"] {
+        assert!(
+            registry
+                .queued_listener_named(projection)
+                .unwrap()
+                .options()
+                .inbox,
+            "{projection} is a projection: the inbox is what its rebuild hands over with"
+        );
+    }
 }
 
 #[test]

@@ -150,7 +150,8 @@ pub fn flow(outbox: &Outbox, conn: &mut PgConnection) -> Flow {
 fn the_registry_maps_phase_two() {
     let registry = listeners::registry(&ListenerConfig::default()).unwrap();
     for event_type in chom::events::PHASE2_EVENT_TYPES {
-        let mut expected = vec!["record_metrics (sync)", "record_audit_log"];
+        // The activity feed (a projection) has every tenant event.
+        let mut expected = vec!["record_metrics (sync)", "tenant_activity", "record_audit_log"];
         if listeners::NOTIFIED_EVENT_TYPES.contains(&event_type) {
             expected.push("send_notification");
         }
