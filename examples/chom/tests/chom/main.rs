@@ -15,6 +15,7 @@ mod fake;
 mod guide;
 mod killed_worker;
 mod listeners;
+mod monitoring;
 mod operate;
 mod phase2;
 mod pipeline;
