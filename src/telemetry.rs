@@ -164,6 +164,18 @@ pub fn traceparent_of(span: &Span) -> Option<String> {
     })
 }
 
+/// Records the trace and span ids of `span` in its `trace_id` and
+/// `span_id` fields (so log lines inside it carry them) and returns its
+/// traceparent.
+pub(crate) fn record_ids(span: &Span) -> Option<String> {
+    let traceparent = traceparent_of(span)?;
+    if let (Some(trace_id), Some(span_id)) = (traceparent.get(3..35), traceparent.get(36..52)) {
+        span.record("trace_id", trace_id);
+        span.record("span_id", span_id);
+    }
+    Some(traceparent)
+}
+
 /// The `traceparent` of the current span, while exporting.
 pub(crate) fn current_traceparent() -> Option<String> {
     if !is_active() {

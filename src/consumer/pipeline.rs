@@ -236,13 +236,10 @@ fn handle_span(listener: &str, delivery: &Delivery) -> tracing::Span {
         outbox.attempt = tracing::field::Empty,
         outbox.outcome = tracing::field::Empty,
         trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     );
     telemetry::set_parent_from(&span, header("traceparent"));
-    if let Some(traceparent) = telemetry::traceparent_of(&span)
-        && let Some(trace_id) = traceparent.get(3..35)
-    {
-        span.record("trace_id", trace_id);
-    }
+    let _ = telemetry::record_ids(&span);
     span
 }
 

@@ -119,11 +119,9 @@ fn publish_span(row: &ClaimedEvent, exchange: &str) -> (tracing::Span, Option<St
         outbox.waited_ms = waited_ms,
         outbox.publish_attempt = row.attempts + 1,
         trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     );
     telemetry::set_parent_from(&span, row.traceparent.as_deref());
-    let traceparent = telemetry::traceparent_of(&span);
-    if let Some(trace_id) = traceparent.as_deref().and_then(|t| t.get(3..35)) {
-        span.record("trace_id", trace_id);
-    }
+    let traceparent = telemetry::record_ids(&span);
     (span, traceparent)
 }
