@@ -38,14 +38,28 @@ pub fn init_with(format: LogFormat, filter: EnvFilter, service_name: &str) -> Op
         Ok(telemetry) => (telemetry, None),
         Err(error) => (None, Some(error)),
     };
-    let spans = telemetry
-        .as_ref()
-        .map(|telemetry| telemetry.layer().with_filter(outbox::telemetry::span_filter()));
-    let registry = tracing_subscriber::registry().with(spans);
-    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => registry.with(lines.with_filter(filter)).init(),
-        LogFormat::Json => registry.with(lines.json().with_filter(filter)).init(),
+    match &telemetry {
+        // Not exporting: the plain log subscriber, the filter global
+        // (callsites below its level stay disabled for good).
+        None => {
+            let plain = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr);
+            match format {
+                LogFormat::Text => plain.init(),
+                LogFormat::Json => plain.json().init(),
+            }
+        }
+        // Exporting: spans pass their own filter, whatever the log level.
+        Some(telemetry) => {
+            let spans = telemetry.layer().with_filter(outbox::telemetry::span_filter());
+            let registry = tracing_subscriber::registry().with(spans);
+            let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+            match format {
+                LogFormat::Text => registry.with(lines.with_filter(filter)).init(),
+                LogFormat::Json => registry.with(lines.json().with_filter(filter)).init(),
+            }
+        }
     }
     if let Some(error) = failed {
         tracing::warn!(%error, "OpenTelemetry is configured but its exporter could not be built; no spans are exported");
