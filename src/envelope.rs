@@ -13,6 +13,13 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::event::{DomainEvent, Metadata};
 use crate::schema::outbox_events;
+#[cfg(feature = "otel")]
+use crate::telemetry::current_traceparent;
+
+#[cfg(not(feature = "otel"))]
+fn current_traceparent() -> Option<String> {
+    None
+}
 
 /// Default cap on a serialized payload: 256 KiB.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
@@ -120,7 +127,9 @@ impl EventEnvelope {
             actor: metadata.actor.clone(),
             correlation_id: metadata.correlation_id.clone(),
             causation_id: metadata.causation_id.clone(),
-            traceparent: metadata.traceparent.clone(),
+            // Without one from the caller: the current span's context
+            // (feature `otel`, while exporting).
+            traceparent: metadata.traceparent.clone().or_else(current_traceparent),
             schema_version: event.schema_version(),
             payload: JsonPayload(payload),
         };

@@ -35,6 +35,7 @@
 //! | publishing stored events again, to one queue | [`replay`] | [`replay::select`], [`replay::publish_to_queue`] |
 //! | read models fed by events, rebuilt from the log while writers write | [`projection`] | [`projection::Projection`], [`Registry::projection`], [`projection::rebuild`] |
 //! | old payload shapes brought to the current one wherever events are read | [`upcast`] | [`Registry::upcaster`], [`upcast::Upcasters`] |
+//! | OpenTelemetry traces: the OTLP exporter from `OTEL_*`, the `tracing` layer, trace context from `record` to `publish` to `handle <listener>` (feature `otel`) | `telemetry.rs` | `telemetry::Telemetry::from_env`, `telemetry::is_active` |
 //! | metric names, health flags, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`], [`Health`] |
 //! | one backoff schedule for every wait-and-try-again | `delay.rs` | |
 //! | per-test databases, exchanges, proxy, waits (feature `testing`) | `testing` | `TestDatabase`, `testing::eventually` |
@@ -93,6 +94,8 @@ pub mod relay;
 pub mod replay;
 pub mod schema;
 pub mod settings;
+#[cfg(feature = "otel")]
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod text;

@@ -374,7 +374,7 @@ pub struct BenchTarget {
 
 fn main() -> ExitCode {
     let args = BenchArgs::parse();
-    logging::init(args.global.log_format);
+    let _telemetry = logging::init(args.global.log_format, "outbox-bench");
     match run(&args.global.database_url, &args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

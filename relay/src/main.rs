@@ -121,7 +121,7 @@ enum Command {
 fn main() -> ExitCode {
     let Cli { global, command } = Cli::parse();
     let database_url = &global.database_url;
-    logging::init(global.log_format);
+    let _telemetry = logging::init(global.log_format, "outbox-relay");
     // FAILPOINTS=relay::before_mark=return ... (feature `failpoints` only).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

@@ -19,6 +19,7 @@ use lapin::types::{AMQPValue, LongString};
 use lapin::{BasicProperties, Channel};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::amqp::SessionLost;
 use crate::consumer::attempts::{self, FailedMessage, FailureOutcome};
@@ -171,10 +172,14 @@ struct Stopped;
 async fn handle_delivery(shared: Arc<ListenerShared>, delivery: Delivery, permit: OwnedSemaphorePermit) {
     let permit = Arc::new(permit);
     let listener = shared.registration.name().to_owned();
-    let outcome = process(&shared, &delivery, &permit).await;
+    let span = handle_span(&listener, &delivery);
+    let outcome = process(&shared, &delivery, &permit)
+        .instrument(span.clone())
+        .await;
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(Stopped) => {
+            span.record("outbox.outcome", "returned");
             metrics::counter!(LISTENER_OUTCOMES_TOTAL, "listener" => listener, "outcome" => "returned")
                 .increment(1);
             return;
@@ -182,16 +187,76 @@ async fn handle_delivery(shared: Arc<ListenerShared>, delivery: Delivery, permit
     };
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => {
+            end_handle_span(&span, outcome);
             metrics::counter!(LISTENER_OUTCOMES_TOTAL, "listener" => listener, "outcome" => outcome)
                 .increment(1);
         }
         Ok(false) | Err(_) => {
             // The channel is gone: the message comes back, and the inbox,
             // the attempt count or the failed job makes that harmless.
+            span.record("outbox.outcome", "returned");
             tracing::warn!(listener = %listener, "could not acknowledge a message (channel closed); it will be redelivered");
             metrics::counter!(LISTENER_OUTCOMES_TOTAL, "listener" => listener, "outcome" => "returned")
                 .increment(1);
         }
+    }
+}
+
+/// The `handle <listener>` span of one delivery, child of the context
+/// the message carries (its `traceparent` header), while exporting
+/// traces; a disabled span otherwise. The attempt and the outcome are
+/// recorded as the pipeline learns them.
+#[cfg(feature = "otel")]
+fn handle_span(listener: &str, delivery: &Delivery) -> tracing::Span {
+    use crate::telemetry;
+    if !telemetry::is_active() {
+        return tracing::Span::none();
+    }
+    let header = |name: &str| {
+        delivery.properties.headers().as_ref().and_then(|headers| {
+            headers.inner().iter().find_map(|(key, value)| match value {
+                AMQPValue::LongString(text) if key.as_str() == name => {
+                    std::str::from_utf8(text.as_bytes()).ok()
+                }
+                _ => None,
+            })
+        })
+    };
+    let span = tracing::info_span!(
+        target: "outbox::consumer",
+        "handle",
+        otel.name = format!("handle {listener}"),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.message.id = delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+        messaging.rabbitmq.redelivered = delivery.redelivered,
+        outbox.listener = listener,
+        outbox.event_type = delivery.properties.kind().as_ref().map(|kind| kind.as_str()),
+        outbox.attempt = tracing::field::Empty,
+        outbox.outcome = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    telemetry::set_parent_from(&span, header("traceparent"));
+    let _ = telemetry::record_ids(&span);
+    span
+}
+
+#[cfg(not(feature = "otel"))]
+fn handle_span(_listener: &str, _delivery: &Delivery) -> tracing::Span {
+    tracing::Span::none()
+}
+
+/// Records the acknowledged `outcome` on the handling's span; a try that
+/// failed (retried, or failed for good) is an error.
+fn end_handle_span(span: &tracing::Span, outcome: &'static str) {
+    span.record("outbox.outcome", outcome);
+    #[cfg(feature = "otel")]
+    match outcome {
+        "failed" => crate::telemetry::mark_error(span, "listener failed for good; recorded in failed_jobs"),
+        "retry" => crate::telemetry::mark_error(span, "listener failed; retry scheduled"),
+        _ => {}
     }
 }
 
@@ -250,6 +315,7 @@ async fn process(
         }
     }
     let attempt = previous + 1;
+    tracing::Span::current().record("outbox.attempt", attempt);
     let mut wait = Backoff::new(Duration::from_millis(100), shared.reconnect_max);
     let mut busy_wait = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
     loop {

@@ -55,6 +55,15 @@ impl Publisher {
     /// does not wait for the confirm, so many rows are in flight at once.
     pub(crate) async fn publish(&self, row: &ClaimedEvent) -> Result<PublisherConfirm, PublishError> {
         let event = row.as_event_ref();
+        // While exporting traces: a `publish` span, child of the writer's
+        // context, whose own context the message carries on.
+        #[cfg(feature = "otel")]
+        let (_span, traceparent) = publish_span(row, &self.exchange);
+        #[cfg(feature = "otel")]
+        let event = crate::cloudevents::EventRef {
+            traceparent: traceparent.as_deref().or(event.traceparent),
+            ..event
+        };
         let body = encode_body(&event, &self.source).map_err(|e| PublishError::Encode(e.to_string()))?;
         let properties =
             amqp_properties(&event, &self.app_id).map_err(|e| PublishError::Encode(e.to_string()))?;
@@ -84,4 +93,35 @@ impl Publisher {
             let _ = self.connection.close(200, "relay stopping".into()).await;
         }
     }
+}
+
+/// The `publish` span of `row` (none while no trace exporter runs) and
+/// the traceparent the message carries instead of the writer's.
+#[cfg(feature = "otel")]
+fn publish_span(row: &ClaimedEvent, exchange: &str) -> (tracing::Span, Option<String>) {
+    use crate::telemetry;
+    if !telemetry::is_active() {
+        return (tracing::Span::none(), None);
+    }
+    // How long the event waited in the outbox, from the writer's insert.
+    let waited_ms = (chrono::Utc::now() - row.recorded_at).num_milliseconds().max(0);
+    let span = tracing::info_span!(
+        target: "outbox::relay",
+        "publish",
+        otel.name = "publish",
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "send",
+        messaging.destination.name = %exchange,
+        messaging.message.id = %row.event_id,
+        outbox.event_type = %row.event_type,
+        outbox.aggregate_type = %row.aggregate_type,
+        outbox.waited_ms = waited_ms,
+        outbox.publish_attempt = row.attempts + 1,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    telemetry::set_parent_from(&span, row.traceparent.as_deref());
+    let traceparent = telemetry::record_ids(&span);
+    (span, traceparent)
 }

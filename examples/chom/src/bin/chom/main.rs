@@ -40,13 +40,7 @@ fn main() -> ExitCode {
         Command::Demo(_) => "off",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = init_logging(default_filter);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -57,6 +51,37 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Log lines on stderr, and spans over OTLP/HTTP when the standard
+/// `OTEL_*` variables name a collector (as service `chom` unless
+/// `OTEL_SERVICE_NAME` says otherwise). The guard flushes spans on drop.
+fn init_logging(default_filter: &str) -> Option<outbox::telemetry::Telemetry> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let (telemetry, failed) = match outbox::telemetry::Telemetry::from_env("chom") {
+        Ok(telemetry) => (telemetry, None),
+        Err(error) => (None, Some(error)),
+    };
+    tracing_subscriber::registry()
+        .with(
+            telemetry
+                .as_ref()
+                .map(|telemetry| telemetry.layer().with_filter(outbox::telemetry::span_filter())),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
+        .init();
+    if let Some(error) = failed {
+        tracing::warn!(%error, "OpenTelemetry is configured but its exporter could not be built; no spans are exported");
+    }
+    telemetry
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -82,12 +107,24 @@ fn run(cli: Cli) -> Result<()> {
                 tenants::create_user(&mut connect(url)?, tenant, &email, &name).context("creating user")?;
             print_id(&output, user.id, &user)
         }
-        Command::Site(command) => site(url, &outbox, command),
-        Command::Backup(command) => backup(url, &outbox, command),
-        Command::Team(command) => team_command(url, &outbox, command),
-        Command::Ssl(command) => ssl_command(url, &outbox, command),
-        Command::Security(command) => security_command(url, &outbox, command),
-        Command::Quota(command) => quota_command(url, &outbox, command),
+        // A write command is one span: the events it records carry its
+        // trace context (while exporting traces).
+        Command::Site(command) => tracing::info_span!("chom site").in_scope(|| site(url, &outbox, command)),
+        Command::Backup(command) => {
+            tracing::info_span!("chom backup").in_scope(|| backup(url, &outbox, command))
+        }
+        Command::Team(command) => {
+            tracing::info_span!("chom team").in_scope(|| team_command(url, &outbox, command))
+        }
+        Command::Ssl(command) => {
+            tracing::info_span!("chom ssl").in_scope(|| ssl_command(url, &outbox, command))
+        }
+        Command::Security(command) => {
+            tracing::info_span!("chom security").in_scope(|| security_command(url, &outbox, command))
+        }
+        Command::Quota(command) => {
+            tracing::info_span!("chom quota").in_scope(|| quota_command(url, &outbox, command))
+        }
         Command::Simulate(args) => simulate(url, &outbox, args),
         Command::Work(args) => work(url, args),
         Command::Topology(args) => topology(args),
