@@ -363,6 +363,8 @@ fn checkpoint(conn: &mut PgConnection, name: &str, position: i64, applied: i64) 
 pub(crate) struct ProjectionListener {
     pub(crate) projection: Arc<dyn Projection>,
     pub(crate) name: String,
+    /// As registered, the inbox on.
+    pub(crate) options: ListenerOptions,
 }
 
 #[derive(QueryableByName)]
@@ -379,10 +381,7 @@ impl QueuedListener for ProjectionListener {
     }
 
     fn options(&self) -> ListenerOptions {
-        ListenerOptions {
-            inbox: true,
-            ..self.projection.options()
-        }
+        self.options.clone()
     }
 
     fn handle(

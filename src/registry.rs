@@ -166,14 +166,14 @@ impl Registry {
         let types = projection.event_types();
         let listener = ProjectionListener {
             projection: Arc::clone(&projection),
-            name: name.clone(),
-        };
-        let options = ListenerOptions {
-            inbox: true,
-            ..options
+            name,
+            options: ListenerOptions {
+                inbox: true,
+                ..options
+            },
         };
         let types: Vec<&str> = types.iter().map(String::as_str).collect();
-        self = self.queued_listener_with(&types, listener, options)?;
+        self = self.queued_listener(&types, listener)?;
         self.projections.push(projection);
         Ok(self)
     }

@@ -28,9 +28,9 @@ pub(crate) struct ProjectionRebuilder {
 }
 
 #[derive(QueryableByName)]
-struct Wanted {
-    #[diesel(sql_type = Bool)]
-    wanted: bool,
+struct State {
+    #[diesel(sql_type = Text)]
+    state: String,
 }
 
 #[derive(QueryableByName)]
@@ -50,15 +50,16 @@ impl MaintenanceService for ProjectionRebuilder {
 
     fn run_once(&self, conn: &mut PgConnection) -> Result<Step> {
         let name = self.projection.name();
-        projection::ensure_row(conn, name)?;
-        let wanted = diesel::sql_query(
-            "SELECT EXISTS (SELECT 1 FROM outbox_projections
-                            WHERE name = $1 AND state IN ('rebuild_requested', 'rebuilding')) AS wanted",
-        )
-        .bind::<Text, _>(name)
-        .get_result::<Wanted>(conn)?
-        .wanted;
-        if !wanted {
+        // One read a period; the row is written only when missing (a
+        // projection this database has not seen yet).
+        let state = diesel::sql_query("SELECT state FROM outbox_projections WHERE name = $1")
+            .bind::<Text, _>(name)
+            .get_results::<State>(conn)?;
+        let Some(State { state }) = state.into_iter().next() else {
+            projection::ensure_row(conn, name)?;
+            return Ok(Step::done(0));
+        };
+        if state == "live" {
             return Ok(Step::done(0));
         }
         let key = format!("outbox_projection:{name}");
