@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
@@ -58,6 +59,54 @@ pub(crate) struct ListenerShared {
     pub(crate) upcasters: Arc<Upcasters>,
     /// Foreign sources already logged (a bounded set).
     pub(crate) foreign_sources_seen: std::sync::Mutex<HashSet<String>>,
+    /// Deliveries in each waiting step, for the shutdown's report of what
+    /// outlived the shutdown timeout.
+    pub(crate) waiting: WaitingSteps,
+}
+
+/// How many deliveries of a listener wait in each step of the pipeline.
+#[derive(Debug, Default)]
+pub(crate) struct WaitingSteps {
+    handler: AtomicUsize,
+    database: AtomicUsize,
+    publish: AtomicUsize,
+    ack: AtomicUsize,
+}
+
+impl WaitingSteps {
+    /// `"2 in the handler, 1 publishing a copy"`; `None` when idle.
+    pub(crate) fn describe(&self) -> Option<String> {
+        let steps = [
+            (&self.handler, "in the handler"),
+            (&self.database, "in a database step"),
+            (&self.publish, "publishing a copy"),
+            (&self.ack, "acknowledging"),
+        ];
+        let busy: Vec<String> = steps
+            .iter()
+            .filter_map(|(n, what)| {
+                let n = n.load(AtomicOrdering::Relaxed);
+                (n > 0).then(|| format!("{n} {what}"))
+            })
+            .collect();
+        (!busy.is_empty()).then(|| busy.join(", "))
+    }
+}
+
+/// Counts a delivery in one step while alive.
+struct InStep<'a>(&'a AtomicUsize);
+
+impl<'a> InStep<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, AtomicOrdering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InStep<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AtomicOrdering::Relaxed);
+    }
 }
 
 /// Foreign sources remembered for logging once each; past this many, no
@@ -166,6 +215,14 @@ impl CopyPublisher {
     }
 }
 
+/// How long an ack may take. An ack is one frame, written at once; but
+/// an ack sent as the connection is reset may never resolve (seen with
+/// lapin 4.12 when a cluster node stopped: the session then waited out its
+/// whole shutdown timeout before reconnecting). Past this bound it counts
+/// as not acknowledged: the frame still goes out if the connection lives,
+/// and the message comes back if it does not.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Why processing stopped without an ack.
 struct Stopped;
 
@@ -185,13 +242,16 @@ async fn handle_delivery(shared: Arc<ListenerShared>, delivery: Delivery, permit
             return;
         }
     };
-    match delivery.acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => {
+    let acking = InStep::enter(&shared.waiting.ack);
+    let acked = tokio::time::timeout(ACK_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await;
+    drop(acking);
+    match acked {
+        Ok(Ok(true)) => {
             end_handle_span(&span, outcome);
             metrics::counter!(LISTENER_OUTCOMES_TOTAL, "listener" => listener, "outcome" => outcome)
                 .increment(1);
         }
-        Ok(false) | Err(_) => {
+        Ok(Ok(false) | Err(_)) | Err(_) => {
             // The channel is gone: the message comes back, and the inbox,
             // the attempt count or the failed job makes that harmless.
             span.record("outbox.outcome", "returned");
@@ -526,6 +586,7 @@ async fn run_handler(
     permit: &Arc<OwnedSemaphorePermit>,
 ) -> HandlerRun {
     if let Some(batcher) = &shared.batcher {
+        let _waiting = InStep::enter(&shared.waiting.handler);
         return batcher.run(Arc::clone(event), attempt, clear_attempts).await;
     }
     let options = shared.registration.options().clone();
@@ -553,6 +614,7 @@ async fn run_handler(
         }
     });
     let timeout = shared.registration.options().timeout;
+    let _waiting = InStep::enter(&shared.waiting.handler);
     match tokio::time::timeout(timeout, task).await {
         Ok(Ok(run)) => run,
         Ok(Err(join)) => HandlerRun::Failed(ListenerError::transient(format!("handler task failed: {join}"))),
@@ -573,12 +635,14 @@ async fn db_step<T: Send + 'static>(
     loop {
         let pool = shared.pool.clone();
         let step = Arc::clone(&work);
+        let waiting = InStep::enter(&shared.waiting.database);
         let result = tokio::task::spawn_blocking(move || {
             let mut conn = pool.get()?;
             step(&mut conn)
         })
         .await
         .unwrap_or_else(|e| Err(Error::BlockingTask(e)));
+        drop(waiting);
         match result {
             Ok(value) => {
                 shared.health.set_database_ok(true);
@@ -603,11 +667,13 @@ async fn publish_step(
 ) -> std::result::Result<(), Stopped> {
     let mut wait = Backoff::new(Duration::from_millis(100), shared.reconnect_max);
     loop {
-        match shared
+        let waiting = InStep::enter(&shared.waiting.publish);
+        let published = shared
             .publisher
             .publish_to_queue(queue, body, properties.clone())
-            .await
-        {
+            .await;
+        drop(waiting);
+        match published {
             Ok(()) => return Ok(()),
             Err(error) => {
                 tracing::warn!(listener = shared.registration.name(), queue, error = %error_chain(&error), retry_in = ?wait.upcoming(), "publish failed; holding the message");

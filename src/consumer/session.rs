@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use crate::amqp::{self, SessionEnd, SessionLost};
 use crate::consumer::batch::Batcher;
 use crate::consumer::config::WorkerConfig;
-use crate::consumer::pipeline::{CopyPublisher, ListenerLoop, ListenerShared};
+use crate::consumer::pipeline::{CopyPublisher, ListenerLoop, ListenerShared, WaitingSteps};
 use crate::consumer::topology::{self, ListenerQueues};
 use crate::database::PgPool;
 use crate::error::{Error, Result};
@@ -91,6 +91,7 @@ impl ConsumerSession {
                     accept_sources: Arc::clone(&accept_sources),
                     upcasters: Arc::clone(upcasters),
                     foreign_sources_seen: std::sync::Mutex::default(),
+                    waiting: WaitingSteps::default(),
                     batcher: registration
                         .options()
                         .batches()
@@ -122,6 +123,7 @@ impl ConsumerSession {
         } = self;
         let mut loops = JoinSet::new();
         let mut cancel = Vec::new();
+        let shared: Vec<Arc<ListenerShared>> = consumers.iter().map(|c| Arc::clone(&c.shared)).collect();
         for consumer in consumers {
             cancel.push((consumer.channel.clone(), consumer.tag.clone()));
             loops.spawn(consumer.run());
@@ -169,8 +171,14 @@ impl ConsumerSession {
         })
         .await;
         if drained.is_err() {
+            // Which steps held them: a handler, the database or the broker.
+            let waiting: Vec<String> = shared
+                .iter()
+                .filter_map(|s| Some(format!("{}: {}", s.registration.name(), s.waiting.describe()?)))
+                .collect();
             tracing::warn!(
-                "handlers still running after the shutdown timeout; their messages go back to the queue"
+                waiting = %waiting.join("; "),
+                "deliveries still in the pipeline after the shutdown timeout; their messages go back to the queue"
             );
             loops.abort_all();
             while loops.join_next().await.is_some() {}
