@@ -12,7 +12,9 @@
 //!   (default 5,000): the soak is `OUTBOX_CHAOS_SECS=600
 //!   OUTBOX_CHAOS_TRANSACTIONS=15000`; the fault cycle repeats every 60 s;
 //! - `OUTBOX_CHAOS_SERVICE_FAULTS=0`: no broker or database restarts (for
-//!   runs beside other tests).
+//!   runs beside other tests);
+//! - `OUTBOX_CHAOS_KEEP_LOGS=1`: keep the processes' logs of a passing
+//!   run too (a failing one always keeps them).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
@@ -190,13 +192,6 @@ async fn drain_tap(tap: &str) -> (usize, usize) {
     }
     let _ = connection.close(200, "ok".into()).await;
     (depth, ids.len())
-}
-
-fn unpublished(conn: &mut PgConnection) -> QueryResult<i64> {
-    verify::try_count(
-        conn,
-        "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL",
-    )
 }
 
 /// Runs an observation, reconnecting the test's own connection while a
@@ -618,6 +613,7 @@ async fn chaos_run() {
     // (a soak leaves a long one), and everything is over within 30 min.
     let give_up = drain_started + Duration::from_secs(1800);
     let (mut best, mut last_progress) = (i64::MAX, Instant::now());
+    let mut next_report = Instant::now() + Duration::from_secs(15);
     loop {
         chaos.check_exits();
         let left = observe(&db, &mut conn, verify::outstanding);
@@ -627,13 +623,28 @@ async fn chaos_run() {
         if left < best {
             (best, last_progress) = (left, Instant::now());
         }
-        assert!(
-            last_progress.elapsed() < Duration::from_secs(90) && Instant::now() < give_up,
-            "pipeline stopped draining {:?} after the faults stopped: {left} outstanding ({} unpublished); logs in {}",
-            drain_started.elapsed(),
-            observe(&db, &mut conn, unpublished),
-            logs.display()
-        );
+        let stalled = last_progress.elapsed() >= Duration::from_secs(90) || Instant::now() >= give_up;
+        if stalled || Instant::now() >= next_report {
+            // Where the backlog is: the database's view and the broker's.
+            let backlog = observe(&db, &mut conn, verify::backlog);
+            let queues = tokio::task::spawn_blocking({
+                let app = app.clone();
+                move || services::queue_report(&app)
+            })
+            .await
+            .unwrap_or_default();
+            eprintln!(
+                "chaos: draining for {:.0?}: {left} outstanding: {backlog}; queues: {queues}",
+                drain_started.elapsed()
+            );
+            next_report = Instant::now() + Duration::from_secs(15);
+            assert!(
+                !stalled,
+                "pipeline stopped draining {:?} after the faults stopped: {left} outstanding ({backlog}); queues: {queues}; logs in {}",
+                drain_started.elapsed(),
+                logs.display()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let drain = drain_started.elapsed();
@@ -693,6 +704,11 @@ async fn chaos_run() {
         rss < 100 * 1024,
         "a relay grew to {rss} KiB while the broker was down"
     );
-    let _ = std::fs::remove_dir_all(&logs);
+    // Kept on failure (the panic names the folder), or when asked.
+    if std::env::var_os("OUTBOX_CHAOS_KEEP_LOGS").is_none() {
+        let _ = std::fs::remove_dir_all(&logs);
+    } else {
+        eprintln!("chaos: logs kept in {}", logs.display());
+    }
     drop(names);
 }

@@ -135,3 +135,46 @@ impl Drop for RestoreServices {
         }
     }
 }
+
+/// The run's queues as the broker sees them (`name ready/unacked
+/// consumers`, those holding messages or with no consumer), for the
+/// drain's reports.
+pub fn queue_report(app: &str) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "--timeout",
+            "10",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    let Ok(output) = output else {
+        return "rabbitmqctl did not run".to_owned();
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|line| line.starts_with(app))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [name, ready, unacked, consumers] = fields[..] else {
+                return None;
+            };
+            let retry_or_dead = name.contains(".retry.") || name.ends_with(".dead");
+            let interesting = ready != "0" || unacked != "0" || (consumers == "0" && !retry_or_dead);
+            interesting.then(|| format!("{} {ready}/{unacked} {consumers}", &name[app.len()..]))
+        })
+        .collect();
+    if lines.is_empty() {
+        "all empty".to_owned()
+    } else {
+        lines.join(", ")
+    }
+}

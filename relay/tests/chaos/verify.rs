@@ -38,17 +38,20 @@ pub fn install_mark_log(conn: &mut PgConnection) {
 
 /// Rows of `sql` (one text column `line`) for an error message.
 fn lines(conn: &mut PgConnection, sql: &str) -> Vec<String> {
+    try_lines(conn, sql).expect(sql)
+}
+
+fn try_lines(conn: &mut PgConnection, sql: &str) -> QueryResult<Vec<String>> {
     #[derive(QueryableByName)]
     struct Line {
         #[diesel(sql_type = Text)]
         line: String,
     }
-    diesel::sql_query(sql)
-        .load::<Line>(conn)
-        .expect(sql)
+    Ok(diesel::sql_query(sql)
+        .load::<Line>(conn)?
         .into_iter()
         .map(|l| l.line)
-        .collect()
+        .collect())
 }
 
 /// Committed events still waiting for a listener: 0 once the pipeline has
@@ -66,6 +69,59 @@ pub fn outstanding(conn: &mut PgConnection) -> QueryResult<i64> {
                AS n"
         ),
     )
+}
+
+/// Where the outstanding events are, for the drain's progress lines and
+/// its failure message: unpublished, and missing at each listener (with
+/// whether the listener's inbox has the event, which would mean the
+/// effect and the inbox row disagree).
+pub fn backlog(conn: &mut PgConnection) -> QueryResult<String> {
+    let missing = |listener: &str, failed_ok: bool| {
+        format!(
+            "(SELECT count(*) FROM outbox_events e WHERE NOT EXISTS
+                (SELECT 1 FROM chaos_effects f WHERE f.listener = '{listener}' AND f.event_id = e.event_id){})",
+            if failed_ok {
+                format!(" AND NOT EXISTS (SELECT 1 FROM failed_jobs j WHERE j.listener = '{listener}' AND j.event_id = e.event_id)")
+            } else {
+                String::new()
+            }
+        )
+    };
+    let unpublished = try_count(
+        conn,
+        "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL",
+    )?;
+    let ordered = try_count(conn, &format!("SELECT {} AS n", missing(ORDERED, false)))?;
+    let audit = try_count(conn, &format!("SELECT {} AS n", missing(AUDIT, true)))?;
+    let ids = try_lines(
+        conn,
+        &format!(
+            "SELECT e.seq || ' ' || e.event_id || ' ' || e.aggregate_id || '/' || (e.payload->>'n') ||
+                    CASE WHEN NOT EXISTS (SELECT 1 FROM chaos_effects f WHERE f.listener = '{ORDERED}' AND f.event_id = e.event_id)
+                         THEN ' ordered' ELSE '' END ||
+                    CASE WHEN NOT EXISTS (SELECT 1 FROM chaos_effects f WHERE f.listener = '{AUDIT}' AND f.event_id = e.event_id)
+                          AND NOT EXISTS (SELECT 1 FROM failed_jobs j WHERE j.listener = '{AUDIT}' AND j.event_id = e.event_id)
+                         THEN ' audit' ELSE '' END AS line
+             FROM outbox_events e
+             WHERE NOT EXISTS (SELECT 1 FROM chaos_effects f WHERE f.listener = '{ORDERED}' AND f.event_id = e.event_id)
+                OR (NOT EXISTS (SELECT 1 FROM chaos_effects f WHERE f.listener = '{AUDIT}' AND f.event_id = e.event_id)
+                    AND NOT EXISTS (SELECT 1 FROM failed_jobs j WHERE j.listener = '{AUDIT}' AND j.event_id = e.event_id))
+             ORDER BY e.seq LIMIT 10"
+        ),
+    )?;
+    // A failed job of the ordered listener is outstanding for good.
+    let ordered_failed = try_lines(
+        conn,
+        &format!(
+            "SELECT coalesce(event_id::text, '?') || ': ' || left(errors::text, 300) AS line FROM failed_jobs
+             WHERE listener = '{ORDERED}' ORDER BY id LIMIT 3"
+        ),
+    )?;
+    Ok(format!(
+        "{unpublished} unpublished, {ordered} missing at {ORDERED}, {audit} at {AUDIT}; first: [{}]; failed jobs of {ORDERED}: [{}]",
+        ids.join("; "),
+        ordered_failed.join("; ")
+    ))
 }
 
 /// What the run counted, for the report.
