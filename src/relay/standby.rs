@@ -17,7 +17,7 @@
 //! batch. A standby that flushed that far holds every claimed row; promote
 //! the most advanced standby (the usual practice) and no published event
 //! is missing from it. What it costs: one replication round trip per
-//! claimed batch (measured in `tests/cluster`, README), and publishing
+//! claimed batch (measured in `examples/chom/tests/cluster`, README), and publishing
 //! stops while no standby keeps up (the batch is given back after the
 //! wait, claimed again later), which is the point. Synchronous
 //! replication (`synchronous_commit = remote_write` or `on` with

@@ -1,11 +1,15 @@
-//! The outbox on a three-node RabbitMQ cluster of the test's own
+//! CHOM on a three-node RabbitMQ cluster of the test's own
 //! (`fixture.rs`), with quorum queues replicated on all three nodes,
-//! through node failures under steady traffic: the node the relay is
-//! connected to SIGKILLed, the quorum leader of a listener's queue
-//! SIGKILLed, and a rolling restart of the three nodes. After each,
-//! nothing committed is missing at the listeners, no effect is applied
-//! twice (inbox listener), per-aggregate order holds at the ordered
-//! listener (single active consumer), and the figures are printed.
+//! through node failures under steady CHOM traffic (`traffic.rs`: site
+//! lifecycles through CHOM's services, CHOM's listeners as `chom work`
+//! runs them): the node the relay is connected to SIGKILLed, the quorum
+//! leader of a listener's queue SIGKILLed, and a rolling restart of the
+//! three nodes. After each, nothing committed is missing at the
+//! listeners (an audit row, an activity line, a notification where one
+//! is due, a probe effect), no effect is applied twice (the inbox probe),
+//! per-aggregate order holds at the ordered listener (single active
+//! consumer), and the figures are printed. Then a Postgres standby is
+//! promoted under the same traffic (`standby.rs`).
 //!
 //! One test function runs the phases on one cluster: starting a cluster
 //! costs ~20 s of the CI's budget.
@@ -25,15 +29,63 @@ use chrono::Utc;
 use diesel::prelude::*;
 use outbox::consumer::topology;
 use outbox::testing::{count, eventually};
-use outbox::{Registry, Relay, RelayConfig, TestDatabase, Worker, WorkerConfig};
+use outbox::{Relay, RelayConfig, TestDatabase, Worker, WorkerConfig};
 
 use fixture::RabbitCluster;
-use traffic::{Audit, Figures, Ordered, Writer};
+use traffic::{Figures, Ordered, Writer};
 
 /// Runs blocking fixture work (rabbitmqctl calls take a second) off the
 /// async workers, which the relay and the worker need meanwhile.
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// A relay and a worker, each running on its own task until stopped.
+pub(crate) struct Pipeline {
+    stop: Vec<tokio::sync::oneshot::Sender<()>>,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<outbox::Result<()>>)>,
+}
+
+impl Pipeline {
+    pub(crate) fn start(relay: Relay, worker: Worker) -> Self {
+        let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+        let relay = tokio::spawn(async move {
+            relay
+                .run(async {
+                    let _ = relay_stopped.await;
+                })
+                .await
+        });
+        let worker = tokio::spawn(async move {
+            worker
+                .run(async {
+                    let _ = worker_stopped.await;
+                })
+                .await
+        });
+        Self {
+            stop: vec![stop_relay, stop_worker],
+            tasks: vec![("relay", relay), ("worker", worker)],
+        }
+    }
+
+    /// Stops both and waits (30 s each); what went wrong, if anything.
+    pub(crate) async fn stop(self) -> Vec<String> {
+        for stop in self.stop {
+            let _ = stop.send(());
+        }
+        let mut problems = Vec::new();
+        for (what, task) in self.tasks {
+            match tokio::time::timeout(Duration::from_secs(30), task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => problems.push(format!("{what}: {}", outbox::error_chain(&error))),
+                Ok(Err(join)) => problems.push(format!("{what} task: {join}")),
+                Err(_) => problems.push(format!("{what} did not stop within 30 s")),
+            }
+        }
+        problems
+    }
 }
 
 /// Waits until every event recorded more than a second ago has its effect.
@@ -110,8 +162,9 @@ async fn failovers_lose_nothing() {
 /// nodes one at a time, under steady traffic.
 async fn broker_failovers(cluster: &Arc<RabbitCluster>) {
     let begun = Instant::now();
-    let db = TestDatabase::create().unwrap();
+    let db = TestDatabase::create_empty().unwrap();
     let mut conn = db.connect().unwrap();
+    chom::migrate(&mut conn).unwrap();
     diesel::sql_query(traffic::EFFECTS_TABLE)
         .execute(&mut conn)
         .unwrap();
@@ -120,11 +173,7 @@ async fn broker_failovers(cluster: &Arc<RabbitCluster>) {
     let exchange = format!("outbox_test.{id}");
     let app = format!("outbox_test.k{}", &id[16..]);
     let ordered = Ordered::default();
-    let registry = Registry::new()
-        .queued_listener_with(&["counter.ticked"], Audit, traffic::audit_options())
-        .unwrap()
-        .queued_listener_with(&["counter.ticked"], ordered.clone(), traffic::ordered_options())
-        .unwrap();
+    let registry = traffic::registry(&ordered);
     let pid = std::process::id();
     let worker = Worker::new(
         WorkerConfig {
@@ -144,7 +193,7 @@ async fn broker_failovers(cluster: &Arc<RabbitCluster>) {
     let queues = worker.queues();
     let audit_queue = queues
         .iter()
-        .find(|q| q.listener == "audit")
+        .find(|q| q.listener == chom::listeners::RECORD_AUDIT_LOG)
         .unwrap()
         .queue
         .clone();
@@ -192,24 +241,9 @@ async fn broker_failovers(cluster: &Arc<RabbitCluster>) {
         ..RelayConfig::default()
     })
     .unwrap();
-    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay_task = tokio::spawn(async move {
-        relay
-            .run(async {
-                let _ = relay_stopped.await;
-            })
-            .await
-    });
-    let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker_task = tokio::spawn(async move {
-        worker
-            .run(async {
-                let _ = worker_stopped.await;
-            })
-            .await
-    });
+    let pipeline = Pipeline::start(relay, worker);
 
-    // Steady traffic: 50 events a second over ten counters.
+    // Steady traffic: 50 events a second over ten sites at a time.
     let mut writer = Writer::start(db.url(), Duration::from_millis(20));
     caught_up(&mut conn, Duration::from_secs(60), "the first events delivered").await;
     let relay_connection = format!("outbox-relay {relay_id}");
@@ -297,10 +331,11 @@ async fn broker_failovers(cluster: &Arc<RabbitCluster>) {
     let recorded = writer.stop();
     let committed = count(&mut conn, "SELECT count(*) AS n FROM outbox_events");
     eventually(
-        "every event delivered to both listeners",
+        "every event delivered to every listener",
         Duration::from_secs(60),
         || {
             traffic::undelivered_older_than(&mut conn, Duration::ZERO) == 0
+                && traffic::chom_backlog(&mut conn) == 0
                 && traffic::first_arrival_order(&ordered.snapshot())
                     .values()
                     .map(Vec::len)
@@ -325,12 +360,22 @@ async fn broker_failovers(cluster: &Arc<RabbitCluster>) {
         committed,
         "no effect applied twice"
     );
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM audit_logs"),
+        committed,
+        "one audit row per event (RecordAuditLog)"
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM failed_jobs"),
+        0,
+        "no listener gave up on an event"
+    );
     let committed_order = traffic::committed_order(&mut conn);
     let arrived = traffic::first_arrival_order(&ordered.snapshot());
-    assert_eq!(arrived.len(), traffic::AGGREGATES);
-    for (aggregate, ticks) in arrived {
+    assert_eq!(arrived.len(), committed_order.len(), "every aggregate delivered");
+    for (aggregate, events) in arrived {
         assert_eq!(
-            Some(&ticks),
+            Some(&events),
             committed_order.get(&aggregate),
             "per-aggregate order at the ordered listener, {aggregate}"
         );
@@ -344,18 +389,8 @@ async fn broker_failovers(cluster: &Arc<RabbitCluster>) {
         begun.elapsed().as_secs_f64()
     );
 
-    let _ = stop_relay.send(());
-    let _ = stop_worker.send(());
-    tokio::time::timeout(Duration::from_secs(30), relay_task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(30), worker_task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let problems = pipeline.stop().await;
+    assert!(problems.is_empty(), "{problems:?}");
     drop(conn);
     drop(db);
 }

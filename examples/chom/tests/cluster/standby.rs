@@ -1,5 +1,5 @@
 //! Postgres with a streaming standby (`postgres.rs`): the relay, the
-//! worker and a writer given the multi-host URL
+//! worker and a writer of CHOM traffic given the multi-host URL
 //! (`target_session_attrs=read-write`); replication is paused so that the
 //! primary commits what the standby lacks, the primary crashes, the
 //! standby is promoted. Without the phantom guard the relay has published
@@ -15,12 +15,12 @@ use chrono::Utc;
 use diesel::prelude::*;
 use diesel::sql_types::Uuid as SqlUuid;
 use outbox::testing::{count, delete_broker_objects, eventually};
-use outbox::{Registry, Relay, RelayConfig, Worker, WorkerConfig};
+use outbox::{Relay, RelayConfig, Worker, WorkerConfig};
 use uuid::Uuid;
 
-use crate::blocking;
 use crate::postgres::PgPair;
-use crate::traffic::{self, Audit, Ordered, Writer};
+use crate::traffic::{self, Ordered, Writer};
+use crate::{Pipeline, blocking};
 
 /// What one promotion showed.
 #[derive(Debug)]
@@ -78,7 +78,7 @@ pub async fn promote_under_traffic(brokers: &str, guard: bool) -> Promotion {
             .execute(&mut admin)
             .unwrap();
         let mut conn = outbox::connect(&pair.primary.url(database)).unwrap();
-        outbox::migrate(&mut conn).unwrap();
+        chom::migrate(&mut conn).unwrap();
         diesel::sql_query(traffic::EFFECTS_TABLE)
             .execute(&mut conn)
             .unwrap();
@@ -89,11 +89,7 @@ pub async fn promote_under_traffic(brokers: &str, guard: bool) -> Promotion {
     let exchange = format!("outbox_test.{id}");
     let app = format!("outbox_test.s{}", &id[16..]);
     let ordered = Ordered::default();
-    let registry = Registry::new()
-        .queued_listener_with(&["counter.ticked"], Audit, traffic::audit_options())
-        .unwrap()
-        .queued_listener_with(&["counter.ticked"], ordered.clone(), traffic::ordered_options())
-        .unwrap();
+    let registry = traffic::registry(&ordered);
     let worker = Worker::new(
         WorkerConfig {
             database_url: url.clone(),
@@ -127,22 +123,7 @@ pub async fn promote_under_traffic(brokers: &str, guard: bool) -> Promotion {
         ..RelayConfig::default()
     })
     .unwrap();
-    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay_task = tokio::spawn(async move {
-        relay
-            .run(async {
-                let _ = relay_stopped.await;
-            })
-            .await
-    });
-    let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker_task = tokio::spawn(async move {
-        worker
-            .run(async {
-                let _ = worker_stopped.await;
-            })
-            .await
-    });
+    let pipeline = Pipeline::start(relay, worker);
 
     // Steady traffic, and its latency with or without the guard.
     let mut writer = Writer::start(&url, Duration::from_millis(20));
@@ -266,10 +247,8 @@ pub async fn promote_under_traffic(brokers: &str, guard: bool) -> Promotion {
         .lock()
         .map(|acked| acked.iter().filter(|id| !surviving.contains(id)).count())
         .unwrap_or_default();
-    let _ = stop_relay.send(());
-    let _ = stop_worker.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(30), relay_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(30), worker_task).await;
+    // After the crash either may end with an error of the old primary's.
+    let _ = pipeline.stop().await;
     drop(conn);
     blocking(move || drop(pair)).await;
     Promotion {
