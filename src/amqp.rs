@@ -458,6 +458,11 @@ pub(crate) enum SessionLost {
         #[source]
         source: lapin::Error,
     },
+    /// An ack of a listener's delivery did not complete: the connection
+    /// is broken or stuck, and unacknowledged messages come back only once
+    /// it is closed.
+    #[error("an ack on {0} did not complete")]
+    AckTimedOut(String),
     /// The broker cancelled a listener's consumer (its queue was deleted).
     #[error("consumer of {0} was cancelled")]
     ConsumerCancelled(String),

@@ -62,6 +62,8 @@ pub(crate) struct ListenerShared {
     /// Deliveries in each waiting step, for the shutdown's report of what
     /// outlived the shutdown timeout.
     pub(crate) waiting: WaitingSteps,
+    /// Told when an ack did not complete: the loop then ends the session.
+    pub(crate) ack_timed_out: tokio::sync::Notify,
 }
 
 /// How many deliveries of a listener wait in each step of the pipeline.
@@ -172,6 +174,9 @@ impl ListenerLoop {
             }
             let next = tokio::select! {
                 _ = stop.changed() => break Ok(()),
+                () = self.shared.ack_timed_out.notified() => {
+                    break Err(SessionLost::AckTimedOut(self.shared.queues.queue.clone()));
+                }
                 next = self.consumer.next() => next,
             };
             match next {
@@ -219,8 +224,8 @@ impl CopyPublisher {
 /// an ack sent as the connection is reset may never resolve (seen with
 /// lapin 4.12 when a cluster node stopped: the session then waited out its
 /// whole shutdown timeout before reconnecting). Past this bound it counts
-/// as not acknowledged: the frame still goes out if the connection lives,
-/// and the message comes back if it does not.
+/// as not acknowledged, and the session ends (the message comes back once
+/// the connection is closed).
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why processing stopped without an ack.
@@ -252,6 +257,12 @@ async fn handle_delivery(shared: Arc<ListenerShared>, delivery: Delivery, permit
                 .increment(1);
         }
         Ok(Ok(false) | Err(_)) | Err(_) => {
+            if acked.is_err() {
+                // Whatever holds the ack holds the connection: start over
+                // with a fresh session, which gives every unacknowledged
+                // message back.
+                shared.ack_timed_out.notify_one();
+            }
             // The channel is gone: the message comes back, and the inbox,
             // the attempt count or the failed job makes that harmless.
             span.record("outbox.outcome", "returned");

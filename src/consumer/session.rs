@@ -92,6 +92,7 @@ impl ConsumerSession {
                     upcasters: Arc::clone(upcasters),
                     foreign_sources_seen: std::sync::Mutex::default(),
                     waiting: WaitingSteps::default(),
+                    ack_timed_out: tokio::sync::Notify::new(),
                     batcher: registration
                         .options()
                         .batches()
