@@ -283,17 +283,7 @@ impl RabbitCluster {
                     rows.iter()
                         .filter_map(|row| {
                             let name = row.get("name")?.as_str()?.to_owned();
-                            let online = row
-                                .get("online")
-                                .and_then(|o| o.as_array())
-                                .map(|members| {
-                                    members
-                                        .iter()
-                                        .filter_map(|m| m.as_str().map(str::to_owned))
-                                        .collect()
-                                })
-                                .unwrap_or_default();
-                            Some((name, online))
+                            Some((name, online_members(row)))
                         })
                         .collect()
                 })
@@ -317,17 +307,7 @@ impl RabbitCluster {
             for row in rows.as_array()? {
                 if row.get("name").and_then(|n| n.as_str()) == Some(queue) {
                     let leader = row.get("leader")?.as_str()?.to_owned();
-                    let online = row
-                        .get("online")
-                        .and_then(|o| o.as_array())
-                        .map(|members| {
-                            members
-                                .iter()
-                                .filter_map(|m| m.as_str().map(str::to_owned))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    return Some((leader, online));
+                    return Some((leader, online_members(row)));
                 }
             }
             return None;
@@ -523,7 +503,8 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 /// `count` distinct loopback ports that were free a moment ago.
-fn free_ports(count: usize) -> Vec<u16> {
+/// Ports free at the moment (bound, read, released together).
+pub(crate) fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<std::net::TcpListener> = (0..count)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -536,7 +517,8 @@ fn as_rabbitmq(script: &str) -> Command {
     command
 }
 
-fn run_checked(command: &mut Command) {
+/// Runs `command`; panics with its output unless it succeeded.
+pub(crate) fn run_checked(command: &mut Command) {
     let output = command
         .output()
         .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
@@ -558,6 +540,19 @@ fn is_root() -> bool {
                 .and_then(|uids| uids.split_whitespace().next().map(|uid| uid == "0"))
         })
         .unwrap_or(false)
+}
+
+/// The `online` members of a `list_queues` row.
+fn online_members(row: &serde_json::Value) -> Vec<String> {
+    row.get("online")
+        .and_then(|o| o.as_array())
+        .map(|members| {
+            members
+                .iter()
+                .filter_map(|m| m.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The JSON document in rabbitmqctl's output (it may print notices
