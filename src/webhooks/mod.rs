@@ -190,7 +190,9 @@ pub fn register(
 /// Records the deliveries (the relay and the delivery listener do the
 /// rest). `source` is the CloudEvents source the relay gives them
 /// ([`crate::relay::default_source`] of the database URL by default).
-/// Returns how many.
+/// Payloads go as stored, with their `schemaversion`: upcasters live in
+/// the worker's registry, which this function (and `outbox webhooks
+/// replay`) does not have. Returns how many.
 pub fn replay(
     conn: &mut PgConnection,
     id: i64,
