@@ -36,6 +36,17 @@ use diesel::sql_types::{BigInt, Bool, Double, Nullable, Text};
 use crate::error::{Error, Result};
 use crate::relay::store::ClaimedEvent;
 
+/// The envelope columns both `outbox_events` and `outbox_event_log` have,
+/// as one literal (for `concat!`): every reader of stored events selects
+/// them, and the mover copies them.
+macro_rules! envelope_columns {
+    () => {
+        "seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id, occurred_at, recorded_at, \
+         actor, correlation_id, causation_id, traceparent, schema_version"
+    };
+}
+pub(crate) use envelope_columns;
+
 /// The advisory lock moves take turns on (`outb`, 2; see
 /// [`crate::relay::store::CLAIM_LOCK`] for 1).
 const MOVE_LOCK: (i32, i32) = (0x6f75_7462, 2);
@@ -197,7 +208,7 @@ pub fn move_published(conn: &mut PgConnection, older_than_secs: f64, batch: i64)
             return Ok(0);
         }
         ensure_partitions(conn, Utc::now(), 1)?;
-        Ok(diesel::sql_query(
+        Ok(diesel::sql_query(concat!(
             "WITH moved AS (
                  DELETE FROM outbox_events WHERE seq IN (
                      SELECT seq FROM outbox_events
@@ -207,15 +218,13 @@ pub fn move_published(conn: &mut PgConnection, older_than_secs: f64, batch: i64)
                      LIMIT $2
                      FOR UPDATE SKIP LOCKED)
                  RETURNING *)
-             INSERT INTO outbox_event_log
-                 (seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id, occurred_at,
-                  actor, correlation_id, causation_id, traceparent, schema_version, payload,
-                  recorded_at, published_at)
-             SELECT seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id, occurred_at,
-                    actor, correlation_id, causation_id, traceparent, schema_version, payload,
-                    recorded_at, published_at
-             FROM moved ORDER BY seq",
-        )
+             INSERT INTO outbox_event_log (",
+            envelope_columns!(),
+            ", payload, published_at)
+             SELECT ",
+            envelope_columns!(),
+            ", payload, published_at FROM moved ORDER BY seq"
+        ))
         .bind::<Double, _>(older_than_secs)
         .bind::<BigInt, _>(batch)
         .execute(conn)?)
@@ -223,9 +232,18 @@ pub fn move_published(conn: &mut PgConnection, older_than_secs: f64, batch: i64)
 }
 
 /// The columns of a [`LoggedEvent`] read from the log.
-const LOG_COLUMNS: &str = "position, seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id,
-    occurred_at, recorded_at, actor, correlation_id, causation_id, traceparent, schema_version,
-    payload::text AS payload, 0 AS attempts, 0::bigint AS lease_id";
+const LOG_COLUMNS: &str = concat!(
+    "position, ",
+    envelope_columns!(),
+    ", payload::text AS payload, 0 AS attempts, 0::bigint AS lease_id"
+);
+
+/// The same columns of an event still in `outbox_events` (no position yet).
+const UNLOGGED_COLUMNS: &str = concat!(
+    "0::bigint AS position, ",
+    envelope_columns!(),
+    ", payload::text AS payload, 0 AS attempts, 0::bigint AS lease_id"
+);
 
 /// Up to `limit` logged events after `position`, in log order; only those
 /// of `event_types` when given.
@@ -265,14 +283,11 @@ pub fn last_position(conn: &mut PgConnection) -> Result<i64> {
 /// what a reader of the whole history takes after the log, under the same
 /// snapshot.
 pub fn not_yet_logged(conn: &mut PgConnection, event_types: Option<&[String]>) -> Result<Vec<LoggedEvent>> {
-    Ok(diesel::sql_query(
-        "SELECT 0::bigint AS position, seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id,
-                occurred_at, recorded_at, actor, correlation_id, causation_id, traceparent, schema_version,
-                payload::text AS payload, 0 AS attempts, 0::bigint AS lease_id
-         FROM outbox_events
+    Ok(diesel::sql_query(format!(
+        "SELECT {UNLOGGED_COLUMNS} FROM outbox_events
          WHERE ($1::text[] IS NULL OR event_type = ANY($1))
-         ORDER BY seq",
-    )
+         ORDER BY seq"
+    ))
     .bind::<Nullable<diesel::sql_types::Array<Text>>, _>(event_types)
     .load(conn)?)
 }
@@ -290,10 +305,7 @@ pub fn aggregate_history(
              SELECT {LOG_COLUMNS}, 0 AS part FROM outbox_event_log
              WHERE aggregate_type = $1 AND aggregate_id = $2
              UNION ALL
-             SELECT 0::bigint, seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id,
-                    occurred_at, recorded_at, actor, correlation_id, causation_id, traceparent,
-                    schema_version, payload::text, 0, 0::bigint, 1 AS part
-             FROM outbox_events
+             SELECT {UNLOGGED_COLUMNS}, 1 AS part FROM outbox_events
              WHERE aggregate_type = $1 AND aggregate_id = $2) h
          ORDER BY part, position, seq"
     ))

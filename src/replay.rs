@@ -18,6 +18,7 @@ use lapin::Channel;
 
 use crate::cloudevents::{amqp_properties, encode_body};
 use crate::error::{Error, Result};
+use crate::event_log::envelope_columns;
 use crate::relay::store::ClaimedEvent;
 
 /// The most events one [`select`] returns.
@@ -56,20 +57,15 @@ pub fn select(conn: &mut PgConnection, filter: &ReplayFilter) -> Result<Vec<Clai
            AND ($3::text IS NULL OR aggregate_id = $3)
            AND ($4::timestamptz IS NULL OR recorded_at >= $4)
            AND ($5::timestamptz IS NULL OR recorded_at < $5)";
+    let envelope = envelope_columns!();
     let query = format!(
-        "SELECT seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id,
-                occurred_at, recorded_at, actor, correlation_id, causation_id,
-                traceparent, schema_version, payload, attempts, lease_id
+        "SELECT {envelope}, payload, attempts, lease_id
          FROM (
-             SELECT 0 AS part, position AS ord, seq, event_id, event_type, aggregate_type, aggregate_id,
-                    tenant_id, occurred_at, recorded_at, actor, correlation_id, causation_id,
-                    traceparent, schema_version, payload::text AS payload, 0 AS attempts,
+             SELECT 0 AS part, position AS ord, {envelope}, payload::text AS payload, 0 AS attempts,
                     0::bigint AS lease_id
              FROM outbox_event_log WHERE {matching}
              UNION ALL
-             SELECT 1, seq, seq, event_id, event_type, aggregate_type, aggregate_id,
-                    tenant_id, occurred_at, recorded_at, actor, correlation_id, causation_id,
-                    traceparent, schema_version, payload::text, attempts, 0::bigint
+             SELECT 1, seq, {envelope}, payload::text, attempts, 0::bigint
              FROM outbox_events WHERE published_at IS NOT NULL AND {matching}
          ) stored
          ORDER BY part, ord

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::consumer::RegisteredListener;
 use crate::error::{Error, Result};
+use crate::event_log::envelope_columns;
 
 /// The most events [`search`] and [`aggregate_timeline`] return.
 pub const MAX_EVENTS: i64 = 1_000;
@@ -75,14 +76,17 @@ pub struct StoredEvent {
     pub payload: serde_json::Value,
 }
 
-const EVENT_COLUMNS: &str = "seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id, actor, \
-     correlation_id, causation_id, occurred_at, recorded_at, published_at, attempts, last_error, \
-     failed_at, unroutable_at, payload";
+const EVENT_COLUMNS: &str = concat!(
+    envelope_columns!(),
+    ", published_at, attempts, last_error, failed_at, unroutable_at, payload"
+);
 
 /// The same columns of an event in the event log (published, never failed).
-const LOGGED_COLUMNS: &str = "seq, event_id, event_type, aggregate_type, aggregate_id, tenant_id, actor, \
-     correlation_id, causation_id, occurred_at, recorded_at, published_at, 0 AS attempts, \
-     NULL::text AS last_error, NULL::timestamptz AS failed_at, NULL::timestamptz AS unroutable_at, payload";
+const LOGGED_COLUMNS: &str = concat!(
+    envelope_columns!(),
+    ", published_at, 0 AS attempts, NULL::text AS last_error, NULL::timestamptz AS failed_at, \
+     NULL::timestamptz AS unroutable_at, payload"
+);
 
 /// Events whose id, aggregate id or correlation id is `text` (an id is
 /// matched only when `text` is a UUID), newest first, at most `limit`.
