@@ -257,16 +257,18 @@ async fn handle_delivery(shared: Arc<ListenerShared>, delivery: Delivery, permit
                 .increment(1);
         }
         Ok(Ok(false) | Err(_)) | Err(_) => {
+            // The channel is gone: the message comes back, and the inbox,
+            // the attempt count or the failed job makes that harmless.
+            span.record("outbox.outcome", "returned");
             if acked.is_err() {
                 // Whatever holds the ack holds the connection: start over
                 // with a fresh session, which gives every unacknowledged
                 // message back.
+                tracing::warn!(listener = %listener, timeout = ?ACK_TIMEOUT, "an ack did not complete; starting a new broker session, the message will be redelivered");
                 shared.ack_timed_out.notify_one();
+            } else {
+                tracing::warn!(listener = %listener, "could not acknowledge a message (channel closed); it will be redelivered");
             }
-            // The channel is gone: the message comes back, and the inbox,
-            // the attempt count or the failed job makes that harmless.
-            span.record("outbox.outcome", "returned");
-            tracing::warn!(listener = %listener, "could not acknowledge a message (channel closed); it will be redelivered");
             metrics::counter!(LISTENER_OUTCOMES_TOTAL, "listener" => listener, "outcome" => "returned")
                 .increment(1);
         }
