@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use chom::listeners::{self, ListenerConfig};
+use chom::listeners::ListenerConfig;
 use fantoccini::{Client, ClientBuilder, Locator};
 use outbox::TestDatabase;
 use outbox::testing::count;
@@ -150,7 +150,11 @@ async fn an_operator_fixes_a_notifier_outage_in_the_browser() -> Result<()> {
         retries: Some(chom::demo::demo_retries()),
         ..ListenerConfig::default()
     };
-    let registry = listeners::registry(&listener_config)?;
+    // What `chom work` declares: CHOM's listeners and the webhook ones.
+    let registry = chom::work::registry(&chom::work::WorkConfig {
+        listeners: listener_config.clone(),
+        ..chom::work::WorkConfig::default()
+    })?;
     let queues = outbox::consumer::topology::plan(&app, &registry)?;
     let names: Vec<String> = queues
         .iter()
