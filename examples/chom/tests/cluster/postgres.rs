@@ -254,6 +254,8 @@ impl Drop for PgPair {
             kill_postmaster(&server.data);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        // The shared parent too, once no other pair uses it (fails if not empty).
+        let _ = std::fs::remove_dir(BASE);
     }
 }
 
