@@ -409,6 +409,8 @@ impl Drop for RabbitCluster {
         }
         wait_gone(&pids, Duration::from_secs(20));
         let _ = std::fs::remove_dir_all(&self.dir);
+        // The shared parent too, once no other run uses it (fails if not empty).
+        let _ = std::fs::remove_dir(BASE);
     }
 }
 
