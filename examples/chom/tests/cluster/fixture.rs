@@ -448,20 +448,27 @@ fn owner_of(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-/// `(pid, node name)` of every `beam.smp` running one of our nodes.
-fn our_beams() -> Vec<(u32, String)> {
+/// Every process of the machine: its pid and its `/proc` folder.
+pub(crate) fn processes() -> Vec<(u32, PathBuf)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        .filter_map(|entry| Some((entry.file_name().to_str()?.parse().ok()?, entry.path())))
+        .collect()
+}
+
+/// `(pid, node name)` of every `beam.smp` running one of our nodes.
+fn our_beams() -> Vec<(u32, String)> {
+    processes()
+        .into_iter()
+        .filter_map(|(pid, dir)| {
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
             if comm.trim() != "beam.smp" {
                 return None;
             }
-            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let environ = std::fs::read(dir.join("environ")).ok()?;
             let name = environ
                 .split(|b| *b == 0)
                 .filter_map(|var| std::str::from_utf8(var).ok())

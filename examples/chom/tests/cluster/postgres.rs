@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use diesel::prelude::*;
 use diesel::sql_types::Integer;
 
-use crate::fixture::{free_ports, run_checked};
+use crate::fixture::{free_ports, processes, run_checked};
 
 const BASE: &str = "/tmp/outbox-pg";
 
@@ -279,14 +279,10 @@ fn kill_postmaster(data: &Path) {
 
 /// The processes whose parent is `parent`.
 fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+    processes()
+        .into_iter()
+        .filter_map(|(pid, dir)| {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
             let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
             (ppid == parent).then_some(pid)
         })
