@@ -26,6 +26,7 @@ pub(crate) enum Bind<'a> {
     Timestamptz(&'a chrono::DateTime<chrono::Utc>),
     Jsonb(&'a crate::envelope::JsonPayload),
     BigInt(i64),
+    NullableBigInt(Option<i64>),
     Integer(i32),
     Double(f64),
     Uuid(uuid::Uuid),
@@ -93,6 +94,7 @@ impl<M> QueryFragment<Pg> for Prepared<'_, M> {
                 }
                 Bind::Jsonb(value) => out.push_bind_param::<Jsonb, crate::envelope::JsonPayload>(value)?,
                 Bind::BigInt(value) => out.push_bind_param::<BigInt, i64>(value)?,
+                Bind::NullableBigInt(value) => out.push_bind_param::<Nullable<BigInt>, Option<i64>>(value)?,
                 Bind::Integer(value) => out.push_bind_param::<Integer, i32>(value)?,
                 Bind::Double(value) => out.push_bind_param::<Double, f64>(value)?,
                 Bind::Uuid(value) => out.push_bind_param::<SqlUuid, uuid::Uuid>(value)?,

@@ -131,6 +131,17 @@ impl outbox::DomainEvent for SiteCreated {
 pub fn fill_backlog(url: &str, events: usize, aggregates: usize) -> anyhow::Result<()> {
     let mut conn = outbox::connect(url)?;
     diesel::sql_query("TRUNCATE outbox_events").execute(&mut conn)?;
+    for chunk_start in (0..events).step_by(5000) {
+        let chunk = (events - chunk_start).min(5000);
+        conn.transaction::<_, anyhow::Error, _>(|conn| append_backlog(conn, chunk, aggregates))?;
+    }
+    diesel::sql_query("VACUUM ANALYZE outbox_events").execute(&mut conn)?;
+    Ok(())
+}
+
+/// Records `events` events on `aggregates` aggregates, round robin, in the
+/// caller's transaction.
+pub fn append_backlog(conn: &mut PgConnection, events: usize, aggregates: usize) -> anyhow::Result<()> {
     let outbox = outbox::Outbox::new();
     let metadata = outbox::Metadata::by("user:1").correlation_id("bench");
     for chunk_start in (0..events).step_by(5000) {
@@ -148,9 +159,8 @@ pub fn fill_backlog(url: &str, events: usize, aggregates: usize) -> anyhow::Resu
                 )
             })
             .collect::<outbox::Result<Vec<_>>>()?;
-        conn.transaction::<_, outbox::Error, _>(|conn| outbox.record_batch(conn, &envelopes))?;
+        outbox.record_batch(conn, &envelopes)?;
     }
-    diesel::sql_query("VACUUM ANALYZE outbox_events").execute(&mut conn)?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@ mod dashboard;
 mod drain;
 mod hot;
 mod latency;
+mod pinned;
 mod plot;
 mod process;
 mod projection;
@@ -80,6 +81,13 @@ enum Scenario {
     ///
     /// Example: outbox bench hot --events 20000 --aggregates 1,10,100
     Hot(hot::HotArgs),
+    /// Drain under a snapshot held open: rounds of backlog drained by one
+    /// relay, first without, then with a REPEATABLE READ transaction open
+    /// in its database (vacuum removes nothing meanwhile), each round's
+    /// rate and the dead tuples left.
+    ///
+    /// Example: outbox bench pinned --events 20000 --rounds 10
+    Pinned(pinned::PinnedArgs),
     /// Takeover: two relays drain a backlog, one is SIGKILLed while holding
     /// rows; the time until the other has published all of them.
     ///
@@ -156,6 +164,8 @@ pub struct AllReport {
     pub drain_large: drain::DrainReport,
     /// `outbox bench hot`.
     pub hot: hot::HotReport,
+    /// `outbox bench pinned`.
+    pub pinned: pinned::PinnedReport,
     /// `outbox bench takeover`.
     pub takeover: takeover::TakeoverReport,
     /// `outbox bench latency` (1,000 events/s).
@@ -190,6 +200,7 @@ struct AllLines {
     drain: Vec<&'static str>,
     drain_large: Vec<&'static str>,
     hot: Vec<&'static str>,
+    pinned: Vec<&'static str>,
     takeover: Vec<&'static str>,
     latency: Vec<&'static str>,
     latency_high: Vec<&'static str>,
@@ -212,6 +223,17 @@ fn all_lines(quick: bool) -> AllLines {
             ],
             drain_large: vec!["drain", "--events", "500", "--aggregates", "100", "--relays", "1"],
             hot: vec!["hot", "--events", "200", "--aggregates", "1,10"],
+            pinned: vec![
+                "pinned",
+                "--events",
+                "200",
+                "--aggregates",
+                "10",
+                "--unpinned-rounds",
+                "1",
+                "--rounds",
+                "2",
+            ],
             takeover: vec![
                 "takeover",
                 "--events",
@@ -250,6 +272,7 @@ fn all_lines(quick: bool) -> AllLines {
                 "1",
             ],
             hot: vec!["hot"],
+            pinned: vec!["pinned"],
             takeover: vec!["takeover"],
             latency: vec!["latency"],
             latency_high: vec!["latency", "--rate", "5000"],
@@ -296,6 +319,10 @@ async fn run_all(
         .await
         .context("hot")?;
     show(hot.table());
+    let pinned = pinned::run(target, &scenario!(lines.pinned, Pinned))
+        .await
+        .context("pinned")?;
+    show(pinned.table());
     let takeover = takeover::run(target, &scenario!(lines.takeover, Takeover))
         .await
         .context("takeover")?;
@@ -325,6 +352,7 @@ async fn run_all(
         drain,
         drain_large,
         hot,
+        pinned,
         takeover,
         latency,
         latency_high,
@@ -413,6 +441,7 @@ pub fn run(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
         }
         Scenario::Write(write) => print(args.json, &runtime.block_on(write::run(&target, write))?),
         Scenario::Hot(hot) => print(args.json, &runtime.block_on(hot::run(&target, hot))?),
+        Scenario::Pinned(pinned) => print(args.json, &runtime.block_on(pinned::run(&target, pinned))?),
         Scenario::Takeover(takeover) => {
             print(args.json, &runtime.block_on(takeover::run(&target, takeover))?)
         }
@@ -448,6 +477,7 @@ impl Report for AllReport {
             self.drain.table(),
             self.drain_large.table(),
             self.hot.table(),
+            self.pinned.table(),
             self.takeover.table(),
             self.latency.table(),
             self.latency_high.table(),

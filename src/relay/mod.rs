@@ -90,6 +90,7 @@
 
 pub(crate) mod config;
 mod engine;
+pub(crate) mod floor;
 pub mod history;
 pub mod presence;
 mod publisher;
@@ -139,6 +140,8 @@ pub(crate) struct Shared {
     pub(crate) woken: Arc<tokio::sync::Notify>,
     /// The brokers of `amqp_url`, and which to try next.
     pub(crate) broker: crate::amqp::BrokerConnector,
+    /// Commit ticks taken so far, for the claim floor (`floor.rs`).
+    pub(crate) frontier: Arc<std::sync::Mutex<floor::CommitFrontier>>,
 }
 
 impl Shared {
@@ -146,6 +149,7 @@ impl Shared {
         LaneContext {
             config: Arc::clone(&self.config),
             pool: self.pool.clone(),
+            frontier: Arc::clone(&self.frontier),
         }
     }
 }
@@ -186,6 +190,7 @@ impl Relay {
                 health: Arc::new(Health::default()),
                 woken: Arc::new(tokio::sync::Notify::new()),
                 broker,
+                frontier: Arc::default(),
             },
         })
     }

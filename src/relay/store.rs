@@ -126,7 +126,7 @@ pub fn claim_batch(
     batch_size: i64,
     lease_secs: f64,
 ) -> Result<Vec<ClaimedEvent>> {
-    claim(conn, relay_id, None, batch_size, lease_secs)
+    claim(conn, relay_id, None, batch_size, lease_secs, None)
 }
 
 /// [`claim_batch`] for a relay session that holds exactly the leases
@@ -143,7 +143,24 @@ pub fn claim_batch_holding(
     batch_size: i64,
     lease_secs: f64,
 ) -> Result<Vec<ClaimedEvent>> {
-    claim(conn, relay_id, Some(held), batch_size, lease_secs)
+    claim(conn, relay_id, Some(held), batch_size, lease_secs, None)
+}
+
+/// [`claim_batch_holding`] that then raises the claim floor as far as
+/// `frontier` allows: every row with a seq at or below `frontier` must be
+/// committed or gone for good (a settled [`CommitTick`]; see
+/// [`super::floor`]). `None` leaves the floor where it is. Claims read the
+/// backlog from the floor up (and below it only the aggregates whose
+/// publish retry is due) whatever the frontier.
+pub fn claim_batch_raising_floor(
+    conn: &mut PgConnection,
+    relay_id: &str,
+    held: &[i64],
+    batch_size: i64,
+    lease_secs: f64,
+    frontier: Option<i64>,
+) -> Result<Vec<ClaimedEvent>> {
+    claim(conn, relay_id, Some(held), batch_size, lease_secs, frontier)
 }
 
 fn claim(
@@ -152,21 +169,57 @@ fn claim(
     held: Option<&[i64]>,
     batch_size: i64,
     lease_secs: f64,
+    frontier: Option<i64>,
 ) -> Result<Vec<ClaimedEvent>> {
     // One round trip: the function takes the claim lock, then runs the
     // claim with a snapshot taken after the lock was granted (see the
-    // migration that creates it for the query).
+    // migrations that create it for the query).
     struct ClaimSql;
     Ok(Prepared::<ClaimSql>::new(
-        "SELECT * FROM outbox_claim_batch($1, $2, $3, $4)",
+        "SELECT * FROM outbox_claim_batch($1, $2, $3, $4, $5)",
         vec![
             Bind::Text(relay_id),
             Bind::NullableBigIntArray(held),
             Bind::BigInt(batch_size),
             Bind::Double(lease_secs),
+            Bind::NullableBigInt(frontier),
         ],
     )
     .load::<ClaimedEvent>(conn)?)
+}
+
+/// One commit tick (`outbox_commit_tick`): the last seq drawn when it was
+/// taken, and the transactions then holding a write lock on
+/// `outbox_events` (virtual transaction ids). Once none of them holds it
+/// any more, every row with a seq at or below `last_seq` is committed or
+/// gone for good.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct CommitTick {
+    /// The last seq drawn from `outbox_events`' identity.
+    #[diesel(sql_type = BigInt)]
+    pub last_seq: i64,
+    /// Transactions that may still commit rows at or below `last_seq`.
+    #[diesel(sql_type = diesel::sql_types::Array<Text>)]
+    pub holders: Vec<String>,
+}
+
+/// Takes a [`CommitTick`].
+pub fn commit_tick(conn: &mut PgConnection) -> Result<CommitTick> {
+    struct CommitTickSql;
+    Ok(Prepared::<CommitTickSql>::new("SELECT * FROM outbox_commit_tick()", vec![]).get_result(conn)?)
+}
+
+/// The claim floor now: every unpublished row below it waits for (or
+/// failed) a publish retry, or is behind one in its aggregate.
+pub fn claim_floor(conn: &mut PgConnection) -> Result<i64> {
+    #[derive(QueryableByName)]
+    struct Floor {
+        #[diesel(sql_type = BigInt)]
+        floor: i64,
+    }
+    Ok(diesel::sql_query("SELECT outbox_claim_floor() AS floor")
+        .get_result::<Floor>(conn)?
+        .floor)
 }
 
 /// The advisory lock (two-key form, which no single-key lock can collide

@@ -9,6 +9,7 @@ mod support;
 mod claiming;
 mod event_log;
 mod faults;
+mod floor;
 mod least_privilege;
 mod liveness;
 mod maintenance;

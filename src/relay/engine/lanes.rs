@@ -300,6 +300,9 @@ pub(super) async fn wait_lane(
 pub(crate) struct LaneContext {
     pub(crate) config: Arc<crate::relay::RelayConfig>,
     pub(crate) pool: crate::database::PgPool,
+    /// How far the claim floor may rise (`floor.rs`); claims run one at a
+    /// time, so the lock is never contended.
+    pub(crate) frontier: Arc<std::sync::Mutex<CommitFrontier>>,
 }
 
 /// The phantom guard (`standby.rs`), when configured: waits until a
@@ -330,6 +333,29 @@ fn guard(conn: &mut PgConnection, config: &crate::relay::RelayConfig, rows: &[Cl
                 tracing::debug!(error = %error_chain(&release), "cannot give the unguarded batch back; its lease expires");
             }
             Err(error)
+        }
+    }
+}
+
+fn lock_frontier(ctx: &LaneContext) -> std::sync::MutexGuard<'_, CommitFrontier> {
+    // A panic while it was held cannot leave it inconsistent (each update
+    // is one assignment or queue step): go on with what it holds.
+    ctx.frontier
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes a commit tick when one is due, for the next claims' floor. A
+/// failure only keeps the floor where it is.
+fn take_commit_tick(ctx: &LaneContext, conn: &mut PgConnection) {
+    let now = Instant::now();
+    if !lock_frontier(ctx).tick_due(now) {
+        return;
+    }
+    match store::commit_tick(conn) {
+        Ok(tick) => lock_frontier(ctx).observe(tick, now),
+        Err(error) => {
+            tracing::debug!(error = %error_chain(&error), "cannot take a commit tick; the claim floor stays")
         }
     }
 }
@@ -412,6 +438,7 @@ pub(super) fn run_lane_job(
     if let Some((generation, held)) = claim {
         let started = Instant::now();
         let batch = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
+        let frontier = lock_frontier(ctx).settled();
         // With the phantom guard the claim commits synchronously (locally):
         // once it returns, the WAL of every row it claimed is flushed, so
         // the guard waits for the standby only (see `standby.rs`).
@@ -419,25 +446,28 @@ pub(super) fn run_lane_job(
             conn.batch_execute("SET synchronous_commit = local")
                 .map_err(Error::from)
                 .and_then(|()| {
-                    let claimed = store::claim_batch_holding(
+                    let claimed = store::claim_batch_raising_floor(
                         &mut conn,
                         &config.relay_id,
                         &held,
                         batch,
                         config.lease.as_secs_f64(),
+                        frontier,
                     );
                     conn.batch_execute("SET synchronous_commit = off")?;
                     claimed
                 })
         } else {
-            store::claim_batch_holding(
+            store::claim_batch_raising_floor(
                 &mut conn,
                 &config.relay_id,
                 &held,
                 batch,
                 config.lease.as_secs_f64(),
+                frontier,
             )
         };
+        take_commit_tick(ctx, &mut conn);
         match claimed {
             Ok(rows) => {
                 tracing::trace!(

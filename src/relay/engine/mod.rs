@@ -31,6 +31,7 @@ use crate::delay::Backoff;
 use crate::error::{Error, Result, error_chain};
 use crate::metrics as m;
 use crate::relay::Shared;
+use crate::relay::floor::CommitFrontier;
 use crate::relay::publisher::{PublishError, Publisher};
 use crate::relay::store::{self, ClaimedEvent, LeasedSeq, PublishFailure};
 

@@ -1,0 +1,10 @@
+DROP TRIGGER IF EXISTS outbox_events_floor_on_truncate ON outbox_events;
+DROP TRIGGER IF EXISTS outbox_events_floor_on_delete ON outbox_events;
+DROP TRIGGER IF EXISTS outbox_events_floor_on_update ON outbox_events;
+DROP FUNCTION IF EXISTS outbox_claim_batch(TEXT, BIGINT[], BIGINT, FLOAT8, BIGINT);
+DROP FUNCTION IF EXISTS outbox_claim_floor_raise(BIGINT);
+DROP FUNCTION IF EXISTS outbox_claim_floor_lower();
+DROP FUNCTION IF EXISTS outbox_claim_floor_reset();
+DROP FUNCTION IF EXISTS outbox_claim_floor();
+DROP FUNCTION IF EXISTS outbox_commit_tick();
+DROP SEQUENCE IF EXISTS outbox_claim_floor;

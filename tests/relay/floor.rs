@@ -1,0 +1,201 @@
+//! The claim floor (`src/relay/floor.rs`): claims read the backlog from
+//! the floor up, so what was published below it is never walked again;
+//! rows below it that are not published yet (a retry, a failed row put
+//! back in line, a late commit) are still claimed, in order.
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use outbox::relay::store::{self, ClaimedEvent};
+use outbox::testing::TestExchange;
+use outbox::{Error, TestDatabase};
+
+use crate::support::{RunningRelay, Ticked, count, eventually, record_ticks, relay_config};
+
+fn seq_of(conn: &mut PgConnection, aggregate: &str, n: i64) -> i64 {
+    count(
+        conn,
+        &format!(
+            "SELECT seq AS n FROM outbox_events WHERE aggregate_id = '{aggregate}' AND (payload->>'n')::bigint = {n}"
+        ),
+    )
+}
+
+fn max_seq(conn: &mut PgConnection) -> i64 {
+    count(conn, "SELECT max(seq) AS n FROM outbox_events")
+}
+
+/// Claims with a frontier at the last seq drawn (no writer is open in
+/// these tests), as a relay whose ticks have settled does.
+fn claim(conn: &mut PgConnection, batch: i64) -> Vec<ClaimedEvent> {
+    let frontier = max_seq(conn);
+    store::claim_batch_raising_floor(conn, "relay", &[], batch, 30.0, Some(frontier)).unwrap()
+}
+
+fn publish(conn: &mut PgConnection, rows: &[ClaimedEvent]) {
+    let leased: Vec<(i64, i64)> = rows.iter().map(|row| (row.seq, row.lease_id)).collect();
+    let marked = store::mark_published(conn, "relay", &leased, false).unwrap();
+    assert_eq!(marked.len(), rows.len());
+}
+
+fn ticks(rows: &[ClaimedEvent], aggregate: &str) -> Vec<i64> {
+    rows.iter()
+        .filter(|row| row.aggregate_id == aggregate)
+        .map(|row| serde_json::from_str::<Ticked>(&row.payload).unwrap().n)
+        .collect()
+}
+
+#[test]
+fn a_retry_below_the_floor_is_claimed_when_due_and_its_aggregate_follows_in_order() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    record_ticks(&mut conn, "retried", 0..3);
+    record_ticks(&mut conn, "free", 0..20);
+    diesel::sql_query(
+        "UPDATE outbox_events SET attempts = 1, last_error = 'nacked', next_attempt_at = now() + interval '1 hour'
+         WHERE seq = (SELECT min(seq) FROM outbox_events WHERE aggregate_id = 'retried')",
+    )
+    .execute(&mut conn)
+    .unwrap();
+
+    // The free aggregate goes; the retried one waits behind its head.
+    let first = claim(&mut conn, 100);
+    assert_eq!(ticks(&first, "free"), (0..20).collect::<Vec<_>>());
+    assert!(ticks(&first, "retried").is_empty());
+    publish(&mut conn, &first);
+    // The next claim raises the floor past everything published, and past
+    // the waiting aggregate too: nothing below it is read any more.
+    assert!(claim(&mut conn, 100).is_empty());
+    let floor = store::claim_floor(&mut conn).unwrap();
+    assert!(
+        floor > max_seq(&mut conn),
+        "floor {floor} should be past every row (max {})",
+        max_seq(&mut conn)
+    );
+
+    // The retry comes due: the head and its followers are claimed from
+    // below the floor, in order.
+    diesel::sql_query("UPDATE outbox_events SET next_attempt_at = now() WHERE next_attempt_at IS NOT NULL")
+        .execute(&mut conn)
+        .unwrap();
+    let due = claim(&mut conn, 100);
+    assert_eq!(ticks(&due, "retried"), vec![0, 1, 2]);
+
+    // Only the head is published; the rest are given back. The aggregate
+    // leaves the retry set, and the floor comes down to its next row.
+    publish(&mut conn, &due[..1]);
+    let rest: Vec<(i64, i64)> = due[1..].iter().map(|row| (row.seq, row.lease_id)).collect();
+    store::release_leases(&mut conn, "relay", &rest).unwrap();
+    let next = seq_of(&mut conn, "retried", 1);
+    assert!(store::claim_floor(&mut conn).unwrap() <= next);
+    let followers = claim(&mut conn, 100);
+    assert_eq!(ticks(&followers, "retried"), vec![1, 2]);
+    publish(&mut conn, &followers);
+    assert!(claim(&mut conn, 100).is_empty());
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL"
+        ),
+        0
+    );
+}
+
+#[test]
+fn a_failed_row_put_back_in_line_below_the_floor_is_claimed_with_its_aggregate() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    record_ticks(&mut conn, "failed", 0..2);
+    record_ticks(&mut conn, "free", 0..5);
+    diesel::sql_query(
+        "UPDATE outbox_events SET attempts = 20, last_error = 'nacked', next_attempt_at = now(), failed_at = now()
+         WHERE seq = (SELECT min(seq) FROM outbox_events WHERE aggregate_id = 'failed')",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let first = claim(&mut conn, 100);
+    assert_eq!(ticks(&first, "free").len(), 5);
+    publish(&mut conn, &first);
+    assert!(claim(&mut conn, 100).is_empty());
+    assert!(store::claim_floor(&mut conn).unwrap() > max_seq(&mut conn));
+
+    assert_eq!(outbox::control::retry_failed_events(&mut conn).unwrap(), 1);
+    assert!(store::claim_floor(&mut conn).unwrap() <= seq_of(&mut conn, "failed", 0));
+    let retried = claim(&mut conn, 100);
+    assert_eq!(ticks(&retried, "failed"), vec![0, 1]);
+}
+
+#[test]
+fn truncating_the_outbox_with_restart_identity_resets_the_floor() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    record_ticks(&mut conn, "a", 0..5);
+    let rows = claim(&mut conn, 100);
+    publish(&mut conn, &rows);
+    assert!(claim(&mut conn, 100).is_empty());
+    assert!(store::claim_floor(&mut conn).unwrap() > 5);
+    // The leases go too: they name seqs that are about to be drawn again.
+    diesel::sql_query("TRUNCATE outbox_events, outbox_leases RESTART IDENTITY")
+        .execute(&mut conn)
+        .unwrap();
+    assert_eq!(store::claim_floor(&mut conn).unwrap(), 0);
+    record_ticks(&mut conn, "a", 0..2);
+    assert_eq!(ticks(&claim(&mut conn, 100), "a"), vec![0, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_floor_stays_below_an_open_writers_row_and_rises_once_it_commits() {
+    let db = TestDatabase::create().unwrap();
+    let broker = TestExchange::new().await.unwrap();
+    let (recorded_tx, recorded_rx) = mpsc::channel();
+    let (commit_tx, commit_rx) = mpsc::channel::<()>();
+    let url = db.url().to_owned();
+    // An open transaction holding the lowest seq.
+    let open = thread::spawn(move || {
+        let mut conn = outbox::connect(&url).unwrap();
+        conn.transaction::<_, Error, _>(|conn| {
+            outbox::record(
+                conn,
+                &Ticked {
+                    aggregate: "slow".into(),
+                    n: 0,
+                },
+            )?;
+            recorded_tx.send(()).unwrap();
+            commit_rx.recv().unwrap();
+            Ok(())
+        })
+        .unwrap();
+    });
+    recorded_rx.recv().unwrap();
+    let mut conn = db.connect().unwrap();
+    record_ticks(&mut conn, "fast", 0..50);
+    let relay = RunningRelay::start(relay_config(&db, &broker));
+    broker.wait_for_distinct(50, Duration::from_secs(20)).await;
+    eventually("the fast rows marked", Duration::from_secs(10), || {
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NOT NULL",
+        ) == 50
+    })
+    .await;
+    // The open writer's row is invisible and holds the lowest seq: the
+    // floor, whatever the claims since, has not passed it.
+    let slow_seq = 1;
+    assert!(store::claim_floor(&mut conn).unwrap() <= slow_seq);
+    commit_tx.send(()).unwrap();
+    open.join().unwrap();
+    broker.wait_for_distinct(51, Duration::from_secs(20)).await;
+    // Once it committed and was published, the floor passes everything.
+    let last = max_seq(&mut conn);
+    eventually(
+        "the floor past every published row",
+        Duration::from_secs(10),
+        || store::claim_floor(&mut conn).unwrap() > last,
+    )
+    .await;
+    relay.stop().await;
+    assert_eq!(broker.first_arrival_order("n")["slow"], vec![0]);
+}
