@@ -158,9 +158,18 @@ pub fn request_rebuild(conn: &mut PgConnection, name: &str) -> Result<()> {
     if updated == 1 {
         return Ok(());
     }
-    match statuses(conn)?.into_iter().find(|s| s.name == name) {
+    let statuses = statuses(conn)?;
+    match statuses.iter().find(|s| s.name == name) {
+        None if statuses.is_empty() => Err(Error::NotFound(format!(
+            "projection {name}: no projection is registered in this database (a worker records each projection it runs when it starts)"
+        ))),
         None => Err(Error::NotFound(format!(
-            "projection {name} (no worker running it has started yet)"
+            "projection {name}: not registered in this database; registered: {} (a projection a worker has never run is not listed)",
+            statuses
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
         Some(status) => Err(Error::InvalidInput(format!(
             "projection {name} is {} already",

@@ -109,7 +109,7 @@ enum Command {
     /// A worker running the projection (its code is the service's) does
     /// the rebuild; these commands ask for it and follow it.
     ///
-    /// Example: outbox projection rebuild tenant_stats --wait
+    /// Example: outbox projection rebuild update_tenant_metrics --wait
     #[command(subcommand)]
     Projection(projection_cmd::ProjectionCommand),
     /// Let relays claim again after `outbox pause`.

@@ -31,7 +31,7 @@ pub enum ProjectionCommand {
     /// then hand over to live delivery (no gap, no event twice), while
     /// writers keep writing. A worker running the projection does the work.
     ///
-    /// Example: outbox projection rebuild tenant_stats --wait
+    /// Example: outbox projection rebuild update_tenant_metrics --wait
     Rebuild(RebuildArgs),
 }
 

@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use diesel::dsl::count_star;
 use diesel::prelude::*;
-use outbox::schema::outbox_events;
 use outbox::{Metadata, Outbox, PgPool};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -107,9 +105,10 @@ impl SimulateConfig {
 pub struct SimulateReport {
     /// Events the services reported recording, by type (every type).
     pub events: BTreeMap<String, u64>,
-    /// Events of this run found in `outbox_events`, by type.
+    /// Events of this run found in the outbox (`outbox_events`, or the
+    /// event log the relay moves published rows to), by type.
     pub database_events: BTreeMap<String, u64>,
-    /// Reported events not found in `outbox_events` (0 when nothing was
+    /// Reported events found in neither table (0 when nothing was
     /// lost).
     pub missing_events: u64,
     /// Whether the services' counts and the table's agree exactly.
@@ -137,7 +136,7 @@ pub struct SimulateReport {
 
 /// Runs the simulation: creates the tenants and their users, drives
 /// `config.sites` lifecycles from `config.writers` threads sharing `pool`,
-/// then counts this run's events in `outbox_events`.
+/// then counts this run's events in the outbox ([`count_recorded`]).
 ///
 /// Each lifecycle: create the site; provision it (fails with probability
 /// `failure_rate`); if active, 1 to 3 backups, each created then completed
@@ -213,7 +212,7 @@ pub fn run(pool: &PgPool, outbox: &Outbox, config: &SimulateConfig) -> Result<Si
     let elapsed = started.elapsed();
 
     let mut conn = pool.get().map_err(outbox::Error::Pool)?;
-    let database_events = count_in_outbox(&mut conn, &total.event_ids)?;
+    let database_events = count_recorded(&mut conn, &total.event_ids)?;
     let found: u64 = database_events.values().sum();
     let reported = total.event_ids.len() as u64;
     let distinct = total.event_ids.iter().collect::<HashSet<_>>().len() as u64;
@@ -529,17 +528,32 @@ impl Tally {
     }
 }
 
-/// Counts, by type, the rows of `outbox_events` whose id is in `ids`.
-fn count_in_outbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<BTreeMap<String, u64>> {
+/// Counts, by type, the events whose id is in `ids` wherever the outbox
+/// keeps them: `outbox_events`, or `outbox_event_log` once the relay moved
+/// them there after publishing. One statement a chunk, so an event moved
+/// meanwhile (deleted and inserted in one transaction) counts once.
+pub fn count_recorded(conn: &mut PgConnection, ids: &[Uuid]) -> Result<BTreeMap<String, u64>> {
+    #[derive(QueryableByName)]
+    struct TypeCount {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        event_type: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
     let mut counts = BTreeMap::new();
     for chunk in ids.chunks(VERIFY_CHUNK) {
-        let rows: Vec<(String, i64)> = outbox_events::table
-            .filter(outbox_events::event_id.eq_any(chunk))
-            .group_by(outbox_events::event_type)
-            .select((outbox_events::event_type, count_star()))
-            .load(conn)?;
-        for (event_type, count) in rows {
-            *counts.entry(event_type).or_default() += count.unsigned_abs();
+        let rows: Vec<TypeCount> = diesel::sql_query(
+            "SELECT event_type, count(*) AS n FROM (
+                 SELECT event_type FROM outbox_events WHERE event_id = ANY($1)
+                 UNION ALL
+                 SELECT event_type FROM outbox_event_log WHERE event_id = ANY($1)
+             ) recorded
+             GROUP BY event_type",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(chunk)
+        .load(conn)?;
+        for row in rows {
+            *counts.entry(row.event_type).or_default() += row.n.unsigned_abs();
         }
     }
     Ok(counts)

@@ -18,10 +18,20 @@ fn status_lists_projections_and_rebuild_records_a_request_once() {
 
     let (code, _, err) = run_outbox(&["projection", "rebuild", "tenant_stats"], &env);
     assert_eq!(code, 1);
-    assert!(err.contains("no worker running it has started yet"), "{err}");
+    assert!(
+        err.contains("no projection is registered in this database"),
+        "{err}"
+    );
 
     // A worker running it records its row when it starts.
     outbox::projection::ensure_row(&mut db.connect().unwrap(), "tenant_stats").unwrap();
+    // A name nobody registered is refused with the names that are.
+    let (code, _, err) = run_outbox(&["projection", "rebuild", "tenant_metrics"], &env);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("projection tenant_metrics: not registered in this database; registered: tenant_stats"),
+        "{err}"
+    );
     let (code, out, err) = run_outbox(&["projection", "rebuild", "tenant_stats"], &env);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("rebuild of tenant_stats requested"), "{out}");
@@ -48,4 +58,21 @@ fn status_lists_projections_and_rebuild_records_a_request_once() {
     );
     assert_eq!(code, 1, "nobody rebuilds it here");
     assert!(err.contains("is a worker running it?"), "{err}");
+}
+
+#[test]
+fn help_names_a_projection_chom_registers() {
+    let (code, out, err) = run_outbox(&["projection", "--help"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("tenant_stats"), "{out}");
+    assert!(out.contains(chom_projection()), "{out}");
+    let (code, out, err) = run_outbox(&["projection", "rebuild", "--help"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(chom_projection()), "{out}");
+    assert!(!out.contains("tenant_stats"), "{out}");
+}
+
+/// The projection CHOM's worker registers: the name an operator types.
+fn chom_projection() -> &'static str {
+    chom::listeners::UPDATE_TENANT_METRICS
 }

@@ -228,7 +228,7 @@ fn simulate(url: &str, outbox: &Outbox, args: SimulateArgs) -> Result<()> {
     }
     if !report.verified {
         bail!(
-            "outbox_events does not match what the services recorded ({} event(s) missing)",
+            "the outbox (outbox_events and the event log) does not match what the services recorded ({} event(s) missing)",
             report.missing_events
         );
     }
