@@ -45,7 +45,7 @@ AS $$
 DECLARE
     v_last BIGINT;
 BEGIN
-    v_last := COALESCE(pg_sequence_last_value(pg_get_serial_sequence('outbox_events', 'seq')::regclass), 0);
+    v_last := COALESCE(pg_sequence_last_value('outbox_events_seq_seq'::regclass), 0);
     -- A statement of its own, after the sequence was read.
     RETURN QUERY
     SELECT v_last,
@@ -68,6 +68,7 @@ $$;
 -- could mark events published anyway (UPDATE on outbox_events) may move it.
 CREATE FUNCTION outbox_claim_floor_raise(p_frontier BIGINT) RETURNS BIGINT
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT
+SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 DECLARE
     v_floor BIGINT;
@@ -81,13 +82,13 @@ BEGIN
     PERFORM pg_advisory_xact_lock(1869968482, 1);
     SELECT last_value INTO v_floor FROM outbox_claim_floor;
     -- No frontier past the seqs drawn so far.
-    v_limit := LEAST(p_frontier, COALESCE(pg_sequence_last_value(pg_get_serial_sequence('outbox_events', 'seq')::regclass), 0)) + 1;
+    v_limit := LEAST(p_frontier, COALESCE(pg_sequence_last_value('outbox_events_seq_seq'::regclass), 0)) + 1;
     IF v_limit <= v_floor THEN
         RETURN v_floor;
     END IF;
     -- Walks the backlog index from the floor to the first live entry: the
     -- dead entries it passes are the ones the next claim no longer reads.
-    SELECT min(e.seq) INTO v_first
+    SELECT e.seq INTO v_first
     FROM outbox_events e
     WHERE e.published_at IS NULL
       AND e.seq >= v_floor
@@ -95,7 +96,9 @@ BEGIN
       AND (e.aggregate_type, e.aggregate_id) NOT IN (
           SELECT r.aggregate_type, r.aggregate_id
           FROM outbox_events r
-          WHERE r.published_at IS NULL AND (r.failed_at IS NOT NULL OR r.next_attempt_at IS NOT NULL));
+          WHERE r.published_at IS NULL AND (r.failed_at IS NOT NULL OR r.next_attempt_at IS NOT NULL))
+    ORDER BY e.seq
+    LIMIT 1;
     v_floor := COALESCE(v_first, v_limit);
     PERFORM setval('outbox_claim_floor', v_floor);
     RETURN v_floor;
@@ -109,6 +112,7 @@ $$;
 -- Lowering is always safe; it costs one walk back up.
 CREATE FUNCTION outbox_claim_floor_lower() RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT
+SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 DECLARE
     v_next BIGINT;
@@ -172,6 +176,13 @@ RETURNS TABLE (
     payload TEXT, attempts INTEGER, lease_id BIGINT
 )
 LANGUAGE plpgsql VOLATILE
+-- Index scans in seq order, whatever the statistics say: a queue table's
+-- statistics are usually from a moment its backlog was small, and a
+-- bitmap scan of the whole backlog (then a sort) costs every claim time in
+-- proportion to the backlog instead of the batch. Planned for each call
+-- with the floor's value (a plan cached while the table was small or
+-- empty stays in the relay's session for its whole life otherwise).
+SET enable_seqscan = off SET enable_bitmapscan = off SET plan_cache_mode = force_custom_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -185,11 +196,17 @@ BEGIN
                unnest(l.seqs) AS seq
         FROM outbox_leases l WHERE l.expires_at > now()
     ),
+    -- Point lookups, one per row others hold, whatever the planner makes
+    -- of the statistics (a scan of an index with a filter on seq would
+    -- walk every entry, dead ones included).
     blocked AS MATERIALIZED (
         SELECT e.aggregate_type, e.aggregate_id
-        FROM outbox_events e
-        WHERE e.seq = ANY(ARRAY(SELECT v.seq FROM live v WHERE NOT v.mine))
-          AND e.published_at IS NULL
+        FROM (SELECT DISTINCT v.seq FROM live v WHERE NOT v.mine) o
+        CROSS JOIN LATERAL (
+            SELECT x.aggregate_type, x.aggregate_id
+            FROM outbox_events x
+            WHERE x.seq = o.seq AND x.published_at IS NULL
+        ) e
         UNION
         SELECT e.aggregate_type, e.aggregate_id
         FROM outbox_events e
@@ -223,15 +240,24 @@ BEGIN
          ORDER BY e.seq
          LIMIT p_batch)
         UNION ALL
+        -- Driven by the due aggregates (none, most of the time), each
+        -- read on the aggregate index: never a walk below the floor.
         (SELECT e.seq
          FROM due d
-         JOIN outbox_events e ON e.aggregate_type = d.aggregate_type AND e.aggregate_id = d.aggregate_id
-         WHERE e.published_at IS NULL
-           AND e.seq < v_floor
-           AND e.failed_at IS NULL
-           AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
-           AND e.seq NOT IN (SELECT v.seq FROM live v)
-           AND (e.aggregate_type, e.aggregate_id) NOT IN (SELECT b.aggregate_type, b.aggregate_id FROM blocked b)
+         CROSS JOIN LATERAL (
+             SELECT x.seq
+             FROM outbox_events x
+             WHERE x.aggregate_type = d.aggregate_type
+               AND x.aggregate_id = d.aggregate_id
+               AND x.published_at IS NULL
+               AND x.seq < v_floor
+               AND x.failed_at IS NULL
+               AND (x.next_attempt_at IS NULL OR x.next_attempt_at <= now())
+               AND x.seq NOT IN (SELECT v.seq FROM live v)
+             ORDER BY x.seq
+             LIMIT p_batch
+         ) e
+         WHERE (d.aggregate_type, d.aggregate_id) NOT IN (SELECT b.aggregate_type, b.aggregate_id FROM blocked b)
            AND NOT (SELECT p.paused FROM paused p)
          ORDER BY e.seq
          LIMIT p_batch)
@@ -248,12 +274,14 @@ BEGIN
         HAVING count(*) > 0
         RETURNING outbox_leases.id
     )
+    -- One primary-key lookup per claimed row (with stale statistics a
+    -- "seq = ANY(...)" may be planned as a scan of the whole table).
     SELECT e.seq, e.event_id, e.event_type, e.aggregate_type, e.aggregate_id, e.tenant_id,
            e.occurred_at, e.recorded_at, e.actor, e.correlation_id, e.causation_id,
            e.traceparent, e.schema_version, e.payload::text, e.attempts,
            (SELECT s.id FROM lease s)
-    FROM outbox_events e
-    WHERE e.seq = ANY(ARRAY(SELECT k.seq FROM claimed k))
+    FROM claimed k
+    CROSS JOIN LATERAL (SELECT x.* FROM outbox_events x WHERE x.seq = k.seq) e
     ORDER BY e.seq;
     -- After the claim's own statement, with a fresh snapshot: the rows
     -- just claimed are leased and unpublished, so the floor stays at or
