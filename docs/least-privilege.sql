@@ -23,7 +23,10 @@ GRANT SELECT, UPDATE, DELETE ON outbox_events TO outbox_relay;
 -- owner: run it at least every three months, or the relay's moves fail
 -- (logged, counted, nothing lost) until it runs.
 GRANT SELECT, INSERT ON outbox_event_log TO outbox_relay;
--- Claims are leases: one row per claimed batch.
+-- Claims are leases: one row per claimed batch. (The claim floor's
+-- helpers, outbox_claim_floor*, outbox_commit_tick, run as the tables'
+-- owner and need no grant; raising the floor requires UPDATE on
+-- outbox_events, granted above.)
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_leases TO outbox_relay;
 -- The pause switch (`outbox pause`/`resume` need UPDATE; the relay only reads).
 GRANT SELECT ON outbox_control TO outbox_relay;

@@ -27,7 +27,7 @@
 //! | database, broker and exchange from `DATABASE_URL`, `AMQP_URL`, `OUTBOX_EXCHANGE` | [`settings`] | [`Settings::from_env`] |
 //! | the wire format | [`cloudevents`] | [`cloudevents::encode_body`] |
 //! | text cut to a bound for columns, headers and messages | [`text`] | [`text::bounded_text`] |
-//! | publishing committed events; relays alive, published per minute; the phantom guard for a Postgres standby (`relay/standby.rs`) | [`relay`] | [`Relay`], [`RelayConfig`], [`RelayConfig::wait_for_standby`], [`relay::presence::relays`], [`relay::history::published_per_minute`] |
+//! | publishing committed events; the claim floor that keeps claims off rows already published (`relay/floor.rs`); relays alive, published per minute; the phantom guard for a Postgres standby (`relay/standby.rs`) | [`relay`] | [`Relay`], [`RelayConfig`], [`RelayConfig::wait_for_standby`], [`relay::presence::relays`], [`relay::history::published_per_minute`] |
 //! | writers waking relays after commit | [`wake`] | [`wake::WakeSender`], [`wake::WakeListener`] |
 //! | webhooks: endpoints, signing, the fan-out and delivery listeners (feature `webhooks`) | `webhooks/` | `webhooks::add`, `webhooks::register` |
 //! | pause, resume, retry failed rows | [`control`] | [`control::pause`] |

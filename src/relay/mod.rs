@@ -14,7 +14,9 @@
 //! - **Claims** (`store::claim_batch`) take the first unpublished rows in
 //!   seq order that are not leased and whose aggregate is not blocked (its
 //!   head leased by another relay, waiting for a retry, or failed), and
-//!   record them in one lease row. Skipping blocked aggregates inside the
+//!   record them in one lease row. They read the backlog from the claim
+//!   floor up (`floor.rs`), so rows published earlier are never walked
+//!   again, whatever vacuum can or cannot remove. Skipping blocked aggregates inside the
 //!   window is what keeps one stuck aggregate, with any number of queued
 //!   events, from stalling the others. Claims take turns on an advisory
 //!   lock for one statement (about 4 ms for 500 rows here).

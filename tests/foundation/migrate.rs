@@ -141,3 +141,96 @@ fn a_database_of_the_previous_release_upgrades_and_keeps_its_rows() {
         3
     );
 }
+
+/// A database migrated by main before the claim floor (its last migration,
+/// the event log) upgrades and keeps every unpublished event, including
+/// one waiting for a publish retry and one failed, a failed job and a
+/// logged event; the new claim then reads all of them.
+#[test]
+fn a_database_from_before_the_claim_floor_upgrades_and_its_backlog_is_claimed() {
+    use diesel::migration::MigrationSource;
+    use diesel_migrations::MigrationHarness;
+    const BEFORE_THE_FLOOR: &str = "20261201000010";
+    let db = TestDatabase::create_empty().unwrap();
+    let mut conn = db.connect().unwrap();
+    let mut migrations = MigrationSource::<diesel::pg::Pg>::migrations(&outbox::MIGRATIONS).unwrap();
+    migrations.sort_by(|a, b| a.name().version().cmp(&b.name().version()));
+    diesel::migration::MigrationConnection::setup(&mut conn).unwrap();
+    for migration in migrations
+        .iter()
+        .filter(|m| m.name().version().to_string().as_str() <= BEFORE_THE_FLOOR)
+    {
+        conn.run_migration(migration).unwrap();
+    }
+    outbox::event_log::ensure_partitions(&mut conn, chrono::Utc::now(), 1).unwrap();
+    outbox::testing::record_ticks(&mut conn, "logged", 0..2).unwrap();
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query("UPDATE outbox_events SET published_at = now() - interval '1 hour'"),
+        &mut conn,
+    )
+    .unwrap();
+    assert_eq!(outbox::event_log::move_published(&mut conn, 0.0, 100).unwrap(), 2);
+    outbox::testing::record_ticks(&mut conn, "waiting", 0..3).unwrap();
+    outbox::testing::record_ticks(&mut conn, "failed", 0..2).unwrap();
+    outbox::testing::record_ticks(&mut conn, "fresh", 0..4).unwrap();
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query(
+            "UPDATE outbox_events SET attempts = 1, next_attempt_at = now() - interval '1 second'
+             WHERE seq = (SELECT min(seq) FROM outbox_events WHERE aggregate_id = 'waiting');
+             ",
+        ),
+        &mut conn,
+    )
+    .unwrap();
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query(
+            "UPDATE outbox_events SET attempts = 20, next_attempt_at = now(), failed_at = now()
+             WHERE seq = (SELECT min(seq) FROM outbox_events WHERE aggregate_id = 'failed')",
+        ),
+        &mut conn,
+    )
+    .unwrap();
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query(
+            "INSERT INTO failed_jobs (uuid, listener, queue, event_id, payload, exception, attempts)
+             VALUES (gen_random_uuid(), 'audit', 'app.audit', gen_random_uuid(), '{}', 'boom', 3)",
+        ),
+        &mut conn,
+    )
+    .unwrap();
+
+    let applied = outbox::migrate(&mut conn).unwrap();
+    assert!(
+        applied.iter().any(|v| v.as_str() > BEFORE_THE_FLOOR),
+        "{applied:?}"
+    );
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE published_at IS NULL"
+        ),
+        9
+    );
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM outbox_event_log"), 2);
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM failed_jobs"), 1);
+    assert_eq!(outbox::relay::store::claim_floor(&mut conn).unwrap(), 0);
+
+    // The new claim, raising the floor as a relay does, takes every row
+    // that may go now: the fresh aggregate and the due retry with its
+    // followers; the failed aggregate waits.
+    let last = count(&mut conn, "SELECT max(seq) AS n FROM outbox_events");
+    let claimed =
+        outbox::relay::store::claim_batch_raising_floor(&mut conn, "relay", &[], 100, 30.0, Some(last))
+            .unwrap();
+    let mut aggregates: Vec<&str> = claimed.iter().map(|row| row.aggregate_id.as_str()).collect();
+    aggregates.dedup();
+    assert_eq!(claimed.len(), 7, "{aggregates:?}");
+    assert!(!aggregates.contains(&"failed"));
+    // Once put back in line, the failed aggregate is claimed too.
+    assert_eq!(outbox::control::retry_failed_events(&mut conn).unwrap(), 1);
+    let retried =
+        outbox::relay::store::claim_batch_raising_floor(&mut conn, "relay", &[], 100, 30.0, Some(last))
+            .unwrap();
+    assert_eq!(retried.len(), 2);
+    assert!(retried.iter().all(|row| row.aggregate_id == "failed"));
+}
