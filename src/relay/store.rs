@@ -491,6 +491,20 @@ pub fn prune_published(conn: &mut PgConnection, older_than_secs: f64, batch: i64
     .execute(conn)?)
 }
 
+/// Every unpublished row, read as claims read them (`floor.rs`): from the
+/// claim floor up, and below it only the aggregates with a row in the
+/// retry set, so counting the backlog walks no entry of a row already
+/// published however long a snapshot has kept vacuum from removing them.
+const UNPUBLISHED: &str = "SELECT e.* FROM outbox_events e
+     WHERE e.published_at IS NULL AND e.seq >= (SELECT outbox_claim_floor())
+     UNION ALL
+     SELECT e.* FROM (SELECT DISTINCT r.aggregate_type, r.aggregate_id
+                      FROM outbox_events r
+                      WHERE r.published_at IS NULL AND (r.failed_at IS NOT NULL OR r.next_attempt_at IS NOT NULL)) a
+     CROSS JOIN LATERAL (SELECT x.* FROM outbox_events x
+                         WHERE x.aggregate_type = a.aggregate_type AND x.aggregate_id = a.aggregate_id
+                           AND x.published_at IS NULL AND x.seq < (SELECT outbox_claim_floor())) e";
+
 /// Backlog figures for metrics and `outbox status`.
 #[derive(Debug, Clone, Default, QueryableByName, serde::Serialize)]
 pub struct BacklogStats {
@@ -520,7 +534,7 @@ pub struct BacklogStats {
 
 /// Reads the backlog figures.
 pub fn backlog_stats(conn: &mut PgConnection) -> Result<BacklogStats> {
-    Ok(diesel::sql_query(
+    Ok(diesel::sql_query(format!(
         "SELECT count(*) AS backlog,
                 COALESCE(EXTRACT(EPOCH FROM now() - min(recorded_at))::float8, 0) AS oldest_unpublished_age_seconds,
                 count(*) FILTER (WHERE seq IN (
@@ -530,8 +544,8 @@ pub fn backlog_stats(conn: &mut PgConnection) -> Result<BacklogStats> {
                 count(*) FILTER (WHERE failed_at IS NULL AND next_attempt_at > now()) AS retrying,
                 (SELECT paused FROM outbox_control WHERE id) AS paused,
                 (SELECT count(*) FROM outbox_events WHERE unroutable_at IS NOT NULL) AS unroutable
-         FROM outbox_events WHERE published_at IS NULL",
-    )
+         FROM ({UNPUBLISHED}) outbox_events"
+    ))
     .get_result(conn)?)
 }
 
@@ -554,15 +568,15 @@ pub struct EventTypeBacklog {
 
 /// The backlog per event type, largest first.
 pub fn backlog_by_event_type(conn: &mut PgConnection) -> Result<Vec<EventTypeBacklog>> {
-    Ok(diesel::sql_query(
+    Ok(diesel::sql_query(format!(
         "SELECT event_type,
                 count(*) AS backlog,
                 COALESCE(EXTRACT(EPOCH FROM now() - min(recorded_at))::float8, 0) AS oldest_unpublished_age_seconds,
                 count(*) FILTER (WHERE failed_at IS NOT NULL) AS failed
-         FROM outbox_events WHERE published_at IS NULL
+         FROM ({UNPUBLISHED}) outbox_events
          GROUP BY event_type
-         ORDER BY backlog DESC, event_type",
-    )
+         ORDER BY backlog DESC, event_type"
+    ))
     .load(conn)?)
 }
 

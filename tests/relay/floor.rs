@@ -75,6 +75,16 @@ fn a_retry_below_the_floor_is_claimed_when_due_and_its_aggregate_follows_in_orde
         max_seq(&mut conn)
     );
 
+    // The backlog figures still count the rows below the floor.
+    let stats = store::backlog_stats(&mut conn).unwrap();
+    assert_eq!(
+        (stats.backlog, stats.retrying, stats.failed),
+        (3, 1, 0),
+        "{stats:?}"
+    );
+    let by_type = store::backlog_by_event_type(&mut conn).unwrap();
+    assert_eq!(by_type.iter().map(|t| t.backlog).sum::<i64>(), 3, "{by_type:?}");
+
     // The retry comes due: the head and its followers are claimed from
     // below the floor, in order.
     diesel::sql_query("UPDATE outbox_events SET next_attempt_at = now() WHERE next_attempt_at IS NOT NULL")
