@@ -50,7 +50,10 @@
 //!   analytics query, the open snapshot) never holds the lock and so never
 //!   holds the floor back; a transaction that wrote events and stays open
 //!   holds it (and, while it does, claims walk what is published after
-//!   it: the price of not skipping its rows).
+//!   it: the price of not skipping its rows). Ticks hold only for the
+//!   server they were taken on: a relay whose claim connection is new
+//!   (after an error, or a failover to a promoted standby) forgets its
+//!   ticks and raises the floor again only from ticks of that connection.
 //! - **`setval` is not transactional**: the floor is raised only to a
 //!   value that holds whether or not the claim commits, which is why
 //!   leased rows (this claim's included) hold it.

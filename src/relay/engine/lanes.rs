@@ -381,7 +381,16 @@ pub(super) fn run_lane_job(
         conn: None,
     };
     let pending_is_empty = pending.is_empty();
+    let fresh = conn.is_none();
     let mut conn = match conn.map_or_else(|| crate::relay::open_session(config), Ok) {
+        Ok(conn) if fresh => {
+            // A new connection may reach another server (a standby
+            // promoted after a failover, whose sequences and open
+            // transactions are its own): ticks taken on the last one say
+            // nothing about it, so the floor waits for ticks of this one.
+            *lock_frontier(ctx) = CommitFrontier::default();
+            conn
+        }
         Ok(conn) => conn,
         Err(e) => {
             result.unflushed = Some(pending);
