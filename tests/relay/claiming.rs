@@ -1,15 +1,14 @@
 use outbox::testing::TestExchange;
 use std::collections::HashSet;
-use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
 use diesel::prelude::*;
+use outbox::TestDatabase;
 use outbox::relay::store::{self, PublishFailure};
-use outbox::{Error, TestDatabase};
 
 use crate::support::{
-    RunningRelay, Ticked, count, eventually, record_interleaved, record_ticks, relay_config,
+    OpenWriter, RunningRelay, Ticked, count, eventually, record_interleaved, record_ticks, relay_config,
 };
 
 #[test]
@@ -299,27 +298,8 @@ async fn a_crashed_relays_rows_are_published_once_its_lease_ends() {
 async fn a_late_committing_transaction_is_not_skipped_and_does_not_stall_others() {
     let db = TestDatabase::create().unwrap();
     let broker = TestExchange::new().await.unwrap();
-    let (recorded_tx, recorded_rx) = mpsc::channel();
-    let (commit_tx, commit_rx) = mpsc::channel::<()>();
-    let url = db.url().to_owned();
     // T1: records an event and stays open.
-    let t1 = thread::spawn(move || {
-        let mut conn = outbox::connect(&url).unwrap();
-        conn.transaction::<_, Error, _>(|conn| {
-            outbox::record(
-                conn,
-                &Ticked {
-                    aggregate: "slow".into(),
-                    n: 0,
-                },
-            )?;
-            recorded_tx.send(()).unwrap();
-            commit_rx.recv().unwrap();
-            Ok(())
-        })
-        .unwrap();
-    });
-    recorded_rx.recv().unwrap();
+    let open = OpenWriter::start(&db, "slow");
     // T2: a later id, committed first.
     let mut conn = db.connect().unwrap();
     record_ticks(&mut conn, "fast", 0..3);
@@ -330,8 +310,7 @@ async fn a_late_committing_transaction_is_not_skipped_and_does_not_stall_others(
     let relay = RunningRelay::start(relay_config(&db, &broker));
     broker.wait_for_distinct(3, Duration::from_secs(20)).await;
     assert!(!broker.first_arrival_order("n").contains_key("slow"));
-    commit_tx.send(()).unwrap();
-    t1.join().unwrap();
+    open.commit();
     broker.wait_for_distinct(4, Duration::from_secs(20)).await;
     relay.stop().await;
     assert_eq!(broker.first_arrival_order("n")["slow"], vec![0]);

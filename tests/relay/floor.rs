@@ -3,16 +3,14 @@
 //! rows below it that are not published yet (a retry, a failed row put
 //! back in line, a late commit) are still claimed, in order.
 
-use std::sync::mpsc;
-use std::thread;
 use std::time::Duration;
 
 use diesel::prelude::*;
+use outbox::TestDatabase;
 use outbox::relay::store::{self, ClaimedEvent};
 use outbox::testing::TestExchange;
-use outbox::{Error, TestDatabase};
 
-use crate::support::{RunningRelay, Ticked, count, eventually, record_ticks, relay_config};
+use crate::support::{OpenWriter, RunningRelay, Ticked, count, eventually, record_ticks, relay_config};
 
 fn seq_of(conn: &mut PgConnection, aggregate: &str, n: i64) -> i64 {
     count(
@@ -159,27 +157,8 @@ fn truncating_the_outbox_with_restart_identity_resets_the_floor() {
 async fn the_floor_stays_below_an_open_writers_row_and_rises_once_it_commits() {
     let db = TestDatabase::create().unwrap();
     let broker = TestExchange::new().await.unwrap();
-    let (recorded_tx, recorded_rx) = mpsc::channel();
-    let (commit_tx, commit_rx) = mpsc::channel::<()>();
-    let url = db.url().to_owned();
     // An open transaction holding the lowest seq.
-    let open = thread::spawn(move || {
-        let mut conn = outbox::connect(&url).unwrap();
-        conn.transaction::<_, Error, _>(|conn| {
-            outbox::record(
-                conn,
-                &Ticked {
-                    aggregate: "slow".into(),
-                    n: 0,
-                },
-            )?;
-            recorded_tx.send(()).unwrap();
-            commit_rx.recv().unwrap();
-            Ok(())
-        })
-        .unwrap();
-    });
-    recorded_rx.recv().unwrap();
+    let open = OpenWriter::start(&db, "slow");
     let mut conn = db.connect().unwrap();
     record_ticks(&mut conn, "fast", 0..50);
     let relay = RunningRelay::start(relay_config(&db, &broker));
@@ -195,8 +174,7 @@ async fn the_floor_stays_below_an_open_writers_row_and_rises_once_it_commits() {
     // floor, whatever the claims since, has not passed it.
     let slow_seq = 1;
     assert!(store::claim_floor(&mut conn).unwrap() <= slow_seq);
-    commit_tx.send(()).unwrap();
-    open.join().unwrap();
+    open.commit();
     broker.wait_for_distinct(51, Duration::from_secs(20)).await;
     // Once it committed and was published, the floor passes everything.
     let last = max_seq(&mut conn);

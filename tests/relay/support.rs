@@ -127,3 +127,39 @@ impl Drop for RunningRelay {
         }
     }
 }
+
+/// A transaction that has recorded one tick of `aggregate` and stays open
+/// until [`OpenWriter::commit`]: its row holds a lower seq than anything
+/// recorded meanwhile, and is invisible until then.
+pub struct OpenWriter {
+    commit: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl OpenWriter {
+    /// Returns once the tick is recorded (not committed).
+    pub fn start(db: &TestDatabase, aggregate: &str) -> Self {
+        let (recorded_tx, recorded_rx) = std::sync::mpsc::channel();
+        let (commit, commit_rx) = std::sync::mpsc::channel::<()>();
+        let url = db.url().to_owned();
+        let aggregate = aggregate.to_owned();
+        let thread = std::thread::spawn(move || {
+            let mut conn = outbox::connect(&url).unwrap();
+            conn.transaction::<_, outbox::Error, _>(|conn| {
+                outbox::record(conn, &outbox::testing::Ticked { aggregate, n: 0 })?;
+                recorded_tx.send(()).unwrap();
+                commit_rx.recv().unwrap();
+                Ok(())
+            })
+            .unwrap();
+        });
+        recorded_rx.recv().unwrap();
+        Self { commit, thread }
+    }
+
+    /// Commits the transaction and waits for it.
+    pub fn commit(self) {
+        self.commit.send(()).unwrap();
+        self.thread.join().unwrap();
+    }
+}
