@@ -88,14 +88,7 @@ fn a_database_of_the_previous_release_upgrades_and_keeps_its_rows() {
         conn.run_migration(migration).unwrap();
     }
     outbox::testing::record_ticks(&mut conn, "a1", 0..5).unwrap();
-    diesel::RunQueryDsl::execute(
-        diesel::sql_query(
-            "INSERT INTO failed_jobs (uuid, listener, queue, event_id, payload, exception, attempts)
-             VALUES (gen_random_uuid(), 'audit', 'app.audit', gen_random_uuid(), '{}', 'boom', 3)",
-        ),
-        &mut conn,
-    )
-    .unwrap();
+    insert_failed_job(&mut conn);
     diesel::RunQueryDsl::execute(
         diesel::sql_query(
             "INSERT INTO outbox_listeners (app, listener, exchange, queue, retry_queues, dead_queue, event_types, worker_id)
@@ -148,20 +141,10 @@ fn a_database_of_the_previous_release_upgrades_and_keeps_its_rows() {
 /// logged event; the new claim then reads all of them.
 #[test]
 fn a_database_from_before_the_claim_floor_upgrades_and_its_backlog_is_claimed() {
-    use diesel::migration::MigrationSource;
-    use diesel_migrations::MigrationHarness;
     const BEFORE_THE_FLOOR: &str = "20261201000010";
     let db = TestDatabase::create_empty().unwrap();
     let mut conn = db.connect().unwrap();
-    let mut migrations = MigrationSource::<diesel::pg::Pg>::migrations(&outbox::MIGRATIONS).unwrap();
-    migrations.sort_by(|a, b| a.name().version().cmp(&b.name().version()));
-    diesel::migration::MigrationConnection::setup(&mut conn).unwrap();
-    for migration in migrations
-        .iter()
-        .filter(|m| m.name().version().to_string().as_str() <= BEFORE_THE_FLOOR)
-    {
-        conn.run_migration(migration).unwrap();
-    }
+    migrated_to(&mut conn, BEFORE_THE_FLOOR);
     outbox::event_log::ensure_partitions(&mut conn, chrono::Utc::now(), 1).unwrap();
     outbox::testing::record_ticks(&mut conn, "logged", 0..2).unwrap();
     diesel::RunQueryDsl::execute(
@@ -190,14 +173,7 @@ fn a_database_from_before_the_claim_floor_upgrades_and_its_backlog_is_claimed() 
         &mut conn,
     )
     .unwrap();
-    diesel::RunQueryDsl::execute(
-        diesel::sql_query(
-            "INSERT INTO failed_jobs (uuid, listener, queue, event_id, payload, exception, attempts)
-             VALUES (gen_random_uuid(), 'audit', 'app.audit', gen_random_uuid(), '{}', 'boom', 3)",
-        ),
-        &mut conn,
-    )
-    .unwrap();
+    insert_failed_job(&mut conn);
 
     let applied = outbox::migrate(&mut conn).unwrap();
     assert!(
@@ -233,4 +209,32 @@ fn a_database_from_before_the_claim_floor_upgrades_and_its_backlog_is_claimed() 
             .unwrap();
     assert_eq!(retried.len(), 2);
     assert!(retried.iter().all(|row| row.aggregate_id == "failed"));
+}
+
+/// The library's migrations up to and including `version`, on an empty
+/// database: the schema an earlier main left.
+fn migrated_to(conn: &mut diesel::PgConnection, version: &str) {
+    use diesel::migration::MigrationSource;
+    use diesel_migrations::MigrationHarness;
+    let mut migrations = MigrationSource::<diesel::pg::Pg>::migrations(&outbox::MIGRATIONS).unwrap();
+    migrations.sort_by(|a, b| a.name().version().cmp(&b.name().version()));
+    diesel::migration::MigrationConnection::setup(conn).unwrap();
+    for migration in migrations
+        .iter()
+        .filter(|m| m.name().version().to_string().as_str() <= version)
+    {
+        conn.run_migration(migration).unwrap();
+    }
+}
+
+/// One failed job, as a worker writes it.
+fn insert_failed_job(conn: &mut diesel::PgConnection) {
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query(
+            "INSERT INTO failed_jobs (uuid, listener, queue, event_id, payload, exception, attempts)
+             VALUES (gen_random_uuid(), 'audit', 'app.audit', gen_random_uuid(), '{}', 'boom', 3)",
+        ),
+        conn,
+    )
+    .unwrap();
 }
