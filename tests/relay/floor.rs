@@ -187,3 +187,93 @@ async fn the_floor_stays_below_an_open_writers_row_and_rises_once_it_commits() {
     relay.stop().await;
     assert_eq!(broker.first_arrival_order("n")["slow"], vec![0]);
 }
+
+/// Index entries read and index scans on outbox_events so far, once this
+/// connection's own counts have reached the statistics views.
+fn index_reads(conn: &mut PgConnection) -> (i64, i64) {
+    let scans = count(
+        conn,
+        "SELECT COALESCE(sum(idx_scan), 0)::bigint AS n FROM pg_stat_user_indexes WHERE relname = 'outbox_events'",
+    );
+    let entries = count(
+        conn,
+        "SELECT COALESCE(sum(idx_tup_read), 0)::bigint AS n FROM pg_stat_user_indexes WHERE relname = 'outbox_events'",
+    );
+    (scans, entries)
+}
+
+/// Flushes this connection's statistics and waits until the views show at
+/// least `scans` index scans on outbox_events.
+fn index_reads_after(conn: &mut PgConnection, scans: i64) -> (i64, i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        diesel::sql_query("SELECT pg_stat_force_next_flush()")
+            .execute(conn)
+            .unwrap();
+        diesel::sql_query("SELECT pg_stat_clear_snapshot()")
+            .execute(conn)
+            .unwrap();
+        let now = index_reads(conn);
+        if now.0 >= scans {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "statistics never showed the claim's scans"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The point of the floor: while a snapshot pins the xmin horizon, every
+/// published row stays in the indexes as an entry vacuum cannot remove. A
+/// claim must not read them, whatever the others relays hold.
+#[test]
+fn a_claim_under_a_pinned_snapshot_reads_no_entry_of_what_was_published() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    diesel::sql_query("SET stats_fetch_consistency = none")
+        .execute(&mut conn)
+        .unwrap();
+    let mut pinned = db.connect().unwrap();
+    diesel::sql_query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut pinned)
+        .unwrap();
+    assert_eq!(count(&mut pinned, "SELECT count(*) AS n FROM outbox_control"), 1);
+
+    let published = 3_000;
+    outbox::testing::record_interleaved(&mut conn, 100, 0..(published / 100)).unwrap();
+    loop {
+        let rows = claim(&mut conn, 500);
+        if rows.is_empty() {
+            break;
+        }
+        publish(&mut conn, &rows);
+        // As a relay does once a lease's rows are all marked.
+        let mut leases: Vec<i64> = rows.iter().map(|row| row.lease_id).collect();
+        leases.dedup();
+        store::drop_leases(&mut conn, "relay", &leases).unwrap();
+    }
+    // Live rows on aggregates of their own, one of them leased by another
+    // relay (so the claim looks its aggregate up).
+    for aggregate in 0..10 {
+        record_ticks(&mut conn, &format!("late-{aggregate}"), 0..1);
+    }
+    let frontier = max_seq(&mut conn);
+    let other = store::claim_batch_raising_floor(&mut conn, "other", &[], 1, 30.0, Some(frontier)).unwrap();
+    assert_eq!(other.len(), 1);
+
+    let before = index_reads_after(&mut conn, 0);
+    let rows = claim(&mut conn, 500);
+    assert_eq!(rows.len(), 9, "every live row but the other relay's");
+    let after = index_reads_after(&mut conn, before.0 + 1);
+    let read = after.1 - before.1;
+    // The 9 rows claimed, the other relay's row, their aggregates' heads:
+    // a few dozen entries at most. Walking what was published reads
+    // thousands.
+    assert!(
+        read < 200,
+        "a claim read {read} index entries with {published} published rows kept by a pinned snapshot"
+    );
+    diesel::sql_query("ROLLBACK").execute(&mut pinned).unwrap();
+}
