@@ -50,10 +50,12 @@
 //!   analytics query, the open snapshot) never holds the lock and so never
 //!   holds the floor back; a transaction that wrote events and stays open
 //!   holds it (and, while it does, claims walk what is published after
-//!   it: the price of not skipping its rows). Ticks hold only for the
-//!   server they were taken on: a relay whose claim connection is new
-//!   (after an error, or a failover to a promoted standby) forgets its
-//!   ticks and raises the floor again only from ticks of that connection.
+//!   it: the price of not skipping its rows). Ticks are taken by the mark
+//!   lane after it marks (off the path from commit to publish) and hold
+//!   only for the server they were taken on, which each tick names (its
+//!   start time): a claim on another server (a standby promoted after a
+//!   failover, whose sequences and open transactions are its own) raises
+//!   the floor only from that server's ticks.
 //! - **`setval` is not transactional**: the floor is raised only to a
 //!   value that holds whether or not the claim commits, which is why
 //!   leased rows (this claim's included) hold it.
@@ -92,7 +94,7 @@ use std::time::{Duration, Instant};
 
 use super::store::CommitTick;
 
-/// How often a relay takes a commit tick (at most once per claim).
+/// How often a relay takes a commit tick (at most once per mark).
 pub(crate) const TICK_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Unsettled ticks kept at most; past that the newest is replaced, which
@@ -101,17 +103,27 @@ const MAX_PENDING: usize = 64;
 
 /// A relay's commit frontier: the newest seq at or below which every row is
 /// committed or gone for good, from its commit ticks.
+///
+/// Ticks may be taken on any of the relay's connections; each names its
+/// server, and the frontier is only ever one server's: a tick of another
+/// server (a standby promoted after a failover) starts it again.
 #[derive(Debug, Default)]
 pub(crate) struct CommitFrontier {
+    server: Option<i64>,
     pending: VecDeque<CommitTick>,
     settled: Option<i64>,
     last_tick: Option<Instant>,
 }
 
 impl CommitFrontier {
-    /// The frontier, once one tick has settled.
-    pub(crate) fn settled(&self) -> Option<i64> {
-        self.settled
+    /// The frontier for a claim on `server`, once one of its ticks has
+    /// settled.
+    pub(crate) fn settled_on(&self, server: i64) -> Option<i64> {
+        if self.server == Some(server) {
+            self.settled
+        } else {
+            None
+        }
     }
 
     /// Whether a tick is due at `now`.
@@ -125,6 +137,12 @@ impl CommitFrontier {
     /// that is still open holds the lock at this tick too, so the first
     /// tick still held back holds back every later one.
     pub(crate) fn observe(&mut self, tick: CommitTick, now: Instant) {
+        if self.server != Some(tick.server) {
+            *self = CommitFrontier {
+                server: Some(tick.server),
+                ..CommitFrontier::default()
+            };
+        }
         self.last_tick = Some(now);
         while let Some(oldest) = self.pending.front() {
             if oldest.holders.iter().any(|holder| tick.holders.contains(holder)) {
@@ -152,19 +170,26 @@ impl CommitFrontier {
 mod tests {
     use super::*;
 
+    const SERVER: i64 = 1_765_000_000_000_000;
+
     fn tick(last_seq: i64, holders: &[&str]) -> CommitTick {
+        tick_on(SERVER, last_seq, holders)
+    }
+
+    fn tick_on(server: i64, last_seq: i64, holders: &[&str]) -> CommitTick {
         CommitTick {
             last_seq,
             holders: holders.iter().map(|h| (*h).to_owned()).collect(),
+            server,
         }
     }
 
     #[test]
     fn a_tick_with_no_writer_open_settles_at_once() {
         let mut frontier = CommitFrontier::default();
-        assert_eq!(frontier.settled(), None);
+        assert_eq!(frontier.settled_on(SERVER), None);
         frontier.observe(tick(10, &[]), Instant::now());
-        assert_eq!(frontier.settled(), Some(10));
+        assert_eq!(frontier.settled_on(SERVER), Some(10));
     }
 
     #[test]
@@ -172,15 +197,15 @@ mod tests {
         let mut frontier = CommitFrontier::default();
         let now = Instant::now();
         frontier.observe(tick(10, &["3/1", "4/7"]), now);
-        assert_eq!(frontier.settled(), None);
+        assert_eq!(frontier.settled_on(SERVER), None);
         // 3/1 ended, 4/7 is still open: the tick waits.
         frontier.observe(tick(20, &["4/7", "5/2"]), now);
-        assert_eq!(frontier.settled(), None);
+        assert_eq!(frontier.settled_on(SERVER), None);
         // 4/7 ended: the first tick settles; the second waits for 5/2.
         frontier.observe(tick(30, &["5/2"]), now);
-        assert_eq!(frontier.settled(), Some(10));
+        assert_eq!(frontier.settled_on(SERVER), Some(10));
         frontier.observe(tick(40, &["6/1"]), now);
-        assert_eq!(frontier.settled(), Some(30));
+        assert_eq!(frontier.settled_on(SERVER), Some(30));
     }
 
     #[test]
@@ -191,12 +216,12 @@ mod tests {
         for n in 0..(MAX_PENDING as i64 + 10) {
             frontier.observe(tick(100 + n, &["1/1", &format!("9/{n}")]), now);
         }
-        assert_eq!(frontier.settled(), Some(5));
+        assert_eq!(frontier.settled_on(SERVER), Some(5));
         assert_eq!(frontier.pending.len(), MAX_PENDING);
         // The long writer ends: every tick it held back settles, the newest
         // included.
         frontier.observe(tick(500, &["8/8"]), now);
-        assert_eq!(frontier.settled(), Some(100 + MAX_PENDING as i64 + 9));
+        assert_eq!(frontier.settled_on(SERVER), Some(100 + MAX_PENDING as i64 + 9));
     }
 
     #[test]
@@ -207,5 +232,21 @@ mod tests {
         frontier.observe(tick(1, &[]), now);
         assert!(!frontier.tick_due(now));
         assert!(frontier.tick_due(now + TICK_INTERVAL));
+    }
+
+    #[test]
+    fn a_tick_of_another_server_starts_the_frontier_again() {
+        let mut frontier = CommitFrontier::default();
+        let now = Instant::now();
+        frontier.observe(tick(1_000, &[]), now);
+        assert_eq!(frontier.settled_on(SERVER), Some(1_000));
+        // A claim on a promoted standby is given nothing the old primary's
+        // ticks said.
+        assert_eq!(frontier.settled_on(SERVER + 1), None);
+        frontier.observe(tick_on(SERVER + 1, 990, &["3/9"]), now);
+        assert_eq!(frontier.settled_on(SERVER), None);
+        assert_eq!(frontier.settled_on(SERVER + 1), None);
+        frontier.observe(tick_on(SERVER + 1, 995, &[]), now);
+        assert_eq!(frontier.settled_on(SERVER + 1), Some(995));
     }
 }

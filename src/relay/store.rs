@@ -201,12 +201,49 @@ pub struct CommitTick {
     /// Transactions that may still commit rows at or below `last_seq`.
     #[diesel(sql_type = diesel::sql_types::Array<Text>)]
     pub holders: Vec<String>,
+    /// The server the tick was taken on ([`server_identity`]): seqs and
+    /// transaction ids are a server's own, so a tick says nothing about
+    /// another (a standby promoted after a failover).
+    #[diesel(sql_type = BigInt)]
+    pub server: i64,
+}
+
+/// The server's start time in microseconds: tells two servers behind the
+/// same address apart (a promoted standby was started at another moment
+/// than the primary it replaces; a restarted server gets a new one too).
+macro_rules! server_identity_sql {
+    () => {
+        "(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint"
+    };
 }
 
 /// Takes a [`CommitTick`].
 pub fn commit_tick(conn: &mut PgConnection) -> Result<CommitTick> {
     struct CommitTickSql;
-    Ok(Prepared::<CommitTickSql>::new("SELECT * FROM outbox_commit_tick()", vec![]).get_result(conn)?)
+    Ok(Prepared::<CommitTickSql>::new(
+        concat!(
+            "SELECT t.last_seq, t.holders, ",
+            server_identity_sql!(),
+            " AS server FROM outbox_commit_tick() t"
+        ),
+        vec![],
+    )
+    .get_result(conn)?)
+}
+
+/// The identity of the server `conn` is connected to, as [`CommitTick::server`]
+/// names it.
+pub fn server_identity(conn: &mut PgConnection) -> Result<i64> {
+    #[derive(QueryableByName)]
+    struct Server {
+        #[diesel(sql_type = BigInt)]
+        server: i64,
+    }
+    Ok(
+        diesel::sql_query(concat!("SELECT ", server_identity_sql!(), " AS server"))
+            .get_result::<Server>(conn)?
+            .server,
+    )
 }
 
 /// The claim floor now: every unpublished row below it waits for (or

@@ -49,7 +49,28 @@ pub(super) struct LaneResult {
     pub(super) error: Option<Error>,
     /// The lane's connection, handed back for its next job (dropped after
     /// an error, so the next job opens a fresh one).
-    pub(super) conn: Option<PgConnection>,
+    pub(super) conn: Option<LaneConnection>,
+}
+
+/// A lane's connection, kept between its jobs.
+pub(super) struct LaneConnection {
+    conn: PgConnection,
+    /// The server it reaches ([`store::server_identity`]), once a claim
+    /// needed it.
+    server: Option<i64>,
+}
+
+/// Which lane a job runs on: it decides whether the job takes commit
+/// ticks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lane {
+    /// Flushes failures and released leases, then claims.
+    Claim,
+    /// Marks acked rows, then takes a commit tick when one is due: off the
+    /// path from a commit to its publish, which waits for claims only.
+    Mark,
+    /// The session's last settling.
+    Settle,
 }
 
 impl Session<'_> {
@@ -87,7 +108,7 @@ impl Session<'_> {
         let shared = self.shared.clone_for_lane();
         let conn = self.claim_conn.take();
         self.lane = Some(tokio::task::spawn_blocking(move || {
-            run_lane_job(&shared, conn, pending, claim_job)
+            run_lane_job(&shared, Lane::Claim, conn, pending, claim_job)
         }));
     }
 
@@ -172,7 +193,7 @@ impl Session<'_> {
         let shared = self.shared.clone_for_lane();
         let conn = self.mark_conn.take();
         self.mark_lane = Some(tokio::task::spawn_blocking(move || {
-            run_lane_job(&shared, conn, pending, None)
+            run_lane_job(&shared, Lane::Mark, conn, pending, None)
         }));
     }
 
@@ -365,7 +386,8 @@ fn take_commit_tick(ctx: &LaneContext, conn: &mut PgConnection) {
 /// blocking pool.
 pub(super) fn run_lane_job(
     ctx: &LaneContext,
-    conn: Option<PgConnection>,
+    lane: Lane,
+    conn: Option<LaneConnection>,
     pending: Pending,
     claim: Option<(u64, Vec<i64>)>,
 ) -> LaneResult {
@@ -381,17 +403,12 @@ pub(super) fn run_lane_job(
         conn: None,
     };
     let pending_is_empty = pending.is_empty();
-    let fresh = conn.is_none();
-    let mut conn = match conn.map_or_else(|| crate::relay::open_session(config), Ok) {
-        Ok(conn) if fresh => {
-            // A new connection may reach another server (a standby
-            // promoted after a failover, whose sequences and open
-            // transactions are its own): ticks taken on the last one say
-            // nothing about it, so the floor waits for ticks of this one.
-            *lock_frontier(ctx) = CommitFrontier::default();
-            conn
-        }
-        Ok(conn) => conn,
+    let opened = conn.map_or_else(
+        || crate::relay::open_session(config).map(|conn| LaneConnection { conn, server: None }),
+        Ok,
+    );
+    let LaneConnection { mut conn, mut server } = match opened {
+        Ok(lane_conn) => lane_conn,
         Err(e) => {
             result.unflushed = Some(pending);
             result.attempted_marks = 0;
@@ -421,6 +438,9 @@ pub(super) fn run_lane_job(
         store::drop_leases(&mut conn, &config.relay_id, &pending.finished_leases)?;
         Ok((marked, failed))
     })();
+    if lane == Lane::Mark && flushed.is_ok() {
+        take_commit_tick(ctx, &mut conn);
+    }
     match flushed {
         Ok((marked, failed)) => {
             if !pending_is_empty {
@@ -447,7 +467,21 @@ pub(super) fn run_lane_job(
     if let Some((generation, held)) = claim {
         let started = Instant::now();
         let batch = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
-        let frontier = lock_frontier(ctx).settled();
+        // Once per connection: the frontier only holds on the server its
+        // ticks were taken on.
+        let on_server = match server {
+            Some(known) => Ok(known),
+            None => store::server_identity(&mut conn),
+        };
+        let on_server = match on_server {
+            Ok(known) => known,
+            Err(e) => {
+                result.error = Some(e);
+                return result;
+            }
+        };
+        server = Some(on_server);
+        let frontier = lock_frontier(ctx).settled_on(on_server);
         // With the phantom guard the claim commits synchronously (locally):
         // once it returns, the WAL of every row it claimed is flushed, so
         // the guard waits for the standby only (see `standby.rs`).
@@ -476,7 +510,6 @@ pub(super) fn run_lane_job(
                 frontier,
             )
         };
-        take_commit_tick(ctx, &mut conn);
         match claimed {
             Ok(rows) => {
                 tracing::trace!(
@@ -493,7 +526,7 @@ pub(super) fn run_lane_job(
         }
     }
     if result.error.is_none() {
-        result.conn = Some(conn);
+        result.conn = Some(LaneConnection { conn, server });
     }
     result
 }

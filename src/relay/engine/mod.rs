@@ -56,7 +56,8 @@ mod lanes;
 
 pub(crate) use lanes::LaneContext;
 use lanes::{
-    HeartbeatResult, LaneResult, Pending, run_lane_job, sleep_until_instant, wait_heartbeat, wait_lane,
+    HeartbeatResult, Lane, LaneConnection, LaneResult, Pending, run_lane_job, sleep_until_instant,
+    wait_heartbeat, wait_lane,
 };
 
 /// An aggregate: (aggregate_type, aggregate_id).
@@ -100,8 +101,8 @@ pub(crate) struct Session<'a> {
     mark_lane: Option<JoinHandle<LaneResult>>,
     /// Each lane keeps one connection of its own between jobs: no pool
     /// checkout (and its `SELECT 1`) per claim or mark.
-    claim_conn: Option<PgConnection>,
-    mark_conn: Option<PgConnection>,
+    claim_conn: Option<LaneConnection>,
+    mark_conn: Option<LaneConnection>,
     /// When the rows waiting to be marked must be marked at the latest.
     mark_at: Option<Instant>,
     /// The lease renewal running now, if any.
@@ -284,7 +285,7 @@ impl<'a> Session<'a> {
         let shared = self.shared.clone_for_lane();
         let conn = self.claim_conn.take().or_else(|| self.mark_conn.take());
         let outcome = tokio::task::spawn_blocking(move || {
-            let result = run_lane_job(&shared, conn, pending, None);
+            let result = run_lane_job(&shared, Lane::Settle, conn, pending, None);
             if result.error.is_none() {
                 // Nothing of ours should stay leased after this session.
                 let released = shared
