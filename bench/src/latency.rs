@@ -12,6 +12,8 @@ use outbox::testing::TestDatabase;
 use serde::Serialize;
 
 use super::broker::BenchQueue;
+use super::drain::blocking;
+use super::pinned::{dead_tuples, hold_snapshot, release_snapshot};
 use super::process::RelayProcess;
 use super::stats::{ms, percentile};
 use super::{BenchTarget, Report, drop_database, scratch_database};
@@ -40,6 +42,11 @@ pub struct LatencyArgs {
     /// 1,000 commits/s here). Default: one per 400 events/s.
     #[arg(long)]
     writers: Option<usize>,
+    /// Hold a `REPEATABLE READ` snapshot open in the relay's database from
+    /// before the first commit to the end (a long transaction elsewhere:
+    /// nothing published during the run can be vacuumed away).
+    #[arg(long)]
+    hold_snapshot: bool,
 }
 
 /// The latency figures.
@@ -65,6 +72,10 @@ pub struct LatencyReport {
     pub max_ms: f64,
     /// Peak resident memory of the relay process, MiB.
     pub relay_peak_rss_mib: f64,
+    /// Whether a snapshot was held open for the whole run.
+    pub snapshot_held: bool,
+    /// Dead row versions in `outbox_events` at the end of the run.
+    pub dead_tuples: i64,
     /// The broker alone, same rate, same queue: lapin publish -> delivered
     /// to the same consumer, median ms (the floor under `p50_ms`).
     pub raw_p50_ms: f64,
@@ -82,7 +93,7 @@ pub struct LatencyReport {
 impl Report for LatencyReport {
     fn table(&self) -> String {
         format!(
-            "latency: {:.0} events/s target ({:.0} achieved by {} writers), one per transaction, {} events measured, {}\n\
+            "latency: {:.0} events/s target ({:.0} achieved by {} writers), one per transaction, {} events measured, {}{}\n\
              {:<44} {:>8} {:>8} {:>8} {:>8} {:>16}\n\
              {:<44} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>16}\n\
              {:<44} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>16.1}\n",
@@ -94,6 +105,14 @@ impl Report for LatencyReport {
                 "writers wake the relay"
             } else {
                 "relay polling only"
+            },
+            if self.snapshot_held {
+                format!(
+                    ", a snapshot held open throughout ({} dead tuples at the end)",
+                    self.dead_tuples
+                )
+            } else {
+                String::new()
             },
             "",
             "p50 ms",
@@ -266,6 +285,11 @@ async fn measure(
     let mut raw = measure_raw(&queue, &arrivals, args).await?;
 
     let relay_args: &[&str] = if args.no_wake_up { &["--no-wake-up"] } else { &[] };
+    let pin = if args.hold_snapshot {
+        Some(hold_snapshot(db.url().to_owned()).await?)
+    } else {
+        None
+    };
     let mut relay = RelayProcess::spawn(db.url(), &target.amqp_url, &queue.exchange, relay_args)?;
     let wake_up = !args.no_wake_up;
     let total = (args.rate * args.duration.as_secs_f64()).round() as u64;
@@ -337,6 +361,11 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let relay_peak_rss_mib = relay.stop()?;
+    let url = db.url().to_owned();
+    let dead_tuples = blocking(move || dead_tuples(&mut outbox::connect(&url)?)).await?;
+    if let Some(pin) = pin {
+        release_snapshot(pin).await?;
+    }
     consumer_task.abort();
     let _ = consumer_connection.close(200, "done".into()).await;
 
@@ -362,6 +391,8 @@ async fn measure(
         p999_ms: ms(percentile(&mut latencies, 0.999)),
         max_ms: ms(percentile(&mut latencies, 1.0)),
         relay_peak_rss_mib,
+        snapshot_held: args.hold_snapshot,
+        dead_tuples,
         raw_p50_ms: ms(percentile(&mut raw, 0.50)),
         raw_p99_ms: ms(percentile(&mut raw, 0.99)),
         raw_p999_ms: ms(percentile(&mut raw, 0.999)),

@@ -172,6 +172,8 @@ pub struct AllReport {
     pub latency: latency::LatencyReport,
     /// `outbox bench latency --rate 5000`.
     pub latency_high: latency::LatencyReport,
+    /// `outbox bench latency --hold-snapshot --duration 10m`.
+    pub latency_pinned: latency::LatencyReport,
     /// `outbox bench consume`.
     pub consume: consume::ConsumeReport,
     /// `outbox bench seed`.
@@ -204,6 +206,7 @@ struct AllLines {
     takeover: Vec<&'static str>,
     latency: Vec<&'static str>,
     latency_high: Vec<&'static str>,
+    latency_pinned: Vec<&'static str>,
     consume: Vec<&'static str>,
     seed: Vec<&'static str>,
 }
@@ -245,6 +248,16 @@ fn all_lines(quick: bool) -> AllLines {
             ],
             latency: vec!["latency", "--rate", "200", "--duration", "1s", "--warmup", "0s"],
             latency_high: vec!["latency", "--rate", "500", "--duration", "1s", "--warmup", "0s"],
+            latency_pinned: vec![
+                "latency",
+                "--rate",
+                "200",
+                "--duration",
+                "1s",
+                "--warmup",
+                "0s",
+                "--hold-snapshot",
+            ],
             consume: vec!["consume", "--messages", "50"],
             seed: vec![
                 "seed",
@@ -276,6 +289,7 @@ fn all_lines(quick: bool) -> AllLines {
             takeover: vec!["takeover"],
             latency: vec!["latency"],
             latency_high: vec!["latency", "--rate", "5000"],
+            latency_pinned: vec!["latency", "--hold-snapshot", "--duration", "10m"],
             consume: vec!["consume"],
             seed: vec!["seed"],
         }
@@ -335,6 +349,10 @@ async fn run_all(
         .await
         .context("latency at the higher rate")?;
     show(latency_high.table());
+    let latency_pinned = latency::run(target, &scenario!(lines.latency_pinned, Latency))
+        .await
+        .context("latency with a snapshot held open")?;
+    show(latency_pinned.table());
     let consume = consume::run(target, &scenario!(lines.consume, Consume))
         .await
         .context("consume")?;
@@ -356,6 +374,7 @@ async fn run_all(
         takeover,
         latency,
         latency_high,
+        latency_pinned,
         consume,
         seed,
     })
@@ -481,6 +500,7 @@ impl Report for AllReport {
             self.takeover.table(),
             self.latency.table(),
             self.latency_high.table(),
+            self.latency_pinned.table(),
             self.consume.table(),
             self.seed.table(),
         ]

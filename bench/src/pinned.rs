@@ -145,18 +145,7 @@ async fn rounds(args: &PinnedArgs, db: &TestDatabase, queue: &BenchQueue) -> any
     for n in 0..args.unpinned_rounds + args.rounds {
         if n == args.unpinned_rounds {
             let url = db.url().to_owned();
-            pin = Some(
-                blocking(move || {
-                    let mut pin = outbox::connect(&url)?;
-                    // The snapshot is taken by the first query and kept
-                    // until the transaction ends.
-                    pin.batch_execute(
-                        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM outbox_control;",
-                    )?;
-                    Ok(pin)
-                })
-                .await?,
-            );
+            pin = Some(hold_snapshot(url).await?);
         }
         let (events, aggregates) = (args.events, args.aggregates);
         let (back, ()) = on_connection(conn, move |conn| {
@@ -192,8 +181,8 @@ async fn rounds(args: &PinnedArgs, db: &TestDatabase, queue: &BenchQueue) -> any
             dead_tuples,
         });
     }
-    if let Some(mut pin) = pin {
-        blocking(move || Ok(pin.batch_execute("ROLLBACK")?)).await?;
+    if let Some(pin) = pin {
+        release_snapshot(pin).await?;
     }
     let rates = |pinned: bool| -> Vec<f64> {
         rounds
@@ -213,6 +202,25 @@ async fn rounds(args: &PinnedArgs, db: &TestDatabase, queue: &BenchQueue) -> any
         last_round_ratio: last / unpinned,
         rounds,
     })
+}
+
+/// Opens a connection to `url` holding a `REPEATABLE READ` snapshot, as a
+/// long analytics query or a forgotten `psql` session does: vacuum keeps
+/// every row version that died after it until [`release_snapshot`].
+pub(crate) async fn hold_snapshot(url: String) -> anyhow::Result<PgConnection> {
+    blocking(move || {
+        let mut pin = outbox::connect(&url)?;
+        // The snapshot is taken by the first query and kept until the
+        // transaction ends.
+        pin.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM outbox_control;")?;
+        Ok(pin)
+    })
+    .await
+}
+
+/// Ends the snapshot [`hold_snapshot`] took.
+pub(crate) async fn release_snapshot(mut pin: PgConnection) -> anyhow::Result<()> {
+    blocking(move || Ok(pin.batch_execute("ROLLBACK")?)).await
 }
 
 /// Waits until the bench queue holds `count` messages: the broker's own
@@ -243,7 +251,8 @@ async fn wait_for_messages(queue: &BenchQueue, count: usize, timeout: Duration) 
     }
 }
 
-fn dead_tuples(conn: &mut PgConnection) -> anyhow::Result<i64> {
+/// Dead row versions in `outbox_events`, as the statistics views count them.
+pub(crate) fn dead_tuples(conn: &mut PgConnection) -> anyhow::Result<i64> {
     #[derive(QueryableByName)]
     struct Dead {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
