@@ -217,6 +217,17 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
+    serve_on(listener, handle, health, shutdown)
+}
+
+/// [`serve`] on a listener the caller bound (to choose what to do when an
+/// address is taken).
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    health: HealthCheck,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let bound = listener
         .local_addr()
         .map_err(|e| Error::Config(format!("cannot read the bound address: {e}")))?;

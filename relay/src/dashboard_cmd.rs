@@ -22,7 +22,7 @@ pub struct DashboardArgs {
     /// File of operators' tokens: one a line, `token` (shared: operators
     /// name themselves at login) or `name:token` (personal). Without it
     /// and without OUTBOX_DASHBOARD_TOKEN the dashboard is read-only.
-    #[arg(long, env = TOKEN_FILE_ENV)]
+    #[arg(long, env = TOKEN_FILE_ENV, hide_env_values = true)]
     token_file: Option<PathBuf>,
     /// RabbitMQ URL, for queue depths and retries; several, comma separated, for the nodes of a cluster.
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]

@@ -38,12 +38,16 @@ pub fn init_with(format: LogFormat, filter: EnvFilter, service_name: &str) -> Op
         Ok(telemetry) => (telemetry, None),
         Err(error) => (None, Some(error)),
     };
+    // Colours only for a terminal: logs sent to a file or a collector
+    // carry no escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match &telemetry {
         // Not exporting: the plain log subscriber, the filter global
         // (callsites below its level stay disabled for good).
         None => {
             let plain = tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                .with_ansi(ansi)
                 .with_writer(std::io::stderr);
             match format {
                 LogFormat::Text => plain.init(),
@@ -54,7 +58,9 @@ pub fn init_with(format: LogFormat, filter: EnvFilter, service_name: &str) -> Op
         Some(telemetry) => {
             let spans = telemetry.layer().with_filter(outbox::telemetry::span_filter());
             let registry = tracing_subscriber::registry().with(spans);
-            let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+            let lines = tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr);
             match format {
                 LogFormat::Text => registry.with(lines.with_filter(filter)).init(),
                 LogFormat::Json => registry.with(lines.json().with_filter(filter)).init(),

@@ -96,14 +96,38 @@ pub struct RelayArgs {
     /// The phantom guard: publish a claimed batch only once a streaming standby has flushed it, waiting at most this long per batch (at most half the lease; the role needs pg_monitor) [default: off].
     #[arg(long, env = "OUTBOX_WAIT_FOR_STANDBY", value_parser = parse_duration, hide_env_values = true)]
     wait_for_standby: Option<Duration>,
-    /// Address for GET /metrics and /health; "off" disables it.
-    #[arg(
-        long,
-        env = "OUTBOX_METRICS_ADDR",
-        default_value = "127.0.0.1:9187",
-        hide_env_values = true
-    )]
-    metrics_addr: String,
+    /// Address for GET /metrics and /health; "off" disables it. Without it, 127.0.0.1:9187, or a free port if another process (a second relay on this host) has that one [default: 127.0.0.1:9187].
+    #[arg(long, env = "OUTBOX_METRICS_ADDR", hide_env_values = true)]
+    metrics_addr: Option<String>,
+}
+
+/// Where `/metrics` is served when `--metrics-addr` is not given.
+const DEFAULT_METRICS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9187);
+
+/// Binds the metrics listener. An address the operator gave must be free;
+/// the default may be taken by another relay on the same host, and then a
+/// free port is used instead (logged), so running several relays with
+/// defaults works.
+async fn bind_metrics(addr: SocketAddr, explicit: bool) -> anyhow::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::AddrInUse => {
+            let any = SocketAddr::new(addr.ip(), 0);
+            let listener = tokio::net::TcpListener::bind(any).await.with_context(|| {
+                format!("cannot serve metrics: {addr} is in use and no free port is left")
+            })?;
+            tracing::warn!(
+                taken = %addr,
+                addr = %listener.local_addr().unwrap_or(any),
+                "the default metrics address is in use (another relay on this host?): serving on a free port; give each relay --metrics-addr to scrape it"
+            );
+            Ok(listener)
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot serve metrics: cannot listen on {addr}: {e}"
+        )),
+    }
 }
 
 impl RelayArgs {
@@ -143,11 +167,15 @@ impl RelayArgs {
 /// Runs the relay until a signal asks it to stop.
 pub fn run(database_url: &str, args: &RelayArgs) -> anyhow::Result<()> {
     let config = args.config(database_url);
-    let metrics_addr: Option<SocketAddr> = match args.metrics_addr.as_str() {
-        "off" | "" => None,
-        addr => Some(addr.parse().with_context(|| {
-            format!("--metrics-addr {addr:?} is not host:port (e.g. 127.0.0.1:9187) or off")
-        })?),
+    let metrics_addr: Option<(SocketAddr, bool)> = match args.metrics_addr.as_deref() {
+        None => Some((DEFAULT_METRICS_ADDR, false)),
+        Some("off" | "") => None,
+        Some(addr) => Some((
+            addr.parse().with_context(|| {
+                format!("--metrics-addr {addr:?} is not host:port (e.g. 127.0.0.1:9187) or off")
+            })?,
+            true,
+        )),
     };
     let relay = outbox::Relay::new(config).context("invalid relay configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -157,7 +185,8 @@ pub fn run(database_url: &str, args: &RelayArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        if let Some(addr) = metrics_addr {
+        if let Some((addr, explicit)) = metrics_addr {
+            let listener = bind_metrics(addr, explicit).await?;
             let handle = outbox::metrics::install_recorder()?;
             let health = relay.health();
             let check: outbox::metrics::HealthCheck = Arc::new(move || {
@@ -169,10 +198,9 @@ pub fn run(database_url: &str, args: &RelayArgs) -> anyhow::Result<()> {
                 (health.is_healthy(), body)
             });
             let mut stop = stop_rx.clone();
-            let (bound, _task) = outbox::metrics::serve(addr, handle, check, async move {
+            let (bound, _task) = outbox::metrics::serve_on(listener, handle, check, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
-            .await
             .context("cannot serve metrics")?;
             tracing::info!(addr = %bound, "serving /metrics and /health");
         }

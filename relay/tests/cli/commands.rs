@@ -85,6 +85,51 @@ async fn passwords_never_reach_logs_or_errors() {
     );
 }
 
+/// The README says to run as many relays as you like: a second one on the
+/// same host with default settings must not exit because the first holds
+/// the default metrics port. An address given explicitly must be free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_with_defaults_serves_metrics_on_a_free_port() {
+    let db = TestDatabase::create().unwrap();
+    // No broker answers here, so nothing is declared on the real one.
+    let no_broker = "amqp://guest:guest@127.0.0.1:1/%2f";
+    // The first relay's port: held by this test, or already by someone.
+    let _first = std::net::TcpListener::bind("127.0.0.1:9187");
+    let mut second = RelayChild::spawn_command(db.url(), no_broker, &["relay"], &[]);
+    eventually(
+        "the second relay serving metrics",
+        Duration::from_secs(30),
+        || second.logs().contains("serving /metrics and /health"),
+    )
+    .await;
+    assert!(second.child.try_wait().unwrap().is_none(), "{}", second.logs());
+    let logs = second.logs();
+    assert!(logs.contains("the default metrics address is in use"), "{logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "no terminal colours in a log file: {logs:?}"
+    );
+    let serving = logs
+        .lines()
+        .find(|line| line.contains("serving /metrics and /health"))
+        .unwrap();
+    let addr = serving
+        .split("addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {serving:?}"));
+    assert_ne!(addr, "127.0.0.1:9187", "{serving}");
+    std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr} does not answer: {e}"));
+    assert!(second.terminate().success());
+
+    let (code, _, err) = run_outbox(
+        &["relay", "--metrics-addr", "127.0.0.1:9187"],
+        &[("DATABASE_URL", db.url()), ("AMQP_URL", no_broker)],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot listen on 127.0.0.1:9187"), "{err}");
+}
+
 #[test]
 fn migrate_pause_and_resume() {
     let db = TestDatabase::create_empty().unwrap();

@@ -55,6 +55,13 @@ fn every_subcommand_help_has_an_example() {
             stdout.contains("Example: ") && stdout.contains("outbox "),
             "{args:?} has no example:\n{stdout}"
         );
+        // clap shows an unset variable as `[env: NAME=]`, which reads as
+        // "set to nothing"; every variable is named without its value.
+        let shown_empty: Vec<&str> = stdout.lines().filter(|line| line.contains("=]")).collect();
+        assert!(
+            shown_empty.is_empty(),
+            "{args:?} shows variables as empty: {shown_empty:?}"
+        );
     }
     let (status, _, stderr) = run_outbox(&["failed", "retry"], &[]);
     assert_eq!(status, 2, "ids or --all are required: {stderr}");

@@ -25,19 +25,25 @@ impl RelayChild {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        let mut args = vec!["relay", "--exchange", exchange, "--metrics-addr", "off"];
+        args.extend([
+            "--poll-max",
+            "20ms",
+            "--backoff-initial",
+            "50ms",
+            "--backoff-max",
+            "200ms",
+        ]);
+        args.extend(extra);
+        Self::spawn_command(database_url, amqp_url, &args, env)
+    }
+
+    /// `outbox` with exactly `args` (no test defaults), logging at info.
+    pub fn spawn_command(database_url: &str, amqp_url: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = std::env::temp_dir().join(format!("outbox-relay-{}.log", uuid::Uuid::now_v7().simple()));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(OUTBOX)
-            .args(["relay", "--exchange", exchange, "--metrics-addr", "off"])
-            .args([
-                "--poll-max",
-                "20ms",
-                "--backoff-initial",
-                "50ms",
-                "--backoff-max",
-                "200ms",
-            ])
-            .args(extra)
+            .args(args)
             .env("DATABASE_URL", database_url)
             .env("AMQP_URL", amqp_url)
             .env("RUST_LOG", "info")
