@@ -18,11 +18,14 @@
 //!   refuses breaking changes unless the version was raised with an
 //!   upcaster ([`compat`]);
 //! - [`asyncapi::document`] describes the exchange, the routing keys, the
-//!   listeners' queues and the messages as an AsyncAPI 3.0 document.
+//!   listeners' queues and the messages as an AsyncAPI 3.0 document;
+//! - [`catalog::markdown`] writes an event catalog page (description,
+//!   fields, example, producer, listeners, webhooks per type).
 //!
 //! [`Error::SchemaViolation`]: crate::Error::SchemaViolation
 
 pub mod asyncapi;
+pub mod catalog;
 pub mod compat;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -564,3 +564,14 @@ pub fn register_schemas(registry: Registry) -> outbox::Result<Registry> {
         .event_schema::<StorageQuotaExceeded>(QUOTA_STORAGE_QUOTA_EXCEEDED, 1)?
         .event_schema::<BandwidthLimitReached>(QUOTA_BANDWIDTH_LIMIT_REACHED, 1)
 }
+
+/// What CHOM's event catalog page (`docs/events.md`, `chom schema catalog`)
+/// says beyond the registry.
+pub fn catalog_options() -> outbox::contract::catalog::CatalogOptions {
+    outbox::contract::catalog::CatalogOptions {
+        title: "CHOM's events".into(),
+        producer: "CHOM's services (`chom::services`), in the transaction of the change".into(),
+        schema_folder: Some("../examples/chom/schemas".into()),
+        dataschema_base: None,
+    }
+}

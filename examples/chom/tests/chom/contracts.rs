@@ -25,6 +25,20 @@ fn current() -> SchemaSet {
     registry(&ListenerConfig::default()).unwrap().schema_set()
 }
 
+/// What `chom <args>` prints on stdout; it must succeed.
+fn chom_stdout(args: &[&str]) -> Vec<u8> {
+    let out = Command::new(env!("CARGO_BIN_EXE_chom"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chom {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A fresh folder under target/ for one test, removed by the caller.
 fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", uuid::Uuid::now_v7()));
@@ -324,16 +338,37 @@ fn the_asyncapi_document_passes_the_official_parser() {
     assert!(stdout.contains("valid AsyncAPI 3.0.0"), "{stdout}");
 
     // `chom asyncapi` prints the same document.
-    let printed = Command::new(env!("CARGO_BIN_EXE_chom"))
-        .arg("asyncapi")
-        .output()
-        .unwrap();
-    assert!(
-        printed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&printed.stderr)
-    );
-    let printed: serde_json::Value = serde_json::from_slice(&printed.stdout).unwrap();
+    let printed: serde_json::Value = serde_json::from_slice(&chom_stdout(&["asyncapi"])).unwrap();
     assert_eq!(printed["channels"], doc["channels"]);
     assert_eq!(printed["components"], doc["components"]);
+}
+
+#[test]
+fn the_event_catalog_page_is_what_the_registry_generates() {
+    let chom_registry = chom::work::registry(&chom::work::WorkConfig::default()).unwrap();
+    let page = outbox::contract::catalog::markdown(&chom_registry, &chom::events::catalog_options());
+    let committed =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/events.md")).unwrap();
+    assert!(
+        committed == page,
+        "docs/events.md is not what the registry generates: run `cargo run -p chom -- schema catalog --out docs/events.md` and commit it"
+    );
+    for event_type in EVENT_TYPES {
+        assert!(page.contains(&format!("\n## {event_type}\n")), "{event_type}");
+    }
+    assert!(
+        page.contains(
+            "- webhooks: endpoints can subscribe (`outbox webhooks add --event-type site.created`)"
+        )
+    );
+    assert!(page.contains("`record_audit_log` (queued)"));
+    assert!(page.contains("`record_metrics` (sync)"));
+    for schema in chom_registry.schemas().iter() {
+        let example = outbox::contract::catalog::example(schema.schema());
+        schema.validate(&example).unwrap();
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&chom_stdout(&["schema", "catalog"])),
+        page
+    );
 }

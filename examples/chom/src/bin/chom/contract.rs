@@ -35,6 +35,17 @@ pub(crate) enum SchemaCommand {
         #[arg(long)]
         against: PathBuf,
     },
+    /// Print the event catalog page (Markdown): per event type its
+    /// description, version, fields, an example payload, its listeners and
+    /// whether webhook endpoints can subscribe. CHOM commits it as
+    /// docs/events.md.
+    ///
+    /// Example: chom schema catalog --out docs/events.md
+    Catalog {
+        /// Write the page here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// Where the schemas are served.
@@ -70,9 +81,16 @@ fn registry() -> Result<outbox::Registry> {
     chom::work::registry(&chom::work::WorkConfig::default()).context("building CHOM's registry")
 }
 
+/// CHOM's catalog page, as committed in docs/events.md.
+fn catalog_page(registry: &outbox::Registry) -> String {
+    outbox::contract::catalog::markdown(registry, &chom::events::catalog_options())
+}
+
 pub(crate) fn schema_command(command: SchemaCommand) -> Result<()> {
-    let schemas = registry()?.schema_set();
+    let registry = registry()?;
+    let schemas = registry.schema_set();
     match command {
+        SchemaCommand::Catalog { out } => write_out(out.as_deref(), &catalog_page(&registry)),
         SchemaCommand::Export { dir, dataschema } => {
             let written = schemas
                 .export(&dir, dataschema.dataschema_base.as_deref())
@@ -112,10 +130,15 @@ pub(crate) fn asyncapi(args: AsyncapiArgs) -> Result<()> {
     let document = document(&registry()?, &options).context("generating the AsyncAPI document")?;
     let mut text = serde_json::to_string_pretty(&document).context("rendering the AsyncAPI document")?;
     text.push('\n');
-    match args.out {
-        Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display())),
+    write_out(args.out.as_deref(), &text)
+}
+
+/// Writes `text` to `out`, or to stdout.
+fn write_out(out: Option<&Path>, text: &str) -> Result<()> {
+    match out {
+        Some(path) => std::fs::write(path, text).with_context(|| format!("writing {}", path.display())),
         None => std::io::stdout()
             .write_all(text.as_bytes())
-            .context("writing the document to stdout"),
+            .context("writing to stdout"),
     }
 }
