@@ -3,7 +3,9 @@
 //!
 //! Extension attribute names follow the CloudEvents rule (lower-case
 //! letters and digits only): `aggregatetype`, `tenantid`, `actor`,
-//! `correlationid`, `causationid`, `traceparent`, `schemaversion`.
+//! `correlationid`, `causationid`, `traceparent`, `schemaversion`. The
+//! standard `dataschema` names the payload's JSON Schema
+//! ([`crate::contract::dataschema_uri`]).
 
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
@@ -58,6 +60,7 @@ struct StructuredEvent<'a> {
     subject: &'a str,
     time: DateTime<Utc>,
     datacontenttype: &'static str,
+    dataschema: String,
     aggregatetype: &'a str,
     schemaversion: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -75,8 +78,19 @@ struct StructuredEvent<'a> {
 
 /// Serializes `event` as a CloudEvents structured JSON body. `source`
 /// is the CloudEvents `source` attribute (a URI reference naming the
-/// producing service).
+/// producing service); `dataschema` is the default one
+/// (`urn:outbox:schema:<type>:v<version>`).
 pub fn encode_body(event: &EventRef<'_>, source: &str) -> Result<Vec<u8>> {
+    encode_body_with(event, source, None)
+}
+
+/// [`encode_body`] with the `dataschema` URI under `dataschema_base`
+/// ([`crate::contract::dataschema_uri`]).
+pub fn encode_body_with(
+    event: &EventRef<'_>,
+    source: &str,
+    dataschema_base: Option<&str>,
+) -> Result<Vec<u8>> {
     let data: &RawValue = serde_json::from_str(event.payload_json).map_err(|source| Error::Serialize {
         event_type: event.event_type.to_owned(),
         source,
@@ -89,6 +103,7 @@ pub fn encode_body(event: &EventRef<'_>, source: &str) -> Result<Vec<u8>> {
         subject: event.aggregate_id,
         time: event.occurred_at,
         datacontenttype: "application/json",
+        dataschema: crate::contract::dataschema_uri(dataschema_base, event.event_type, event.schema_version),
         aggregatetype: event.aggregate_type,
         schemaversion: event.schema_version,
         tenantid: event.tenant_id,
@@ -181,6 +196,14 @@ mod tests {
         assert_eq!(value["tenantid"], "3");
         assert_eq!(value["correlationid"], "req-1");
         assert_eq!(value["data"]["domain"], "a.example");
+        assert_eq!(value["dataschema"], "urn:outbox:schema:site.created:v1");
+        let based =
+            encode_body_with(&event, "/chom", Some("https://schemas.example/chom/")).unwrap_or_default();
+        let based: serde_json::Value = serde_json::from_slice(&based).unwrap_or_default();
+        assert_eq!(
+            based["dataschema"],
+            "https://schemas.example/chom/site.created.v1.schema.json"
+        );
         assert!(value.get("actor").is_none(), "system action: no actor attribute");
     }
 }

@@ -104,6 +104,33 @@ pub enum Error {
         /// Nack, return or timeout.
         reason: Unconfirmed,
     },
+    /// A recorded payload does not match its type's registered JSON Schema
+    /// (checked by fake outboxes, and by every outbox with feature
+    /// `testing` or [`OutboxBuilder::validate_payloads`](crate::OutboxBuilder::validate_payloads)).
+    #[error("payload of {event_type} v{schema_version} does not match its schema at {path:?}: {reason}")]
+    SchemaViolation {
+        /// The event type.
+        event_type: String,
+        /// The payload's schema version.
+        schema_version: i32,
+        /// JSON pointer of the failing value (`/domain`; `""` for the
+        /// payload itself).
+        path: String,
+        /// What the validator reported.
+        reason: String,
+    },
+    /// A payload's version has no schema, though its type has schemas
+    /// registered: the event's `schema_version` and the registration
+    /// disagree.
+    #[error("{event_type} has no schema at version {schema_version} (registered: {known:?})")]
+    UnknownSchemaVersion {
+        /// The event type.
+        event_type: String,
+        /// The payload's schema version.
+        schema_version: i32,
+        /// The versions registered.
+        known: Vec<i32>,
+    },
     /// A task on tokio's blocking pool panicked or was cancelled.
     #[error("a blocking task failed")]
     BlockingTask(#[source] tokio::task::JoinError),

@@ -34,6 +34,7 @@
 //! | where events live after publishing: the event log, partitioned by month | [`event_log`] | [`event_log::read_after`], [`event_log::aggregate_history`], [`RelayConfig::event_log`] |
 //! | publishing stored events again, to one queue | [`replay`] | [`replay::select`], [`replay::publish_to_queue`] |
 //! | read models fed by events, rebuilt from the log while writers write | [`projection`] | [`projection::Projection`], [`Registry::projection`], [`projection::rebuild`] |
+//! | event contracts: a JSON Schema per event type and version (schemars), its export, the `dataschema` URI, payload checks in fakes and tests, the compatibility check, the AsyncAPI 3.0 document, the event catalog page | [`contract`] (`contract/compat.rs`, `contract/asyncapi.rs`, `contract/catalog.rs`) | [`Registry::event_schema`], [`contract::SchemaSet`], [`contract::compat::check`], [`contract::asyncapi::document`], [`contract::catalog::markdown`] |
 //! | old payload shapes brought to the current one wherever events are read | [`upcast`] | [`Registry::upcaster`], [`upcast::Upcasters`] |
 //! | OpenTelemetry traces: the OTLP exporter from `OTEL_*`, the `tracing` layer, trace context from `record` to `publish` to `handle <listener>` (feature `otel`) | `telemetry.rs` | `telemetry::Telemetry::from_env`, `telemetry::is_active` |
 //! | metric names, health flags, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`], [`Health`] |
@@ -73,6 +74,7 @@
 pub mod amqp;
 pub mod cloudevents;
 pub mod consumer;
+pub mod contract;
 pub mod control;
 mod database;
 mod delay;
@@ -124,6 +126,11 @@ pub use outbox::{Outbox, OutboxBuilder};
 pub use record::{record, record_batch, record_with};
 pub use registry::{QueuedRegistration, Registry, SyncListener};
 pub use relay::{Relay, RelayConfig};
+/// The crate that derives payload schemas, re-exported so a service uses
+/// the same version (`#[derive(outbox::schemars::JsonSchema)]` needs
+/// `#[schemars(crate = "outbox::schemars")]`; depending on `schemars` 1.x
+/// directly is simpler).
+pub use schemars;
 pub use settings::Settings;
 #[cfg(feature = "testing")]
 pub use testing::TestDatabase;

@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::consumer::listener::{ListenerOptions, QueuedListener, is_valid_listener_name};
+use crate::contract::{EventSchema, SchemaSet, schema_of};
 use crate::envelope::{EventEnvelope, is_valid_event_type};
 use crate::error::{BoxError, Error, Result};
 use crate::projection::{Projection, ProjectionListener};
@@ -84,6 +85,7 @@ pub struct Registry {
     queued: Vec<QueuedRegistration>,
     upcasters: Upcasters,
     projections: Vec<Arc<dyn Projection>>,
+    schemas: SchemaSet,
 }
 
 impl fmt::Debug for Registry {
@@ -128,6 +130,44 @@ impl Registry {
             event_types: event_types.iter().map(|t| (*t).to_owned()).collect(),
         }));
         Ok(self)
+    }
+
+    /// Registers `E` as the payload of `event_type` at schema `version`:
+    /// its JSON Schema, derived with [`schemars`] (see
+    /// [`crate::contract`]), is exported by `schema export`, named in each
+    /// CloudEvent's `dataschema`, checked for compatibility, and checked
+    /// against every payload a fake outbox records. `version` is what
+    /// `E`'s [`DomainEvent::schema_version`](crate::DomainEvent::schema_version)
+    /// returns. Fails on a bad type, a version below 1 or a schema already
+    /// registered for the type and version.
+    ///
+    /// ```
+    /// #[derive(serde::Serialize, schemars::JsonSchema)]
+    /// struct SiteCreated { site_id: i64, domain: String }
+    ///
+    /// let registry = outbox::Registry::new().event_schema::<SiteCreated>("site.created", 1)?;
+    /// assert_eq!(registry.schema_set().versions("site.created"), vec![1]);
+    /// # Ok::<(), outbox::Error>(())
+    /// ```
+    pub fn event_schema<E: schemars::JsonSchema + ?Sized>(
+        mut self,
+        event_type: &str,
+        version: i32,
+    ) -> Result<Self> {
+        self.schemas
+            .add(EventSchema::new(event_type, version, schema_of::<E>())?)?;
+        Ok(self)
+    }
+
+    /// The registered payload schemas, with the upcaster steps of each
+    /// type (what [`crate::contract::compat::check`] needs).
+    pub fn schema_set(&self) -> SchemaSet {
+        self.schemas.clone().with_upcasters(&self.upcasters)
+    }
+
+    /// The registered payload schemas.
+    pub fn schemas(&self) -> &SchemaSet {
+        &self.schemas
     }
 
     /// Registers the upcaster of `event_type` payloads from schema version

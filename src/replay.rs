@@ -16,7 +16,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
 use lapin::Channel;
 
-use crate::cloudevents::{amqp_properties, encode_body};
+use crate::cloudevents::{amqp_properties, encode_body_with};
 use crate::error::{Error, Result};
 use crate::event_log::envelope_columns;
 use crate::relay::store::ClaimedEvent;
@@ -85,7 +85,9 @@ pub fn select(conn: &mut PgConnection, filter: &ReplayFilter) -> Result<Vec<Clai
 
 /// Publishes `events` in order to `queue` through the default exchange
 /// (routing key = the queue), encoded as the relay encodes them with
-/// CloudEvents `source` and AMQP `app_id`, and waits for each confirm.
+/// CloudEvents `source`, the `dataschema` base (as the relay's
+/// [`RelayConfig::dataschema_base`](crate::RelayConfig::dataschema_base))
+/// and AMQP `app_id`, and waits for each confirm.
 /// `channel` must be in confirm mode. Stops at the first event that is
 /// not confirmed (returned because the queue does not exist, nacked, or
 /// no confirm within `confirm_timeout`); returns how many were confirmed.
@@ -94,12 +96,13 @@ pub async fn publish_to_queue(
     queue: &str,
     events: &[ClaimedEvent],
     source: &str,
+    dataschema_base: Option<&str>,
     app_id: &str,
     confirm_timeout: Duration,
 ) -> Result<usize> {
     for (done, row) in events.iter().enumerate() {
         let event = row.as_event_ref();
-        let body = encode_body(&event, source)?;
+        let body = encode_body_with(&event, source, dataschema_base)?;
         let properties = amqp_properties(&event, app_id)?;
         crate::amqp::publish_to_queue(channel, queue, &body, properties, confirm_timeout)
             .await

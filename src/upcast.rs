@@ -122,6 +122,17 @@ impl Upcasters {
         Ok(())
     }
 
+    /// Every step as `(event type, from version)`, sorted.
+    pub fn steps(&self) -> Vec<(String, i32)> {
+        let mut steps: Vec<(String, i32)> = self
+            .chains
+            .iter()
+            .flat_map(|(event_type, chain)| chain.keys().map(move |from| (event_type.clone(), *from)))
+            .collect();
+        steps.sort();
+        steps
+    }
+
     /// Whether none are registered.
     pub fn is_empty(&self) -> bool {
         self.chains.is_empty()

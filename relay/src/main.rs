@@ -10,6 +10,7 @@ mod pause;
 mod projection_cmd;
 mod relay_cmd;
 mod replay_cmd;
+mod schema_cmd;
 mod status_cmd;
 mod topology_cmd;
 mod webhooks_cmd;
@@ -112,6 +113,14 @@ enum Command {
     /// Example: outbox projection rebuild update_tenant_metrics --wait
     #[command(subcommand)]
     Projection(projection_cmd::ProjectionCommand),
+    /// Event contracts: check a service's exported payload schemas against a committed set.
+    ///
+    /// The service exports them (`chom schema export DIR`); a breaking
+    /// change fails with exit status 1 and one line per type.
+    ///
+    /// Example: outbox schema check --against examples/chom/schemas --current target/schemas
+    #[command(subcommand)]
+    Schema(schema_cmd::SchemaCommand),
     /// Let relays claim again after `outbox pause`.
     ///
     /// Example: outbox resume
@@ -137,6 +146,7 @@ fn main() -> ExitCode {
         Command::Webhooks(command) => webhooks_cmd::run(database_url, &command),
         Command::Projection(command) => projection_cmd::run(database_url, &command),
         Command::Topology(command) => topology_cmd::run(&command),
+        Command::Schema(command) => schema_cmd::run(&command),
         Command::Bench(args) => bench_cmd::run(database_url, global.log_format, &args),
     };
     match outcome {

@@ -87,6 +87,9 @@ pub struct RelayArgs {
     /// CloudEvents `source` attribute of published events, which workers can filter on [default: /outbox/<database name>].
     #[arg(long, env = "OUTBOX_SOURCE", hide_env_values = true)]
     source: Option<String>,
+    /// Start of each event's CloudEvents `dataschema` URI: the base where the files of `schema export` are served (`https://schemas.example.com/chom/` gives `.../site.created.v1.schema.json`) [default: urn:outbox:schema:<event type>:v<version>].
+    #[arg(long, env = outbox::contract::DATASCHEMA_BASE_ENV, hide_env_values = true)]
+    dataschema_base: Option<String>,
     /// Retry an event no queue is bound to (holding its aggregate back) instead of keeping it as unroutable and going on.
     #[arg(long, env = "OUTBOX_STRICT_ROUTING", hide_env_values = true)]
     strict_routing: bool,
@@ -156,6 +159,7 @@ impl RelayArgs {
             prune_interval: self.prune_interval,
             shutdown_timeout: self.shutdown_timeout,
             source: self.source.clone(),
+            dataschema_base: self.dataschema_base.clone(),
             strict_routing: self.strict_routing,
             wake_up: !self.no_wake_up,
             wait_for_standby: self.wait_for_standby,

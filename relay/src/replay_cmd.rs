@@ -54,6 +54,9 @@ pub struct ReplayArgs {
         hide_env_values = true
     )]
     source: String,
+    /// Start of each event's CloudEvents `dataschema` URI, as the relay was configured (its --dataschema-base) [default: urn:outbox:schema:<event type>:v<version>].
+    #[arg(long, env = outbox::contract::DATASCHEMA_BASE_ENV, hide_env_values = true)]
+    dataschema_base: Option<String>,
     /// RabbitMQ URL (amqp:// or amqps://); several, comma separated, for the nodes of a cluster (the first that answers is used).
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
@@ -127,6 +130,7 @@ pub fn run(database_url: &str, args: &ReplayArgs) -> anyhow::Result<()> {
             &queue,
             &events,
             &args.source,
+            args.dataschema_base.as_deref(),
             "outbox-replay",
             args.confirm_timeout,
         )

@@ -35,6 +35,8 @@ struct Inner {
     sink: Sink,
     /// Wakes relays after each commit that recorded events.
     wake: Option<WakeSender>,
+    /// Check each payload against its type's registered schema.
+    validate_payloads: bool,
 }
 
 /// The recording side of the outbox, configured once per service.
@@ -59,6 +61,7 @@ impl fmt::Debug for Outbox {
             .field("registry", &self.inner.registry)
             .field("fake", &matches!(self.inner.sink, Sink::Fake(_)))
             .field("wakes_relays", &self.inner.wake.is_some())
+            .field("validate_payloads", &self.inner.validate_payloads)
             .finish()
     }
 }
@@ -72,7 +75,13 @@ impl Default for Outbox {
 impl Outbox {
     /// An outbox with the default payload cap and no sync listeners.
     pub fn new() -> Self {
-        Self::from_parts(DEFAULT_MAX_PAYLOAD_BYTES, Registry::new(), Sink::Database, None)
+        Self::from_parts(
+            DEFAULT_MAX_PAYLOAD_BYTES,
+            Registry::new(),
+            Sink::Database,
+            None,
+            VALIDATE_BY_DEFAULT,
+        )
     }
 
     /// Starts configuring an outbox.
@@ -87,6 +96,13 @@ impl Outbox {
     /// Events recorded through [`Outbox::transaction`] reach the fake only
     /// if the transaction commits; events recorded with [`Outbox::record`]
     /// reach it at once, since that call cannot know the outcome.
+    ///
+    /// Every payload is checked against the schema its type has in the
+    /// registry ([`Registry::event_schema`]); a payload that does not match
+    /// is refused with [`Error::SchemaViolation`] (type, version, failing
+    /// path), a version without a schema with [`Error::UnknownSchemaVersion`].
+    /// `Outbox::fake()` has an empty registry: use [`Outbox::fake_with`]
+    /// and the service's registry to have its payloads checked.
     pub fn fake() -> (Self, EventFake) {
         Self::fake_with(Registry::new())
     }
@@ -100,6 +116,7 @@ impl Outbox {
             registry,
             Sink::Fake(fake.clone()),
             None,
+            true,
         );
         (outbox, fake)
     }
@@ -109,6 +126,7 @@ impl Outbox {
         registry: Registry,
         sink: Sink,
         wake: Option<WakeSender>,
+        validate_payloads: bool,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -116,6 +134,7 @@ impl Outbox {
                 registry,
                 sink,
                 wake,
+                validate_payloads,
             }),
         }
     }
@@ -150,7 +169,28 @@ impl Outbox {
     /// Builds and checks the envelope of `event` without recording it, for
     /// [`Outbox::record_batch`].
     pub fn envelope<E: DomainEvent + ?Sized>(&self, event: &E, metadata: &Metadata) -> Result<EventEnvelope> {
-        EventEnvelope::new(event, metadata, self.inner.max_payload_bytes)
+        let envelope = EventEnvelope::new(event, metadata, self.inner.max_payload_bytes)?;
+        self.check_schema(&envelope)?;
+        Ok(envelope)
+    }
+
+    /// Whether payloads are checked against their schemas.
+    pub fn validates_payloads(&self) -> bool {
+        self.inner.validate_payloads
+    }
+
+    /// Checks `envelope`'s payload against its type's registered schema,
+    /// when this outbox validates payloads and the type has one.
+    fn check_schema(&self, envelope: &EventEnvelope) -> Result<()> {
+        let schemas = self.inner.registry.schemas();
+        if !self.inner.validate_payloads || schemas.versions(&envelope.event_type).is_empty() {
+            return Ok(());
+        }
+        let payload = envelope.payload.to_value().map_err(|source| Error::Serialize {
+            event_type: envelope.event_type.clone(),
+            source,
+        })?;
+        schemas.validate(&envelope.event_type, envelope.schema_version, &payload)
     }
 
     /// Records `event` as a system action in the transaction open on `conn`.
@@ -178,6 +218,7 @@ impl Outbox {
     pub fn record_batch(&self, conn: &mut PgConnection, envelopes: &[EventEnvelope]) -> Result<()> {
         for envelope in envelopes {
             envelope.validate(self.inner.max_payload_bytes)?;
+            self.check_schema(envelope)?;
         }
         self.write(conn, envelopes)
     }
@@ -267,12 +308,17 @@ impl<E> From<diesel::result::Error> for TransactionError<E> {
     }
 }
 
+/// Whether an outbox built for the database checks payloads against their
+/// schemas unless told: yes in tests (feature `testing`), no otherwise.
+const VALIDATE_BY_DEFAULT: bool = cfg!(feature = "testing");
+
 /// Configures an [`Outbox`].
 #[derive(Default)]
 pub struct OutboxBuilder {
     max_payload_bytes: Option<usize>,
     registry: Registry,
     wake_relays: Option<String>,
+    validate_payloads: Option<bool>,
 }
 
 impl fmt::Debug for OutboxBuilder {
@@ -280,6 +326,7 @@ impl fmt::Debug for OutboxBuilder {
         f.debug_struct("OutboxBuilder")
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("registry", &self.registry)
+            .field("validate_payloads", &self.validate_payloads)
             // The URL may carry a password.
             .field(
                 "wake_relays",
@@ -317,6 +364,18 @@ impl OutboxBuilder {
         self
     }
 
+    /// Check every recorded payload against the schema its type has in the
+    /// registry ([`Registry::event_schema`]) before writing it, refusing
+    /// one that does not match ([`Error::SchemaViolation`]). Default: on
+    /// with the library's feature `testing` (so a service's tests check
+    /// what its code records), off otherwise (a production write path
+    /// trusts its types and saves the parse); fake outboxes always check.
+    #[must_use]
+    pub fn validate_payloads(mut self, validate: bool) -> Self {
+        self.validate_payloads = Some(validate);
+        self
+    }
+
     /// Checks the configuration and builds the outbox.
     pub fn build(self) -> Result<Outbox> {
         let max = self.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
@@ -326,6 +385,12 @@ impl OutboxBuilder {
             )));
         }
         let wake = self.wake_relays.as_deref().map(WakeSender::start).transpose()?;
-        Ok(Outbox::from_parts(max, self.registry, Sink::Database, wake))
+        Ok(Outbox::from_parts(
+            max,
+            self.registry,
+            Sink::Database,
+            wake,
+            self.validate_payloads.unwrap_or(VALIDATE_BY_DEFAULT),
+        ))
     }
 }

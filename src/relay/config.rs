@@ -86,6 +86,14 @@ pub struct RelayConfig {
     /// events of different databases on one broker are told apart. A
     /// service may name itself: `/chom/<database name>`.
     pub source: Option<String>,
+    /// Start of each CloudEvent's `dataschema` URI (see
+    /// [`crate::contract::dataschema_uri`]): with
+    /// `https://schemas.example.com/chom/`, a `site.created` event of
+    /// schema version 1 names
+    /// `https://schemas.example.com/chom/site.created.v1.schema.json`, the
+    /// file `schema export` writes. Default `None`:
+    /// `urn:outbox:schema:site.created:v1`.
+    pub dataschema_base: Option<String>,
     /// AMQP `app_id` property. Default `outbox-relay`.
     pub app_id: String,
     /// What an event the broker returns as unroutable (no queue bound to
@@ -135,6 +143,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("prune_interval", &self.prune_interval)
             .field("prune_batch", &self.prune_batch)
             .field("source", &self.source)
+            .field("dataschema_base", &self.dataschema_base)
             .field("strict_routing", &self.strict_routing)
             .field("wake_up", &self.wake_up)
             .field("wait_for_standby", &self.wait_for_standby)
@@ -168,6 +177,7 @@ impl Default for RelayConfig {
             shutdown_timeout: Duration::from_secs(10),
             stats_interval: Duration::from_secs(5),
             source: None,
+            dataschema_base: None,
             app_id: "outbox-relay".to_owned(),
             strict_routing: false,
             wake_up: true,

@@ -6,7 +6,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Connection};
 
 use crate::amqp;
-use crate::cloudevents::{amqp_properties, encode_body};
+use crate::cloudevents::{amqp_properties, encode_body_with};
 use crate::error::Result;
 use crate::relay::config::RelayConfig;
 use crate::relay::store::ClaimedEvent;
@@ -26,6 +26,7 @@ pub(crate) struct Publisher {
     channel: Channel,
     exchange: String,
     source: String,
+    dataschema_base: Option<String>,
     app_id: String,
 }
 
@@ -47,6 +48,7 @@ impl Publisher {
             channel,
             exchange: config.exchange.clone(),
             source: config.effective_source(),
+            dataschema_base: config.dataschema_base.clone(),
             app_id: config.app_id.clone(),
         })
     }
@@ -64,7 +66,8 @@ impl Publisher {
             traceparent: traceparent.as_deref().or(event.traceparent),
             ..event
         };
-        let body = encode_body(&event, &self.source).map_err(|e| PublishError::Encode(e.to_string()))?;
+        let body = encode_body_with(&event, &self.source, self.dataschema_base.as_deref())
+            .map_err(|e| PublishError::Encode(e.to_string()))?;
         let properties =
             amqp_properties(&event, &self.app_id).map_err(|e| PublishError::Encode(e.to_string()))?;
         self.channel

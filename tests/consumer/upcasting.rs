@@ -208,6 +208,7 @@ async fn old_payloads_reach_the_listener_in_the_current_shape_live_and_in_replay
         &queue,
         &stored,
         "/test",
+        None,
         "test",
         Duration::from_secs(10),
     )

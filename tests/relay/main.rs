@@ -7,6 +7,7 @@
 mod support;
 
 mod claiming;
+mod cloudevents_sdk;
 mod event_log;
 mod faults;
 mod floor;

@@ -9,7 +9,8 @@
 //! credential, no token, no hash of either; ids, names and times only.
 
 use chrono::{DateTime, Utc};
-use outbox::DomainEvent;
+use outbox::{DomainEvent, Registry};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// `site.created`: a site row was inserted (status `pending`).
@@ -148,7 +149,7 @@ macro_rules! domain_event {
 }
 
 /// A site was created.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SiteCreated {
     /// The site's id.
     pub site_id: i64,
@@ -160,7 +161,7 @@ pub struct SiteCreated {
 domain_event!(SiteCreated, SITE_CREATED, SITE_AGGREGATE, site_id);
 
 /// A site was provisioned and is now active.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SiteProvisioned {
     /// The site's id.
     pub site_id: i64,
@@ -172,7 +173,7 @@ pub struct SiteProvisioned {
 domain_event!(SiteProvisioned, SITE_PROVISIONED, SITE_AGGREGATE, site_id);
 
 /// Provisioning a site failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SiteProvisioningFailed {
     /// The site's id.
     pub site_id: i64,
@@ -192,7 +193,7 @@ domain_event!(
 
 /// A site was soft-deleted. Carries everything a consumer needs, since the
 /// site is gone from every listing by the time it is handled.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SiteDeleted {
     /// The deleted site's id.
     pub site_id: i64,
@@ -206,7 +207,7 @@ pub struct SiteDeleted {
 domain_event!(SiteDeleted, SITE_DELETED, SITE_AGGREGATE, site_id);
 
 /// A backup job started.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BackupCreated {
     /// The backup's id.
     pub backup_id: i64,
@@ -220,7 +221,7 @@ pub struct BackupCreated {
 domain_event!(BackupCreated, BACKUP_CREATED, BACKUP_AGGREGATE, backup_id);
 
 /// A backup finished.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BackupCompleted {
     /// The backup's id.
     pub backup_id: i64,
@@ -238,7 +239,7 @@ pub struct BackupCompleted {
 domain_event!(BackupCompleted, BACKUP_COMPLETED, BACKUP_AGGREGATE, backup_id);
 
 /// A backup failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BackupFailed {
     /// The backup's id.
     pub backup_id: i64,
@@ -255,7 +256,7 @@ domain_event!(BackupFailed, BACKUP_FAILED, BACKUP_AGGREGATE, backup_id);
 
 /// A team member's role changed (between `admin` and `member`; the owner
 /// changes only by [`OwnershipTransferred`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TeamMemberRoleChanged {
     /// The tenant whose team it is (also the aggregate id).
     pub tenant_id: i64,
@@ -276,7 +277,7 @@ domain_event!(
 );
 
 /// A member left the team. The user row stays; the membership is gone.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TeamMemberRemoved {
     /// The tenant whose team it was (also the aggregate id).
     pub tenant_id: i64,
@@ -291,7 +292,7 @@ domain_event!(TeamMemberRemoved, TEAM_MEMBER_REMOVED, TEAM_AGGREGATE, tenant_id)
 
 /// The tenant's ownership moved to another member; the previous owner, if
 /// there was one, is now an admin.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct OwnershipTransferred {
     /// The tenant (also the aggregate id).
     pub tenant_id: i64,
@@ -312,7 +313,7 @@ domain_event!(
 );
 
 /// A certificate was requested for a site.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SslCertificateRequested {
     /// The certificate's id (also the aggregate id).
     pub certificate_id: i64,
@@ -331,7 +332,7 @@ domain_event!(
 );
 
 /// A requested certificate was issued.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SslCertificateIssued {
     /// The certificate's id (also the aggregate id).
     pub certificate_id: i64,
@@ -357,7 +358,7 @@ domain_event!(
 
 /// An issued certificate expires within `window_days` days. Recorded once
 /// per certificate and window by the expiry check.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SslCertificateExpiring {
     /// The certificate's id (also the aggregate id).
     pub certificate_id: i64,
@@ -395,7 +396,7 @@ impl DomainEvent for SslCertificateExpiring {
 
 /// A VPS got a new credential; the previous one is revoked. Carries ids and
 /// names only: never the credential, never its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct VpsCredentialsRotated {
     /// The server (also the aggregate id).
     pub vps_id: i64,
@@ -419,7 +420,7 @@ domain_event!(
 
 /// An API token got a new secret; the old one no longer verifies. Carries
 /// ids and names only: never the token, never its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ApiTokenRotated {
     /// The token (also the aggregate id).
     pub token_id: i64,
@@ -439,7 +440,7 @@ domain_event!(
 
 /// A user's failed sign-ins reached the detector's threshold within its
 /// window. Recorded once per user and window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SuspiciousActivityDetected {
     /// The incident (also the aggregate id).
     pub incident_id: i64,
@@ -469,7 +470,7 @@ domain_event!(
 
 /// A site creation was refused: the tenant has as many live sites as its
 /// plan allows. The refusal commits with this event; the site does not.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SiteQuotaExceeded {
     /// The tenant (also the aggregate id).
     pub tenant_id: i64,
@@ -491,7 +492,7 @@ domain_event!(
 
 /// A completed backup measured the tenant's storage over its plan's limit
 /// (recorded when the usage crosses the limit, not on every backup above it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct StorageQuotaExceeded {
     /// The tenant (also the aggregate id).
     pub tenant_id: i64,
@@ -515,7 +516,7 @@ domain_event!(
 
 /// A bandwidth report took the tenant's month to its plan's limit
 /// (recorded when the usage reaches the limit, once per crossing).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BandwidthLimitReached {
     /// The tenant (also the aggregate id).
     pub tenant_id: i64,
@@ -536,3 +537,41 @@ domain_event!(
     QUOTA_AGGREGATE,
     tenant_id
 );
+
+/// Registers each event's payload type with its schema version (every
+/// CHOM payload is at version 1): the schemas `chom schema export` writes
+/// to `examples/chom/schemas/`, that `chom schema check` guards and that a
+/// fake outbox checks recorded payloads against.
+pub fn register_schemas(registry: Registry) -> outbox::Result<Registry> {
+    registry
+        .event_schema::<SiteCreated>(SITE_CREATED, 1)?
+        .event_schema::<SiteProvisioned>(SITE_PROVISIONED, 1)?
+        .event_schema::<SiteProvisioningFailed>(SITE_PROVISIONING_FAILED, 1)?
+        .event_schema::<SiteDeleted>(SITE_DELETED, 1)?
+        .event_schema::<BackupCreated>(BACKUP_CREATED, 1)?
+        .event_schema::<BackupCompleted>(BACKUP_COMPLETED, 1)?
+        .event_schema::<BackupFailed>(BACKUP_FAILED, 1)?
+        .event_schema::<TeamMemberRoleChanged>(TEAM_MEMBER_ROLE_CHANGED, 1)?
+        .event_schema::<TeamMemberRemoved>(TEAM_MEMBER_REMOVED, 1)?
+        .event_schema::<OwnershipTransferred>(TEAM_OWNERSHIP_TRANSFERRED, 1)?
+        .event_schema::<SslCertificateRequested>(SSL_CERTIFICATE_REQUESTED, 1)?
+        .event_schema::<SslCertificateIssued>(SSL_CERTIFICATE_ISSUED, 1)?
+        .event_schema::<SslCertificateExpiring>(SSL_CERTIFICATE_EXPIRING, 1)?
+        .event_schema::<VpsCredentialsRotated>(SECURITY_VPS_CREDENTIALS_ROTATED, 1)?
+        .event_schema::<ApiTokenRotated>(SECURITY_API_TOKEN_ROTATED, 1)?
+        .event_schema::<SuspiciousActivityDetected>(SECURITY_SUSPICIOUS_ACTIVITY_DETECTED, 1)?
+        .event_schema::<SiteQuotaExceeded>(QUOTA_SITE_QUOTA_EXCEEDED, 1)?
+        .event_schema::<StorageQuotaExceeded>(QUOTA_STORAGE_QUOTA_EXCEEDED, 1)?
+        .event_schema::<BandwidthLimitReached>(QUOTA_BANDWIDTH_LIMIT_REACHED, 1)
+}
+
+/// What CHOM's event catalog page (`docs/events.md`, `chom schema catalog`)
+/// says beyond the registry.
+pub fn catalog_options() -> outbox::contract::catalog::CatalogOptions {
+    outbox::contract::catalog::CatalogOptions {
+        title: "CHOM's events".into(),
+        producer: "CHOM's services (`chom::services`), in the transaction of the change".into(),
+        schema_folder: Some("../examples/chom/schemas".into()),
+        dataschema_base: None,
+    }
+}

@@ -14,7 +14,7 @@
 //! | --- | --- | --- |
 //! | the database schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
 //! | rows as Rust values | [`models`] | [`Site`], [`Backup`], [`Tenant`], [`User`], [`TeamMember`](models::TeamMember), [`SslCertificate`](models::SslCertificate), ... |
-//! | the nineteen domain events | [`events`] | [`SiteCreated`](events::SiteCreated), ..., [`EVENT_TYPES`](events::EVENT_TYPES), [`PHASE2_EVENT_TYPES`](events::PHASE2_EVENT_TYPES) |
+//! | the nineteen domain events and their schemas (committed in `schemas/`, catalogued in `docs/events.md`) | [`events`] | [`SiteCreated`](events::SiteCreated), ..., [`EVENT_TYPES`](events::EVENT_TYPES), [`PHASE2_EVENT_TYPES`](events::PHASE2_EVENT_TYPES), [`register_schemas`](events::register_schemas) |
 //! | the write path (seed) | [`services`] | [`services::sites`], [`services::backups`], [`services::tenants`] |
 //! | the write path (phase 2) | [`services`] | [`services::team`], [`services::ssl`], [`services::security`], [`services::quotas`] |
 //! | secrets (shown once, stored hashed, redacted in `Debug`) | [`secret`] | [`Secret`](secret::Secret) |

@@ -18,6 +18,8 @@ fn every_subcommand_help_has_an_example() {
         &["failed", "forget"],
         &["failed", "flush"],
         &["failed", "prune"],
+        &["schema"],
+        &["schema", "check"],
         &["topology"],
         &["topology", "declare"],
         &["topology", "delete"],

@@ -16,6 +16,7 @@ mod help;
 mod process_faults;
 mod projection;
 mod replay;
+mod schema;
 mod status;
 mod topology;
 mod webhooks;

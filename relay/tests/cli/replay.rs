@@ -8,6 +8,15 @@ use uuid::Uuid;
 use crate::failed::{depth, expiring_queue};
 use crate::support::run_outbox;
 
+/// The next message of `queue`, taken off it.
+async fn next_message(channel: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("a replayed message")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_sends_stored_events_to_one_listener_as_the_relay_encodes_them() {
     let db = TestDatabase::create().unwrap();
@@ -60,11 +69,7 @@ async fn replay_sends_stored_events_to_one_listener_as_the_relay_encodes_them() 
     assert_eq!(status, 0, "{stderr}");
     assert!(stdout.contains("replayed 3 event(s)"), "{stdout}");
     for (n, id) in a1.iter().enumerate() {
-        let message = channel
-            .basic_get(audit.as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-            .expect("a replayed message");
+        let message = next_message(channel, &audit).await;
         let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
         assert_eq!(body["id"], id.to_string());
         assert_eq!(body["type"], "counter.ticked");
@@ -72,6 +77,7 @@ async fn replay_sends_stored_events_to_one_listener_as_the_relay_encodes_them() 
         assert_eq!(body["source"], "/outbox");
         assert_eq!(body["subject"], "a1");
         assert_eq!(body["data"]["n"], n as i64);
+        assert_eq!(body["dataschema"], "urn:outbox:schema:counter.ticked:v1");
         let properties = &message.delivery.properties;
         assert_eq!(
             properties.message_id().as_ref().map(|s| s.to_string()),
@@ -86,6 +92,20 @@ async fn replay_sends_stored_events_to_one_listener_as_the_relay_encodes_them() 
             Some("application/cloudevents+json")
         );
         assert_eq!(*properties.delivery_mode(), Some(2));
+    }
+    // With the relay's --dataschema-base, the same base.
+    let mut args = base.to_vec();
+    args.extend(["--dataschema-base", "https://schemas.example.com/test/"]);
+    let (status, stdout, stderr) = run_outbox(&args, &env);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("replayed 3 event(s)"), "{stdout}");
+    for _ in &a1 {
+        let message = next_message(channel, &audit).await;
+        let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
+        assert_eq!(
+            body["dataschema"],
+            "https://schemas.example.com/test/counter.ticked.v1.schema.json"
+        );
     }
     assert_eq!(depth(channel, &other).await, 0, "the other listener gets nothing");
     assert!(

@@ -162,7 +162,8 @@ impl ListenerConfig {
     }
 }
 
-/// CHOM's registry: every event mapped to its listeners, in one place.
+/// CHOM's registry: every event's payload schema and every event mapped to
+/// its listeners, in one place.
 /// Used by `chom work` (the queued listeners) and by the write path's
 /// [`outbox::Outbox`] (RecordMetrics after commit).
 pub fn registry(config: &ListenerConfig) -> outbox::Result<Registry> {
@@ -173,7 +174,7 @@ pub fn registry(config: &ListenerConfig) -> outbox::Result<Registry> {
             .map(|(_, types)| *types)
             .unwrap_or(&[])
     };
-    Registry::new()
+    crate::events::register_schemas(Registry::new())?
         .projection_with(
             UpdateTenantMetrics,
             config.options(UpdateTenantMetrics::base_options()),

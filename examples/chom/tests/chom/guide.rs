@@ -107,7 +107,7 @@ fn significant(lines: &[&str]) -> Vec<String> {
 #[test]
 fn every_rust_block_of_the_guide_is_in_the_file_it_names() {
     let excerpts = excerpts();
-    assert!(excerpts.len() >= 6, "the guide's five steps: {excerpts:?}");
+    assert!(excerpts.len() >= 6, "the guide's six steps: {excerpts:?}");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     for (path, lines) in excerpts {
         let source = std::fs::read_to_string(root.join(&path)).unwrap_or_else(|e| panic!("{path}: {e}"));

@@ -9,6 +9,7 @@
 mod backups;
 mod cli;
 mod cli_phase2;
+mod contracts;
 mod demo;
 mod end_to_end;
 mod fake;

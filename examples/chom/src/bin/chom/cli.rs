@@ -70,6 +70,16 @@ pub(crate) enum Command {
     /// dead-letter queue ahead of a deploy (the worker also does it on
     /// start), and print them.
     Topology(TopologyArgs),
+    /// CHOM's event contracts: export the JSON Schema of each event type
+    /// and version, check them against a committed set.
+    #[command(subcommand)]
+    Schema(crate::contract::SchemaCommand),
+    /// Print the AsyncAPI 3.0 document of CHOM's events: the exchange and
+    /// routing keys, each listener's queue, retry and dead-letter queues,
+    /// the CloudEvents messages with their schemas.
+    ///
+    /// Example: chom asyncapi --out asyncapi.json
+    Asyncapi(crate::contract::AsyncapiArgs),
 }
 
 /// Where the broker is and how CHOM's queues are named.

@@ -22,10 +22,12 @@ use outbox::{Metadata, Outbox, redact_url};
 use serde::Serialize;
 
 mod cli;
+mod contract;
 mod output;
 mod phase2;
 
 use cli::*;
+use contract::*;
 use output::*;
 use phase2::*;
 
@@ -128,6 +130,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Simulate(args) => simulate(url, &outbox, args),
         Command::Work(args) => work(url, args),
         Command::Topology(args) => topology(args),
+        Command::Schema(command) => schema_command(command),
+        Command::Asyncapi(args) => asyncapi(args),
         Command::Demo(args) => demo(url, args),
     }
 }
