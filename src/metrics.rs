@@ -75,6 +75,13 @@ pub const INBOX_PRUNED_TOTAL: &str = "outbox_inbox_pruned_total";
 /// `listener_attempts` rows deleted past the attempts retention (the
 /// worker's attempts pruner).
 pub const ATTEMPTS_PRUNED_TOTAL: &str = "outbox_attempts_pruned_total";
+/// Retry copies past their delay plus the worker's repair grace, by
+/// `listener` and `queue` (the retry queue): copies the broker did not
+/// hand back (see `src/maintenance/retry_repairer.rs`).
+pub const RETRY_COPIES_OVERDUE: &str = "outbox_retry_copies_overdue";
+/// Overdue retry copies the worker published to their listener's queue
+/// itself, by `listener` and `queue` (the retry queue they were stuck in).
+pub const RETRY_COPIES_REPAIRED_TOTAL: &str = "outbox_retry_copies_repaired_total";
 /// Counter: webhook delivery log rows pruned past retention.
 pub const WEBHOOK_LOG_PRUNED_TOTAL: &str = "outbox_webhook_log_pruned_total";
 
@@ -136,6 +143,14 @@ pub fn describe() {
     );
     describe_counter!(INBOX_PRUNED_TOTAL, "Inbox rows pruned past retention");
     describe_counter!(ATTEMPTS_PRUNED_TOTAL, "Attempt counts pruned past retention");
+    describe_gauge!(
+        RETRY_COPIES_OVERDUE,
+        "Retry copies past their delay plus the repair grace, by listener and retry queue"
+    );
+    describe_counter!(
+        RETRY_COPIES_REPAIRED_TOTAL,
+        "Overdue retry copies the worker moved to their listener's queue itself"
+    );
     describe_counter!(
         WEBHOOK_LOG_PRUNED_TOTAL,
         "Webhook delivery log rows pruned past retention"

@@ -53,6 +53,7 @@ use crate::maintenance::Maintenance;
 use crate::maintenance::attempts_pruner::AttemptsPruner;
 use crate::maintenance::inbox_pruner::InboxPruner;
 use crate::maintenance::projection_rebuilder::ProjectionRebuilder;
+use crate::maintenance::retry_repairer::RetryRepairer;
 #[cfg(feature = "webhooks")]
 use crate::maintenance::webhook_log_pruner::WebhookLogPruner;
 use crate::metrics::Health;
@@ -211,6 +212,15 @@ impl Worker {
                 .any(|(registration, _)| registration.name() == crate::webhooks::DELIVERY_LISTENER)
             {
                 maintenance.start(WebhookLogPruner::new(self.config.webhook_log_retention, period));
+            }
+        }
+        if let Some(period) = self.config.retry_repair_interval {
+            match RetryRepairer::new(&self.config, period, &self.queues()) {
+                Ok(Some(repairer)) => maintenance.start(repairer),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "cannot start the retry repairer; overdue retry copies will not be moved on");
+                }
             }
         }
         for projection in &self.projections {
