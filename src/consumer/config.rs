@@ -296,6 +296,20 @@ mod tests {
                 },
                 "attempts retention",
             ),
+            (
+                WorkerConfig {
+                    retry_repair_interval: Some(Duration::ZERO),
+                    ..WorkerConfig::default()
+                },
+                "retry repair interval",
+            ),
+            (
+                WorkerConfig {
+                    retry_repair_grace: Duration::from_millis(10),
+                    ..WorkerConfig::default()
+                },
+                "retry repair grace",
+            ),
         ];
         for (config, word) in cases {
             let message = config.validate().err().map(|e| e.to_string()).unwrap_or_default();

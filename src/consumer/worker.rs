@@ -249,6 +249,7 @@ impl Worker {
                     match end {
                         SessionEnd::Shutdown => break,
                         SessionEnd::BrokerLost(reason) => {
+                            metrics::counter!(crate::metrics::BROKER_RECONNECTS_TOTAL).increment(1);
                             tracing::warn!(reason = %error_chain(&reason), broker = %self.broker.current(), "worker lost the broker; reconnecting");
                             self.broker.connection_lost();
                         }
