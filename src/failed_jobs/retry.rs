@@ -436,3 +436,49 @@ pub fn retry_body(payload: &serde_json::Value) -> Vec<u8> {
     }
     serde_json::to_vec(payload).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: i64, aggregate: &str, seq: Option<i64>, seconds: i64) -> PlannedJob {
+        PlannedJob {
+            id,
+            group: Group::Aggregate("q".into(), "/s".into(), "counter".into(), aggregate.into()),
+            position: Position {
+                seq,
+                time: DateTime::from_timestamp(seconds, 0),
+                event_id: None,
+                id,
+            },
+        }
+    }
+
+    /// Each aggregate oldest first by seq, whatever the ids and times say;
+    /// events gone from the outbox first, by time; a job without an
+    /// aggregate alone.
+    #[test]
+    fn groups_are_per_aggregate_and_ordered_by_position() {
+        let alone = PlannedJob {
+            id: 9,
+            group: Group::Alone(9),
+            position: Position {
+                seq: None,
+                time: None,
+                event_id: None,
+                id: 9,
+            },
+        };
+        let groups = ordered_groups(vec![
+            job(1, "a", Some(30), 100),
+            job(2, "b", Some(20), 50),
+            job(3, "a", Some(10), 300),
+            job(4, "a", None, 200),
+            job(5, "a", None, 150),
+            alone,
+            job(6, "b", Some(5), 60),
+        ]);
+        let ids: Vec<Vec<i64>> = groups.into_iter().map(|(_, ids)| ids.into()).collect();
+        assert_eq!(ids, vec![vec![5, 4, 3, 1], vec![6, 2], vec![9]]);
+    }
+}
