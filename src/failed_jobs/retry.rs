@@ -25,7 +25,7 @@
 //! the reason, rather than overtaking it. Jobs of different aggregates go
 //! out together, so many small groups cost one round trip per chunk.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -123,9 +123,10 @@ pub async fn retry_many_with(
     let wanted = ids.to_vec();
     let planned = run_blocking(pool, move |conn| plan_ids(conn, &wanted)).await?;
     let mut outcome = RetryOutcome::default();
-    let mut seen = std::collections::HashSet::new();
+    let found: HashSet<i64> = planned.iter().map(|job| job.id).collect();
+    let mut seen = HashSet::new();
     for &id in ids {
-        if seen.insert(id) && !planned.iter().any(|job| job.id == id) {
+        if seen.insert(id) && !found.contains(&id) {
             outcome.missing.push(id);
             progress(RetryProgress::Missing(id));
         }
