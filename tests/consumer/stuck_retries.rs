@@ -87,8 +87,11 @@ async fn a_retry_copy_stuck_behind_a_broken_dead_letter_path_is_moved_on() {
         config.retry_repair_grace = grace;
     })
     .await;
+    let handle = outbox::metrics::install_recorder().unwrap();
     let queues = worker.queue("stuck").clone();
     let retry_queue = queues.retry_queue(delay).unwrap().to_owned();
+    let repaired =
+        format!("outbox_retry_copies_repaired_total{{listener=\"stuck\",queue=\"{retry_queue}\"}}");
     break_dead_letter_path(&broker, &retry_queue, delay, &queues.queue).await;
 
     let event = TestEvent::new("widget.created", json!({"widget_id": 1}));
@@ -130,6 +133,7 @@ async fn a_retry_copy_stuck_behind_a_broken_dead_letter_path_is_moved_on() {
     })
     .await;
     assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM failed_jobs"), 0);
+    assert_eq!(crate::support::metric(&handle, &repaired), 1, "one copy repaired");
     worker.stop().await;
     assert_eq!(
         count(&mut conn, "SELECT count(*) AS n FROM effects"),
