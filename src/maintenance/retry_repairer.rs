@@ -57,7 +57,7 @@ use super::{MaintenanceService, Step};
 use crate::amqp::BrokerConnector;
 use crate::cloudevents::CONTENT_TYPE;
 use crate::consumer::{ListenerQueues, RETRY_HEADER, WorkerConfig};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unconfirmed};
 use crate::metrics as m;
 
 /// Repairs of one copy before it is left to an operator.
@@ -155,6 +155,27 @@ impl RetryRepairer {
         Ok(session)
     }
 
+    /// Runs broker work `what` on the worker's runtime from this blocking
+    /// thread, bounded (a broker that stopped answering, or a connect to a
+    /// blackholed address, must not hold the step, and with it the
+    /// worker's shutdown). A failure drops the session.
+    fn on_broker<T>(&self, what: &str, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let limit = self.confirm_timeout.saturating_add(Duration::from_secs(10));
+        let done = self
+            .runtime
+            .block_on(async { tokio::time::timeout(limit, work).await })
+            .unwrap_or_else(|_| {
+                Err(Error::Unconfirmed {
+                    context: format!("retry repairer: {what}"),
+                    reason: Unconfirmed::TimedOut(limit),
+                })
+            });
+        if done.is_err() {
+            self.forget_session();
+        }
+        done
+    }
+
     fn forget_session(&self) {
         if let Ok(mut session) = self.session.lock() {
             *session = None;
@@ -208,17 +229,10 @@ impl RetryRepairer {
     /// Publishes the overdue copies of `watched` to its queue; returns how
     /// many were moved (a full batch means more may wait).
     fn repair(&self, conn: &mut PgConnection, watched: &WatchedListener) -> Result<usize> {
-        let ready = self.runtime.block_on(async {
+        let ready = self.on_broker("reading the listener's queue depth", async {
             let session = self.session().await?;
             crate::amqp::queue_depth(&session.connection, &watched.queue).await
-        });
-        let ready = match ready {
-            Ok(ready) => ready,
-            Err(error) => {
-                self.forget_session();
-                return Err(error);
-            }
-        };
+        })?;
         if ready != Some(0) {
             // Messages wait in the listener's queue (or it is gone): the
             // copy may be among them. Look again next period.
@@ -242,21 +256,14 @@ impl RetryRepairer {
             if copies.is_empty() {
                 return Ok(0);
             }
-            let published = self.runtime.block_on(async {
+            let published = self.on_broker("publishing overdue copies", async {
                 let session = self.session().await?;
                 let publishes = copies.iter().map(|copy| {
                     let channel = &session.channel;
                     async move { (copy, self.publish(channel, &watched.queue, copy).await) }
                 });
-                Ok::<_, Error>(futures_util::future::join_all(publishes).await)
-            });
-            let published = match published {
-                Ok(published) => published,
-                Err(error) => {
-                    self.forget_session();
-                    return Err(error);
-                }
-            };
+                Ok(futures_util::future::join_all(publishes).await)
+            })?;
             let mut repaired = Vec::new();
             for (copy, outcome) in &published {
                 match outcome {
