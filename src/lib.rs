@@ -19,7 +19,7 @@
 //! | listener failures for good: filtered pages, bulk retry, edit-and-retry | [`failed_jobs`] | [`failed_jobs::list_page`], [`failed_jobs::retry_matching`], [`failed_jobs::retry_edited`] |
 //! | "where is my event?": search, an aggregate's timeline per listener | [`timeline`] | [`timeline::search`], [`timeline::aggregate_timeline`] |
 //! | exactly-once listener effects (the worker's inbox transaction) | [`inbox`] (`consumer/inbox.rs`) | [`inbox::claim`] |
-//! | pruning and gauges on a schedule: published rows, expired leases, backlog gauges (relay); inbox rows, attempt counts (worker) | `maintenance` (one service a file) | [`RelayConfig::retention`], [`WorkerConfig::prune_interval`], [`inbox::prune`] |
+//! | pruning and gauges on a schedule: published rows, expired leases, backlog gauges (relay); inbox rows, attempt counts, retry copies the broker did not hand back (worker) | `maintenance` (one service a file) | [`RelayConfig::retention`], [`WorkerConfig::prune_interval`], [`WorkerConfig::retry_repair_interval`], [`inbox::prune`] |
 //! | asserting on recorded events in tests | `fake.rs` | [`EventFake`] |
 //! | the library's schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
 //! | connections, diesel work on the blocking pool, safe-to-print URLs | `database.rs` | [`connect`], [`pool`], [`run_blocking`], [`redact_url`] |

@@ -36,11 +36,18 @@ pub const CLAIMED_TOTAL: &str = "outbox_claimed_total";
 pub const IN_FLIGHT: &str = "outbox_in_flight";
 /// Confirmed rows that could not be marked because the lease had run out.
 pub const LEASES_LOST_TOTAL: &str = "outbox_leases_lost_total";
-/// Broker sessions lost and reconnected.
+/// Broker sessions lost and reconnected (the relay's and the worker's).
 pub const BROKER_RECONNECTS_TOTAL: &str = "outbox_broker_reconnects_total";
+/// `/health`'s `broker` flag: 1 while the process is connected to the
+/// broker, 0 while not (relay and worker).
+pub const HEALTH_BROKER: &str = "outbox_health_broker";
+/// `/health`'s `database` flag: 1 while the last database work succeeded,
+/// 0 after it failed (relay and worker).
+pub const HEALTH_DATABASE: &str = "outbox_health_database";
 /// Unpublished rows.
 pub const BACKLOG: &str = "outbox_backlog";
-/// Age of the oldest unpublished row.
+/// Age of the oldest unpublished row that has not failed (failed rows are
+/// [`FAILED_EVENTS`], with their own alert).
 pub const OLDEST_UNPUBLISHED_AGE_SECONDS: &str = "outbox_oldest_unpublished_age_seconds";
 /// Rows that exhausted their publish attempts.
 pub const FAILED_EVENTS: &str = "outbox_failed_events";
@@ -75,6 +82,13 @@ pub const INBOX_PRUNED_TOTAL: &str = "outbox_inbox_pruned_total";
 /// `listener_attempts` rows deleted past the attempts retention (the
 /// worker's attempts pruner).
 pub const ATTEMPTS_PRUNED_TOTAL: &str = "outbox_attempts_pruned_total";
+/// Retry copies past their delay plus the worker's repair grace, by
+/// `listener` and `queue` (the retry queue): copies the broker did not
+/// hand back (see `src/maintenance/retry_repairer.rs`).
+pub const RETRY_COPIES_OVERDUE: &str = "outbox_retry_copies_overdue";
+/// Overdue retry copies the worker published to their listener's queue
+/// itself, by `listener` and `queue` (the retry queue they were stuck in).
+pub const RETRY_COPIES_REPAIRED_TOTAL: &str = "outbox_retry_copies_repaired_total";
 /// Counter: webhook delivery log rows pruned past retention.
 pub const WEBHOOK_LOG_PRUNED_TOTAL: &str = "outbox_webhook_log_pruned_total";
 
@@ -103,11 +117,19 @@ pub fn describe() {
         "Confirmed rows not marked because the lease ran out"
     );
     describe_counter!(BROKER_RECONNECTS_TOTAL, "Broker connections lost");
+    describe_gauge!(
+        HEALTH_BROKER,
+        "1 while connected to the broker (/health's broker flag)"
+    );
+    describe_gauge!(
+        HEALTH_DATABASE,
+        "1 while the last database work succeeded (/health's database flag)"
+    );
     describe_gauge!(BACKLOG, "Unpublished rows");
     describe_gauge!(
         OLDEST_UNPUBLISHED_AGE_SECONDS,
         Unit::Seconds,
-        "Age of the oldest unpublished row"
+        "Age of the oldest unpublished row that has not failed"
     );
     describe_gauge!(FAILED_EVENTS, "Rows that exhausted their publish attempts");
     describe_gauge!(PAUSED, "1 while relays are paused");
@@ -136,17 +158,39 @@ pub fn describe() {
     );
     describe_counter!(INBOX_PRUNED_TOTAL, "Inbox rows pruned past retention");
     describe_counter!(ATTEMPTS_PRUNED_TOTAL, "Attempt counts pruned past retention");
+    describe_gauge!(
+        RETRY_COPIES_OVERDUE,
+        "Retry copies past their delay plus the repair grace, by listener and retry queue"
+    );
+    describe_counter!(
+        RETRY_COPIES_REPAIRED_TOTAL,
+        "Overdue retry copies the worker moved to their listener's queue itself"
+    );
     describe_counter!(
         WEBHOOK_LOG_PRUNED_TOTAL,
         "Webhook delivery log rows pruned past retention"
     );
 }
 
-/// Liveness of a relay or a worker, as `/health` reports it.
+/// Liveness of a relay or a worker, as `/health` reports it; each flag is
+/// also the gauge [`HEALTH_BROKER`] or [`HEALTH_DATABASE`].
 #[derive(Debug, Default)]
 pub struct Health {
     broker: AtomicBool,
     database: AtomicBool,
+    broker_exported: AtomicBool,
+    database_exported: AtomicBool,
+}
+
+/// Stores `ok` in `flag`, and in the gauge `name` when it changed (or was
+/// never exported): the flags are set on every delivery, the gauge only
+/// on a change.
+fn store_flag(flag: &AtomicBool, exported: &AtomicBool, name: &'static str, ok: bool) {
+    let before = flag.swap(ok, Ordering::Relaxed);
+    if before != ok || !exported.swap(true, Ordering::Relaxed) {
+        let now = flag.load(Ordering::Relaxed);
+        metrics::gauge!(name).set(if now { 1.0 } else { 0.0 });
+    }
 }
 
 impl Health {
@@ -166,11 +210,11 @@ impl Health {
     }
 
     pub(crate) fn set_broker_ok(&self, ok: bool) {
-        self.broker.store(ok, Ordering::Relaxed);
+        store_flag(&self.broker, &self.broker_exported, HEALTH_BROKER, ok);
     }
 
     pub(crate) fn set_database_ok(&self, ok: bool) {
-        self.database.store(ok, Ordering::Relaxed);
+        store_flag(&self.database, &self.database_exported, HEALTH_DATABASE, ok);
     }
 }
 
@@ -287,5 +331,35 @@ fn respond(
             "text/plain",
             "try /metrics or /health\n".into(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/health`'s flags are exported as gauges, 1 ok and 0 not, and follow
+    /// every change.
+    #[test]
+    fn health_flags_are_gauges() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let health = Health::default();
+        metrics::with_local_recorder(&recorder, || {
+            health.set_broker_ok(false);
+            health.set_database_ok(true);
+        });
+        let text = handle.render();
+        assert!(text.contains("outbox_health_broker 0"), "{text}");
+        assert!(text.contains("outbox_health_database 1"), "{text}");
+        metrics::with_local_recorder(&recorder, || {
+            health.set_broker_ok(true);
+            health.set_broker_ok(true);
+            health.set_database_ok(false);
+        });
+        let text = handle.render();
+        assert!(text.contains("outbox_health_broker 1"), "{text}");
+        assert!(text.contains("outbox_health_database 0"), "{text}");
+        assert!(!health.is_healthy());
     }
 }

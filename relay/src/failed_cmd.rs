@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, SecondsFormat, Utc};
-use outbox::failed_jobs::{self, FailedJob, Filter};
+use outbox::failed_jobs::{self, FailedJob, Filter, RetryProgress};
 use serde::Serialize;
 
 use crate::duration::{parse_duration, parse_time};
@@ -32,7 +32,10 @@ pub enum FailedCommand {
     /// Republish failed jobs to their own listener's queue, then delete them.
     ///
     /// Only the listener that failed gets the message again; a row is
-    /// deleted only after the broker confirmed the republish. The copy in
+    /// deleted only after the broker confirmed the republish. Each
+    /// aggregate's jobs go back oldest event first (by the event's position
+    /// in the outbox), whatever order they are named in; a job that is kept
+    /// keeps its aggregate's later jobs too. The copy in
     /// the listener's dead-letter queue stays (`outbox status` counts it
     /// under DEAD); `outbox topology purge-dead` empties that queue.
     ///
@@ -72,7 +75,7 @@ pub struct FilterArgs {
     /// Only jobs whose final error contains this text (case-insensitive).
     #[arg(long)]
     error_contains: Option<String>,
-    /// At most this many jobs, 1 to 10000 [default: 50 for list, 10000 for retry --all].
+    /// At most this many jobs, the newest, 1 to 10000 [default: 50 for list; every match for retry --all].
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..=failed_jobs::MAX_LIST_LIMIT))]
     limit: Option<i64>,
 }
@@ -376,17 +379,28 @@ fn retry(database_url: &str, args: &RetryArgs) -> anyhow::Result<()> {
     outbox::amqp::validate_amqp_url(&args.amqp_url)?;
     let pool =
         outbox::pool(database_url, 2, Duration::from_secs(10)).context("cannot open the outbox database")?;
-    let ids: Vec<i64> = if args.all {
+    // What to retry: named ids, the newest --limit matches, or every match.
+    let selection = if !args.all {
+        Selection::Ids(args.ids.clone())
+    } else if args.filter.limit.is_some() {
         let mut conn = pool.get().context("cannot open the outbox database")?;
-        failed_jobs::list(&mut conn, &args.filter.filter(failed_jobs::MAX_LIST_LIMIT))
+        let ids = failed_jobs::list(&mut conn, &args.filter.filter(failed_jobs::MAX_LIST_LIMIT))
             .context("cannot list failed jobs")?
             .into_iter()
             .map(|job| job.id)
-            .collect()
+            .collect();
+        Selection::Ids(ids)
     } else {
-        args.ids.clone()
+        let filter = args.filter.filter(failed_jobs::MAX_LIST_LIMIT);
+        let mut conn = pool.get().context("cannot open the outbox database")?;
+        let matching = failed_jobs::count(&mut conn, &filter).context("cannot count failed jobs")?;
+        Selection::Matching(filter, usize::try_from(matching).unwrap_or(usize::MAX))
     };
-    if ids.is_empty() {
+    let total = match &selection {
+        Selection::Ids(ids) => ids.len(),
+        Selection::Matching(_, count) => *count,
+    };
+    if total == 0 {
         println!("no failed jobs match; nothing retried");
         return Ok(());
     }
@@ -401,12 +415,10 @@ fn retry(database_url: &str, args: &RetryArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot reach the broker at {shown}; nothing retried"))?;
         let channel = outbox::amqp::open_channel(&connection, true).await?;
-        let mut retried = 0usize;
-        let mut failures = Vec::new();
         // Many jobs on a terminal: a progress bar instead of a line each
         // (indicatif draws nothing when stderr is not a terminal).
-        let bar = if ids.len() >= PROGRESS_BAR_FROM {
-            indicatif::ProgressBar::new(ids.len() as u64).with_style(
+        let bar = if total >= PROGRESS_BAR_FROM {
+            indicatif::ProgressBar::new(total as u64).with_style(
                 indicatif::ProgressStyle::with_template(
                     "retrying {bar:40} {pos}/{len} {elapsed} (eta {eta})",
                 )
@@ -415,28 +427,43 @@ fn retry(database_url: &str, args: &RetryArgs) -> anyhow::Result<()> {
         } else {
             indicatif::ProgressBar::hidden()
         };
-        for &id in &ids {
-            match failed_jobs::retry(&pool, &channel, id, args.confirm_timeout).await {
-                Ok(job) => {
-                    retried += 1;
+        // Each aggregate's jobs go out oldest event first, whatever the
+        // order of the ids (outbox::failed_jobs, "Order").
+        let mut report = |step: RetryProgress<'_>| {
+            match step {
+                RetryProgress::Retried(job) => {
                     if bar.is_hidden() {
-                        println!("retried failed job {id} ({}) to {}", job.listener, job.queue);
+                        println!(
+                            "retried failed job {} ({}) to {}",
+                            job.id, job.listener, job.queue
+                        );
                     }
                 }
-                Err(outbox::Error::NotFound(_)) => {
+                RetryProgress::Missing(id) => {
                     bar.suspend(|| eprintln!("error: no failed job with id {id}"));
-                    failures.push(id);
                 }
-                Err(error) => {
-                    bar.suspend(|| eprintln!("error: failed job {id} not retried (it is kept): {error}"));
-                    failures.push(id);
+                RetryProgress::Kept { id, reason } => {
+                    bar.suspend(|| eprintln!("error: failed job {id} not retried (it is kept): {reason}"));
                 }
             }
             bar.inc(1);
-        }
+        };
+        let outcome = match &selection {
+            Selection::Ids(ids) => {
+                failed_jobs::retry_many_with(&pool, &channel, ids, args.confirm_timeout, &mut report).await
+            }
+            Selection::Matching(filter, _) => {
+                failed_jobs::retry_matching_with(&pool, &channel, filter, args.confirm_timeout, &mut report)
+                    .await
+            }
+        };
         bar.finish_and_clear();
         let _ = connection.close(200, "done".into()).await;
-        println!("retried {retried} of {} failed job(s)", ids.len());
+        let outcome = outcome.context("cannot retry failed jobs")?;
+        let asked = outcome.retried.len() + outcome.kept.len() + outcome.missing.len();
+        println!("retried {} of {asked} failed job(s)", outcome.retried.len());
+        let mut failures: Vec<i64> = outcome.kept.iter().map(|(id, _)| *id).collect();
+        failures.extend(&outcome.missing);
         if failures.is_empty() {
             Ok(())
         } else {
@@ -448,4 +475,12 @@ fn retry(database_url: &str, args: &RetryArgs) -> anyhow::Result<()> {
             )
         }
     })
+}
+
+/// The jobs `outbox failed retry` takes.
+enum Selection {
+    /// Named ids (or the newest `--limit` matches).
+    Ids(Vec<i64>),
+    /// Every job the filter matches, and how many matched when counted.
+    Matching(Filter, usize),
 }

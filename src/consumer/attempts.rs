@@ -5,7 +5,9 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Integer, Jsonb, Text, Uuid as SqlUuid};
+use std::time::Duration;
+
+use diesel::sql_types::{Binary, Double, Integer, Jsonb, Text, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::error::Result;
@@ -93,16 +95,23 @@ struct Counted {
     errors: serde_json::Value,
 }
 
+/// Where the copy of a retried event waits after each failed try: entry
+/// `n - 1` is the backoff delay and retry queue after `n` failed tries.
+pub(crate) type RetrySchedule = Vec<(Duration, String)>;
+
 /// Records a failed try in one transaction: counts it in
 /// `listener_attempts`, and when it was permanent or the last of `tries`,
 /// moves the history into a `failed_jobs` row (one per listener and event)
-/// and deletes the count.
+/// and deletes the count. When the event is retried, the row also keeps
+/// where its copy goes (`schedule`), when the broker should hand it back,
+/// and the message, for the retry repairer.
 pub(crate) fn record_failure(
     conn: &mut PgConnection,
     message: &FailedMessage<'_>,
     error: &str,
     permanent: bool,
     tries: u32,
+    schedule: &[(Duration, String)],
 ) -> Result<FailureOutcome> {
     let error = bounded_text(error, MAX_ATTEMPT_ERROR_BYTES);
     conn.transaction(|conn| {
@@ -121,6 +130,23 @@ pub(crate) fn record_failure(
         .get_result::<Counted>(conn)?;
         let attempts = u32::try_from(counted.attempts).unwrap_or(u32::MAX);
         if !permanent && attempts < tries {
+            let copy = usize::try_from(attempts)
+                .ok()
+                .and_then(|n| schedule.get(n.checked_sub(1)?));
+            if let Some((delay, retry_queue)) = copy.filter(|(_, queue)| !queue.is_empty()) {
+                diesel::sql_query(
+                    "UPDATE listener_attempts
+                     SET retry_queue = $3, retry_due_at = now() + make_interval(secs => $4), retry_copy = $5,
+                         retry_repairs = 0
+                     WHERE listener = $1 AND event_id = $2",
+                )
+                .bind::<Text, _>(message.listener)
+                .bind::<SqlUuid, _>(message.event_id)
+                .bind::<Text, _>(retry_queue)
+                .bind::<Double, _>(delay.as_secs_f64())
+                .bind::<Binary, _>(message.body)
+                .execute(conn)?;
+            }
             return Ok(FailureOutcome::Retry { attempts });
         }
         let errors: Vec<AttemptError> = match counted.errors {

@@ -89,6 +89,16 @@ pub struct WorkerConfig {
     /// try) is kept, by a worker that runs the `webhook_delivery`
     /// listener. At least 1 s. Default 30 days.
     pub webhook_log_retention: Duration,
+    /// How often the worker looks for retry copies the broker did not hand
+    /// back in time (a retry queue whose dead-letter path broke) and moves
+    /// them to their listener's queue (the retry repairer,
+    /// `src/maintenance/retry_repairer.rs`). `None` turns it off. Default
+    /// 15 s.
+    pub retry_repair_interval: Option<Duration>,
+    /// How long past its delay a retry copy may stay away before it counts
+    /// as overdue: longer than a copy can take to come back and be handled
+    /// when the listener's queue is idle. At least 1 s. Default 60 s.
+    pub retry_repair_grace: Duration,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -110,6 +120,8 @@ impl std::fmt::Debug for WorkerConfig {
             .field("inbox_retention", &self.inbox_retention)
             .field("attempts_retention", &self.attempts_retention)
             .field("webhook_log_retention", &self.webhook_log_retention)
+            .field("retry_repair_interval", &self.retry_repair_interval)
+            .field("retry_repair_grace", &self.retry_repair_grace)
             .finish()
     }
 }
@@ -133,6 +145,8 @@ impl Default for WorkerConfig {
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             attempts_retention: Duration::from_secs(7 * 24 * 3600),
             webhook_log_retention: Duration::from_secs(30 * 24 * 3600),
+            retry_repair_interval: Some(Duration::from_secs(15)),
+            retry_repair_grace: Duration::from_secs(60),
         }
     }
 }
@@ -191,6 +205,18 @@ impl WorkerConfig {
         }
         if self.prune_interval.is_some_and(|interval| interval.is_zero()) {
             return bad("prune interval must be positive (None turns pruning off)".into());
+        }
+        if self
+            .retry_repair_interval
+            .is_some_and(|interval| interval.is_zero())
+        {
+            return bad("retry repair interval must be positive (None turns the repairer off)".into());
+        }
+        if self.retry_repair_grace < MIN_RETENTION {
+            return bad(format!(
+                "retry repair grace ({:?}) must be at least {MIN_RETENTION:?}",
+                self.retry_repair_grace
+            ));
         }
         for (name, retention) in [
             ("inbox retention", self.inbox_retention),
@@ -269,6 +295,20 @@ mod tests {
                     ..WorkerConfig::default()
                 },
                 "attempts retention",
+            ),
+            (
+                WorkerConfig {
+                    retry_repair_interval: Some(Duration::ZERO),
+                    ..WorkerConfig::default()
+                },
+                "retry repair interval",
+            ),
+            (
+                WorkerConfig {
+                    retry_repair_grace: Duration::from_millis(10),
+                    ..WorkerConfig::default()
+                },
+                "retry repair grace",
             ),
         ];
         for (config, word) in cases {

@@ -24,7 +24,11 @@
 //!   (`listener_attempts`: a publisher cannot forge it), the message is
 //!   published to the retry queue of the backoff delay, and acknowledged.
 //!   The broker holds it for the delay, then puts it back in the listener's
-//!   queue. No sleeping consumer, no hot requeue loop.
+//!   queue. No sleeping consumer, no hot requeue loop. The attempts row
+//!   also keeps the copy and when it is due back, so a copy the broker
+//!   does not hand back (a broken dead-letter path) is published to the
+//!   listener's queue by the worker's retry repairer
+//!   ([`WorkerConfig::retry_repair_interval`]).
 //! - **Final failure.** After the last try (or at once for a permanent
 //!   error, a message that does not decode, or an event type the listener
 //!   does not handle): exactly one `failed_jobs` row per (listener, event)
@@ -65,6 +69,7 @@ mod fuzz;
 /// Deleting attempt counts left behind (a worker runs it on a schedule:
 /// [`WorkerConfig::prune_interval`]).
 pub use crate::maintenance::attempts_pruner::prune_attempts;
+pub use crate::maintenance::retry_repairer::REPAIRED_FROM_HEADER;
 pub use attempts::retrying_by_listener;
 pub use config::WorkerConfig;
 pub use headers::{ERROR_HEADER, FAILED_JOB_HEADER, HEADERS_DROPPED_HEADER, RETRY_HEADER};

@@ -439,6 +439,13 @@ async fn fail_event(
     let (event_id, event_type) = (event.event_id, event.event_type.clone());
     let body = delivery.data.clone();
     let error_text = error.to_owned();
+    let schedule: attempts::RetrySchedule = (1..tries)
+        .map(|failures| {
+            let delay = options.delay_after(failures);
+            let queue = shared.queues.retry_queue(delay).unwrap_or_default();
+            (delay, queue.to_owned())
+        })
+        .collect();
     let outcome = db_step(shared, move |conn| {
         attempts::record_failure(
             conn,
@@ -452,6 +459,7 @@ async fn fail_event(
             &error_text,
             permanent,
             tries,
+            &schedule,
         )
     })
     .await?;

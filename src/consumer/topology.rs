@@ -18,7 +18,13 @@
 //!
 //! Dead-lettering uses the default exchange with the target queue as the
 //! routing key, and RabbitMQ's at-least-once strategy, so a message moving
-//! between queues is never lost and never reaches another listener.
+//! between queues is never lost and never reaches another listener. Never
+//! lost is not always on time: an expired copy whose dead-letter target
+//! cannot be found (RabbitMQ 3.10 once could not find the default exchange
+//! after a node restart) leaves the retry queue's ready messages and waits
+//! in the queue's dead-letter worker, retried every 180 s at the earliest;
+//! the worker's retry repairer (`src/maintenance/retry_repairer.rs`) moves
+//! such copies on from its own record.
 //! Declaring is idempotent; declaring a queue with different arguments
 //! (say, after switching single active consumer) fails with the broker's
 //! PRECONDITION_FAILED: delete the queue first.

@@ -53,6 +53,7 @@ use crate::maintenance::Maintenance;
 use crate::maintenance::attempts_pruner::AttemptsPruner;
 use crate::maintenance::inbox_pruner::InboxPruner;
 use crate::maintenance::projection_rebuilder::ProjectionRebuilder;
+use crate::maintenance::retry_repairer::RetryRepairer;
 #[cfg(feature = "webhooks")]
 use crate::maintenance::webhook_log_pruner::WebhookLogPruner;
 use crate::metrics::Health;
@@ -213,6 +214,15 @@ impl Worker {
                 maintenance.start(WebhookLogPruner::new(self.config.webhook_log_retention, period));
             }
         }
+        if let Some(period) = self.config.retry_repair_interval {
+            match RetryRepairer::new(&self.config, period, &self.queues()) {
+                Ok(Some(repairer)) => maintenance.start(repairer),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "cannot start the retry repairer; overdue retry copies will not be moved on");
+                }
+            }
+        }
         for projection in &self.projections {
             maintenance.start(ProjectionRebuilder {
                 projection: Arc::clone(projection),
@@ -239,6 +249,7 @@ impl Worker {
                     match end {
                         SessionEnd::Shutdown => break,
                         SessionEnd::BrokerLost(reason) => {
+                            metrics::counter!(crate::metrics::BROKER_RECONNECTS_TOTAL).increment(1);
                             tracing::warn!(reason = %error_chain(&reason), broker = %self.broker.current(), "worker lost the broker; reconnecting");
                             self.broker.connection_lost();
                         }

@@ -12,8 +12,9 @@
 //! with filters and a keyset cursor, [`count`] (`query.rs`); [`get`],
 //! [`forget`], [`flush`], [`prune`]; [`retry`], [`retry_many`] and
 //! [`retry_matching`] (`retry.rs`), which republish the stored event to the
-//! listener's own queue (never to the other listeners of the event) and
-//! delete the row once the broker has confirmed it; and [`retry_edited`]
+//! listener's own queue (never to the other listeners of the event),
+//! each aggregate's events oldest first by their position in the outbox,
+//! and delete the row once the broker has confirmed it; and [`retry_edited`]
 //! (`edits.rs`), edit-and-retry with both versions kept.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -33,7 +34,10 @@ mod retry;
 
 pub use edits::{FailedJobEdit, edits_for, retry_edited, validate_edit};
 pub use query::{Cursor, Filter, Page, count, list, list_page};
-pub use retry::{RETRY_CHUNK, RetryOutcome, retry, retry_body, retry_many, retry_matching};
+pub use retry::{
+    RETRY_CHUNK, RetryOutcome, RetryProgress, retry, retry_body, retry_many, retry_many_with, retry_matching,
+    retry_matching_with,
+};
 
 /// Longest exception text kept, in bytes (the column allows 65,536
 /// characters); longer texts are cut on a character boundary.

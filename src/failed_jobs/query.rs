@@ -90,7 +90,7 @@ pub struct Page {
 type Boxed<'a> = failed_jobs::BoxedQuery<'a, Pg>;
 
 /// The filter's conditions (all but the cursor and the limit).
-fn matching(filter: &Filter) -> Boxed<'_> {
+pub(super) fn matching(filter: &Filter) -> Boxed<'_> {
     let mut query = failed_jobs::table.into_boxed();
     if let Some(listener) = &filter.listener {
         query = query.filter(failed_jobs::listener.eq(listener));

@@ -13,6 +13,7 @@
 //! | [`inbox_pruner`] | deletes `processed_events` (inbox) rows older than the retention | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::inbox_retention`](crate::WorkerConfig::inbox_retention) (7 days) |
 //! | [`webhook_log_pruner`] | deletes `webhook_deliveries` rows (the webhook delivery log) older than the retention; only in a worker running `webhook_delivery` | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::webhook_log_retention`](crate::WorkerConfig::webhook_log_retention) (30 days) |
 //! | [`projection_rebuilder`] | rebuilds a projection when `outbox projection rebuild` asked for it, or resumes one that stopped half way (one worker at a time) | worker, one a projection it runs | [`REBUILD_POLL`](crate::projection::REBUILD_POLL) (1 s) | none |
+//! | [`retry_repairer`] | finds retry copies the broker did not hand back within their delay plus a grace (a retry queue whose dead-letter path broke), counts them (`outbox_retry_copies_overdue`), logs once per episode and publishes them to their listener's queue | worker, for its retrying listeners | [`WorkerConfig::retry_repair_interval`](crate::WorkerConfig::retry_repair_interval) (15 s) | [`WorkerConfig::retry_repair_grace`](crate::WorkerConfig::retry_repair_grace) (60 s past the delay) |
 //! | [`attempts_pruner`] | deletes `listener_attempts` rows not touched for the retention (left behind by messages purged from their queues by hand) | worker | [`WorkerConfig::prune_interval`](crate::WorkerConfig::prune_interval) (10 min) | [`WorkerConfig::attempts_retention`](crate::WorkerConfig::attempts_retention) (7 days) |
 //!
 //! Pruners delete in bounded batches (the relay's
@@ -56,6 +57,7 @@ pub(crate) mod lease_cleaner;
 pub(crate) mod projection_rebuilder;
 pub(crate) mod published_pruner;
 pub(crate) mod relay_heartbeat;
+pub(crate) mod retry_repairer;
 #[cfg(feature = "webhooks")]
 pub(crate) mod webhook_log_pruner;
 

@@ -548,7 +548,9 @@ pub struct BacklogStats {
     /// Unpublished rows (including failed and leased ones).
     #[diesel(sql_type = BigInt)]
     pub backlog: i64,
-    /// Age in seconds of the oldest unpublished row (0 when none).
+    /// Age in seconds of the oldest unpublished row that has not failed (0
+    /// when none): failed rows wait for an operator and are counted in
+    /// `failed` instead, so one failed row does not hold the age up.
     #[diesel(sql_type = Double)]
     pub oldest_unpublished_age_seconds: f64,
     /// Rows leased to a relay right now.
@@ -573,7 +575,8 @@ pub struct BacklogStats {
 pub fn backlog_stats(conn: &mut PgConnection) -> Result<BacklogStats> {
     Ok(diesel::sql_query(format!(
         "SELECT count(*) AS backlog,
-                COALESCE(EXTRACT(EPOCH FROM now() - min(recorded_at))::float8, 0) AS oldest_unpublished_age_seconds,
+                COALESCE(EXTRACT(EPOCH FROM now() - min(recorded_at) FILTER (WHERE failed_at IS NULL))::float8, 0)
+                    AS oldest_unpublished_age_seconds,
                 count(*) FILTER (WHERE seq IN (
                     SELECT unnest(seqs) FROM outbox_leases WHERE expires_at > now()
                 )) AS in_flight,

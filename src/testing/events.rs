@@ -77,3 +77,41 @@ pub fn record_interleaved(conn: &mut PgConnection, aggregates: usize, ticks: Ran
     }
     Ok(recorded)
 }
+
+/// Takes `count` messages from `queue` with `basic.get` (acknowledged as
+/// taken), waiting up to `limit` for them: each one's aggregate and tick,
+/// `(subject, data.n)` of its [`Ticked`] CloudEvents body, in arrival
+/// order. Panics when they do not all arrive in time or a body is not a
+/// tick.
+pub async fn take_ticks(
+    channel: &lapin::Channel,
+    queue: &str,
+    count: usize,
+    limit: std::time::Duration,
+) -> Vec<(String, i64)> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut ticks = Vec::new();
+    while ticks.len() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {count} messages reached {queue} within {limit:?}",
+            ticks.len()
+        );
+        let got = channel
+            .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+            .await
+            .unwrap_or_else(|e| panic!("cannot get from {queue}: {e}"));
+        match got {
+            Some(message) => {
+                let body: serde_json::Value = serde_json::from_slice(&message.delivery.data)
+                    .unwrap_or_else(|e| panic!("a message in {queue} is not JSON: {e}"));
+                match (body["subject"].as_str(), body["data"]["n"].as_i64()) {
+                    (Some(aggregate), Some(n)) => ticks.push((aggregate.to_owned(), n)),
+                    _ => panic!("a message in {queue} is not a tick: {body}"),
+                }
+            }
+            None => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    ticks
+}

@@ -219,3 +219,156 @@ fn list_filters_newest_first_and_forget_flush_prune() {
     assert_eq!(failed_jobs::flush(&mut conn, None).unwrap(), 1);
     assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM failed_jobs"), 0);
 }
+
+/// Deletes the test's queues when dropped, even when the test panics.
+struct DeletedOnDrop(Vec<String>);
+
+impl Drop for DeletedOnDrop {
+    fn drop(&mut self) {
+        outbox::testing::delete_broker_objects(outbox::DEFAULT_AMQP_URL, &self.0, &[]);
+    }
+}
+
+/// A failed job of `listener` at `queue` for the recorded tick `event_id`
+/// of counter `aggregate`, whose message says it occurred at `time`.
+fn failed_tick(
+    conn: &mut diesel::PgConnection,
+    queue: &str,
+    listener: &str,
+    (aggregate, n, event_id): &(String, i64, Uuid),
+    time: chrono::DateTime<Utc>,
+) -> i64 {
+    let payload = json!({
+        "specversion": "1.0", "id": event_id, "type": "counter.ticked", "source": "/outbox/test",
+        "subject": aggregate, "aggregatetype": "counter", "time": time,
+        "datacontenttype": "application/json", "data": {"aggregate": aggregate, "n": n},
+    });
+    let (id, inserted) = failed_jobs::insert(
+        conn,
+        &NewFailedJob {
+            queue,
+            listener,
+            event_type: Some("counter.ticked"),
+            ..job(listener, Some(*event_id), None, &payload, &[])
+        },
+    )
+    .unwrap();
+    assert!(inserted);
+    id
+}
+
+/// Whether each aggregate's ticks in `arrived` come in increasing order.
+fn in_order_per_aggregate(arrived: &[(String, i64)]) -> bool {
+    let mut last: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    arrived.iter().all(|(aggregate, n)| {
+        let before = last.insert(aggregate, *n);
+        before.is_none_or(|before| before < *n)
+    })
+}
+
+/// The issue-27 bug: `failed retry --all` retried newest first, so an
+/// aggregate's later event reached its listener before the earlier one.
+/// Now a bulk retry orders each aggregate's jobs by the event's position
+/// in the outbox, not by the order the jobs are named, listed or failed
+/// in, nor by the time the event claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_retry_hands_each_aggregates_events_back_oldest_first() {
+    let (_db, mut conn) = database();
+    let pool = _db.pool(2).unwrap();
+    // Four ticks of three counters, interleaved: seq order is tick order.
+    let mut ticks = Vec::new();
+    for n in 0..4 {
+        for aggregate in ["a", "b", "c"] {
+            let ids = outbox::testing::record_ticks(&mut conn, aggregate, n..n + 1).unwrap();
+            ticks.push((aggregate.to_owned(), n, ids[0]));
+        }
+    }
+    let prefix = format!("{}{}", outbox::testing::TEST_AMQP_PREFIX, Uuid::now_v7().simple());
+    let (first, second) = (format!("{prefix}.first"), format!("{prefix}.second"));
+    let _cleanup = DeletedOnDrop(vec![first.clone(), second.clone()]);
+    let connection = outbox::amqp::connect(outbox::DEFAULT_AMQP_URL, "outbox tests")
+        .await
+        .unwrap();
+    let channel = outbox::amqp::open_channel(&connection, true).await.unwrap();
+    for queue in [&first, &second] {
+        let mut arguments = lapin::types::FieldTable::default();
+        arguments.insert("x-expires".into(), lapin::types::AMQPValue::LongInt(120_000));
+        channel
+            .queue_declare(queue.as_str().into(), Default::default(), arguments)
+            .await
+            .unwrap();
+    }
+    // The jobs fail newest event first (so ids and failed_at run against
+    // the events' order), and each message claims an earlier time than
+    // the one before it: only the position tells the order.
+    let start = Utc::now();
+    let mut first_ids = Vec::new();
+    for (back, tick) in ticks.iter().rev().enumerate() {
+        let claimed = start - Days::seconds(100 - back as i64);
+        first_ids.push(failed_tick(&mut conn, &first, "first", tick, claimed));
+        failed_tick(&mut conn, &second, "second", tick, claimed);
+    }
+
+    // Named ids, in an order of their own (newest job first, as listed).
+    first_ids.reverse();
+    first_ids.rotate_left(5);
+    let outcome = failed_jobs::retry_many(&pool, &channel, &first_ids, std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(outcome.retried.len(), ticks.len(), "{outcome:?}");
+    assert!(
+        outcome.kept.is_empty() && outcome.missing.is_empty(),
+        "{outcome:?}"
+    );
+    let arrived =
+        outbox::testing::take_ticks(&channel, &first, ticks.len(), std::time::Duration::from_secs(20)).await;
+    assert!(
+        in_order_per_aggregate(&arrived),
+        "retry_many reordered an aggregate: {arrived:?}"
+    );
+
+    // Everything a filter matches (the dashboard's "retry all matching").
+    let outcome = failed_jobs::retry_matching(
+        &pool,
+        &channel,
+        &Filter {
+            listener: Some("second".into()),
+            ..Filter::default()
+        },
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.retried.len(), ticks.len(), "{outcome:?}");
+    let arrived =
+        outbox::testing::take_ticks(&channel, &second, ticks.len(), std::time::Duration::from_secs(20)).await;
+    assert!(
+        in_order_per_aggregate(&arrived),
+        "retry_matching reordered an aggregate: {arrived:?}"
+    );
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM failed_jobs"), 0);
+
+    // A job whose event is gone from the outbox (pruned, no log) goes
+    // before the aggregate's events still there, then by its time.
+    diesel::sql_query(format!(
+        "DELETE FROM outbox_events WHERE event_id = '{}'",
+        ticks[0].2
+    ))
+    .execute(&mut conn)
+    .unwrap();
+    let mut ids = Vec::new();
+    for tick in ticks.iter().filter(|(aggregate, _, _)| aggregate == "a").rev() {
+        ids.push(failed_tick(&mut conn, &first, "first", tick, start));
+    }
+    let outcome = failed_jobs::retry_many(&pool, &channel, &ids, std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(outcome.retried.len(), 4, "{outcome:?}");
+    let arrived = outbox::testing::take_ticks(&channel, &first, 4, std::time::Duration::from_secs(20)).await;
+    assert_eq!(
+        arrived.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3],
+        "{arrived:?}"
+    );
+    let _ = connection.close(200, "done".into()).await;
+}

@@ -17,6 +17,8 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_worker_reconnects_after_losing_the_broker() {
+    let handle = outbox::metrics::install_recorder().unwrap();
+    let reconnects_before = crate::support::metric(&handle, "outbox_broker_reconnects_total");
     let (db, mut conn) = database();
     let mut broker = TestBroker::new().await;
     let proxy = TcpProxy::start("127.0.0.1:5672").await.unwrap();
@@ -56,6 +58,10 @@ async fn the_worker_reconnects_after_losing_the_broker() {
     .await;
     worker.stop().await;
     assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM failed_jobs"), 0);
+    assert!(
+        crate::support::metric(&handle, "outbox_broker_reconnects_total") > reconnects_before,
+        "the lost session is counted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

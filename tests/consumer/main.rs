@@ -23,6 +23,7 @@ mod rate_limits;
 mod readme_example;
 mod registration;
 mod sources;
+mod stuck_retries;
 mod traces;
 mod upcasting;
 mod webhooks;

@@ -130,12 +130,10 @@ async fn a_worker_with_pruning_off_deletes_nothing() {
 /// `outbox_maintenance_failures_total{service="<service>"}` in this
 /// process's metrics.
 fn failures(handle: &metrics_exporter_prometheus::PrometheusHandle, service: &str) -> u64 {
-    let prefix = format!("outbox_maintenance_failures_total{{service=\"{service}\"}} ");
-    handle
-        .render()
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix).and_then(|n| n.trim().parse().ok()))
-        .unwrap_or(0)
+    crate::support::metric(
+        handle,
+        &format!("outbox_maintenance_failures_total{{service=\"{service}\"}}"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

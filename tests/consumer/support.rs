@@ -13,6 +13,17 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// The value of `series` (a metric name with its labels as rendered, or
+/// none) in this process's metrics, 0 while it does not exist.
+pub fn metric(handle: &metrics_exporter_prometheus::PrometheusHandle, series: &str) -> u64 {
+    let prefix = format!("{series} ");
+    handle
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix).and_then(|n| n.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
 /// A migrated database of the test's own.
 pub fn database() -> (TestDatabase, PgConnection) {
     let db = TestDatabase::create().expect("create test database");

@@ -7,6 +7,42 @@ use outbox::replay::{self, ReplayFilter};
 
 use crate::support::record_ticks;
 
+/// A failed row waits for an operator and has its own gauge and alert:
+/// the backlog age (`outbox_oldest_unpublished_age_seconds`, `outbox
+/// status`) is the oldest row still moving, so one failed row an hour old
+/// does not keep OutboxBacklogTooOld firing (issue 27).
+#[test]
+fn the_backlog_age_leaves_failed_rows_out() {
+    let db = TestDatabase::create().unwrap();
+    let mut conn = db.connect().unwrap();
+    record_ticks(&mut conn, "a", 0..2);
+    diesel::sql_query(
+        "UPDATE outbox_events SET recorded_at = now() - interval '1 hour', failed_at = now()
+         WHERE seq = (SELECT min(seq) FROM outbox_events)",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    diesel::sql_query(
+        "UPDATE outbox_events SET recorded_at = now() - interval '10 seconds'
+         WHERE seq = (SELECT max(seq) FROM outbox_events)",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let stats = outbox::relay::store::backlog_stats(&mut conn).unwrap();
+    assert_eq!((stats.backlog, stats.failed), (2, 1));
+    assert!(
+        (9.0..600.0).contains(&stats.oldest_unpublished_age_seconds),
+        "the failed row's hour is not the backlog's age: {}",
+        stats.oldest_unpublished_age_seconds
+    );
+    diesel::sql_query("UPDATE outbox_events SET failed_at = now()")
+        .execute(&mut conn)
+        .unwrap();
+    let stats = outbox::relay::store::backlog_stats(&mut conn).unwrap();
+    assert_eq!(stats.failed, 2);
+    assert_eq!(stats.oldest_unpublished_age_seconds, 0.0, "only failed rows wait");
+}
+
 #[test]
 fn backlog_by_event_type_and_pause_reason() {
     let db = TestDatabase::create().unwrap();

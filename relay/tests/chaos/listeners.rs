@@ -176,6 +176,10 @@ pub fn run_worker_process() {
         confirm_timeout: Duration::from_secs(2),
         reconnect_max: Duration::from_secs(1),
         shutdown_timeout: Duration::from_secs(2),
+        // A retry copy RabbitMQ keeps after its node is killed (issue 27)
+        // is moved on within seconds, well inside the drain's 90 s.
+        retry_repair_interval: Some(Duration::from_secs(1)),
+        retry_repair_grace: Duration::from_secs(5),
         ..WorkerConfig::default()
     };
     let seed = spec["seed"].as_u64().expect("seed");

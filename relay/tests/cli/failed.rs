@@ -374,3 +374,93 @@ fn flush_asks_on_a_terminal() {
     assert!(shown.contains("deleted 1"), "{shown}");
     assert_eq!(failed_job_count(&mut conn), 0);
 }
+
+/// `failed retry --all` listed jobs newest first and retried them in that
+/// order, so an aggregate's later event overtook its earlier one (issue
+/// 27). Named ids and `--all` now go back oldest event first per
+/// aggregate, by the event's position in the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_all_and_named_ids_keep_each_aggregates_order() {
+    let db = TestDatabase::create().unwrap();
+    let exchange = TestExchange::new().await.unwrap();
+    let channel = &exchange.channel;
+    let queue = format!("{TEST_AMQP_PREFIX}{}.ordered", Uuid::now_v7().simple());
+    expiring_queue(channel, &queue).await;
+    let mut conn = db.connect().unwrap();
+    let mut ticks = Vec::new();
+    for n in 0..3 {
+        for aggregate in ["a", "b"] {
+            let ids = outbox::testing::record_ticks(&mut conn, aggregate, n..n + 1).unwrap();
+            ticks.push((aggregate, n, ids[0]));
+        }
+    }
+    // Failed newest event first, as a listener working through a backlog
+    // after an outage would leave them.
+    let fail_all = |conn: &mut PgConnection| -> Vec<String> {
+        ticks
+            .iter()
+            .rev()
+            .map(|(aggregate, n, event_id)| {
+                let payload = serde_json::json!({
+                    "specversion": "1.0", "id": event_id, "type": "counter.ticked", "source": "/outbox/test",
+                    "subject": aggregate, "aggregatetype": "counter", "time": Utc::now(),
+                    "data": {"aggregate": aggregate, "n": n}
+                });
+                let (id, _) = failed_jobs::insert(
+                    conn,
+                    &NewFailedJob {
+                        queue: &queue,
+                        listener: "ordered",
+                        event_id: Some(*event_id),
+                        event_type: Some("counter.ticked"),
+                        payload: &payload,
+                        exception: "down",
+                        attempts: 1,
+                        errors: &[],
+                        uuid: None,
+                    },
+                )
+                .unwrap();
+                id.to_string()
+            })
+            .collect()
+    };
+    let in_order = |arrived: &[(String, i64)]| {
+        ["a", "b"].iter().all(|aggregate| {
+            let ns: Vec<i64> = arrived
+                .iter()
+                .filter(|(a, _)| a == aggregate)
+                .map(|(_, n)| *n)
+                .collect();
+            ns == vec![0, 1, 2]
+        })
+    };
+    let env = [("DATABASE_URL", db.url())];
+
+    let ids = fail_all(&mut conn);
+    let (status, stdout, stderr) = run_outbox(&["failed", "retry", "--all", "--listener", "ordered"], &env);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("retried 6 of 6"), "{stdout}");
+    let arrived = outbox::testing::take_ticks(channel, &queue, 6, Duration::from_secs(20)).await;
+    assert!(
+        in_order(&arrived),
+        "--all reordered an aggregate: {arrived:?} (jobs {ids:?})"
+    );
+
+    let ids = fail_all(&mut conn);
+    let mut args = vec!["failed", "retry"];
+    args.extend(ids.iter().map(String::as_str));
+    let (status, stdout, stderr) = run_outbox(&args, &env);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("retried 6 of 6"), "{stdout}");
+    let arrived = outbox::testing::take_ticks(channel, &queue, 6, Duration::from_secs(20)).await;
+    assert!(
+        in_order(&arrived),
+        "named ids reordered an aggregate: {arrived:?} (jobs {ids:?})"
+    );
+    assert_eq!(failed_job_count(&mut conn), 0);
+
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+}
