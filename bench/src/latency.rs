@@ -353,7 +353,13 @@ async fn measure(
     }
     let (commits, achieved_rate) = writer.await??;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while arrivals.lock().unwrap_or_else(PoisonError::into_inner).len() < commits.len() {
+    // By id: the map also holds the raw phase's messages, so its size says
+    // nothing about the relay's.
+    let all_arrived = || {
+        let seen = arrivals.lock().unwrap_or_else(PoisonError::into_inner);
+        commits.iter().all(|(id, _)| seen.contains_key(id))
+    };
+    while !all_arrived() {
         anyhow::ensure!(
             Instant::now() < deadline,
             "not every event arrived within 60 s of the last commit"
