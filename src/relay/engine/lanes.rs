@@ -469,11 +469,7 @@ pub(super) fn run_lane_job(
         let batch = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
         // Once per connection: the frontier only holds on the server its
         // ticks were taken on.
-        let on_server = match server {
-            Some(known) => Ok(known),
-            None => store::server_identity(&mut conn),
-        };
-        let on_server = match on_server {
+        let on_server = match server.map_or_else(|| store::server_identity(&mut conn), Ok) {
             Ok(known) => known,
             Err(e) => {
                 result.error = Some(e);
