@@ -58,6 +58,7 @@ diesel::table! {
         expires_at -> Timestamptz,
         seqs -> Array<Int8>,
         created_at -> Timestamptz,
+        aggregate_keys -> Nullable<Array<Int8>>,
     }
 }
 

@@ -108,7 +108,12 @@ impl ClaimedEvent {
 /// alone are not enough: they end with the other claim's commit, and a
 /// statement whose snapshot predates that commit cannot see its lease, so
 /// two relays could take the same rows.) A claim holds the lock for one
-/// statement, a few milliseconds; publishing runs in parallel. Rows are
+/// statement, a few milliseconds; publishing runs in parallel. Each lease
+/// names the aggregates it holds (`aggregate_keys`, a 64-bit hash of type
+/// and id), so a claim learns what other relays hold from one array per
+/// lease instead of reading each of their rows: its cost does not grow
+/// with the number of relays. An aggregate stays another relay's until
+/// that lease is dropped (all its rows settled) or expires. Rows are
 /// not locked (a row lock writes to every claimed row): marks and failure
 /// records change only rows under a live lease, which the claim's snapshot
 /// already leaves out; a row whose lease ended while its mark was running
@@ -457,7 +462,9 @@ pub fn record_failures(
 
 /// Takes rows out of this relay's leases so any relay can claim them at
 /// once (rows it will not publish after all). Returns how many leases
-/// changed.
+/// changed. The leases' aggregate keys are rewritten from their rows left
+/// unpublished, so the released aggregates (and those whose rows there are
+/// all published) are no longer blocked for other relays.
 pub fn release_leases(conn: &mut PgConnection, relay_id: &str, rows: &[LeasedSeq]) -> Result<usize> {
     if rows.is_empty() {
         return Ok(0);
@@ -466,7 +473,12 @@ pub fn release_leases(conn: &mut PgConnection, relay_id: &str, rows: &[LeasedSeq
     struct ReleaseLeasesSql;
     Ok(Prepared::<ReleaseLeasesSql>::new(
         "UPDATE outbox_leases l
-         SET seqs = ARRAY(SELECT s FROM unnest(l.seqs) AS s WHERE s <> ALL(r.seqs))
+         SET seqs = ARRAY(SELECT s FROM unnest(l.seqs) AS s WHERE s <> ALL(r.seqs)),
+             aggregate_keys = CASE WHEN l.aggregate_keys IS NOT NULL THEN ARRAY(
+                 SELECT DISTINCT outbox_aggregate_key(e.aggregate_type, e.aggregate_id)
+                 FROM unnest(l.seqs) AS s
+                 CROSS JOIN LATERAL (SELECT x.aggregate_type, x.aggregate_id FROM outbox_events x WHERE x.seq = s AND x.published_at IS NULL OFFSET 0) e
+                 WHERE s <> ALL(r.seqs)) END
          FROM (SELECT lease_id, array_agg(seq) AS seqs
                FROM unnest($1::bigint[], $2::bigint[]) AS x(seq, lease_id)
                GROUP BY lease_id) r

@@ -10,7 +10,9 @@ use outbox::TestDatabase;
 use outbox::relay::store::{self, ClaimedEvent};
 use outbox::testing::TestExchange;
 
-use crate::support::{OpenWriter, RunningRelay, Ticked, count, eventually, record_ticks, relay_config};
+use crate::support::{
+    OpenWriter, RunningRelay, Ticked, count, eventually, index_reads_after, record_ticks, relay_config,
+};
 
 fn seq_of(conn: &mut PgConnection, aggregate: &str, n: i64) -> i64 {
     count(
@@ -186,43 +188,6 @@ async fn the_floor_stays_below_an_open_writers_row_and_rises_once_it_commits() {
     .await;
     relay.stop().await;
     assert_eq!(broker.first_arrival_order("n")["slow"], vec![0]);
-}
-
-/// Index entries read and index scans on outbox_events so far, once this
-/// connection's own counts have reached the statistics views.
-fn index_reads(conn: &mut PgConnection) -> (i64, i64) {
-    let scans = count(
-        conn,
-        "SELECT COALESCE(sum(idx_scan), 0)::bigint AS n FROM pg_stat_user_indexes WHERE relname = 'outbox_events'",
-    );
-    let entries = count(
-        conn,
-        "SELECT COALESCE(sum(idx_tup_read), 0)::bigint AS n FROM pg_stat_user_indexes WHERE relname = 'outbox_events'",
-    );
-    (scans, entries)
-}
-
-/// Flushes this connection's statistics and waits until the views show at
-/// least `scans` index scans on outbox_events.
-fn index_reads_after(conn: &mut PgConnection, scans: i64) -> (i64, i64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        diesel::sql_query("SELECT pg_stat_force_next_flush()")
-            .execute(conn)
-            .unwrap();
-        diesel::sql_query("SELECT pg_stat_clear_snapshot()")
-            .execute(conn)
-            .unwrap();
-        let now = index_reads(conn);
-        if now.0 >= scans {
-            return now;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "statistics never showed the claim's scans"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The point of the floor: while a snapshot pins the xmin horizon, every

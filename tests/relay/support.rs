@@ -163,3 +163,40 @@ impl OpenWriter {
         self.thread.join().unwrap();
     }
 }
+
+/// Index entries read and index scans on outbox_events so far, once this
+/// connection's own counts have reached the statistics views.
+pub fn index_reads(conn: &mut PgConnection) -> (i64, i64) {
+    let scans = count(
+        conn,
+        "SELECT COALESCE(sum(idx_scan), 0)::bigint AS n FROM pg_stat_user_indexes WHERE relname = 'outbox_events'",
+    );
+    let entries = count(
+        conn,
+        "SELECT COALESCE(sum(idx_tup_read), 0)::bigint AS n FROM pg_stat_user_indexes WHERE relname = 'outbox_events'",
+    );
+    (scans, entries)
+}
+
+/// Flushes this connection's statistics and waits until the views show at
+/// least `scans` index scans on outbox_events.
+pub fn index_reads_after(conn: &mut PgConnection, scans: i64) -> (i64, i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        diesel::sql_query("SELECT pg_stat_force_next_flush()")
+            .execute(conn)
+            .unwrap();
+        diesel::sql_query("SELECT pg_stat_clear_snapshot()")
+            .execute(conn)
+            .unwrap();
+        let now = index_reads(conn);
+        if now.0 >= scans {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "statistics never showed the claim's scans"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
