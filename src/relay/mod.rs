@@ -12,9 +12,9 @@
 //! ## How relays share the table
 //!
 //! - **Claims** (`store::claim_batch`) take the first unpublished rows in
-//!   seq order that are not leased and whose aggregate is not blocked (its
-//!   head leased by another relay, waiting for a retry, or failed), and
-//!   record them in one lease row. They read the backlog from the claim
+//!   seq order that are not leased and whose aggregate is not blocked (named
+//!   by another relay's live lease, waiting for a retry, or failed), and
+//!   record them in one lease row with the keys of their aggregates. They read the backlog from the claim
 //!   floor up (`floor.rs`), so rows published earlier are never walked
 //!   again, whatever vacuum can or cannot remove. Skipping blocked aggregates inside the
 //!   window is what keeps one stuck aggregate, with any number of queued
@@ -40,14 +40,10 @@
 //! The figures measured here (2 cores shared by Postgres, RabbitMQ and the
 //! relay; `BENCHMARKS.md`) and what they imply:
 //!
-//! - A claim holds the claim lock for one statement: ~4 ms for 500 rows,
-//!   so claims alone allow at most ~125,000 rows/s across all relays of
-//!   one database. 16 relays at 100,000 events/s in total claim 200
-//!   batches of 500 a second, 800 ms of lock time per second: the lock is
-//!   then 80% busy. Batches of 2,000 (`--batch-size 2000`) halve that. Past
-//!   it, the next step is relays owning hash partitions of the aggregate
-//!   space (heartbeated, fenced by an epoch) so that claims of different
-//!   relays never take turns; the lease row and the order rule stay.
+//! - Claims take turns on one lock. What a claim reads, why that does not
+//!   grow with what was published or with what other relays hold, and the
+//!   arithmetic for 16 relays at 100,000 events/s are in the README
+//!   ("What a claim reads: the claim floor").
 //! - Marking costs Postgres about 10 to 20 µs of CPU a row (an UPDATE that
 //!   rewrites the row and two index entries); 100,000 events/s is 1 to 2
 //!   cores for marks alone. Retention 0 (delete on publish) costs about a
