@@ -37,3 +37,33 @@ pub async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> 
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// [`eventually`] for a check that awaits (a broker query, an HTTP call):
+/// polls `check` until it holds; panics after `limit`, naming `what`.
+pub async fn eventually_async<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`eventually`] for a test without a runtime: polls `check` on this
+/// thread until it holds; panics after `limit`, naming `what`.
+pub fn eventually_blocking(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}

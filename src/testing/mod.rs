@@ -17,7 +17,7 @@ mod roles;
 
 pub use broker::{ReceivedMessage, TEST_AMQP_PREFIX, TestExchange, delete_broker_objects};
 pub use broker_user::{TEST_USER_PREFIX, TestBrokerUser, literal};
-pub use checks::{count, eventually, try_count};
+pub use checks::{count, eventually, eventually_async, eventually_blocking, try_count};
 pub use events::{Ticked, record_interleaved, record_ticks, take_ticks};
 pub use proxy::{Fault, TcpProxy};
 pub use roles::{LEAST_PRIVILEGE_SQL, LeastPrivilegeRoles, TestRoles};

@@ -142,18 +142,12 @@ impl TestBroker {
 
     /// Waits until `queue` holds `count` ready messages.
     pub async fn wait_ready(&self, queue: &str, count: u32, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let ready = self.ready(queue).await;
-            if ready == count {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{queue} holds {ready} messages, not {count}, after {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        outbox::testing::eventually_async(
+            &format!("{queue} to hold {count} ready messages"),
+            limit,
+            || async { self.ready(queue).await == count },
+        )
+        .await;
     }
 }
 

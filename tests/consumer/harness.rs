@@ -218,26 +218,26 @@ impl Drop for Running {
 }
 
 async fn wait_for_consumer(broker: &TestBroker, queue: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let declared = broker
-            .channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        if declared.consumer_count() > 0 {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no consumer on {queue}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    outbox::testing::eventually_async(
+        &format!("a consumer on {queue}"),
+        Duration::from_secs(20),
+        || async {
+            let declared = broker
+                .channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            declared.consumer_count() > 0
+        },
+    )
+    .await;
 }
 
 /// A relay publishing `db`'s events to `broker`'s exchange, in this

@@ -189,15 +189,16 @@ fn a_renewed_lease_outlives_its_first_term_and_an_ended_one_is_not_revived() {
     let lost = store::claim_batch(&mut conn, "frozen", 2, 0.3).unwrap();
     assert_eq!((kept.len(), lost.len()), (2, 2));
     // The frozen relay never renews; its lease ends.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while count(
-        &mut conn,
-        "SELECT count(*) AS n FROM outbox_leases WHERE owner = 'frozen' AND expires_at > now()",
-    ) > 0
-    {
-        assert!(std::time::Instant::now() < deadline, "lease never expired");
-        thread::sleep(Duration::from_millis(20));
-    }
+    outbox::testing::eventually_blocking(
+        "the frozen relay's lease to expire",
+        Duration::from_secs(10),
+        || {
+            count(
+                &mut conn,
+                "SELECT count(*) AS n FROM outbox_leases WHERE owner = 'frozen' AND expires_at > now()",
+            ) == 0
+        },
+    );
     // A renewal finds only live leases of its own relay.
     assert!(
         store::renew_leases(&mut conn, "frozen", &[lost[0].lease_id], 30.0)
@@ -217,10 +218,11 @@ fn a_renewed_lease_outlives_its_first_term_and_an_ended_one_is_not_revived() {
         "SELECT count(*) AS n FROM outbox_leases WHERE id = {} AND created_at + interval '1100 ms' < now()",
         kept[0].lease_id
     );
-    while count(&mut conn, &first_term_over) == 0 {
-        assert!(std::time::Instant::now() < deadline, "first term never ended");
-        thread::sleep(Duration::from_millis(20));
-    }
+    outbox::testing::eventually_blocking(
+        "the renewed lease's first term to end",
+        Duration::from_secs(10),
+        || count(&mut conn, &first_term_over) > 0,
+    );
     let reclaimed = store::claim_batch(&mut conn, "other", 10, 30.0).unwrap();
     assert_eq!(
         reclaimed

@@ -68,11 +68,7 @@ fn wake_ups_coalesce_into_few_notifies() {
     for _ in 0..wakes {
         sender.wake();
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sender.sent() == 0 {
-        assert!(Instant::now() < deadline, "no NOTIFY sent");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    outbox::testing::eventually_blocking("a NOTIFY sent", Duration::from_secs(20), || sender.sent() > 0);
     let sent = sender.sent();
     assert!(sent < 100, "{sent} NOTIFYs for {wakes} wake-ups");
 }
