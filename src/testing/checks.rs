@@ -28,14 +28,7 @@ pub fn try_count(conn: &mut PgConnection, sql: &str) -> QueryResult<i64> {
 
 /// Polls `check` until it holds; panics after `limit`, naming `what`.
 pub async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    eventually_async(what, limit, || std::future::ready(check())).await;
 }
 
 /// [`eventually`] for a check that awaits (a broker query, an HTTP call):
