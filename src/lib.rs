@@ -39,7 +39,7 @@
 //! | OpenTelemetry traces: the OTLP exporter from `OTEL_*`, the `tracing` layer, trace context from `record` to `publish` to `handle <listener>` (feature `otel`) | `telemetry.rs` | `telemetry::Telemetry::from_env`, `telemetry::is_active` |
 //! | metric names, health flags, `/metrics` and `/health` | [`metrics`] | [`metrics::serve`], [`Health`] |
 //! | one backoff schedule for every wait-and-try-again | `delay.rs` | |
-//! | per-test databases, exchanges, proxy, waits (feature `testing`) | `testing` | `TestDatabase`, `testing::eventually` |
+//! | per-test databases, exchanges, proxy, waits, fault-run delivery reports (feature `testing`) | `testing` | `TestDatabase`, `testing::eventually`, `testing::DeliveryReport` |
 //!
 //! ## Recording an event
 //!

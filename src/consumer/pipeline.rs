@@ -399,6 +399,11 @@ async fn process(
         match run {
             HandlerRun::Done { duplicate } => {
                 shared.health.set_database_ok(true);
+                if duplicate {
+                    // Rare outside crashes and republishes; fault runs
+                    // count these lines as deliveries more than once.
+                    tracing::info!(listener, event_id = %event.event_id, event_type = %event.event_type, "duplicate delivery: the inbox already holds this event; acknowledged without running the listener");
+                }
                 if previous > 0 && !options.inbox {
                     let (name, id) = (listener.to_owned(), event.event_id);
                     db_step(shared, move |conn| attempts::clear_attempts(conn, &name, id)).await?;

@@ -1,6 +1,7 @@
 //! Fixtures for integration tests (feature `testing`): throwaway
 //! databases, private exchanges, a TCP proxy that cuts connections, and
-//! bounded waits and counted queries for assertions.
+//! bounded waits and counted queries for assertions, and the delivery
+//! report every fault run prints.
 //!
 //! Each [`TestDatabase`] is a freshly created Postgres database, dropped
 //! when the value goes out of scope (also when the test panics), so tests
@@ -11,6 +12,7 @@
 mod broker;
 mod broker_user;
 mod checks;
+mod delivery_report;
 mod events;
 mod proxy;
 mod roles;
@@ -18,6 +20,7 @@ mod roles;
 pub use broker::{ReceivedMessage, TEST_AMQP_PREFIX, TestExchange, delete_broker_objects};
 pub use broker_user::{TEST_USER_PREFIX, TestBrokerUser, literal};
 pub use checks::{count, eventually, eventually_async, eventually_blocking, try_count};
+pub use delivery_report::{DeliveryReport, RunRecord};
 pub use events::{Ticked, record_interleaved, record_ticks, take_ticks};
 pub use proxy::{Fault, TcpProxy};
 pub use roles::{LEAST_PRIVILEGE_SQL, LeastPrivilegeRoles, TestRoles};

@@ -157,6 +157,28 @@ async fn declare_broker(names: &BrokerNames, app: &str, seed: u64) {
 }
 
 /// Reads the whole tap queue: (messages, distinct event ids).
+/// Prints each listener's delivery report; returns the promises broken.
+fn print_delivery_reports(
+    conn: &mut PgConnection,
+    seed: u64,
+    writers: &[writers::WriterLog],
+    logs: &std::path::Path,
+) -> Vec<String> {
+    match verify::delivery_reports(conn, seed, writers, logs) {
+        Ok(reports) => reports
+            .iter()
+            .flat_map(|report| {
+                eprintln!("chaos seed {seed}: {report}");
+                report.broken_promises()
+            })
+            .collect(),
+        Err(e) => {
+            eprintln!("chaos seed {seed}: no delivery report: {e}");
+            Vec::new()
+        }
+    }
+}
+
 async fn drain_tap(tap: &str) -> (usize, usize) {
     let connection = outbox::amqp::connect(outbox::DEFAULT_AMQP_URL, "chaos tap")
         .await
@@ -638,6 +660,9 @@ async fn chaos_run() {
                 drain_started.elapsed()
             );
             next_report = Instant::now() + Duration::from_secs(15);
+            if stalled {
+                print_delivery_reports(&mut conn, plan.seed, &logs_of_writers, &logs);
+            }
             assert!(
                 !stalled,
                 "pipeline stopped draining {:?} after the faults stopped: {left} outstanding ({backlog}); queues: {queues}; logs in {}",
@@ -658,7 +683,10 @@ async fn chaos_run() {
     let timed_kills = chaos.timed_kills;
     drop(chaos);
 
+    // The report first, so a run that breaks a promise prints it too.
+    let broken = print_delivery_reports(&mut conn, plan.seed, &logs_of_writers, &logs);
     let figures = verify::verify(&mut conn, plan.seed, &logs_of_writers);
+    assert!(broken.is_empty(), "broken promises: {broken:?}");
     let takeover = verify::takeover_after_kills(&mut conn);
     eprintln!(
         "chaos: {timed_kills} relay SIGKILLs away from other faults (writers waking the relays on every commit): \

@@ -7,6 +7,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Jsonb, Text, Uuid as SqlUuid};
 use uuid::Uuid;
 
+use outbox::testing::{DeliveryReport, RunRecord};
 pub use outbox::testing::{count, try_count};
 
 use crate::listeners::{AUDIT, ORDERED, fate};
@@ -364,4 +365,106 @@ pub fn takeover_after_kills(conn: &mut PgConnection) -> Takeover {
         rows: row.rows,
         worst_seconds: row.worst,
     }
+}
+
+/// The Jepsen-style delivery report of each listener (see
+/// `outbox::testing::DeliveryReport`), from the database and the worker
+/// processes' logs in `logs` (the inbox logs each duplicate it drops).
+pub fn delivery_reports(
+    conn: &mut PgConnection,
+    seed: u64,
+    writers: &[WriterLog],
+    logs: &std::path::Path,
+) -> QueryResult<Vec<DeliveryReport>> {
+    #[derive(QueryableByName)]
+    struct Event {
+        #[diesel(sql_type = SqlUuid)]
+        event_id: Uuid,
+        #[diesel(sql_type = Text)]
+        aggregate: String,
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = SqlUuid)]
+        event_id: Uuid,
+    }
+    let committed: Vec<Event> = diesel::sql_query(
+        "SELECT event_id, aggregate_id AS aggregate, (payload->>'n')::bigint AS n FROM outbox_events ORDER BY seq",
+    )
+    .load(conn)?;
+    let in_doubt: HashSet<Uuid> = writers.iter().flat_map(|w| w.in_doubt.iter().copied()).collect();
+    let duplicates = logged_duplicates(logs);
+    let mut reports = Vec::new();
+    for listener in [ORDERED, AUDIT] {
+        let applied: Vec<Uuid> =
+            diesel::sql_query("SELECT event_id FROM chaos_effects WHERE listener = $1 ORDER BY id")
+                .bind::<Text, _>(listener)
+                .load::<Id>(conn)?
+                .into_iter()
+                .map(|r| r.event_id)
+                .collect();
+        let given_up: HashSet<Uuid> = diesel::sql_query(
+            "SELECT event_id FROM failed_jobs WHERE listener = $1 AND event_id IS NOT NULL",
+        )
+        .bind::<Text, _>(listener)
+        .load::<Id>(conn)?
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+        let mut recovered: HashSet<Uuid> = in_doubt.clone();
+        if listener == AUDIT {
+            recovered.extend(
+                committed
+                    .iter()
+                    .filter(|e| fate(seed, &e.aggregate, e.n).transient_failures > 0)
+                    .map(|e| e.event_id),
+            );
+        }
+        // The handler ran for every effect and every given-up event; the
+        // inbox dropped the logged duplicates before it.
+        let mut deliveries: Vec<Uuid> = applied.iter().chain(&given_up).copied().collect();
+        deliveries.extend(duplicates.get(listener).into_iter().flatten());
+        let record = RunRecord {
+            committed: committed
+                .iter()
+                .map(|e| (e.event_id, e.aggregate.clone()))
+                .collect(),
+            deliveries,
+            applied,
+            given_up,
+            recovered,
+            ordered: listener == ORDERED,
+        };
+        reports.push(DeliveryReport::check(listener, &record));
+    }
+    Ok(reports)
+}
+
+/// Per listener, the event id of every "duplicate delivery" line in the
+/// processes' logs.
+fn logged_duplicates(logs: &std::path::Path) -> HashMap<String, Vec<Uuid>> {
+    let mut found: HashMap<String, Vec<Uuid>> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(logs) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in text.lines().filter(|l| l.contains("duplicate delivery:")) {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .map(|v| v.trim_matches('"').to_owned())
+            };
+            if let (Some(listener), Some(Ok(id))) =
+                (field("listener="), field("event_id=").map(|v| v.parse::<Uuid>()))
+            {
+                found.entry(listener).or_default().push(id);
+            }
+        }
+    }
+    found
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use diesel::prelude::*;
 use outbox::consumer::topology;
-use outbox::testing::{count, eventually};
+use outbox::testing::{DeliveryReport, count, eventually};
 use outbox::{Relay, RelayConfig, TestDatabase, Worker, WorkerConfig};
 
 use fixture::RabbitCluster;
@@ -344,6 +344,13 @@ async fn broker_failovers(cluster: &Arc<RabbitCluster>) {
         },
     )
     .await;
+    // The report first, so a run that breaks a promise prints it too.
+    let reports = traffic::delivery_reports(&mut conn, &ordered);
+    for report in &reports {
+        println!("{report}");
+    }
+    let broken: Vec<String> = reports.iter().flat_map(DeliveryReport::broken_promises).collect();
+    assert!(broken.is_empty(), "broken promises: {broken:?}");
     // The writer counts the commits it saw; one cut off by a database
     // restart may have committed unseen, never the other way round.
     assert!(

@@ -27,6 +27,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Double, Text, Timestamptz, Uuid as SqlUuid};
 use outbox::consumer::{HandlerContext, ListenerError, ListenerOptions, QueuedListener, ReceivedEvent};
+use outbox::testing::{DeliveryReport, RunRecord};
 use outbox::{Metadata, Outbox, Registry};
 use uuid::Uuid;
 
@@ -546,4 +547,53 @@ pub fn latency_percentiles(conn: &mut PgConnection, from: DateTime<Utc>, to: Dat
         )
     };
     (percentile(conn, 0.5), percentile(conn, 0.99))
+}
+
+/// The Jepsen-style delivery reports of the two probes: `effects` (inbox:
+/// each row an effect) and `ordered` (no inbox, single active consumer:
+/// every delivery kept, its first arrivals taken as what it applied).
+pub fn delivery_reports(conn: &mut PgConnection, ordered: &Ordered) -> Vec<DeliveryReport> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = SqlUuid)]
+        event_id: Uuid,
+    }
+    let committed: Vec<(Uuid, String)> = diesel::sql_query(
+        "SELECT event_id, aggregate_type || ':' || aggregate_id AS aggregate FROM outbox_events ORDER BY seq",
+    )
+    .load::<Committed>(conn)
+    .unwrap()
+    .into_iter()
+    .map(|c| (c.event_id, c.aggregate))
+    .collect();
+    let effects: Vec<Uuid> = diesel::sql_query("SELECT event_id FROM effects ORDER BY at")
+        .load::<Id>(conn)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    let deliveries: Vec<Uuid> = ordered.snapshot().iter().map(|d| d.event_id).collect();
+    let mut seen = HashSet::new();
+    let first_arrivals: Vec<Uuid> = deliveries.iter().copied().filter(|id| seen.insert(*id)).collect();
+    vec![
+        DeliveryReport::check(
+            "effects",
+            &RunRecord {
+                committed: committed.clone(),
+                deliveries: effects.clone(),
+                applied: effects,
+                ..RunRecord::default()
+            },
+        ),
+        DeliveryReport::check(
+            "ordered",
+            &RunRecord {
+                committed,
+                deliveries,
+                applied: first_arrivals,
+                ordered: true,
+                ..RunRecord::default()
+            },
+        ),
+    ]
 }
