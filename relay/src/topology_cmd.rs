@@ -7,8 +7,12 @@
 //! retry delay, and `<app>.<listener>.dead`. AMQP cannot list queues, so
 //! retry queues are found by their delays: `--retry-delays` names them
 //! (declare: default 30s,1m, the defaults of `ListenerOptions`; delete:
-//! default the delays of both presets, 30s,1m,2m,1s,2s). A listener with
-//! other delays needs them listed.
+//! default the delays of both presets and of the webhook delivery
+//! listener). `delete` also reads the listener registry (`outbox_listeners`,
+//! where every worker records its listeners and their exact queues) when
+//! the database is reachable: without `--listener` it deletes every
+//! listener registered for the app, and it removes the registry rows of
+//! the listeners it deleted.
 //!
 //! `--json`: `declare` prints `{exchange, listeners: [{listener, queue,
 //! event_types, retry_queues: [{queue, delay_ms}], dead_queue,
@@ -48,12 +52,17 @@ pub enum TopologyCommand {
     /// Delete listeners' queues (main, retry and dead-letter), and with
     /// --delete-exchange the exchange.
     ///
-    /// Stop the listeners' workers first (a running worker declares its
-    /// queues again when it reconnects). Queues holding messages are not
-    /// deleted without --force (nothing is deleted then); the exchange is
-    /// deleted only when no queue is bound to it any more, unless --force.
+    /// Without --listener, every listener the app's workers registered in
+    /// the database (outbox_listeners) is deleted, with the exact retry
+    /// queues they declared; with --delete-exchange and no listener found,
+    /// only the exchange. Stop the listeners' workers first (a running
+    /// worker declares its queues again when it reconnects). Queues holding
+    /// messages are not deleted without --force (nothing is deleted then);
+    /// the exchange is deleted only when no queue is bound to it any more,
+    /// unless --force. --dry-run prints the plan, which queues hold
+    /// messages, and deletes nothing.
     ///
-    /// Example: outbox topology delete --app chom --listener record_audit_log --listener send_notification --delete-exchange
+    /// Example: outbox topology delete --app chom --delete-exchange --dry-run
     Delete(DeleteArgs),
     /// Empty listeners' dead-letter queues.
     ///
@@ -74,8 +83,9 @@ pub struct ListenerArgs {
     /// The application prefix of the queues (`<app>.<listener>`).
     #[arg(long)]
     app: String,
-    /// A listener whose queues to work on; repeat for each.
-    #[arg(long = "listener", required = true)]
+    /// A listener whose queues to work on; repeat for each (`delete`:
+    /// default every listener registered for --app).
+    #[arg(long = "listener")]
     listeners: Vec<String>,
     /// RabbitMQ URL (amqp:// or amqps://); several, comma separated, for the nodes of a cluster (the first that answers is used).
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
@@ -123,6 +133,9 @@ pub struct DeleteArgs {
     /// Delete the exchange too (every app publishing to it loses it).
     #[arg(long)]
     delete_exchange: bool,
+    /// Delete the exchange and no queue (implies --delete-exchange).
+    #[arg(long, conflicts_with = "listeners")]
+    exchange_only: bool,
     /// The exchange --delete-exchange deletes.
     #[arg(long, env = outbox::settings::EXCHANGE_ENV, default_value = outbox::DEFAULT_EXCHANGE, hide_env_values = true)]
     exchange: String,
@@ -133,6 +146,11 @@ pub struct DeleteArgs {
     /// Print what would be deleted, and delete nothing.
     #[arg(long)]
     dry_run: bool,
+    /// The outbox database, whose listener registry (outbox_listeners)
+    /// names the app's listeners and their exact retry queues. Unreachable
+    /// or unset: only --listener and --retry-delays are used.
+    #[arg(long, env = outbox::settings::DATABASE_URL_ENV, hide_env_values = true)]
+    database_url: Option<String>,
 }
 
 /// Options of `outbox topology purge-dead`.
@@ -153,6 +171,9 @@ pub fn run(command: &TopologyCommand) -> anyhow::Result<()> {
         TopologyCommand::PurgeDead(args) => &args.target,
     };
     outbox::amqp::validate_amqp_url(&target.amqp_url)?;
+    if target.listeners.is_empty() && !matches!(command, TopologyCommand::Delete(_)) {
+        bail!("name at least one --listener");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -315,11 +336,15 @@ struct ExchangeOutcome {
 }
 
 /// The retry delays `delete` looks for when none are named: those of both
-/// presets.
+/// presets and of the webhook delivery listener.
 fn preset_delays() -> Vec<Duration> {
     let mut delays = Vec::new();
-    for options in [ListenerOptions::default(), ListenerOptions::development()] {
-        for delay in options.backoff {
+    for backoff in [
+        ListenerOptions::default().backoff,
+        ListenerOptions::development().backoff,
+        outbox::webhooks::WebhookConfig::default().backoff,
+    ] {
+        for delay in backoff {
             if !delays.contains(&delay) {
                 delays.push(delay);
             }
@@ -329,7 +354,7 @@ fn preset_delays() -> Vec<Duration> {
 }
 
 async fn delete(args: &DeleteArgs) -> anyhow::Result<()> {
-    if args.delete_exchange {
+    if args.delete_exchange || args.exchange_only {
         outbox::amqp::validate_amqp_name("exchange", &args.exchange)?;
     }
     let delays = if args.retry_delays.is_empty() {
@@ -337,15 +362,51 @@ async fn delete(args: &DeleteArgs) -> anyhow::Result<()> {
     } else {
         args.retry_delays.clone()
     };
-    let plan = plan(
-        &args.target,
-        &[],
-        &with_delays(&delays, ListenerOptions::default()),
-    )?;
+    let registered = if args.exchange_only {
+        Vec::new()
+    } else {
+        registered_listeners(args).await
+    };
+    let mut target_listeners = args.target.listeners.clone();
+    if target_listeners.is_empty() && !args.exchange_only {
+        target_listeners = registered.iter().map(|r| r.listener.clone()).collect();
+        if target_listeners.is_empty() && !args.delete_exchange {
+            bail!(
+                "no listener of app {} is registered in the database{}; name them with --listener",
+                args.target.app,
+                if args.database_url.is_none() {
+                    " (no --database-url / DATABASE_URL given)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    let options = with_delays(&delays, ListenerOptions::default());
+    let plan: Vec<ListenerQueues> = target_listeners
+        .iter()
+        .map(|listener| {
+            options.validate(listener)?;
+            let mut queues = topology::listener_queues(&args.target.app, listener, &[], &options)?;
+            // The registry's retry queues are the ones its worker declared,
+            // whatever its delays; the guessed ones cover older workers.
+            if let Some(row) = registered.iter().find(|r| &r.listener == listener) {
+                for name in &row.retry_queues {
+                    if !queues.retries.iter().any(|(_, q)| q == name) {
+                        queues.retries.push((Duration::ZERO, name.clone()));
+                    }
+                }
+            }
+            anyhow::Ok(queues)
+        })
+        .collect::<anyhow::Result<_>>()?;
     let connection = connect(&args.target, "delete").await?;
     let outcome = delete_on(&connection, args, &plan).await;
     let _ = connection.close(200, "deleted".into()).await;
     let (listeners, exchange) = outcome?;
+    if !args.dry_run {
+        forget_registrations(args, &listeners).await;
+    }
     if args.target.json {
         let out = serde_json::json!({ "exchange": exchange, "listeners": listeners });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -358,24 +419,31 @@ async fn delete(args: &DeleteArgs) -> anyhow::Result<()> {
             match q.messages {
                 Some(messages) => {
                     found += 1;
-                    println!("{verb} {} ({messages} message(s))", q.queue);
+                    let needs_force = if args.dry_run && messages > 0 && !args.force {
+                        ": needs --force, its messages would be lost"
+                    } else {
+                        ""
+                    };
+                    println!("{verb} {} ({messages} message(s)){needs_force}", q.queue);
                 }
                 None if q.kind != "retry" => println!("not found: {}", q.queue),
                 None => {}
             }
         }
     }
-    if found == 0 {
+    if found == 0 && !listeners.is_empty() {
         println!("none of the listeners' queues exist (nothing to delete)");
     }
-    println!(
-        "retry queues looked for: {} (name others with --retry-delays)",
-        delays
-            .iter()
-            .map(|d| topology::delay_label(*d))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    if !listeners.is_empty() {
+        println!(
+            "retry queues looked for: {} and the registry's (name others with --retry-delays)",
+            delays
+                .iter()
+                .map(|d| topology::delay_label(*d))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     match exchange {
         Some(exchange) if exchange.deleted || args.dry_run => println!("{verb} exchange {}", exchange.name),
         Some(exchange) => println!("not found: exchange {}", exchange.name),
@@ -415,7 +483,7 @@ async fn delete_on(
         .filter(|q| q.messages.unwrap_or(0) > 0)
         .map(|q| format!("{} holds {}", q.queue, q.messages.unwrap_or(0)))
         .collect();
-    if !holding.is_empty() && !args.force {
+    if !holding.is_empty() && !args.force && !args.dry_run {
         bail!(
             "nothing deleted: {} message(s); pass --force to delete them with their messages \
              (failed_jobs keeps each failed job's payload; `outbox topology purge-dead` empties the dead-letter queues)",
@@ -423,7 +491,7 @@ async fn delete_on(
         );
     }
     if args.dry_run {
-        let exchange = args.delete_exchange.then(|| ExchangeOutcome {
+        let exchange = (args.delete_exchange || args.exchange_only).then(|| ExchangeOutcome {
             name: args.exchange.clone(),
             deleted: false,
         });
@@ -443,7 +511,7 @@ async fn delete_on(
         queue.deleted = true;
     }
     let mut exchange = None;
-    if args.delete_exchange {
+    if args.delete_exchange || args.exchange_only {
         if !exchange_exists(connection, &args.exchange).await? {
             return Ok((
                 listeners,
@@ -485,6 +553,65 @@ async fn delete_on(
         });
     }
     Ok((listeners, exchange))
+}
+
+/// The app's listeners in the registry; empty (with a warning) when the
+/// database is not given or cannot be read.
+async fn registered_listeners(args: &DeleteArgs) -> Vec<outbox::consumer::RegisteredListener> {
+    let Some(url) = args.database_url.clone() else {
+        return Vec::new();
+    };
+    let app = args.target.app.clone();
+    let read = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut conn = outbox::connect(&url)?;
+        Ok(outbox::consumer::registered_listeners(&mut conn)?
+            .into_iter()
+            .filter(|r| r.app == app)
+            .collect::<Vec<_>>())
+    })
+    .await;
+    match read {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(error)) => {
+            tracing::warn!(error = %format!("{error:#}"), "cannot read the listener registry; using --listener and --retry-delays only");
+            Vec::new()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the listener registry");
+            Vec::new()
+        }
+    }
+}
+
+/// Removes the registry rows of the listeners whose queues are gone, so
+/// `outbox status` stops listing them.
+async fn forget_registrations(args: &DeleteArgs, listeners: &[ListenerOutcome]) {
+    let Some(url) = args.database_url.clone() else {
+        return;
+    };
+    let app = args.target.app.clone();
+    let gone: Vec<String> = listeners
+        .iter()
+        .filter(|l| l.queues.iter().all(|q| q.deleted || q.messages.is_none()))
+        .map(|l| l.listener.clone())
+        .collect();
+    if gone.is_empty() {
+        return;
+    }
+    let removed = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        let mut conn = outbox::connect(&url)?;
+        Ok(outbox::consumer::forget_registered_listeners(
+            &mut conn, &app, &gone,
+        )?)
+    })
+    .await;
+    match removed {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(error = %format!("{error:#}"), "deleted the queues, but cannot remove their listeners from the registry")
+        }
+        Err(error) => tracing::warn!(%error, "cannot remove the listeners from the registry"),
+    }
 }
 
 /// Whether `exchange` exists (a passive declare, on a channel of its own:

@@ -75,6 +75,6 @@ pub use config::WorkerConfig;
 pub use headers::{ERROR_HEADER, FAILED_JOB_HEADER, HEADERS_DROPPED_HEADER, RETRY_HEADER};
 pub use listener::{HandlerContext, ListenerError, ListenerOptions, QueuedListener, RateLimit};
 pub use message::{DecodeError, MAX_BODY_BYTES, ReceivedEvent, decode};
-pub use registration::{RegisteredListener, registered_listeners};
+pub use registration::{RegisteredListener, forget_registered_listeners, registered_listeners};
 pub use topology::ListenerQueues;
 pub use worker::Worker;

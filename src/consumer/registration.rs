@@ -88,3 +88,18 @@ pub fn registered_listeners(conn: &mut PgConnection) -> Result<Vec<RegisteredLis
         .order((dsl::app, dsl::listener))
         .load(conn)?)
 }
+
+/// Removes the registrations of `listeners` of `app` (their queues were
+/// deleted); returns how many rows went.
+pub fn forget_registered_listeners(
+    conn: &mut PgConnection,
+    app: &str,
+    listeners: &[String],
+) -> Result<usize> {
+    Ok(diesel::delete(
+        dsl::outbox_listeners
+            .filter(dsl::app.eq(app))
+            .filter(dsl::listener.eq_any(listeners)),
+    )
+    .execute(conn)?)
+}

@@ -283,7 +283,11 @@ async fn declare_matches_the_worker_and_delete_removes_queues_then_the_exchange(
     let (status, _, stderr) = run_outbox(&["topology", "declare", "--app", app, "--listener", "alpha"], &[]);
     assert_eq!(status, 2, "--event-type is required: {stderr}");
     let (status, _, stderr) = run_outbox(&["topology", "delete", "--app", app], &[]);
-    assert_eq!(status, 2, "--listener is required: {stderr}");
+    assert_eq!(status, 1, "no --listener and nothing registered: {stderr}");
+    assert!(stderr.contains("name them with --listener"), "{stderr}");
+    let (status, _, stderr) = run_outbox(&["topology", "purge-dead", "--app", app, "--yes"], &[]);
+    assert_eq!(status, 1, "{stderr}");
+    assert!(stderr.contains("name at least one --listener"), "{stderr}");
     let (status, _, stderr) = run_outbox(
         &["topology", "delete", "--app", app, "--listener", "Not-A-Listener"],
         &[],
@@ -398,6 +402,131 @@ async fn status_explains_dead_copies_and_purge_dead_empties_them() {
         depth(&connection, &names.queue("alpha")).await,
         Some(0),
         "only .dead"
+    );
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_finds_registered_listeners_and_their_retry_queues_and_dry_run_prints_the_plan() {
+    let mut names = Names::new();
+    let (app, exchange) = (names.app.clone(), names.exchange.clone());
+    let queue = names.queue("alpha");
+    // Delays no preset has: only the registry names these retry queues.
+    let retries = [format!("{queue}.retry.3s"), format!("{queue}.retry.7s")];
+    names.extra_queues.extend(retries.iter().cloned());
+    let registry = Registry::new()
+        .queued_listener_with(
+            &["thing.happened"],
+            Quiet("alpha"),
+            ListenerOptions::default().retries(3, &[Duration::from_secs(3), Duration::from_secs(7)]),
+        )
+        .unwrap();
+    let worker = Worker::new(
+        WorkerConfig {
+            app: app.clone(),
+            exchange: exchange.clone(),
+            ..WorkerConfig::default()
+        },
+        &registry,
+    )
+    .unwrap();
+    worker.declare_topology().await.unwrap();
+    let connection = connect().await;
+    assert!(publish(&connection, &exchange, "thing.happened").await);
+    wait_depth(&connection, &queue, 1).await;
+    // What the worker records in the registry when it runs.
+    let db = TestDatabase::create().unwrap();
+    {
+        use diesel::RunQueryDsl;
+        let mut conn = db.connect().unwrap();
+        diesel::sql_query(format!(
+            "INSERT INTO outbox_listeners (app, listener, exchange, queue, retry_queues, dead_queue, event_types, worker_id)
+             VALUES ('{app}', 'alpha', '{exchange}', '{queue}', ARRAY['{}', '{}'], '{queue}.dead', ARRAY['thing.happened'], 'w1')",
+            retries[0], retries[1]
+        ))
+        .execute(&mut conn)
+        .unwrap();
+    }
+    let env = [("DATABASE_URL", db.url())];
+    let delete = [
+        "topology",
+        "delete",
+        "--app",
+        &app,
+        "--exchange",
+        &exchange,
+        "--delete-exchange",
+    ];
+
+    // The plan: every queue, the one holding a message flagged, exit 0.
+    let mut dry_run = delete.to_vec();
+    dry_run.push("--dry-run");
+    let (status, stdout, stderr) = run_outbox(&dry_run, &env);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!("would delete {queue} (1 message(s)): needs --force")),
+        "{stdout}"
+    );
+    for q in retries.iter().chain([&format!("{queue}.dead")]) {
+        assert!(
+            stdout.contains(&format!("would delete {q} (0 message(s))")),
+            "{q}: {stdout}"
+        );
+    }
+    assert!(
+        stdout.contains(&format!("would delete exchange {exchange}")),
+        "{stdout}"
+    );
+    assert_eq!(
+        depth(&connection, &queue).await,
+        Some(1),
+        "a dry run deletes nothing"
+    );
+    assert!(exchange_exists(&connection, &exchange).await);
+
+    // For real: the registry's queues, its row, the exchange.
+    let mut forced = delete.to_vec();
+    forced.push("--force");
+    let (status, stdout, stderr) = run_outbox(&forced, &env);
+    assert_eq!(status, 0, "{stderr}");
+    for q in retries.iter().chain([&queue, &format!("{queue}.dead")]) {
+        assert_eq!(depth(&connection, q).await, None, "{q} deleted: {stdout}");
+    }
+    assert!(!exchange_exists(&connection, &exchange).await);
+    let mut conn = db.connect().unwrap();
+    assert_eq!(
+        outbox::testing::count(&mut conn, "SELECT count(*) AS n FROM outbox_listeners"),
+        0,
+        "the deleted listener left the registry"
+    );
+
+    // Only the exchange: a bound queue of another listener stays.
+    let declare = names.declare(&["beta"], &["thing.happened"], &["--retry-delays", "1s,2s"]);
+    let (status, _, stderr) = run_outbox(&declare.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert_eq!(status, 0, "{stderr}");
+    let (status, stdout, stderr) = run_outbox(
+        &[
+            "topology",
+            "delete",
+            "--app",
+            &app,
+            "--exchange",
+            &exchange,
+            "--exchange-only",
+            "--force",
+        ],
+        &env,
+    );
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!("deleted exchange {exchange}")),
+        "{stdout}"
+    );
+    assert!(!exchange_exists(&connection, &exchange).await);
+    assert_eq!(
+        depth(&connection, &names.queue("beta")).await,
+        Some(0),
+        "beta's queue kept"
     );
     let _ = connection.close(200, "done".into()).await;
 }
