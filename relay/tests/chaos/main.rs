@@ -11,6 +11,11 @@
 //! - `OUTBOX_CHAOS_SECS` (default 60) and `OUTBOX_CHAOS_TRANSACTIONS`
 //!   (default 5,000): the soak is `OUTBOX_CHAOS_SECS=600
 //!   OUTBOX_CHAOS_TRANSACTIONS=15000`; the fault cycle repeats every 60 s;
+//! - `OUTBOX_CHAOS_SOAK=1`: a soak (see `soak`): faults every few minutes
+//!   instead of seconds, one relay and one worker never killed so their
+//!   memory can be watched, and a report of RSS and commit -> handled p99
+//!   per minute; e.g. `OUTBOX_CHAOS_SOAK=1 OUTBOX_CHAOS_SECS=1800
+//!   OUTBOX_CHAOS_TRANSACTIONS=36000`;
 //! - `OUTBOX_CHAOS_SERVICE_FAULTS=0`: no broker or database restarts (for
 //!   runs beside other tests);
 //! - `OUTBOX_CHAOS_KEEP_LOGS=1`: keep the processes' logs of a passing
@@ -21,6 +26,7 @@
 mod listeners;
 mod processes;
 mod services;
+mod soak;
 mod verify;
 mod writers;
 
@@ -51,6 +57,7 @@ struct Plan {
     transactions: usize,
     writers: usize,
     service_faults: bool,
+    soak: bool,
 }
 
 impl Plan {
@@ -67,6 +74,7 @@ impl Plan {
             transactions: var("OUTBOX_CHAOS_TRANSACTIONS").unwrap_or(5_000) as usize,
             writers: 8,
             service_faults: var("OUTBOX_CHAOS_SERVICE_FAULTS") != Some(0),
+            soak: var("OUTBOX_CHAOS_SOAK") == Some(1),
         }
     }
 }
@@ -269,19 +277,23 @@ enum Step {
     AmqpBlackhole,
     PostgresBlackhole,
     ResetLinks,
+    /// Every Postgres backend of the run's database but the test's own
+    /// terminated from the server side.
+    TerminateBackends,
     StopBroker,
     RestartPostgres,
     KillBroker,
 }
 
-const CYCLE: [(f64, Step); 9] = [
+const CYCLE: [(f64, Step); 10] = [
     (0.08, Step::Zombie),
     (0.18, Step::KillRelay),
     (0.25, Step::Latency),
     (0.35, Step::AmqpBlackhole),
     (0.42, Step::PostgresBlackhole),
     (0.50, Step::ResetLinks),
-    (0.55, Step::StopBroker),
+    (0.53, Step::TerminateBackends),
+    (0.58, Step::StopBroker),
     (0.70, Step::RestartPostgres),
     (0.80, Step::KillBroker),
 ];
@@ -301,6 +313,8 @@ struct Chaos {
     calm_since: Instant,
     /// Relay kills whose held rows were recorded for the takeover bound.
     timed_kills: usize,
+    /// A soak: see `kill_due`.
+    soak: bool,
 }
 
 impl Chaos {
@@ -363,6 +377,16 @@ impl Chaos {
             Step::ResetLinks => {
                 self.amqp.cut(false);
                 self.postgres.cut(false);
+            }
+            Step::TerminateBackends => {
+                let terminated = observe(db, conn, |c| {
+                    verify::try_count(
+                        c,
+                        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
+                          WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    )
+                });
+                eprintln!("chaos: {terminated} backends terminated");
             }
             Step::StopBroker if services => {
                 services::stop_rabbitmq_app();
@@ -478,7 +502,9 @@ impl Chaos {
 
     /// SIGKILLs (and restarts) every process whose time has come; each
     /// slot draws its next kill from its own range: relays every 2 to 8 s,
-    /// workers every 3 to 6 s.
+    /// workers every 3 to 6 s. A soak kills only the second relay and
+    /// worker, every 1 to 3 minutes: the first ones live the whole run, so
+    /// their memory over time means something.
     fn kill_due(
         &mut self,
         relay_kills: &mut [Instant],
@@ -490,7 +516,13 @@ impl Chaos {
         // Past a fault's aftermath (reconnect backoff up to 30 s is not
         // what the takeover bound is about).
         let calm = self.calm_since.elapsed() > CALM_AFTER_FAULT;
-        for (slot, due) in self.relays.iter_mut().zip(relay_kills.iter_mut()) {
+        let survivors = usize::from(self.soak);
+        let (relay_every, worker_every) = if self.soak {
+            (60_000..180_000, 60_000..180_000)
+        } else {
+            (2000..8000, 3000..6000)
+        };
+        for (slot, due) in self.relays.iter_mut().zip(relay_kills.iter_mut()).skip(survivors) {
             if now >= *due {
                 let killed_id = slot.id.clone();
                 slot.kill_and_restart();
@@ -498,13 +530,18 @@ impl Chaos {
                     record_kill_holds(db, conn, &killed_id);
                     self.timed_kills += 1;
                 }
-                *due = now + Duration::from_millis(self.rng.random_range(2000..8000));
+                *due = now + Duration::from_millis(self.rng.random_range(relay_every.clone()));
             }
         }
-        for (slot, due) in self.workers.iter_mut().zip(worker_kills.iter_mut()) {
+        for (slot, due) in self
+            .workers
+            .iter_mut()
+            .zip(worker_kills.iter_mut())
+            .skip(survivors)
+        {
             if now >= *due {
                 slot.kill_and_restart();
-                *due = now + Duration::from_millis(self.rng.random_range(3000..6000));
+                *due = now + Duration::from_millis(self.rng.random_range(worker_every.clone()));
             }
         }
     }
@@ -573,7 +610,9 @@ async fn chaos_run() {
             .checked_sub(CALM_AFTER_FAULT)
             .unwrap_or_else(Instant::now),
         timed_kills: 0,
+        soak: plan.soak,
     };
+    let mut memory = soak::MemorySampler::new(Duration::from_secs(30));
 
     // Writers on the blocking pool, each with its own share and seed; they
     // stop early if the test fails (the runtime waits for them otherwise).
@@ -590,7 +629,8 @@ async fn chaos_run() {
         .collect();
 
     // Faults while the writers write.
-    let cycle = Duration::from_secs(60).min(plan.spread);
+    // A soak's cycle is 10 minutes: one fault a minute or so.
+    let cycle = Duration::from_secs(if plan.soak { 600 } else { 60 }).min(plan.spread);
     let cycles = plan.spread.as_secs_f64() / cycle.as_secs_f64();
     let mut schedule: std::collections::VecDeque<(Duration, Step)> = (0..cycles.ceil() as u32)
         .flat_map(|c| {
@@ -619,8 +659,11 @@ async fn chaos_run() {
         }
         chaos.kill_due(&mut relay_kills, &mut worker_kills, &db, &mut conn);
         chaos.check_exits();
+        memory.sample(&chaos.relays[0], &chaos.workers[0]);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // What was outstanding when the writers stopped: stuck unless drained.
+    let outstanding_at_stop = observe(&db, &mut conn, verify::outstanding);
     let mut logs_of_writers = Vec::new();
     for task in writer_tasks {
         logs_of_writers.push(task.await.unwrap());
@@ -685,8 +728,16 @@ async fn chaos_run() {
 
     // The report first, so a run that breaks a promise prints it too.
     let broken = print_delivery_reports(&mut conn, plan.seed, &logs_of_writers, &logs);
+    if plan.soak {
+        let minutes = observe(&db, &mut conn, |c| soak::per_minute(c, listeners::ORDERED));
+        eprintln!("{}", soak::report(&memory, &minutes, outstanding_at_stop, drain));
+    }
     let figures = verify::verify(&mut conn, plan.seed, &logs_of_writers);
     assert!(broken.is_empty(), "broken promises: {broken:?}");
+    if plan.soak {
+        let growth = memory.growth();
+        assert!(growth.is_empty(), "memory grew during the soak: {growth:?}");
+    }
     let takeover = verify::takeover_after_kills(&mut conn);
     eprintln!(
         "chaos: {timed_kills} relay SIGKILLs away from other faults (writers waking the relays on every commit): \

@@ -58,7 +58,8 @@ pub fn create_tables(conn: &mut PgConnection) {
          INSERT INTO chaos_counters (aggregate) SELECT 'agg-' || lpad(i::text, 3, '0') FROM generate_series(0, 199) i;
          -- No unique key on purpose: a doubled effect must be countable.
          CREATE TABLE chaos_effects (id bigserial PRIMARY KEY, listener text NOT NULL, event_id uuid NOT NULL,
-                                     aggregate text NOT NULL, n bigint NOT NULL);",
+                                     aggregate text NOT NULL, n bigint NOT NULL,
+                                     at timestamptz NOT NULL DEFAULT clock_timestamp());",
     )
     .expect("chaos tables");
 }
