@@ -113,6 +113,11 @@ pub struct ProjectionStatus {
     /// The log's last position now.
     #[diesel(sql_type = BigInt)]
     pub log_head: i64,
+    /// Events still in `outbox_events`, not yet moved into the log (the
+    /// relay moves them past its retention, 7 days by default): a
+    /// rebuild applies them at its hand-over, after the log.
+    #[diesel(sql_type = BigInt)]
+    pub not_yet_logged: i64,
 }
 
 impl ProjectionStatus {
@@ -131,7 +136,8 @@ pub fn statuses(conn: &mut PgConnection) -> Result<Vec<ProjectionStatus>> {
     Ok(diesel::sql_query(
         "SELECT name, state, position, rebuilt_through, rebuilt_events, rebuild_started_at,
                 rebuild_finished_at,
-                (SELECT COALESCE(max(position), 0)::bigint FROM outbox_event_log) AS log_head
+                (SELECT COALESCE(max(position), 0)::bigint FROM outbox_event_log) AS log_head,
+                (SELECT count(*) FROM outbox_events) AS not_yet_logged
          FROM outbox_projections ORDER BY name",
     )
     .load(conn)?)

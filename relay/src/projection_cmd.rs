@@ -23,7 +23,9 @@ use crate::duration::parse_duration;
 #[derive(Debug, clap::Subcommand)]
 pub enum ProjectionCommand {
     /// Each projection: state, the log position its rebuild reached, the
-    /// log's head and how far behind a rebuild under way is.
+    /// log's head, how far behind a rebuild under way is, and the events
+    /// not yet in the log (still in outbox_events, applied by a rebuild's
+    /// hand-over after the log).
     ///
     /// Example: outbox projection status --json
     Status(StatusArgs),
@@ -85,20 +87,27 @@ pub fn run(database_url: &str, command: &ProjectionCommand) -> anyhow::Result<()
                 println!("no projections (a worker records each projection it runs when it starts)");
             } else {
                 println!(
-                    "{:<24} {:<18} {:>12} {:>12} {:>12} LAST REBUILD",
-                    "PROJECTION", "STATE", "POSITION", "LOG HEAD", "LAG"
+                    "{:<24} {:<18} {:>12} {:>12} {:>12} {:>14} LAST REBUILD",
+                    "PROJECTION", "STATE", "POSITION", "LOG HEAD", "LAG", "NOT YET LOGGED"
                 );
                 for s in &statuses {
                     println!(
-                        "{:<24} {:<18} {:>12} {:>12} {:>12} {}",
+                        "{:<24} {:<18} {:>12} {:>12} {:>12} {:>14} {}",
                         s.name,
                         s.state,
                         s.position,
                         s.log_head,
                         s.rebuild_lag(),
+                        s.not_yet_logged,
                         s.rebuild_finished_at
                             .map(|at| format!("finished {}, {} events", at.to_rfc3339(), s.rebuilt_events))
                             .unwrap_or_else(|| "-".into())
+                    );
+                }
+                if statuses.iter().any(|s| s.not_yet_logged > 0) {
+                    println!(
+                        "positions count the event log, which the relay fills with events past its retention (7 days by default); \
+                         the events not yet logged are still in outbox_events, and a rebuild applies them after the log"
                     );
                 }
             }
@@ -147,8 +156,8 @@ pub fn run(database_url: &str, command: &ProjectionCommand) -> anyhow::Result<()
                 }
                 if !args.json && last != Some((status.state.clone(), status.position)) {
                     eprintln!(
-                        "{}: {} at log position {} of {}",
-                        status.name, status.state, status.position, status.log_head
+                        "{}: {} at log position {} of {} (then {} events not yet logged)",
+                        status.name, status.state, status.position, status.log_head, status.not_yet_logged
                     );
                     last = Some((status.state.clone(), status.position));
                 }

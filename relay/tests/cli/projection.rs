@@ -45,6 +45,22 @@ fn status_lists_projections_and_rebuild_records_a_request_once() {
         out.contains("tenant_stats") && out.contains("rebuild_requested"),
         "{out}"
     );
+
+    // Events the relay has not moved into the log yet are counted, not
+    // shown as "position 0 of 0" with nothing said.
+    let mut conn = db.connect().unwrap();
+    outbox::testing::record_ticks(&mut conn, "agg", 1..10).unwrap();
+    let (code, out, err) = run_outbox(&["projection", "status", "--json"], &env);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows[0]["log_head"], 0, "{out}");
+    assert_eq!(rows[0]["not_yet_logged"], 9, "{out}");
+    let (code, out, err) = run_outbox(&["projection", "status"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("NOT YET LOGGED") && out.contains("a rebuild applies them after the log"),
+        "{out}"
+    );
     let (code, _, err) = run_outbox(
         &[
             "projection",
