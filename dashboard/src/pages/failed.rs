@@ -11,7 +11,9 @@ use axum_extra::extract::Form;
 use maud::{Markup, html};
 use serde::Deserialize;
 
+use crate::audit::Entry;
 use crate::auth::{Operator, Viewer, audit};
+use crate::config::Role;
 use crate::error::{DashboardError, Result};
 use crate::pages::layout::{csrf_field, link, notice, page, time};
 use crate::pages::params::{FilterQuery, ids};
@@ -53,7 +55,7 @@ pub(crate) async fn list(
             p.empty #no-failed-jobs { "No failed job matches." }
         } @else {
             form #failed-jobs method="post" action="/failed/retry" {
-                @if let Some(operator) = &viewer.operator { (csrf_field(operator)) }
+                @if let Some(operator) = viewer.may(Role::Operator) { (csrf_field(operator)) }
                 table {
                     thead { tr {
                         th { span.visually-hidden { "select" } } th { "id" } th { "failed" } th { "listener" } th { "event type" } th { "error" } th.num { "tries" }
@@ -72,7 +74,7 @@ pub(crate) async fn list(
                         }
                     }
                 }
-                @if viewer.operator.is_some() {
+                @if viewer.may(Role::Operator).is_some() {
                     div.actions {
                         button type="submit" formaction="/failed/retry" { "Retry selected" }
                         button.danger type="submit" formaction="/failed/forget" { "Forget selected" }
@@ -121,7 +123,14 @@ pub(crate) async fn retry_selected(
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
     let ids = ids(&form.id)?;
-    audit(&operator, "retry", &format!("failed jobs {ids:?}"));
+    let needed = state.config.role_for_bulk(ids.len() as u64);
+    audit(
+        &state,
+        &operator,
+        needed,
+        Entry::new("retry").selection(format!("failed jobs {ids:?}"), ids.len() as i64),
+    )
+    .await?;
     let (_, channel) = state.broker().await?;
     let outcome =
         outbox::failed_jobs::retry_many(&state.pool, &channel, &ids, state.config.confirm_timeout).await?;
@@ -136,7 +145,14 @@ pub(crate) async fn forget_selected(
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
     let ids = ids(&form.id)?;
-    audit(&operator, "forget", &format!("failed jobs {ids:?}"));
+    let needed = state.config.role_for_bulk(ids.len() as u64);
+    audit(
+        &state,
+        &operator,
+        needed,
+        Entry::new("forget").selection(format!("failed jobs {ids:?}"), ids.len() as i64),
+    )
+    .await?;
     let forgotten = state
         .db(move |conn| outbox::failed_jobs::forget_many(conn, &ids))
         .await?;
@@ -154,13 +170,14 @@ pub(crate) async fn confirm_retry_matching(
     let count = state
         .db(move |conn| outbox::failed_jobs::count(conn, &filter))
         .await?;
+    let needed = state.config.role_for_bulk(u64::try_from(count).unwrap_or(0));
     let body = html! {
         h1 { "Retry all matching" }
         p #matching-count { "The filter matches " strong { (count) } " failed jobs"
             @if query.is_empty() { " (no condition: every failed job)" } "." }
         @if count == 0 {
             p { a href=(link("/failed", &query.pairs())) { "Back" } }
-        } @else if let Some(operator) = &viewer.operator {
+        } @else if let Some(operator) = viewer.may(needed) {
             form method="post" action="/failed/retry-matching" {
                 (csrf_field(operator))
                 @for (key, value) in query.pairs() {
@@ -171,6 +188,8 @@ pub(crate) async fn confirm_retry_matching(
                 " "
                 a href=(link("/failed", &query.pairs())) { "Cancel" }
             }
+        } @else if let Some(operator) = &viewer.operator {
+            p.error #role-needed { "Retrying " (count) " jobs needs the " (needed) " role; you have the " (operator.role) " role." }
         } @else {
             p { a href="/login" { "Log in" } " to retry them." }
         }
@@ -213,10 +232,12 @@ pub(crate) async fn retry_matching(
         )));
     }
     audit(
+        &state,
         &operator,
-        "retry_matching",
-        &format!("{filter:?}, {expected} confirmed"),
-    );
+        state.config.role_for_bulk(u64::try_from(expected).unwrap_or(0)),
+        Entry::new("retry_matching").selection(described(&filter), expected),
+    )
+    .await?;
     let (_, channel) = state.broker().await?;
     let outcome =
         outbox::failed_jobs::retry_matching(&state.pool, &channel, &filter, state.config.confirm_timeout)
@@ -225,6 +246,31 @@ pub(crate) async fn retry_matching(
     let text = summary(&outcome);
     pairs.push(("notice", Some(&text)));
     Ok(Redirect::to(&link("/failed", &pairs)).into_response())
+}
+
+/// A filter as the audit trail keeps it: its conditions, readable.
+pub(crate) fn described(filter: &outbox::failed_jobs::Filter) -> String {
+    let mut parts = Vec::new();
+    if let Some(listener) = &filter.listener {
+        parts.push(format!("listener={listener}"));
+    }
+    if let Some(event_type) = &filter.event_type {
+        parts.push(format!("event_type={event_type}"));
+    }
+    if let Some(since) = filter.since {
+        parts.push(format!("since={}", since.to_rfc3339()));
+    }
+    if let Some(until) = filter.until {
+        parts.push(format!("until={}", until.to_rfc3339()));
+    }
+    if let Some(text) = &filter.error_contains {
+        parts.push(format!("error~{text}"));
+    }
+    if parts.is_empty() {
+        "every failed job".into()
+    } else {
+        parts.join(" ")
+    }
 }
 
 fn summary(outcome: &outbox::failed_jobs::RetryOutcome) -> String {
