@@ -19,7 +19,7 @@
 //! | the page frame, navigation, forms' common parts | `pages/layout.rs` |
 //! | overview: backlog, chart, relays, pause, relay-failed rows | `pages/overview.rs` |
 //! | listeners: queues, retry and dead-letter depths, failures | `pages/listeners.rs` |
-//! | failed jobs: filters, keyset pages, bulk actions | `pages/failed.rs` |
+//! | failed jobs: filters, keyset pages, bulk actions, error groups | `pages/failed.rs` |
 //! | one failed job: envelope, tries, edits; retry, forget, edit-and-retry | `pages/job.rs` |
 //! | "where is my event?": search and an aggregate's timeline | `pages/events.rs` |
 //! | the audit trail, filterable | `pages/audit.rs` |
@@ -120,6 +120,11 @@ fn router(state: Arc<AppState>) -> Router {
             "/failed/retry-matching",
             get(failed::confirm_retry_matching).post(failed::retry_matching),
         )
+        .route(
+            "/failed/forget-matching",
+            get(failed::confirm_forget_matching).post(failed::forget_matching),
+        )
+        .route("/failed/groups", get(failed::groups))
         .route("/failed/{id}", get(job::show))
         .route("/failed/{id}/retry", post(job::retry))
         .route("/failed/{id}/forget", post(job::forget))
