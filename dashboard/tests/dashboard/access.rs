@@ -8,9 +8,9 @@ use outbox_dashboard::Credentials;
 
 use crate::support::{Dashboard, TestQueue, client, insert_failed, log_in_with, token_file};
 
-pub const VIEWER_TOKEN: &str = "viewer-token-0123456789abcdef";
+const VIEWER_TOKEN: &str = "viewer-token-0123456789abcdef";
 pub const OPERATOR_TOKEN: &str = "operator-token-0123456789abcdef";
-pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 const LEGACY_TOKEN: &str = "legacy-token-0123456789abcdef";
 
 /// A token file with one token per role, and one of the old format (no
