@@ -199,8 +199,8 @@ pub struct ErrorGroup {
 }
 
 /// The error groups of failed jobs (only `listener`'s when given), largest
-/// first, at most `limit` (1 to [`MAX_LIST_LIMIT`]). Answered from the
-/// `(listener, error_group)` index.
+/// first, at most `limit` (1 to [`MAX_LIST_LIMIT`]). Reads the stored
+/// column: no regex runs at query time.
 pub fn error_groups(conn: &mut PgConnection, listener: Option<&str>, limit: i64) -> Result<Vec<ErrorGroup>> {
     if !(1..=MAX_LIST_LIMIT).contains(&limit) {
         return Err(Error::Config(format!(
