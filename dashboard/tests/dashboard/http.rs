@@ -741,3 +741,40 @@ async fn errors_differing_only_in_ids_form_one_group_retried_as_one() -> Result<
     );
     dashboard.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_search_has_a_trigram_index_where_pg_trgm_exists() -> Result<()> {
+    let dashboard = Dashboard::start(false).await?;
+    let mut conn = dashboard.db.connect()?;
+    let available = count(
+        &mut conn,
+        "SELECT count(*) AS n FROM pg_available_extensions WHERE name = 'pg_trgm'",
+    ) == 1;
+    let indexed = count(
+        &mut conn,
+        "SELECT count(*) AS n FROM pg_indexes WHERE indexname = 'failed_jobs_exception_trgm'",
+    ) == 1;
+    ensure!(
+        indexed == available,
+        "pg_trgm available: {available}, index built: {indexed}"
+    );
+    insert_failed(
+        &mut conn,
+        "nowhere",
+        "l",
+        "t",
+        "disk full on /var/lib",
+        serde_json::json!({}),
+    )?;
+    let page = client()?
+        .get(dashboard.url("/failed?error=DISK+FULL"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        page.contains("disk full on /var/lib"),
+        "the search still finds it"
+    );
+    dashboard.stop().await
+}
