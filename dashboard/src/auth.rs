@@ -1,26 +1,34 @@
 //! Who is looking and who may act: logins (a token, compared in constant
-//! time), sessions in memory (a random id in an `HttpOnly`, `SameSite=Strict`
-//! cookie), and the CSRF token every form carries.
+//! time, giving a [`Role`]), sessions kept in Postgres (a random id in an
+//! `HttpOnly`, `SameSite=Strict` cookie; the table holds only its SHA-256,
+//! so logins survive a restart and logout deletes the row), the CSRF token
+//! every form carries, and [`audit`], which every action goes through.
 //!
 //! Pages are open to anyone who can reach the address (bound to loopback
 //! unless credentials are set); every mutation needs an [`Operator`]: a
-//! live session and the session's CSRF token in the form.
+//! live session, the session's CSRF token in the form, and a role that
+//! allows it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum_extra::extract::Form;
 use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
+use diesel::dsl;
+use diesel::prelude::*;
+use diesel::sql_types::{Bytea, Double, Text};
 use maud::html;
+use outbox::schema::dashboard_sessions;
 use rand::RngCore;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::checked_operator;
+use crate::audit::Entry;
+use crate::config::{Role, checked_operator};
 use crate::error::{DashboardError, Result};
 use crate::pages::layout;
 use crate::state::AppState;
@@ -30,55 +38,68 @@ pub(crate) const SESSION_COOKIE: &str = "outbox_session";
 /// The login form's double-submit cookie (CSRF on the login itself).
 const LOGIN_COOKIE: &str = "outbox_login";
 
-/// Sessions by id.
-#[derive(Debug, Default)]
-pub(crate) struct Sessions {
-    inner: Mutex<HashMap<String, Session>>,
-}
-
-#[derive(Debug, Clone)]
+/// A live login, as `dashboard_sessions` keeps it.
 struct Session {
     operator: String,
+    role: Role,
     csrf: String,
-    expires: Instant,
 }
 
-impl Sessions {
-    fn open(&self, operator: String, ttl: Duration) -> (String, String) {
-        let id = random_token();
-        let csrf = random_token();
-        let mut sessions = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        sessions.retain(|_, s| s.expires > now);
-        sessions.insert(
-            id.clone(),
-            Session {
-                operator,
-                csrf: csrf.clone(),
-                expires: now + ttl,
-            },
-        );
-        (id, csrf)
-    }
+/// SHA-256 of a session id: what the table keys sessions by, so the table
+/// alone logs no one in.
+fn session_key(id: &str) -> Vec<u8> {
+    Sha256::digest(id.as_bytes()).to_vec()
+}
 
-    fn find(&self, id: &str) -> Option<Session> {
-        let sessions = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        sessions.get(id).filter(|s| s.expires > Instant::now()).cloned()
-    }
+/// Opens a session of `ttl` (and deletes expired ones); returns its id and
+/// CSRF token.
+fn open_session(
+    conn: &mut PgConnection,
+    operator: &str,
+    role: Role,
+    ttl: Duration,
+) -> outbox::Result<(String, String)> {
+    let id = random_token();
+    let csrf = random_token();
+    diesel::delete(dashboard_sessions::table.filter(dashboard_sessions::expires_at.le(dsl::now)))
+        .execute(conn)?;
+    diesel::sql_query(
+        "INSERT INTO dashboard_sessions (id_sha256, operator, role, csrf, expires_at) \
+         VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+    )
+    .bind::<Bytea, _>(session_key(&id))
+    .bind::<Text, _>(operator)
+    .bind::<Text, _>(role.as_str())
+    .bind::<Text, _>(&csrf)
+    .bind::<Double, _>(ttl.as_secs_f64())
+    .execute(conn)?;
+    Ok((id, csrf))
+}
 
-    fn close(&self, id: &str) {
-        let mut sessions = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        sessions.remove(id);
-    }
+/// The unexpired session of cookie value `id`.
+fn find_session(conn: &mut PgConnection, id: &str) -> outbox::Result<Option<Session>> {
+    let row: Option<(String, String, String)> = dashboard_sessions::table
+        .filter(dashboard_sessions::id_sha256.eq(session_key(id)))
+        .filter(dashboard_sessions::expires_at.gt(dsl::now))
+        .select((
+            dashboard_sessions::operator,
+            dashboard_sessions::role,
+            dashboard_sessions::csrf,
+        ))
+        .first(conn)
+        .optional()?;
+    Ok(row.map(|(operator, role, csrf)| Session {
+        operator,
+        // A role this release does not know reads as the least one.
+        role: role.parse().unwrap_or(Role::Viewer),
+        csrf,
+    }))
+}
+
+fn close_session(conn: &mut PgConnection, id: &str) -> outbox::Result<()> {
+    diesel::delete(dashboard_sessions::table.filter(dashboard_sessions::id_sha256.eq(session_key(id))))
+        .execute(conn)?;
+    Ok(())
 }
 
 /// 32 random bytes, hex.
@@ -102,17 +123,50 @@ pub(crate) struct Viewer {
     pub(crate) can_log_in: bool,
 }
 
+impl Viewer {
+    /// The logged-in operator when their role is at least `role` (pages
+    /// show an action's form only to those who may use it).
+    pub(crate) fn may(&self, role: Role) -> Option<&Operator> {
+        self.operator.as_ref().filter(|o| o.role >= role)
+    }
+}
+
 /// A logged-in operator, extracted from the session cookie.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Operator {
     /// Their name, logged with every action.
     pub(crate) name: String,
+    /// What they may do, from their token at login.
+    pub(crate) role: Role,
     /// The session's CSRF token, put in every form.
     pub(crate) csrf: String,
     session: String,
 }
 
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Operator {
+    /// Refuses (a 403 naming both roles) unless this operator's role is at
+    /// least `needed` for `action`.
+    pub(crate) fn require(&self, needed: Role, action: &str) -> Result<()> {
+        if self.role >= needed {
+            return Ok(());
+        }
+        tracing::warn!(target: "outbox_dashboard::audit", operator = %self.name, role = %self.role, action, needed = %needed, "action refused: role too low");
+        Err(DashboardError::RoleRequired {
+            action: action.to_owned(),
+            needed,
+            held: self.role,
+        })
+    }
+
     /// Refuses a form whose CSRF token is not this session's.
     pub(crate) fn check_csrf(&self, given: &str) -> Result<()> {
         if same(&self.csrf, given) {
@@ -126,15 +180,23 @@ impl Operator {
     }
 }
 
-fn operator_of(parts: &Parts, state: &AppState) -> Option<Operator> {
+async fn operator_of(parts: &Parts, state: &AppState) -> Result<Option<Operator>> {
     let jar = CookieJar::from_headers(&parts.headers);
-    let id = jar.get(SESSION_COOKIE)?.value().to_owned();
-    let session = state.sessions.find(&id)?;
-    Some(Operator {
+    let Some(id) = jar.get(SESSION_COOKIE).map(|c| c.value().to_owned()) else {
+        return Ok(None);
+    };
+    // Only ids of our own shape reach the database.
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let lookup = id.clone();
+    let session = state.db(move |conn| find_session(conn, &lookup)).await?;
+    Ok(session.map(|session| Operator {
         name: session.operator,
+        role: session.role,
         csrf: session.csrf,
         session: id,
-    })
+    }))
 }
 
 impl FromRequestParts<Arc<AppState>> for Viewer {
@@ -142,7 +204,7 @@ impl FromRequestParts<Arc<AppState>> for Viewer {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self> {
         Ok(Viewer {
-            operator: operator_of(parts, state),
+            operator: operator_of(parts, state).await?,
             can_log_in: state.config.credentials.is_some(),
         })
     }
@@ -159,7 +221,9 @@ impl FromRequestParts<Arc<AppState>> for Operator {
                 crate::config::TOKEN_FILE_ENV
             )));
         }
-        operator_of(parts, state).ok_or(DashboardError::Unauthenticated)
+        operator_of(parts, state)
+            .await?
+            .ok_or(DashboardError::Unauthenticated)
     }
 }
 
@@ -230,17 +294,28 @@ pub(crate) async fn login(
             "this login form is stale (its CSRF token does not match): open the login page again".into(),
         ));
     }
-    let operator = match credentials.verify(&form.token) {
-        Some(Some(name)) => name,
-        Some(None) => checked_operator(&form.operator)
-            .map_err(|e| DashboardError::BadRequest(format!("operator: {e}")))?,
+    let (operator, role) = match credentials.verify(&form.token) {
+        Some((Some(name), role)) => (name, role),
+        Some((None, role)) => (
+            checked_operator(&form.operator)
+                .map_err(|e| DashboardError::BadRequest(format!("operator: {e}")))?,
+            role,
+        ),
         None => {
             tracing::warn!(target: "outbox_dashboard::audit", "login refused: wrong token");
             return Err(DashboardError::Forbidden("wrong token".into()));
         }
     };
-    let (id, _) = state.sessions.open(operator.clone(), state.config.session_ttl);
-    tracing::info!(target: "outbox_dashboard::audit", operator = %operator, "operator logged in");
+    let ttl = state.config.session_ttl;
+    let name = operator.clone();
+    let (id, csrf) = state.db(move |conn| open_session(conn, &name, role, ttl)).await?;
+    let session = Operator {
+        name: operator,
+        role,
+        csrf,
+        session: id.clone(),
+    };
+    audit(&state, &session, Role::Viewer, Entry::new("log_in")).await?;
     let cookie = Cookie::build((SESSION_COOKIE, id))
         .http_only(true)
         .same_site(SameSite::Strict)
@@ -265,8 +340,9 @@ pub(crate) async fn logout(
     Form(form): Form<CsrfForm>,
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
-    state.sessions.close(&operator.session);
-    tracing::info!(target: "outbox_dashboard::audit", operator = %operator.name, "operator logged out");
+    audit(&state, &operator, Role::Viewer, Entry::new("log_out")).await?;
+    let id = operator.session.clone();
+    state.db(move |conn| close_session(conn, &id)).await?;
     Ok((
         jar.remove(Cookie::build(SESSION_COOKIE).path("/")),
         Redirect::to("/"),
@@ -274,7 +350,15 @@ pub(crate) async fn logout(
         .into_response())
 }
 
-/// Logs one mutation with who did it.
-pub(crate) fn audit(operator: &Operator, action: &str, detail: &str) {
-    tracing::info!(target: "outbox_dashboard::audit", operator = %operator.name, action, detail, "operator action");
+/// The one door of every action: refuses it unless `operator`'s role is at
+/// least `needed`, logs it under the `outbox_dashboard::audit` target and
+/// writes its row to the audit trail (see [`crate::audit`]). An action
+/// whose row cannot be written is not done.
+pub(crate) async fn audit(state: &AppState, operator: &Operator, needed: Role, entry: Entry) -> Result<()> {
+    operator.require(needed, entry.action)?;
+    tracing::info!(target: "outbox_dashboard::audit", operator = %operator.name, role = %operator.role, action = entry.action, detail = %entry.summary(), "operator action");
+    let (name, role, retention) = (operator.name.clone(), operator.role, state.config.audit_retention);
+    state
+        .db(move |conn| crate::audit::write(conn, &name, role, &entry, retention))
+        .await
 }

@@ -37,6 +37,66 @@ pub struct DashboardConfig {
     pub cookie_secure: bool,
     /// How long a login lasts. Default 12 h.
     pub session_ttl: Duration,
+    /// Bulk actions over more failed jobs than this need the admin role.
+    /// Default [`DEFAULT_BULK_ADMIN_THRESHOLD`].
+    pub bulk_admin_threshold: u64,
+    /// How long audit rows are kept; older ones are deleted whenever a row
+    /// is written. Default 90 days.
+    pub audit_retention: Duration,
+}
+
+/// Default [`DashboardConfig::bulk_admin_threshold`].
+pub const DEFAULT_BULK_ADMIN_THRESHOLD: u64 = 100;
+
+/// What a logged-in operator may do; each role may do everything the ones
+/// before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Reads every page; changes nothing.
+    Viewer,
+    /// Also retries and forgets failed jobs (in bulk up to
+    /// [`DashboardConfig::bulk_admin_threshold`]), pauses and resumes
+    /// relays, retries rows failed at the relay.
+    Operator,
+    /// Also edits and retries, and acts in bulk over the threshold.
+    Admin,
+}
+
+impl Role {
+    /// The role of a token the token file gives none (and of the shared
+    /// token of [`TOKEN_ENV`]): admin, every right, which is what every
+    /// token had before roles existed; a lower default would silently take
+    /// edit-and-retry away from running deployments. The dashboard logs a
+    /// warning at start for each token without a role.
+    pub const DEFAULT: Role = Role::Admin;
+
+    /// Its name in token files, pages and the audit trail.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role {other:?}: viewer, operator or admin")),
+        }
+    }
 }
 
 impl DashboardConfig {
@@ -51,6 +111,17 @@ impl DashboardConfig {
             confirm_timeout: Duration::from_secs(10),
             cookie_secure: false,
             session_ttl: Duration::from_secs(12 * 3600),
+            bulk_admin_threshold: DEFAULT_BULK_ADMIN_THRESHOLD,
+            audit_retention: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+
+    /// The least role a bulk action over `count` failed jobs needs.
+    pub fn role_for_bulk(&self, count: u64) -> Role {
+        if count > self.bulk_admin_threshold {
+            Role::Admin
+        } else {
+            Role::Operator
         }
     }
 
@@ -63,9 +134,13 @@ impl DashboardConfig {
                 self.bind
             )));
         }
-        if self.refresh.is_zero() || self.confirm_timeout.is_zero() || self.session_ttl.is_zero() {
+        if self.refresh.is_zero()
+            || self.confirm_timeout.is_zero()
+            || self.session_ttl.is_zero()
+            || self.audit_retention.is_zero()
+        {
             return Err(DashboardError::Start(
-                "refresh, confirm timeout and session lifetime must be above zero".into(),
+                "refresh, confirm timeout, session lifetime and audit retention must be above zero".into(),
             ));
         }
         outbox::amqp::validate_amqp_url(&self.amqp_url)?;
@@ -84,6 +159,8 @@ struct OperatorToken {
     /// The operator a personal token belongs to; `None` for a shared one
     /// (the operator then names themselves at login).
     operator: Option<String>,
+    /// `None` when the token file gives no role ([`Role::DEFAULT`] then).
+    role: Option<Role>,
     token: Vec<u8>,
 }
 
@@ -101,14 +178,18 @@ impl Credentials {
         Ok(Self {
             tokens: vec![OperatorToken {
                 operator: None,
+                role: None,
                 token: checked_token(token.trim(), "the token")?,
             }],
         })
     }
 
     /// Tokens from a file: one a line, either `token` (shared) or
-    /// `operator:token` (personal: the operator is named by the token);
-    /// blank lines and lines starting with `#` are skipped.
+    /// `operator:token` (personal: the operator is named by the token),
+    /// either led by `role=<viewer|operator|admin>` and a space
+    /// (`role=viewer alice:<token>`); a token without a role is
+    /// [`Role::DEFAULT`]. Blank lines and lines starting with `#` are
+    /// skipped.
     pub fn from_file(path: &Path) -> Result<Self, DashboardError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             DashboardError::Start(format!("cannot read the token file {}: {e}", path.display()))
@@ -120,6 +201,20 @@ impl Credentials {
                 continue;
             }
             let where_ = format!("line {} of {}", number + 1, path.display());
+            let (role, line) = match line.strip_prefix("role=") {
+                Some(rest) => {
+                    let (name, rest) = rest.split_once(char::is_whitespace).ok_or_else(|| {
+                        DashboardError::Start(format!(
+                            "{where_}: `role=<role>` is followed by a space and the token"
+                        ))
+                    })?;
+                    let role = name
+                        .parse::<Role>()
+                        .map_err(|e| DashboardError::Start(format!("{where_}: {e}")))?;
+                    (Some(role), rest.trim())
+                }
+                None => (None, line),
+            };
             let (operator, token) = match line.split_once(':') {
                 Some((name, token)) => (
                     Some(
@@ -132,6 +227,7 @@ impl Credentials {
             };
             tokens.push(OperatorToken {
                 operator,
+                role,
                 token: checked_token(token, &where_)?,
             });
         }
@@ -161,15 +257,20 @@ impl Credentials {
         self.tokens.iter().any(|t| t.operator.is_none())
     }
 
-    /// The token's owner when `token` is one of ours: `Some(Some(name))`
-    /// for a personal token, `Some(None)` for a shared one. Every stored
+    /// How many tokens have no role (they get [`Role::DEFAULT`]).
+    pub(crate) fn without_role(&self) -> usize {
+        self.tokens.iter().filter(|t| t.role.is_none()).count()
+    }
+
+    /// The token's owner and role when `token` is one of ours: the name is
+    /// `Some` for a personal token, `None` for a shared one. Every stored
     /// token is compared, in constant time, whichever matches.
-    pub(crate) fn verify(&self, token: &str) -> Option<Option<String>> {
+    pub(crate) fn verify(&self, token: &str) -> Option<(Option<String>, Role)> {
         let mut found = None;
         for stored in &self.tokens {
             let equal: bool = stored.token.as_slice().ct_eq(token.as_bytes()).into();
             if equal && found.is_none() {
-                found = Some(stored.operator.clone());
+                found = Some((stored.operator.clone(), stored.role.unwrap_or(Role::DEFAULT)));
             }
         }
         found
@@ -202,11 +303,56 @@ mod tests {
     #[test]
     fn tokens_verify_and_never_print() -> Result<(), DashboardError> {
         let shared = Credentials::shared("0123456789abcdef-shared")?;
-        assert_eq!(shared.verify("0123456789abcdef-shared"), Some(None));
+        assert_eq!(
+            shared.verify("0123456789abcdef-shared"),
+            Some((None, Role::Admin))
+        );
         assert_eq!(shared.verify("0123456789abcdef-shareD"), None);
         assert_eq!(shared.verify(""), None);
         assert!(!format!("{shared:?}").contains("shared"));
         assert!(Credentials::shared("short").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn token_files_give_roles_and_keep_the_old_lines() -> Result<(), DashboardError> {
+        let dir = std::env::temp_dir().join(format!("outbox-dashboard-roles-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| DashboardError::Start(e.to_string()))?;
+        let path = dir.join("tokens");
+        let write =
+            |text: &str| std::fs::write(&path, text).map_err(|e| DashboardError::Start(e.to_string()));
+        write(
+            "# old lines\n0123456789abcdef-shared\nbob:0123456789abcdef-bob\n\
+             role=viewer vera:0123456789abcdef-vera\nrole=operator 0123456789abcdef-ops\n\
+             role=admin ada:0123456789abcdef:ada\n",
+        )?;
+        let credentials = Credentials::from_file(&path)?;
+        assert_eq!(
+            credentials.verify("0123456789abcdef-shared"),
+            Some((None, Role::Admin))
+        );
+        assert_eq!(
+            credentials.verify("0123456789abcdef-bob"),
+            Some((Some("bob".into()), Role::Admin))
+        );
+        assert_eq!(
+            credentials.verify("0123456789abcdef-vera"),
+            Some((Some("vera".into()), Role::Viewer))
+        );
+        assert_eq!(
+            credentials.verify("0123456789abcdef-ops"),
+            Some((None, Role::Operator))
+        );
+        assert_eq!(
+            credentials.verify("0123456789abcdef:ada"),
+            Some((Some("ada".into()), Role::Admin))
+        );
+        assert_eq!(credentials.without_role(), 2);
+        for bad in ["role=root 0123456789abcdef-x\n", "role=admin\n"] {
+            write(bad)?;
+            assert!(Credentials::from_file(&path).is_err(), "{bad:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 }

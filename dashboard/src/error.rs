@@ -20,6 +20,16 @@ pub enum DashboardError {
     /// Refused: read-only dashboard, bad CSRF token, wrong token.
     #[error("{0}")]
     Forbidden(String),
+    /// The operator's role does not allow the action.
+    #[error("{action} needs the {needed} role; you are logged in with the {held} role")]
+    RoleRequired {
+        /// What was refused.
+        action: String,
+        /// The least role that may do it.
+        needed: crate::config::Role,
+        /// The operator's role.
+        held: crate::config::Role,
+    },
     /// The thing asked for does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -43,7 +53,7 @@ impl DashboardError {
         match self {
             DashboardError::BadRequest(_) => StatusCode::BAD_REQUEST,
             DashboardError::Unauthenticated => StatusCode::UNAUTHORIZED,
-            DashboardError::Forbidden(_) => StatusCode::FORBIDDEN,
+            DashboardError::Forbidden(_) | DashboardError::RoleRequired { .. } => StatusCode::FORBIDDEN,
             DashboardError::NotFound(_) => StatusCode::NOT_FOUND,
             DashboardError::Conflict(_) => StatusCode::CONFLICT,
             DashboardError::Broker(_) => StatusCode::BAD_GATEWAY,

@@ -1,13 +1,12 @@
 //! What every handler shares: the database pool, the broker connection
-//! (opened when first needed, opened again after it is lost), the
-//! sessions and the settings.
+//! (opened when first needed, opened again after it is lost) and the
+//! settings (sessions live in Postgres: see `auth.rs`).
 
 use std::sync::Arc;
 
 use lapin::{Channel, Connection};
 use tokio::sync::Mutex;
 
-use crate::auth::Sessions;
 use crate::config::DashboardConfig;
 use crate::error::{DashboardError, Result};
 
@@ -16,7 +15,6 @@ use crate::error::{DashboardError, Result};
 pub(crate) struct AppState {
     pub(crate) config: DashboardConfig,
     pub(crate) pool: outbox::PgPool,
-    pub(crate) sessions: Sessions,
     broker: Mutex<Option<BrokerLink>>,
 }
 
@@ -39,7 +37,6 @@ impl AppState {
         Ok(Self {
             config,
             pool,
-            sessions: Sessions::default(),
             broker: Mutex::new(None),
         })
     }

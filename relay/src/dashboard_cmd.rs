@@ -20,8 +20,10 @@ pub struct DashboardArgs {
     #[arg(long, default_value = outbox_dashboard::DEFAULT_BIND)]
     bind: SocketAddr,
     /// File of operators' tokens: one a line, `token` (shared: operators
-    /// name themselves at login) or `name:token` (personal). Without it
-    /// and without OUTBOX_DASHBOARD_TOKEN the dashboard is read-only.
+    /// name themselves at login) or `name:token` (personal), either led by
+    /// `role=viewer|operator|admin ` (a token without a role is admin, as
+    /// every token was before roles). Without it and without
+    /// OUTBOX_DASHBOARD_TOKEN the dashboard is read-only.
     #[arg(long, env = TOKEN_FILE_ENV, hide_env_values = true)]
     token_file: Option<PathBuf>,
     /// RabbitMQ URL, for queue depths and retries; several, comma separated, for the nodes of a cluster.
@@ -36,6 +38,14 @@ pub struct DashboardArgs {
     /// Mark the session cookie Secure (when a TLS proxy serves the dashboard).
     #[arg(long)]
     cookie_secure: bool,
+    /// Bulk actions (retry, forget) over more failed jobs than this need
+    /// the admin role; up to it, the operator role.
+    #[arg(long, default_value_t = outbox_dashboard::DEFAULT_BULK_ADMIN_THRESHOLD)]
+    bulk_admin_threshold: u64,
+    /// How long rows of the audit trail (`dashboard_audit`) are kept; older
+    /// ones are deleted whenever an action writes a row.
+    #[arg(long, default_value = "90d", value_parser = parse_duration)]
+    audit_retention: Duration,
 }
 
 /// Serves the dashboard until SIGINT or SIGTERM.
@@ -56,6 +66,8 @@ pub fn run(database_url: &str, args: &DashboardArgs) -> anyhow::Result<()> {
         refresh: args.refresh,
         confirm_timeout: args.confirm_timeout,
         cookie_secure: args.cookie_secure,
+        bulk_admin_threshold: args.bulk_admin_threshold,
+        audit_retention: args.audit_retention,
         ..DashboardConfig::new(database_url, &args.amqp_url)
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -88,6 +88,7 @@ impl FilterArgs {
             since: self.since,
             until: self.until,
             error_contains: self.error_contains.clone(),
+            error_group: None,
             after: None,
             limit: Some(self.limit.unwrap_or(default_limit)),
         }

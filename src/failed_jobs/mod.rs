@@ -9,7 +9,8 @@
 //! event id), so a redelivery after a crash cannot add a second one.
 //!
 //! The functions here are what operators' tools build on: [`list_page`]
-//! with filters and a keyset cursor, [`count`] (`query.rs`); [`get`],
+//! with filters and a keyset cursor, [`count`], [`forget_matching`] and
+//! [`error_groups`] (`query.rs`); [`get`],
 //! [`forget`], [`flush`], [`prune`]; [`retry`], [`retry_many`] and
 //! [`retry_matching`] (`retry.rs`), which republish the stored event to the
 //! listener's own queue (never to the other listeners of the event),
@@ -33,7 +34,7 @@ mod query;
 mod retry;
 
 pub use edits::{FailedJobEdit, edits_for, retry_edited, validate_edit};
-pub use query::{Cursor, Filter, Page, count, list, list_page};
+pub use query::{Cursor, ErrorGroup, Filter, Page, count, error_groups, forget_matching, list, list_page};
 pub use retry::{
     RETRY_CHUNK, RetryOutcome, RetryProgress, retry, retry_body, retry_many, retry_many_with, retry_matching,
     retry_matching_with,

@@ -1,7 +1,9 @@
 //! Reading failed jobs by filter: [`list`] a page at a time, newest first,
 //! with a keyset [`Cursor`] that stays fast at any depth (an index on
-//! `(failed_at, id)`, and one per filter column, migration 000005), and
-//! [`count`] of everything a filter matches.
+//! `(failed_at, id)`, and one per filter column, migration 000005),
+//! [`count`] of everything a filter matches, [`forget_matching`], and
+//! [`error_groups`]: failed jobs grouped by their error with what varies
+//! masked (the generated column `error_group`, migration 000019).
 
 use std::fmt;
 use std::str::FromStr;
@@ -30,6 +32,9 @@ pub struct Filter {
     /// Only jobs whose final error contains this text (case-insensitive;
     /// `%` and `_` are matched literally).
     pub error_contains: Option<String>,
+    /// Only jobs whose normalised error (`error_group`, see
+    /// [`error_groups`]) is exactly this.
+    pub error_group: Option<String>,
     /// Only jobs after this position in the newest-first order (the
     /// [`Page::next`] of the previous page).
     pub after: Option<Cursor>,
@@ -107,6 +112,9 @@ pub(super) fn matching(filter: &Filter) -> Boxed<'_> {
     if let Some(text) = filter.error_contains.as_deref().filter(|t| !t.is_empty()) {
         query = query.filter(failed_jobs::exception.ilike(format!("%{}%", like_escaped(text))));
     }
+    if let Some(group) = &filter.error_group {
+        query = query.filter(failed_jobs::error_group.eq(group));
+    }
     query
 }
 
@@ -163,6 +171,81 @@ pub fn list(conn: &mut PgConnection, filter: &Filter) -> Result<Vec<FailedJob>> 
 /// How many failed jobs match `filter` (its cursor and limit ignored).
 pub fn count(conn: &mut PgConnection, filter: &Filter) -> Result<i64> {
     Ok(matching(filter).count().get_result(conn)?)
+}
+
+/// Deletes every failed job `filter` matches (its cursor and limit
+/// ignored); returns how many.
+pub fn forget_matching(conn: &mut PgConnection, filter: &Filter) -> Result<usize> {
+    let ids = matching(filter).select(failed_jobs::id);
+    Ok(diesel::delete(failed_jobs::table.filter(failed_jobs::id.eq_any(ids))).execute(conn)?)
+}
+
+/// Failed jobs of one listener whose errors differ only in what varies:
+/// quoted values, UUIDs, numbers and hex ids (masked by the database's
+/// `outbox_error_group`, kept in the generated column `error_group`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorGroup {
+    /// The listener whose jobs failed.
+    pub listener: String,
+    /// The normalised error (`order N failed for ?`), at most 500
+    /// characters; what [`Filter::error_group`] takes.
+    pub error_group: String,
+    /// How many failed jobs the group holds.
+    pub count: i64,
+    /// When its oldest job failed.
+    pub first_failed_at: DateTime<Utc>,
+    /// When its newest job failed.
+    pub last_failed_at: DateTime<Utc>,
+}
+
+/// The error groups of failed jobs (only `listener`'s when given), largest
+/// first, at most `limit` (1 to [`MAX_LIST_LIMIT`]). Reads the stored
+/// column: no regex runs at query time.
+pub fn error_groups(conn: &mut PgConnection, listener: Option<&str>, limit: i64) -> Result<Vec<ErrorGroup>> {
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(Error::Config(format!(
+            "limit must be between 1 and {MAX_LIST_LIMIT}, not {limit}"
+        )));
+    }
+    let mut query = failed_jobs::table
+        .group_by((failed_jobs::listener, failed_jobs::error_group))
+        .select((
+            failed_jobs::listener,
+            failed_jobs::error_group,
+            diesel::dsl::count_star(),
+            diesel::dsl::min(failed_jobs::failed_at),
+            diesel::dsl::max(failed_jobs::failed_at),
+        ))
+        .into_boxed();
+    if let Some(listener) = listener {
+        query = query.filter(failed_jobs::listener.eq(listener));
+    }
+    type GroupRow = (
+        String,
+        Option<String>,
+        i64,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+    );
+    let rows: Vec<GroupRow> = query
+        .order((
+            diesel::dsl::count_star().desc(),
+            diesel::dsl::max(failed_jobs::failed_at).desc(),
+        ))
+        .limit(limit)
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(listener, group, count, first, last)| {
+            Some(ErrorGroup {
+                listener,
+                error_group: group.unwrap_or_default(),
+                count,
+                first_failed_at: first?,
+                last_failed_at: last?,
+            })
+        })
+        .collect())
 }
 
 #[cfg(test)]

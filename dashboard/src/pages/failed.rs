@@ -11,7 +11,9 @@ use axum_extra::extract::Form;
 use maud::{Markup, html};
 use serde::Deserialize;
 
+use crate::audit::Entry;
 use crate::auth::{Operator, Viewer, audit};
+use crate::config::Role;
 use crate::error::{DashboardError, Result};
 use crate::pages::layout::{csrf_field, link, notice, page, time};
 use crate::pages::params::{FilterQuery, ids};
@@ -48,12 +50,13 @@ pub(crate) async fn list(
     let body = html! {
         h1 { "Failed jobs" }
         (notice(query.notice.as_deref()))
+        p { a #by-error href="/failed/groups" { "Group by error" } }
         (filter_form(&query, &listeners.iter().map(|l| l.listener.as_str()).collect::<Vec<_>>(), &event_types))
         @if page_rows.jobs.is_empty() {
             p.empty #no-failed-jobs { "No failed job matches." }
         } @else {
             form #failed-jobs method="post" action="/failed/retry" {
-                @if let Some(operator) = &viewer.operator { (csrf_field(operator)) }
+                @if let Some(operator) = viewer.may(Role::Operator) { (csrf_field(operator)) }
                 table {
                     thead { tr {
                         th { span.visually-hidden { "select" } } th { "id" } th { "failed" } th { "listener" } th { "event type" } th { "error" } th.num { "tries" }
@@ -72,11 +75,12 @@ pub(crate) async fn list(
                         }
                     }
                 }
-                @if viewer.operator.is_some() {
+                @if viewer.may(Role::Operator).is_some() {
                     div.actions {
                         button type="submit" formaction="/failed/retry" { "Retry selected" }
                         button.danger type="submit" formaction="/failed/forget" { "Forget selected" }
                         a.button href=(link("/failed/retry-matching", &pairs)) { "Retry all matching…" }
+                        a.button.danger href=(link("/failed/forget-matching", &pairs)) { "Forget all matching…" }
                     }
                 }
             }
@@ -99,6 +103,10 @@ fn filter_form(query: &FilterQuery, listeners: &[&str], event_types: &[&str]) ->
             label { "Since" input type="text" name="since" placeholder="2h or 2026-12-01T10:00" value=(value(&query.since)); }
             label { "Until" input type="text" name="until" placeholder="RFC 3339 or UTC" value=(value(&query.until)); }
             label { "Error contains" input type="search" name="error" value=(value(&query.error)); }
+            @if let Some(group) = query.group.as_deref().filter(|g| !g.is_empty()) {
+                input type="hidden" name="group" value=(group);
+                p.group { "Error group " code { (group) } }
+            }
             button type="submit" { "Filter" }
             a href="/failed" { "Clear" }
         }
@@ -121,7 +129,14 @@ pub(crate) async fn retry_selected(
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
     let ids = ids(&form.id)?;
-    audit(&operator, "retry", &format!("failed jobs {ids:?}"));
+    let needed = state.config.role_for_bulk(ids.len() as u64);
+    audit(
+        &state,
+        &operator,
+        needed,
+        Entry::new("retry").selection(format!("failed jobs {ids:?}"), ids.len() as i64),
+    )
+    .await?;
     let (_, channel) = state.broker().await?;
     let outcome =
         outbox::failed_jobs::retry_many(&state.pool, &channel, &ids, state.config.confirm_timeout).await?;
@@ -136,12 +151,56 @@ pub(crate) async fn forget_selected(
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
     let ids = ids(&form.id)?;
-    audit(&operator, "forget", &format!("failed jobs {ids:?}"));
+    let needed = state.config.role_for_bulk(ids.len() as u64);
+    audit(
+        &state,
+        &operator,
+        needed,
+        Entry::new("forget").selection(format!("failed jobs {ids:?}"), ids.len() as i64),
+    )
+    .await?;
     let forgotten = state
         .db(move |conn| outbox::failed_jobs::forget_many(conn, &ids))
         .await?;
     let text = format!("Forgot {forgotten} failed jobs.");
     Ok(Redirect::to(&link("/failed", &[("notice", Some(&text))])).into_response())
+}
+
+/// An action over everything a filter (or an error group) matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bulk {
+    Retry,
+    Forget,
+}
+
+impl Bulk {
+    fn path(self) -> &'static str {
+        match self {
+            Bulk::Retry => "/failed/retry-matching",
+            Bulk::Forget => "/failed/forget-matching",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Bulk::Retry => "Retry all matching",
+            Bulk::Forget => "Forget all matching",
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Bulk::Retry => "Retry",
+            Bulk::Forget => "Forget",
+        }
+    }
+
+    fn action(self) -> &'static str {
+        match self {
+            Bulk::Retry => "retry_matching",
+            Bulk::Forget => "forget_matching",
+        }
+    }
 }
 
 /// `GET /failed/retry-matching`: the confirmation, with the count.
@@ -150,32 +209,57 @@ pub(crate) async fn confirm_retry_matching(
     viewer: Viewer,
     Query(query): Query<FilterQuery>,
 ) -> Result<Response> {
+    confirm_matching(&state, &viewer, &query, Bulk::Retry).await
+}
+
+/// `GET /failed/forget-matching`: the confirmation, with the count.
+pub(crate) async fn confirm_forget_matching(
+    State(state): State<Arc<AppState>>,
+    viewer: Viewer,
+    Query(query): Query<FilterQuery>,
+) -> Result<Response> {
+    confirm_matching(&state, &viewer, &query, Bulk::Forget).await
+}
+
+async fn confirm_matching(
+    state: &AppState,
+    viewer: &Viewer,
+    query: &FilterQuery,
+    bulk: Bulk,
+) -> Result<Response> {
     let filter = query.filter()?;
     let count = state
         .db(move |conn| outbox::failed_jobs::count(conn, &filter))
         .await?;
+    let needed = state.config.role_for_bulk(u64::try_from(count).unwrap_or(0));
+    let id = format!("confirm-{}-matching", bulk.verb().to_lowercase());
     let body = html! {
-        h1 { "Retry all matching" }
+        h1 { (bulk.title()) }
+        @if let Some(group) = query.group.as_deref().filter(|g| !g.is_empty()) {
+            p { "The error group " code #group-text { (group) } }
+        }
         p #matching-count { "The filter matches " strong { (count) } " failed jobs"
             @if query.is_empty() { " (no condition: every failed job)" } "." }
         @if count == 0 {
             p { a href=(link("/failed", &query.pairs())) { "Back" } }
-        } @else if let Some(operator) = &viewer.operator {
-            form method="post" action="/failed/retry-matching" {
+        } @else if let Some(operator) = viewer.may(needed) {
+            form method="post" action=(bulk.path()) {
                 (csrf_field(operator))
                 @for (key, value) in query.pairs() {
                     @if let Some(value) = value { input type="hidden" name=(key) value=(value); }
                 }
                 input type="hidden" name="expected" value=(count);
-                button.danger type="submit" #confirm-retry-matching { "Retry these " (count) " jobs" }
+                button.danger type="submit" id=(id) { (bulk.verb()) " these " (count) " jobs" }
                 " "
                 a href=(link("/failed", &query.pairs())) { "Cancel" }
             }
+        } @else if let Some(operator) = &viewer.operator {
+            p.error #role-needed { (bulk.verb()) "ing " (count) " jobs needs the " (needed) " role; you have the " (operator.role) " role." }
         } @else {
-            p { a href="/login" { "Log in" } " to retry them." }
+            p { a href="/login" { "Log in" } " to " (bulk.verb().to_lowercase()) " them." }
         }
     };
-    Ok(page("Retry all matching", &viewer, None, body).into_response())
+    Ok(page(bulk.title(), viewer, None, body).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,20 +272,21 @@ pub(crate) struct MatchingForm {
     filter: FilterQuery,
 }
 
-/// `POST /failed/retry-matching`.
-pub(crate) async fn retry_matching(
-    State(state): State<Arc<AppState>>,
-    operator: Operator,
-    Form(form): Form<MatchingForm>,
-) -> Result<Response> {
+/// The filter a confirmed bulk form acts on, after refusing it when more
+/// jobs match now than the operator saw counted (they ask again), and
+/// passing the audit door.
+async fn confirmed(
+    state: &AppState,
+    operator: &Operator,
+    form: &MatchingForm,
+    bulk: Bulk,
+) -> Result<outbox::failed_jobs::Filter> {
     operator.check_csrf(&form.csrf)?;
     let expected: i64 = form.expected.trim().parse().map_err(|_| {
         DashboardError::BadRequest("expected: the count the confirmation showed is missing".into())
     })?;
     let mut filter = form.filter.filter()?;
     filter.after = None;
-    // More jobs may have failed since the confirmation: retry only what the
-    // operator saw counted, else ask again.
     let counted = filter.clone();
     let now = state
         .db(move |conn| outbox::failed_jobs::count(conn, &counted))
@@ -213,10 +298,23 @@ pub(crate) async fn retry_matching(
         )));
     }
     audit(
-        &operator,
-        "retry_matching",
-        &format!("{filter:?}, {expected} confirmed"),
-    );
+        state,
+        operator,
+        state.config.role_for_bulk(u64::try_from(expected).unwrap_or(0)),
+        Entry::new(bulk.action()).selection(described(&filter), expected),
+    )
+    .await?;
+    Ok(filter)
+}
+
+/// `POST /failed/retry-matching`: through the order-keeping retry of the
+/// library.
+pub(crate) async fn retry_matching(
+    State(state): State<Arc<AppState>>,
+    operator: Operator,
+    Form(form): Form<MatchingForm>,
+) -> Result<Response> {
+    let filter = confirmed(&state, &operator, &form, Bulk::Retry).await?;
     let (_, channel) = state.broker().await?;
     let outcome =
         outbox::failed_jobs::retry_matching(&state.pool, &channel, &filter, state.config.confirm_timeout)
@@ -225,6 +323,119 @@ pub(crate) async fn retry_matching(
     let text = summary(&outcome);
     pairs.push(("notice", Some(&text)));
     Ok(Redirect::to(&link("/failed", &pairs)).into_response())
+}
+
+/// `POST /failed/forget-matching`.
+pub(crate) async fn forget_matching(
+    State(state): State<Arc<AppState>>,
+    operator: Operator,
+    Form(form): Form<MatchingForm>,
+) -> Result<Response> {
+    let filter = confirmed(&state, &operator, &form, Bulk::Forget).await?;
+    let forgotten = state
+        .db(move |conn| outbox::failed_jobs::forget_matching(conn, &filter))
+        .await?;
+    let mut pairs = form.filter.pairs();
+    let text = format!("Forgot {forgotten} failed jobs.");
+    pairs.push(("notice", Some(&text)));
+    Ok(Redirect::to(&link("/failed", &pairs)).into_response())
+}
+
+/// Groups shown on `/failed/groups`, at most.
+const GROUPS_SHOWN: i64 = 200;
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct GroupsQuery {
+    #[serde(default)]
+    listener: Option<String>,
+}
+
+/// `GET /failed/groups`: failed jobs grouped by their normalised error.
+pub(crate) async fn groups(
+    State(state): State<Arc<AppState>>,
+    viewer: Viewer,
+    Query(query): Query<GroupsQuery>,
+) -> Result<Response> {
+    let listener = query
+        .listener
+        .as_deref()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned);
+    if listener.as_ref().is_some_and(|l| l.len() > 255) {
+        return Err(DashboardError::BadRequest(
+            "listener: at most 255 characters".into(),
+        ));
+    }
+    let shown = listener.clone();
+    let groups = state
+        .db(move |conn| outbox::failed_jobs::error_groups(conn, shown.as_deref(), GROUPS_SHOWN))
+        .await?;
+    let body = html! {
+        h1 { "Failed jobs by error" }
+        p { "Errors that differ only in numbers, ids and quoted values are one group. "
+            a href="/failed" { "All failed jobs" } }
+        form.filters method="get" action="/failed/groups" {
+            label { "Listener" input type="text" name="listener" value=(listener.clone().unwrap_or_default()); }
+            button type="submit" { "Filter" }
+            a href="/failed/groups" { "Clear" }
+        }
+        @if groups.is_empty() {
+            p.empty #no-error-groups { "No failed job." }
+        } @else {
+            table #error-groups {
+                thead { tr { th.num { "jobs" } th { "listener" } th { "error" } th { "first failed" } th { "last failed" } th { span.visually-hidden { "actions" } } } }
+                tbody {
+                    @for group in &groups {
+                        @let pairs = [("listener", Some(group.listener.as_str())), ("group", Some(group.error_group.as_str()))];
+                        tr.error-group {
+                            td.num.count { (group.count) }
+                            td { code { (group.listener) } }
+                            td.error { a href=(link("/failed", &pairs)) { (group.error_group) } }
+                            td { (time(group.first_failed_at)) }
+                            td { (time(group.last_failed_at)) }
+                            td {
+                                @if viewer.may(Role::Operator).is_some() {
+                                    a.button.retry-group href=(link("/failed/retry-matching", &pairs)) { "Retry group…" }
+                                    " "
+                                    a.button.danger.forget-group href=(link("/failed/forget-matching", &pairs)) { "Forget group…" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    Ok(page("Failed jobs by error", &viewer, None, body).into_response())
+}
+
+/// A filter as the audit trail keeps it: its conditions, readable.
+pub(crate) fn described(filter: &outbox::failed_jobs::Filter) -> String {
+    let mut parts = Vec::new();
+    if let Some(listener) = &filter.listener {
+        parts.push(format!("listener={listener}"));
+    }
+    if let Some(event_type) = &filter.event_type {
+        parts.push(format!("event_type={event_type}"));
+    }
+    if let Some(since) = filter.since {
+        parts.push(format!("since={}", since.to_rfc3339()));
+    }
+    if let Some(until) = filter.until {
+        parts.push(format!("until={}", until.to_rfc3339()));
+    }
+    if let Some(text) = &filter.error_contains {
+        parts.push(format!("error~{text}"));
+    }
+    if let Some(group) = &filter.error_group {
+        parts.push(format!("group={group}"));
+    }
+    if parts.is_empty() {
+        "every failed job".into()
+    } else {
+        parts.join(" ")
+    }
 }
 
 fn summary(outcome: &outbox::failed_jobs::RetryOutcome) -> String {

@@ -13,7 +13,9 @@ use maud::{Markup, html};
 use outbox::failed_jobs::FailedJob;
 use serde::Deserialize;
 
+use crate::audit::Entry;
 use crate::auth::{CsrfForm, Operator, Viewer, audit};
+use crate::config::Role;
 use crate::error::{DashboardError, Result};
 use crate::pages::layout::{csrf_field, link, page, time};
 use crate::state::AppState;
@@ -86,12 +88,14 @@ pub(crate) async fn show(
 
 fn actions(viewer: &Viewer, job: &FailedJob) -> Markup {
     html! {
-        @if let Some(operator) = &viewer.operator {
+        @if let Some(operator) = viewer.may(Role::Operator) {
             div.actions {
                 form.inline method="post" action=(format!("/failed/{}/retry", job.id)) {
                     (csrf_field(operator)) button type="submit" #retry-job { "Retry" }
                 }
-                a.button href=(format!("/failed/{}/edit", job.id)) #edit-job { "Edit and retry…" }
+                @if viewer.may(Role::Admin).is_some() {
+                    a.button href=(format!("/failed/{}/edit", job.id)) #edit-job { "Edit and retry…" }
+                }
                 form.inline method="post" action=(format!("/failed/{}/forget", job.id)) {
                     (csrf_field(operator)) button.danger type="submit" #forget-job { "Forget" }
                 }
@@ -126,7 +130,7 @@ pub(crate) async fn retry(
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
     let id = job_id(&id)?;
-    audit(&operator, "retry", &format!("failed job {id}"));
+    audit(&state, &operator, Role::Operator, Entry::new("retry").job(id)).await?;
     let (_, channel) = state.broker().await?;
     let job = outbox::failed_jobs::retry(&state.pool, &channel, id, state.config.confirm_timeout).await?;
     let text = format!("Retried failed job {} ({}).", job.id, job.listener);
@@ -142,7 +146,7 @@ pub(crate) async fn forget(
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
     let id = job_id(&id)?;
-    audit(&operator, "forget", &format!("failed job {id}"));
+    audit(&state, &operator, Role::Operator, Entry::new("forget").job(id)).await?;
     let existed = state
         .db(move |conn| outbox::failed_jobs::forget(conn, id))
         .await?;
@@ -162,6 +166,9 @@ pub(crate) async fn edit_form(
     Path(id): Path<String>,
 ) -> Result<Response> {
     let id = job_id(&id)?;
+    if let Some(operator) = &viewer.operator {
+        operator.require(Role::Admin, "edit and retry")?;
+    }
     let job = load(&state, id).await?;
     let text = pretty(&job.payload);
     Ok(edit_page(&viewer, &job, &text, None).into_response())
@@ -211,6 +218,7 @@ pub(crate) async fn edit_and_retry(
     Form(form): Form<EditForm>,
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
+    operator.require(Role::Admin, "edit and retry")?;
     let id = job_id(&id)?;
     let job = load(&state, id).await?;
     if form.payload.len() > outbox::failed_jobs::MAX_RAW_BODY_BYTES * 16 {
@@ -224,7 +232,16 @@ pub(crate) async fn edit_and_retry(
         let page = edit_page(&viewer, &job, &form.payload, Some(&problem.to_string()));
         return Ok((StatusCode::BAD_REQUEST, page).into_response());
     }
-    audit(&operator, "edit_and_retry", &format!("failed job {id}"));
+    let after = serde_json::from_str(&form.payload).unwrap_or(serde_json::Value::Null);
+    audit(
+        &state,
+        &operator,
+        Role::Admin,
+        Entry::new("edit_and_retry")
+            .job(id)
+            .edit(job.payload.clone(), after),
+    )
+    .await?;
     let (_, channel) = state.broker().await?;
     let edit = outbox::failed_jobs::retry_edited(
         &state.pool,

@@ -34,11 +34,13 @@ pub(crate) fn page(title: &str, viewer: &Viewer, refresh: Option<Duration>, body
                         a href="/listeners" { "Listeners" }
                         a href="/failed" { "Failed jobs" }
                         a href="/events" { "Where is my event?" }
+                        a href="/audit" { "Audit" }
                     }
                     div.who {
                         @match (&viewer.operator, viewer.can_log_in) {
                             (Some(operator), _) => {
                                 span.operator { (operator.name) }
+                                " " span.role #role title="your role" { (operator.role) }
                                 form.inline method="post" action="/logout" {
                                     (csrf_field(operator))
                                     button.link type="submit" { "Log out" }

@@ -1,5 +1,6 @@
 //! The pages, one concern a file (see the crate map).
 
+pub(crate) mod audit;
 pub(crate) mod events;
 pub(crate) mod failed;
 pub(crate) mod job;

@@ -11,8 +11,10 @@ use axum_extra::extract::Form;
 use maud::html;
 use serde::Deserialize;
 
+use crate::audit::Entry;
 use crate::auth::{Operator, Viewer, audit};
 use crate::chart;
+use crate::config::Role;
 use crate::error::{DashboardError, Result};
 use crate::pages::layout::{age, csrf_field, link, notice, page, time};
 use crate::state::AppState;
@@ -59,7 +61,7 @@ pub(crate) async fn show(
             h2 { "Relays" }
             @if stats.paused {
                 p.paused #paused-state { "Paused" @if let Some(by) = &paused_by { ": " (by) } }
-                @if let Some(operator) = &viewer.operator {
+                @if let Some(operator) = viewer.may(Role::Operator) {
                     form method="post" action="/resume" {
                         (csrf_field(operator))
                         button type="submit" { "Resume relays" }
@@ -67,7 +69,7 @@ pub(crate) async fn show(
                 }
             } @else {
                 p #paused-state { "Running: relays claim and publish." }
-                @if let Some(operator) = &viewer.operator {
+                @if let Some(operator) = viewer.may(Role::Operator) {
                     form.row method="post" action="/pause" {
                         (csrf_field(operator))
                         label { "Reason " input type="text" name="reason" required maxlength="200" placeholder="incident 42"; }
@@ -99,7 +101,7 @@ pub(crate) async fn show(
             }
             @if stats.failed > 0 {
                 p.warn { (stats.failed) " rows exhausted their publish attempts; their aggregates wait behind them." }
-                @if let Some(operator) = &viewer.operator {
+                @if let Some(operator) = viewer.may(Role::Operator) {
                     form method="post" action="/relay-failed/retry" {
                         (csrf_field(operator))
                         button type="submit" { "Retry rows failed at the relay" }
@@ -148,7 +150,13 @@ pub(crate) async fn pause(
         ));
     }
     let by = format!("{} (by {})", reason, operator.name);
-    audit(&operator, "pause", reason);
+    audit(
+        &state,
+        &operator,
+        Role::Operator,
+        Entry::new("pause").detail(reason),
+    )
+    .await?;
     state
         .db(move |conn| outbox::control::pause(conn, Some(&by)))
         .await?;
@@ -169,7 +177,7 @@ pub(crate) async fn resume(
     Form(form): Form<crate::auth::CsrfForm>,
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
-    audit(&operator, "resume", "");
+    audit(&state, &operator, Role::Operator, Entry::new("resume")).await?;
     state.db(outbox::control::resume).await?;
     Ok(Redirect::to(&link("/", &[("notice", Some("Relays resumed."))])).into_response())
 }
@@ -181,8 +189,15 @@ pub(crate) async fn retry_relay_failed(
     Form(form): Form<crate::auth::CsrfForm>,
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
+    audit(
+        &state,
+        &operator,
+        Role::Operator,
+        Entry::new("retry_relay_failed"),
+    )
+    .await?;
     let rows = state.db(outbox::control::retry_failed_events).await?;
-    audit(&operator, "retry_relay_failed", &format!("{rows} rows"));
+    tracing::info!(target: "outbox_dashboard::audit", operator = %operator.name, rows, "rows failed at the relay retried");
     let text = format!("{rows} rows failed at the relay are back in line.");
     Ok(Redirect::to(&link("/", &[("notice", Some(&text))])).into_response())
 }

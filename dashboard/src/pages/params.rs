@@ -27,6 +27,9 @@ pub(crate) struct FilterQuery {
     /// Text in the final error.
     #[serde(default)]
     pub(crate) error: Option<String>,
+    /// An error group's normalised text (see `/failed/groups`).
+    #[serde(default)]
+    pub(crate) group: Option<String>,
     #[serde(default)]
     pub(crate) after: Option<String>,
     #[serde(default)]
@@ -37,6 +40,11 @@ pub(crate) struct FilterQuery {
 
 fn set(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// Like [`set`] but untrimmed: an error group's text is matched exactly.
+fn exact(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.is_empty())
 }
 
 fn bounded(field: &str, value: Option<&str>) -> Result<Option<String>> {
@@ -82,6 +90,14 @@ impl FilterQuery {
             since,
             until,
             error_contains: bounded("error text", set(&self.error))?,
+            error_group: match exact(&self.group) {
+                Some(group) if group.chars().count() > 500 => {
+                    return Err(DashboardError::BadRequest(
+                        "group: at most 500 characters (an error group's text)".into(),
+                    ));
+                }
+                other => other.map(str::to_owned),
+            },
             after,
             limit: Some(limit),
         })
@@ -95,6 +111,7 @@ impl FilterQuery {
             ("since", set(&self.since)),
             ("until", set(&self.until)),
             ("error", set(&self.error)),
+            ("group", exact(&self.group)),
             ("limit", set(&self.limit)),
         ]
     }
@@ -102,7 +119,7 @@ impl FilterQuery {
     /// Whether any condition is set (retrying "everything" is allowed, but
     /// the confirmation says so).
     pub(crate) fn is_empty(&self) -> bool {
-        self.pairs().iter().take(5).all(|(_, v)| v.is_none())
+        self.pairs().iter().take(6).all(|(_, v)| v.is_none())
     }
 }
 

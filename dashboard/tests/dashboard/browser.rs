@@ -17,7 +17,8 @@ use outbox::TestDatabase;
 use outbox::testing::count;
 use tokio::process::{Child, Command};
 
-use crate::support::{Dashboard, TOKEN, insert_failed};
+use crate::access::{OPERATOR_TOKEN, role_tokens};
+use crate::support::{Dashboard, TOKEN, TestQueue, insert_failed};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -447,4 +448,107 @@ impl Drop for BrokerCleanup {
     fn drop(&mut self) {
         outbox::testing::delete_broker_objects(outbox::DEFAULT_AMQP_URL, &self.0, &self.1);
     }
+}
+
+/// An operator (not an admin) in the browser: edit-and-retry is refused
+/// with both roles named, an error group is retried behind its
+/// confirmation, and the audit page shows and filters what was done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_meets_roles_error_groups_and_the_audit_trail_in_the_browser() -> Result<()> {
+    let db = TestDatabase::create()?;
+    let queue = TestQueue::declare().await?;
+    let mut conn = db.connect()?;
+    let mut jobs = Vec::new();
+    for (n, error) in ["card 4242 declined for 'ann'", "card 1111 declined for 'ben'"]
+        .iter()
+        .enumerate()
+    {
+        jobs.push(insert_failed(
+            &mut conn,
+            &queue.name,
+            "charge_card",
+            "order.placed",
+            error,
+            serde_json::json!({"n": n}),
+        )?);
+    }
+    let dashboard = Dashboard::start_with(db, Some(role_tokens()?), |_| {}).await?;
+    let driver = Driver::start().await?;
+    let browser = driver.browser().await?;
+    let outcome = drive_roles(&browser, &dashboard, jobs[0]).await;
+    let _ = browser.close().await;
+    ensure!(
+        outcome.is_err() || queue.depth().await? == 2,
+        "both jobs of the group retried"
+    );
+    dashboard.stop().await?;
+    outcome
+}
+
+async fn drive_roles(browser: &Client, dashboard: &Dashboard, job: i64) -> Result<()> {
+    browser.goto(&dashboard.url("/login")).await?;
+    ensure!(
+        browser.find(Locator::Css("input[name=operator]")).await.is_err(),
+        "personal tokens only: no name to type"
+    );
+    browser
+        .find(Locator::Css("input[name=token]"))
+        .await?
+        .send_keys(OPERATOR_TOKEN)
+        .await?;
+    browser
+        .find(Locator::Css("form.login button"))
+        .await?
+        .click()
+        .await?;
+    wait_for_text(browser, "header .operator", "olga").await?;
+    wait_for_text(browser, "header #role", "operator").await?;
+
+    // Edit-and-retry is an admin's: the page says so.
+    browser.goto(&dashboard.url(&format!("/failed/{job}"))).await?;
+    ensure!(
+        browser.find(Locator::Css("#edit-job")).await.is_err(),
+        "no edit link for an operator"
+    );
+    browser
+        .goto(&dashboard.url(&format!("/failed/{job}/edit")))
+        .await?;
+    let refusal = wait_for_text(browser, "main", "403").await?;
+    ensure!(
+        refusal.contains("needs the admin role") && refusal.contains("with the operator role"),
+        "{refusal}"
+    );
+
+    // The two card errors are one group; retry it.
+    browser.goto(&dashboard.url("/failed/groups")).await?;
+    wait_for_text(browser, "#error-groups", "card N declined for ?").await?;
+    browser.find(Locator::Css("a.retry-group")).await?.click().await?;
+    wait_for_text(browser, "#matching-count", "2").await?;
+    browser
+        .find(Locator::Css("#confirm-retry-matching"))
+        .await?
+        .click()
+        .await?;
+    wait_for_text(browser, ".notice", "Retried 2 failed jobs").await?;
+
+    // The audit page shows it, and filters by action.
+    browser.goto(&dashboard.url("/audit")).await?;
+    let trail = wait_for_text(browser, "#audit", "retry_matching").await?;
+    ensure!(trail.contains("olga") && trail.contains("log_in"), "{trail}");
+    let action = browser
+        .find(Locator::Css("#audit-filters input[name=action]"))
+        .await?;
+    action.send_keys("log_in").await?;
+    browser
+        .find(Locator::Css("#audit-filters button[type=submit]"))
+        .await?
+        .click()
+        .await?;
+    wait_for_text(browser, "#audit", "log_in").await?;
+    let filtered = browser.find(Locator::Css("#audit")).await?.text().await?;
+    ensure!(
+        !filtered.contains("retry_matching"),
+        "filtered by action: {filtered}"
+    );
+    Ok(())
 }

@@ -33,6 +33,9 @@ async fn every_page_answers_with_strict_headers_and_no_token() -> Result<()> {
         format!("/failed/{job}"),
         format!("/failed/{job}/edit"),
         "/failed/retry-matching".into(),
+        "/failed/forget-matching".into(),
+        "/failed/groups".into(),
+        "/audit".into(),
         "/events".into(),
         "/events?q=7".into(),
         "/timeline?aggregate_type=site&aggregate_id=7".into(),
@@ -594,5 +597,187 @@ async fn pause_resume_and_payloads_render_as_text() -> Result<()> {
         .send()
         .await?;
     ensure!(response.status() == 303);
+    dashboard.stop().await
+}
+
+/// The `href` of the first link whose class attribute is `class`
+/// (entities decoded).
+fn link_of_class(page: &str, class: &str) -> Option<String> {
+    let marker = format!("class=\"{class}\" href=\"");
+    let start = page.find(&marker)? + marker.len();
+    let end = page[start..].find('"')? + start;
+    Some(page[start..end].replace("&amp;", "&"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_differing_only_in_ids_form_one_group_retried_as_one() -> Result<()> {
+    let dashboard = Dashboard::start(true).await?;
+    let queue = TestQueue::declare().await?;
+    let mut conn = dashboard.db.connect()?;
+    let errors = [
+        "order 41 failed for 'alice': payment 0191d4c2-7e3b-7c4a-9f1e-2b3c4d5e6f70 declined (ref 0x1f3a)",
+        "order 1042 failed for 'bob': payment 0191d4c2-7e3b-7c4a-9f1e-2b3c4d5e6f71 declined (ref 0x2)",
+        "order 7 failed for \"carol\": payment 0191D4C2-7E3B-7C4A-9F1E-2B3C4D5E6F72 declined (ref 99ab)",
+    ];
+    for (n, error) in errors.iter().enumerate() {
+        insert_failed(
+            &mut conn,
+            &queue.name,
+            "charge_card",
+            "order.placed",
+            error,
+            serde_json::json!({"n": n}),
+        )?;
+    }
+    insert_failed(
+        &mut conn,
+        &queue.name,
+        "charge_card",
+        "order.placed",
+        "timeout after 30s",
+        serde_json::json!({}),
+    )?;
+    insert_failed(
+        &mut conn,
+        "nowhere",
+        "send_receipt",
+        "order.placed",
+        errors[0],
+        serde_json::json!({}),
+    )?;
+    let http = client()?;
+    let csrf = log_in(&dashboard, &http, "gina").await?;
+
+    let page = http
+        .get(dashboard.url("/failed/groups"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        page.matches("class=\"error-group\"").count() == 3,
+        "three groups: {page}"
+    );
+    let masked = "order N failed for ?: payment &lt;id&gt; declined (ref N)";
+    ensure!(page.contains(masked), "the masked text: {page}");
+    // Largest first: the group of three leads, with its count.
+    let first = page.find("class=\"error-group\"").unwrap_or(0);
+    ensure!(page[first..].contains("<td class=\"num count\">3</td>"), "{page}");
+    let only_receipts = http
+        .get(dashboard.url("/failed/groups?listener=send_receipt"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(only_receipts.matches("class=\"error-group\"").count() == 1);
+
+    // Retry the group behind the confirmation, which shows its count.
+    let confirm =
+        link_of_class(&page, "button retry-group").ok_or_else(|| anyhow::anyhow!("no retry link"))?;
+    ensure!(
+        confirm.starts_with("/failed/retry-matching?listener=charge_card&group="),
+        "{confirm}"
+    );
+    let confirmation = http.get(dashboard.url(&confirm)).send().await?.text().await?;
+    ensure!(confirmation.contains("<strong>3</strong>"), "{confirmation}");
+    let group = hidden_value(&confirmation, "group").ok_or_else(|| anyhow::anyhow!("no group field"))?;
+    let group = group
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"");
+    let response = http
+        .post(dashboard.url("/failed/retry-matching"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("listener", "charge_card"),
+            ("group", group.as_str()),
+            ("expected", "3"),
+        ])
+        .send()
+        .await?;
+    ensure!(response.status() == 303, "retry group: {}", response.status());
+    let bodies = queue.drain().await?;
+    let order: Vec<i64> = bodies.iter().filter_map(|b| b["data"]["n"].as_i64()).collect();
+    ensure!(
+        order == [0, 1, 2],
+        "all three retried, in their aggregate's order: {order:?}"
+    );
+    ensure!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM failed_jobs WHERE listener = 'charge_card'"
+        ) == 1
+    );
+    ensure!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM dashboard_audit WHERE action = 'retry_matching' AND count = 3"
+        ) == 1,
+        "the group's retry is audited with its count"
+    );
+
+    // Forget the other listener's group the same way.
+    let page = http
+        .get(dashboard.url("/failed/groups?listener=send_receipt"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let confirm = link_of_class(&page, "button danger forget-group")
+        .ok_or_else(|| anyhow::anyhow!("no forget link"))?;
+    let confirmation = http.get(dashboard.url(&confirm)).send().await?.text().await?;
+    ensure!(confirmation.contains("<strong>1</strong>") && confirmation.contains("confirm-forget-matching"));
+    let response = http
+        .post(dashboard.url("/failed/forget-matching"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("listener", "send_receipt"),
+            ("group", group.as_str()),
+            ("expected", "1"),
+        ])
+        .send()
+        .await?;
+    ensure!(response.status() == 303, "forget group: {}", response.status());
+    ensure!(
+        count(&mut conn, "SELECT count(*) AS n FROM failed_jobs") == 1,
+        "only the timeout is left"
+    );
+    dashboard.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_search_has_a_trigram_index_where_pg_trgm_exists() -> Result<()> {
+    let dashboard = Dashboard::start(false).await?;
+    let mut conn = dashboard.db.connect()?;
+    let available = count(
+        &mut conn,
+        "SELECT count(*) AS n FROM pg_available_extensions WHERE name = 'pg_trgm'",
+    ) == 1;
+    let indexed = count(
+        &mut conn,
+        "SELECT count(*) AS n FROM pg_indexes WHERE indexname = 'failed_jobs_exception_trgm'",
+    ) == 1;
+    ensure!(
+        indexed == available,
+        "pg_trgm available: {available}, index built: {indexed}"
+    );
+    insert_failed(
+        &mut conn,
+        "nowhere",
+        "l",
+        "t",
+        "disk full on /var/lib",
+        serde_json::json!({}),
+    )?;
+    let page = client()?
+        .get(dashboard.url("/failed?error=DISK+FULL"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        page.contains("disk full on /var/lib"),
+        "the search still finds it"
+    );
     dashboard.stop().await
 }

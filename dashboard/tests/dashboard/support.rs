@@ -51,8 +51,34 @@ pub fn logs() -> String {
 pub struct Dashboard {
     pub address: SocketAddr,
     pub db: TestDatabase,
+    config: DashboardConfig,
+    server: Server,
+}
+
+/// The serving task; told to stop when dropped.
+struct Server {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), outbox_dashboard::DashboardError>>>,
+}
+
+impl Server {
+    async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
 
 impl Dashboard {
@@ -63,17 +89,34 @@ impl Dashboard {
     }
 
     pub async fn start_on(db: TestDatabase, auth: bool) -> Result<Self> {
-        capture_logs();
+        let credentials = if auth {
+            Some(Credentials::shared(TOKEN)?)
+        } else {
+            None
+        };
+        Self::start_with(db, credentials, |_| {}).await
+    }
+
+    /// With `credentials`, and the settings `configure` changes.
+    pub async fn start_with(
+        db: TestDatabase,
+        credentials: Option<Credentials>,
+        configure: impl FnOnce(&mut DashboardConfig),
+    ) -> Result<Self> {
         let mut config = DashboardConfig::new(db.url(), outbox::DEFAULT_AMQP_URL);
         config.bind = "127.0.0.1:0".parse()?;
         config.refresh = Duration::from_secs(60);
-        if auth {
-            config.credentials = Some(Credentials::shared(TOKEN)?);
-        }
+        config.credentials = credentials;
+        configure(&mut config);
+        Self::serve(db, config).await
+    }
+
+    async fn serve(db: TestDatabase, config: DashboardConfig) -> Result<Self> {
+        capture_logs();
         let (stop, stopped) = oneshot::channel::<()>();
         let (bound_tx, bound_rx) = oneshot::channel();
         let task = tokio::spawn(outbox_dashboard::serve(
-            config,
+            config.clone(),
             async move {
                 let _ = stopped.await;
             },
@@ -87,8 +130,11 @@ impl Dashboard {
         Ok(Self {
             address,
             db,
-            stop: Some(stop),
-            task: Some(task),
+            config,
+            server: Server {
+                stop: Some(stop),
+                task: Some(task),
+            },
         })
     }
 
@@ -96,23 +142,33 @@ impl Dashboard {
         format!("http://{}{path}", self.address)
     }
 
-    pub async fn stop(mut self) -> Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await??;
-        }
-        Ok(())
+    pub async fn stop(self) -> Result<()> {
+        self.server.stop().await
+    }
+
+    /// Stops this server and starts a new one with the same settings and
+    /// database, on the same address.
+    pub async fn restart(self) -> Result<Self> {
+        let Dashboard {
+            address,
+            db,
+            mut config,
+            server,
+        } = self;
+        server.stop().await?;
+        config.bind = address;
+        Self::serve(db, config).await
     }
 }
 
-impl Drop for Dashboard {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
+/// Credentials from a token file holding `lines` (the file is deleted once
+/// read).
+pub fn token_file(lines: &str) -> Result<Credentials> {
+    let path = std::env::temp_dir().join(format!("outbox-dashboard-tokens-{}", Uuid::now_v7().simple()));
+    std::fs::write(&path, lines)?;
+    let credentials = Credentials::from_file(&path);
+    std::fs::remove_file(&path)?;
+    Ok(credentials?)
 }
 
 /// A client that keeps cookies and does not follow redirects.
@@ -132,8 +188,37 @@ pub fn hidden_value(page: &str, field: &str) -> Option<String> {
     Some(page[start..end].to_owned())
 }
 
+/// The `href` of the link with id `id` in a page (entities decoded).
+pub fn href_of(page: &str, id: &str) -> Option<String> {
+    let marker = format!("id=\"{id}\" href=\"");
+    let start = page.find(&marker)? + marker.len();
+    let end = page[start..].find('"')? + start;
+    Some(page[start..end].replace("&amp;", "&"))
+}
+
 /// Logs `client` in as `operator`; returns the session's CSRF token.
 pub async fn log_in(dashboard: &Dashboard, client: &reqwest::Client, operator: &str) -> Result<String> {
+    log_in_with(dashboard, client, operator, TOKEN).await
+}
+
+/// Logs `client` in with `token` (naming itself `operator` when the token
+/// is shared); returns the session's CSRF token.
+pub async fn log_in_with(
+    dashboard: &Dashboard,
+    client: &reqwest::Client,
+    operator: &str,
+    token: &str,
+) -> Result<String> {
+    Ok(log_in_session(dashboard, client, operator, token).await?.0)
+}
+
+/// Like [`log_in_with`], also returning the session cookie's value.
+pub async fn log_in_session(
+    dashboard: &Dashboard,
+    client: &reqwest::Client,
+    operator: &str,
+    token: &str,
+) -> Result<(String, String)> {
     let form = client.get(dashboard.url("/login")).send().await?.text().await?;
     let nonce = hidden_value(&form, "login_csrf").ok_or_else(|| anyhow!("no login_csrf in {form}"))?;
     let response = client
@@ -141,13 +226,23 @@ pub async fn log_in(dashboard: &Dashboard, client: &reqwest::Client, operator: &
         .form(&[
             ("login_csrf", nonce.as_str()),
             ("operator", operator),
-            ("token", TOKEN),
+            ("token", token),
         ])
         .send()
         .await?;
     anyhow::ensure!(response.status() == 303, "login answered {}", response.status());
+    let session = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix("outbox_session="))
+        .and_then(|c| c.split(';').next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("the login set no session cookie"))?;
     let page = client.get(dashboard.url("/")).send().await?.text().await?;
-    hidden_value(&page, "csrf").ok_or_else(|| anyhow!("no csrf field once logged in"))
+    let csrf = hidden_value(&page, "csrf").ok_or_else(|| anyhow!("no csrf field once logged in"))?;
+    Ok((csrf, session))
 }
 
 /// A durable queue of the test's own (deleted on drop).
