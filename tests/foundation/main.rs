@@ -9,6 +9,7 @@ mod support;
 mod alert_rules;
 mod batch;
 mod migrate;
+mod module_cycles;
 mod payload_cap;
 mod record;
 mod sync_listeners;
