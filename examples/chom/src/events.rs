@@ -1,5 +1,5 @@
 //! CHOM's domain events: the seed's seven (sites and backups) and the
-//! twelve of its phase 2 (team, SSL, security, quota).
+//! twelve account events (teams, SSL, security, quotas).
 //!
 //! Payloads carry primitive data only (ids, domain names, numbers, error
 //! text, timestamps), so a consumer never needs the row to still exist: a
@@ -65,8 +65,8 @@ pub const SEED_EVENT_TYPES: [&str; 7] = [
     BACKUP_FAILED,
 ];
 
-/// The twelve event types of phase 2: team, SSL, security, quota.
-pub const PHASE2_EVENT_TYPES: [&str; 12] = [
+/// The twelve account event types: teams, SSL certificates, security and quotas.
+pub const ACCOUNT_EVENT_TYPES: [&str; 12] = [
     TEAM_MEMBER_ROLE_CHANGED,
     TEAM_MEMBER_REMOVED,
     TEAM_OWNERSHIP_TRANSFERRED,
@@ -81,7 +81,11 @@ pub const PHASE2_EVENT_TYPES: [&str; 12] = [
     QUOTA_BANDWIDTH_LIMIT_REACHED,
 ];
 
-/// Every event type CHOM records: the seed's seven, then phase 2's twelve.
+/// The old name of [`ACCOUNT_EVENT_TYPES`], kept for a release.
+#[deprecated(note = "renamed ACCOUNT_EVENT_TYPES")]
+pub const PHASE2_EVENT_TYPES: [&str; 12] = ACCOUNT_EVENT_TYPES;
+
+/// Every event type CHOM records: the site and backup seven, then the twelve of teams, SSL, security and quotas.
 pub const EVENT_TYPES: [&str; 19] = [
     SITE_CREATED,
     SITE_PROVISIONED,

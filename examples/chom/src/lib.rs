@@ -3,7 +3,7 @@
 //! The CHOM hosting platform as a write-path service on the [`outbox`]:
 //! tenants own sites, sites have backups, and every change to a site or a
 //! backup records one of the seed's seven domain events in the same
-//! Postgres transaction as the change. Phase 2 adds teams (roles,
+//! Postgres transaction as the change. The account features add teams (roles,
 //! ownership), SSL certificates, VPS credentials and API tokens (stored as
 //! hashes), failed sign-ins, and quotas, with twelve more events recorded
 //! the same way. `docs/adding-an-event.md` walks adding one.
@@ -14,9 +14,9 @@
 //! | --- | --- | --- |
 //! | the database schema | [`migrate`](mod@migrate), [`schema`] | [`migrate()`] |
 //! | rows as Rust values | [`models`] | [`Site`], [`Backup`], [`Tenant`], [`User`], [`TeamMember`](models::TeamMember), [`SslCertificate`](models::SslCertificate), ... |
-//! | the nineteen domain events and their schemas (committed in `schemas/`, catalogued in `docs/events.md`) | [`events`] | [`SiteCreated`](events::SiteCreated), ..., [`EVENT_TYPES`](events::EVENT_TYPES), [`PHASE2_EVENT_TYPES`](events::PHASE2_EVENT_TYPES), [`register_schemas`](events::register_schemas) |
+//! | the nineteen domain events and their schemas (committed in `schemas/`, catalogued in `docs/events.md`) | [`events`] | [`SiteCreated`](events::SiteCreated), ..., [`EVENT_TYPES`](events::EVENT_TYPES), [`ACCOUNT_EVENT_TYPES`](events::ACCOUNT_EVENT_TYPES), [`register_schemas`](events::register_schemas) |
 //! | the write path (seed) | [`services`] | [`services::sites`], [`services::backups`], [`services::tenants`] |
-//! | the write path (phase 2) | [`services`] | [`services::team`], [`services::ssl`], [`services::security`], [`services::quotas`] |
+//! | the write path (teams, SSL, security, quotas) | [`services`] | [`services::team`], [`services::ssl`], [`services::security`], [`services::quotas`] |
 //! | secrets (shown once, stored hashed, redacted in `Debug`) | [`secret`] | [`Secret`](secret::Secret) |
 //! | the four listeners and the event → listener mapping | [`listeners`] | [`listeners::registry`], [`listeners::MAPPING`], [`listeners::NOTIFIED_EVENT_TYPES`] |
 //! | a load generator | [`simulate`] | [`simulate::run`] |

@@ -1,5 +1,5 @@
 //! A load generator: whole site lifecycles driven from concurrent writers,
-//! then (unless turned off) phase 2 for each tenant: team changes, SSL
+//! then (unless turned off) the account events for each tenant: team changes, SSL
 //! certificates and the expiry check, credential and token rotations, a
 //! burst of failed sign-ins, and quotas met and exceeded, so a run records
 //! all nineteen event types. Then a check that every event the services
@@ -60,9 +60,9 @@ pub struct SimulateConfig {
     pub failure_rate: f64,
     /// Seed of the lifecycle mix.
     pub seed: u64,
-    /// Run phase 2 for every tenant after the lifecycles ([`run`]).
+    /// Run the account events for every tenant after the lifecycles ([`run`]).
     /// Default true.
-    pub phase2: bool,
+    pub account_events: bool,
 }
 
 impl Default for SimulateConfig {
@@ -74,7 +74,7 @@ impl Default for SimulateConfig {
             rate: None,
             failure_rate: 0.1,
             seed: 0,
-            phase2: true,
+            account_events: true,
         }
     }
 }
@@ -116,7 +116,7 @@ pub struct SimulateReport {
     /// Service transactions that recorded events (tenant setup excluded);
     /// one may record two (`backup.completed` and a quota event).
     pub transactions: u64,
-    /// Wall time of the lifecycles and phase 2, setup and verification
+    /// Wall time of the lifecycles and the account events, setup and verification
     /// excluded.
     pub elapsed_seconds: f64,
     /// `transactions / elapsed_seconds`.
@@ -142,7 +142,7 @@ pub struct SimulateReport {
 /// `failure_rate`); if active, 1 to 3 backups, each created then completed
 /// or failed (probability `failure_rate`); delete about a third of the
 /// sites. A service error stops the run and is returned. Then, with
-/// `config.phase2`, phase 2 for each tenant, one after the other (see
+/// `config.account_events`, the account events for each tenant, one after the other (see
 /// the module's documentation), and the SSL expiry check once.
 pub fn run(pool: &PgPool, outbox: &Outbox, config: &SimulateConfig) -> Result<SimulateReport> {
     config.validate()?;
@@ -192,10 +192,10 @@ pub fn run(pool: &PgPool, outbox: &Outbox, config: &SimulateConfig) -> Result<Si
     for outcome in outcomes {
         total.merge(outcome?);
     }
-    if config.phase2 {
+    if config.account_events {
         let mut conn = pool.get().map_err(outbox::Error::Pool)?;
         for (n, (tenant, owner)) in owners.iter().enumerate() {
-            phase2(
+            account_events(
                 outbox,
                 &mut conn,
                 tenant,
@@ -357,11 +357,11 @@ fn pick<'a>(rng: &mut StdRng, choices: &[&'a str]) -> &'a str {
     choices[rng.random_range(0..choices.len())]
 }
 
-/// The expiry check's window in a run: the certificates phase 2 issues
+/// The expiry check's window in a run: the certificates the account events issue
 /// expire in 10 days (warned about) and in 90 (not).
 pub const EXPIRY_WINDOW_DAYS: u32 = 30;
 
-/// Phase 2 for one tenant, `label` making its names unique: an admin and a
+/// The account events for one tenant, `label` making its names unique: an admin and a
 /// member join the team, the member is removed, the admin becomes the owner;
 /// a new active site gets a certificate expiring in 10 days and an older one
 /// expiring in 90; a VPS and an API token are created and rotated (their
@@ -369,7 +369,7 @@ pub const EXPIRY_WINDOW_DAYS: u32 = 30;
 /// incident; then limits are set at the tenant's usage, so one more site is
 /// refused, the next backup takes storage over the limit, and two bandwidth
 /// reports reach the month's limit.
-fn phase2(
+fn account_events(
     outbox: &Outbox,
     conn: &mut PgConnection,
     tenant: &Tenant,

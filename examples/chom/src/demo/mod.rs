@@ -6,7 +6,7 @@
 //!    to milliseconds (3 tries, 200 ms then 400 ms instead of the seed's
 //!    30 s / 60 s / 120 s), so the demo takes seconds.
 //! 3. Normal traffic: site and backup lifecycles from concurrent writers,
-//!    with provisioning and backup failures, then phase 2 for each tenant
+//!    with provisioning and backup failures, then the account events for each tenant
 //!    (team changes, certificates and the expiry check, credential and
 //!    token rotations, failed sign-ins, quotas met and exceeded: see
 //!    [`simulate`]).
@@ -222,7 +222,7 @@ async fn drive(
             rate: None,
             failure_rate: config.failure_rate,
             seed: config.seed,
-            phase2: true,
+            account_events: true,
         },
     )
     .await?;
@@ -244,7 +244,7 @@ async fn drive(
             rate: None,
             failure_rate: 0.5,
             seed: config.seed.wrapping_add(1),
-            phase2: false,
+            account_events: false,
         },
     )
     .await?;

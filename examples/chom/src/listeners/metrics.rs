@@ -31,8 +31,8 @@ pub const BACKUP_SIZE_BYTES: &str = "chom_backup_size_bytes";
 /// Duration of completed backups.
 pub const BACKUP_DURATION_SECONDS: &str = "chom_backup_duration_seconds";
 
-/// Phase 2's counters: event type, counter name, description.
-pub const PHASE2_COUNTERS: [(&str, &str, &str); 12] = [
+/// The account events' counters: event type, counter name, description.
+pub const ACCOUNT_COUNTERS: [(&str, &str, &str); 12] = [
     (
         TEAM_MEMBER_ROLE_CHANGED,
         "chom_team_role_changes_total",
@@ -95,6 +95,10 @@ pub const PHASE2_COUNTERS: [(&str, &str, &str); 12] = [
     ),
 ];
 
+/// The old name of [`ACCOUNT_COUNTERS`], kept for a release.
+#[deprecated(note = "renamed ACCOUNT_COUNTERS")]
+pub const PHASE2_COUNTERS: [(&str, &str, &str); 12] = ACCOUNT_COUNTERS;
+
 /// Counts each committed event with the `metrics` facade; whatever
 /// recorder the process installed (`chom work` and `chom demo` serve
 /// Prometheus text on `/metrics`) exports them. Never fails: a counter
@@ -116,7 +120,7 @@ impl SyncListener for RecordMetrics {
             BACKUP_CREATED => BACKUPS_CREATED_TOTAL,
             BACKUP_COMPLETED => BACKUPS_COMPLETED_TOTAL,
             BACKUP_FAILED => BACKUPS_FAILED_TOTAL,
-            other => match PHASE2_COUNTERS
+            other => match ACCOUNT_COUNTERS
                 .iter()
                 .find(|(event_type, _, _)| *event_type == other)
             {
@@ -144,7 +148,7 @@ pub fn describe() {
     describe_counter!(BACKUPS_CREATED_TOTAL, "Backups started");
     describe_counter!(BACKUPS_COMPLETED_TOTAL, "Backups completed");
     describe_counter!(BACKUPS_FAILED_TOTAL, "Backups failed");
-    for (_, counter, description) in PHASE2_COUNTERS {
+    for (_, counter, description) in ACCOUNT_COUNTERS {
         describe_counter!(counter, description);
     }
     describe_histogram!(BACKUP_SIZE_BYTES, Unit::Bytes, "Size of completed backups");

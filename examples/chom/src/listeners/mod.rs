@@ -26,7 +26,7 @@
 //! As in the seed: two queued jobs per site change (tenant metrics, audit),
 //! two or three per backup change (plus a notification when it failed),
 //! and the metrics counters in-process right after the write commits.
-//! Phase 2's events are audited, counted, and notified where a person must
+//! The account events are audited, counted, and notified where a person must
 //! act: an expiring certificate, an exceeded quota, suspicious activity, a
 //! new owner. They change no tenant stats.
 //!
@@ -63,10 +63,12 @@ use outbox::{ListenerOptions, Registry};
 pub use activity_feed::{TENANT_ACTIVITY, TenantActivity};
 pub use audit_log::RecordAuditLog;
 pub use metrics::{
-    BACKUP_DURATION_SECONDS, BACKUP_SIZE_BYTES, BACKUPS_COMPLETED_TOTAL, BACKUPS_CREATED_TOTAL,
-    BACKUPS_FAILED_TOTAL, PHASE2_COUNTERS, RecordMetrics, SITES_CREATED_TOTAL, SITES_DELETED_TOTAL,
+    ACCOUNT_COUNTERS, BACKUP_DURATION_SECONDS, BACKUP_SIZE_BYTES, BACKUPS_COMPLETED_TOTAL,
+    BACKUPS_CREATED_TOTAL, BACKUPS_FAILED_TOTAL, RecordMetrics, SITES_CREATED_TOTAL, SITES_DELETED_TOTAL,
     SITES_PROVISIONED_TOTAL, SITES_PROVISIONING_FAILED_TOTAL, describe as describe_metrics,
 };
+#[allow(deprecated)]
+pub use metrics::PHASE2_COUNTERS;
 pub use notification::{
     DatabaseNotifier, Notification, Notifier, NotifierError, OutageSwitch, SendNotification,
     SwitchableNotifier,
@@ -92,7 +94,7 @@ pub const SEND_NOTIFICATION: &str = "send_notification";
 pub const RECORD_METRICS: &str = "record_metrics";
 
 /// The events SendNotification tells a tenant's team about: failures
-/// (the seed's), and phase 2's events someone has to act on.
+/// (the seed's), and the account events someone has to act on.
 pub const NOTIFIED_EVENT_TYPES: [&str; 8] = [
     SITE_PROVISIONING_FAILED,
     BACKUP_FAILED,

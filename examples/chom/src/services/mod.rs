@@ -12,7 +12,7 @@
 //! [`ChomError::QuotaExceeded`], a refusal that is itself recorded
 //! (`quota.site_quota_exceeded`), so it committed.
 //!
-//! Seed: [`sites`], [`backups`], [`tenants`]. Phase 2: [`team`], [`ssl`],
+//! Seed: [`sites`], [`backups`], [`tenants`]. Accounts: [`team`], [`ssl`],
 //! [`security`], [`quotas`].
 
 pub mod backups;

@@ -167,8 +167,8 @@ fn run_demo_and_check(db: &TestDatabase, broker: &BrokerNames) -> String {
         ),
         0
     );
-    // Phase 2 ran: each of its twelve event types, reported and notified.
-    for event_type in chom::events::PHASE2_EVENT_TYPES {
+    // The account events ran: each of its twelve event types, reported and notified.
+    for event_type in chom::events::ACCOUNT_EVENT_TYPES {
         let sql = format!("SELECT count(*) AS n FROM outbox_events WHERE event_type = '{event_type}'");
         assert!(count(&mut conn, &sql) > 0, "{event_type} in the demo");
         assert!(stdout.contains(event_type), "{event_type} in the report");

@@ -6,9 +6,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod accounts;
 mod backups;
 mod cli;
-mod cli_phase2;
+mod cli_accounts;
 mod contracts;
 mod demo;
 mod end_to_end;
@@ -18,7 +19,6 @@ mod killed_worker;
 mod listeners;
 mod monitoring;
 mod operate;
-mod phase2;
 mod pipeline;
 mod projections;
 mod quotas;

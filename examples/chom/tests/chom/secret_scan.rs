@@ -14,7 +14,7 @@ use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tracing::Dispatch;
 
-use crate::phase2::flow;
+use crate::accounts::flow;
 use crate::pipeline::{Pipeline, amqp_url, wait_for_count};
 
 /// Log lines, as the subscriber wrote them.

@@ -1,5 +1,5 @@
 //! The load generator: 16 concurrent writers lose nothing, events of one
-//! aggregate keep their order, a seed reproduces the mix, and phase 2
+//! aggregate keep their order, a seed reproduces the mix, and the account events
 //! records each of its twelve event types for every tenant.
 
 use std::collections::{BTreeMap, HashSet};
@@ -25,7 +25,7 @@ fn sixteen_writers_lose_nothing() {
         writers: 16,
         seed: 42,
         // The seed's lifecycles only: this test counts them exactly.
-        phase2: false,
+        account_events: false,
         ..SimulateConfig::default()
     };
 
@@ -146,7 +146,7 @@ fn phase_two_records_each_new_event_type_for_every_tenant() {
     let report = run(&pool, &Outbox::new(), &config).unwrap();
 
     assert!(report.verified, "{report:#?}");
-    for event_type in chom::events::PHASE2_EVENT_TYPES {
+    for event_type in chom::events::ACCOUNT_EVENT_TYPES {
         // Two certificates a tenant, one of them expiring within the window.
         let per_tenant = match event_type {
             "ssl.certificate_requested" | "ssl.certificate_issued" => 2,
@@ -173,7 +173,7 @@ fn phase_two_records_each_new_event_type_for_every_tenant() {
         crate::support::count(&mut conn, "SELECT count(*) AS n FROM ssl_expiry_warnings"),
         2
     );
-    // Per-aggregate order holds for phase 2's aggregates too.
+    // Per-aggregate order holds for the account events' aggregates too.
     let rows = events(&mut conn);
     let mut certificates: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for row in rows.iter().filter(|r| r.aggregate_type == "ssl_certificate") {
@@ -208,7 +208,7 @@ fn rate_caps_transactions_per_second() {
         writers: 4,
         rate: Some(100.0),
         seed: 1,
-        phase2: false,
+        account_events: false,
         ..SimulateConfig::default()
     };
 
@@ -264,7 +264,7 @@ fn events_the_relay_moved_to_the_event_log_are_counted_too() {
         sites: 10,
         writers: 2,
         seed: 7,
-        phase2: false,
+        account_events: false,
         ..SimulateConfig::default()
     };
     let report = run(&pool, &Outbox::new(), &config).unwrap();

@@ -53,7 +53,7 @@ pub(crate) enum Command {
     /// Plans, quotas and usage (quota.* events).
     #[command(subcommand)]
     Quota(QuotaCommand),
-    /// Drive whole site lifecycles from concurrent writers, then phase 2
+    /// Drive whole site lifecycles from concurrent writers, then the account events
     /// for each tenant (team, SSL, security, quota), and check that the
     /// outbox holds every event the services recorded.
     Simulate(SimulateArgs),
@@ -63,7 +63,7 @@ pub(crate) enum Command {
     Work(WorkArgs),
     /// The whole platform in one process: create and migrate the database,
     /// run a relay and a worker, drive site and backup lifecycles (with
-    /// failures and a notifier outage) and phase 2 (team, SSL, security,
+    /// failures and a notifier outage) and the account events (team, SSL, security,
     /// quota), then report what happened.
     Demo(DemoArgs),
     /// Declare the exchange and every listener's queues, retry queues and
@@ -648,10 +648,11 @@ pub(crate) struct SimulateArgs {
     /// Seed of the lifecycle mix, for a reproducible run (default: random).
     #[arg(long)]
     pub(crate) seed: Option<u64>,
-    /// Only the seed's site and backup lifecycles: no phase 2 (team, SSL,
-    /// security, quota) pass after them.
-    #[arg(long)]
-    pub(crate) no_phase2: bool,
+    /// Only the site and backup lifecycles: no account events (team, SSL,
+    /// security, quota) pass after them. (`--no-phase2`, its old name, is
+    /// still accepted.)
+    #[arg(long, alias = "no-phase2")]
+    pub(crate) no_account_events: bool,
     #[command(flatten)]
     pub(crate) output: Output,
 }

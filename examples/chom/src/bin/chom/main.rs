@@ -21,15 +21,15 @@ use diesel::prelude::*;
 use outbox::{Metadata, Outbox, redact_url};
 use serde::Serialize;
 
+mod accounts;
 mod cli;
 mod contract;
 mod output;
-mod phase2;
 
+use accounts::*;
 use cli::*;
 use contract::*;
 use output::*;
-use phase2::*;
 
 /// CHOM's database when `DATABASE_URL` is not set.
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/chom";
@@ -221,7 +221,7 @@ fn simulate(url: &str, outbox: &Outbox, args: SimulateArgs) -> Result<()> {
         rate: args.rate,
         failure_rate: args.failure_rate,
         seed: args.seed.unwrap_or_else(rand::random),
-        phase2: !args.no_phase2,
+        account_events: !args.no_account_events,
     };
     let pool = outbox::pool(url, config.writers, Duration::from_secs(30))?;
     let report = chom::simulate::run(&pool, outbox, &config).context("simulation failed")?;

@@ -1,4 +1,4 @@
-//! `chom team`, `chom ssl`, `chom security`, `chom quota`: phase 2's
+//! `chom team`, `chom ssl`, `chom security`, `chom quota`: the account events'
 //! subcommands. Secrets are printed once, on stdout, by the commands that
 //! create or rotate them, and appear nowhere else (not in errors, not in
 //! logs, not in listings).

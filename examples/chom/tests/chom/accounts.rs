@@ -1,4 +1,4 @@
-//! Phase 2's listeners: the registry maps the twelve events, RecordAuditLog
+//! The account events' listeners: the registry maps the twelve events, RecordAuditLog
 //! writes a row for each, SendNotification tells the current team about the
 //! six that need a person, RecordMetrics counts them. [`flow`] drives all
 //! twelve (the secret scan runs it too).
@@ -31,13 +31,13 @@ pub struct Flow {
     pub secrets: Vec<Secret>,
 }
 
-/// Drives all twelve phase 2 events for a new tenant with three users,
+/// Drives all twelve account events for a new tenant with three users,
 /// each once.
 pub fn flow(outbox: &Outbox, conn: &mut PgConnection) -> Flow {
-    let tenant = tenants::create_tenant(conn, "Phase Two").unwrap();
-    let owner = tenants::create_user(conn, tenant.id, "owner@phase2.test", "Olive").unwrap();
-    let admin = tenants::create_user(conn, tenant.id, "ada@phase2.test", "Ada").unwrap();
-    let leaver = tenants::create_user(conn, tenant.id, "max@phase2.test", "Max").unwrap();
+    let tenant = tenants::create_tenant(conn, "Accounts Tenant").unwrap();
+    let owner = tenants::create_user(conn, tenant.id, "owner@accounts.test", "Olive").unwrap();
+    let admin = tenants::create_user(conn, tenant.id, "ada@accounts.test", "Ada").unwrap();
+    let leaver = tenants::create_user(conn, tenant.id, "max@accounts.test", "Max").unwrap();
     let by_owner = Metadata::by(format!("user:{}", owner.id));
     let mut ids = Vec::new();
     let mut push = |id: Uuid| ids.push(id);
@@ -60,7 +60,7 @@ pub fn flow(outbox: &Outbox, conn: &mut PgConnection) -> Flow {
     );
 
     // ssl.*
-    let site = sites::create_site(outbox, conn, by_owner.clone(), tenant.id, "shop.phase2.test").unwrap();
+    let site = sites::create_site(outbox, conn, by_owner.clone(), tenant.id, "shop.accounts.test").unwrap();
     push(site.event_id);
     let site_id = site.value.id;
     push(
@@ -88,7 +88,7 @@ pub fn flow(outbox: &Outbox, conn: &mut PgConnection) -> Flow {
 
     // security.*
     let mut secrets = Vec::new();
-    let (vps, first_credential) = security::add_vps(conn, tenant.id, "vps1.phase2.test").unwrap();
+    let (vps, first_credential) = security::add_vps(conn, tenant.id, "vps1.accounts.test").unwrap();
     secrets.push(first_credential);
     let rotated = security::rotate_vps_credentials(outbox, conn, by_owner.clone(), vps.id).unwrap();
     push(rotated.recorded.event_id);
@@ -123,7 +123,7 @@ pub fn flow(outbox: &Outbox, conn: &mut PgConnection) -> Flow {
         },
     )
     .unwrap();
-    match sites::create_site(outbox, conn, by_owner.clone(), tenant.id, "second.phase2.test") {
+    match sites::create_site(outbox, conn, by_owner.clone(), tenant.id, "second.accounts.test") {
         Err(chom::ChomError::QuotaExceeded { event_id, .. }) => push(event_id),
         other => panic!("{other:?}"),
     }
@@ -147,9 +147,9 @@ pub fn flow(outbox: &Outbox, conn: &mut PgConnection) -> Flow {
 }
 
 #[test]
-fn the_registry_maps_phase_two() {
+fn the_registry_maps_the_account_events() {
     let registry = listeners::registry(&ListenerConfig::default()).unwrap();
-    for event_type in chom::events::PHASE2_EVENT_TYPES {
+    for event_type in chom::events::ACCOUNT_EVENT_TYPES {
         // The activity feed (a projection) has every tenant event.
         let mut expected = vec!["record_metrics (sync)", "tenant_activity", "record_audit_log"];
         if listeners::NOTIFIED_EVENT_TYPES.contains(&event_type) {
@@ -165,7 +165,7 @@ fn the_registry_maps_phase_two() {
     let notified: Vec<&str> = listeners::NOTIFIED_EVENT_TYPES
         .iter()
         .copied()
-        .filter(|t| chom::events::PHASE2_EVENT_TYPES.contains(t))
+        .filter(|t| chom::events::ACCOUNT_EVENT_TYPES.contains(t))
         .collect();
     assert_eq!(
         notified,
@@ -197,7 +197,7 @@ fn audit_notifications_and_metrics_for_all_twelve() {
         .filter(|t| t.contains('.') && !t.starts_with("site.") && !t.starts_with("backup."))
         .collect();
     types.sort_unstable();
-    let mut all = chom::events::PHASE2_EVENT_TYPES.to_vec();
+    let mut all = chom::events::ACCOUNT_EVENT_TYPES.to_vec();
     all.sort_unstable();
     assert_eq!(types, all, "each of the twelve once");
 
@@ -226,7 +226,7 @@ fn audit_notifications_and_metrics_for_all_twelve() {
         2,
         "rotations by the owner; the failed logins' incident is a system action"
     );
-    // Two current members, six notified phase 2 events.
+    // Two current members, six notified account events.
     let notified: Vec<(String, String, i64)> = chom::schema::notifications::table
         .order((
             chom::schema::notifications::kind,
@@ -252,14 +252,14 @@ fn audit_notifications_and_metrics_for_all_twelve() {
                 + &Utc::now().format("%Y-%m").to_string(),
             "Site quota of the starter plan reached".to_owned(),
             "Storage quota of the starter plan exceeded".to_owned(),
-            "Suspicious sign-in attempts on owner@phase2.test".to_owned(),
-            "The SSL certificate of shop.phase2.test expires in 2 day(s)".to_owned(),
-            "ada@phase2.test now owns your team".to_owned(),
+            "Suspicious sign-in attempts on owner@accounts.test".to_owned(),
+            "The SSL certificate of shop.accounts.test expires in 2 day(s)".to_owned(),
+            "ada@accounts.test now owns your team".to_owned(),
         ]
     );
 
     let text = handle.render();
-    for (_, counter, _) in listeners::PHASE2_COUNTERS {
+    for (_, counter, _) in listeners::ACCOUNT_COUNTERS {
         assert!(text.contains(&format!("{counter} 1")), "{counter} in:\n{text}");
     }
     assert_eq!(
