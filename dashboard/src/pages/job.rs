@@ -130,7 +130,14 @@ pub(crate) async fn retry(
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
     let id = job_id(&id)?;
-    audit(&state, &operator, Role::Operator, Entry::new("retry").job(id)).await?;
+    let job = state.db(move |conn| outbox::failed_jobs::get(conn, id)).await?;
+    audit(
+        &state,
+        &operator,
+        Role::Operator,
+        Entry::new("retry").job(id).retried(job.as_slice()),
+    )
+    .await?;
     let (_, channel) = state.broker().await?;
     let job = outbox::failed_jobs::retry(&state.pool, &channel, id, state.config.confirm_timeout).await?;
     let text = format!("Retried failed job {} ({}).", job.id, job.listener);
