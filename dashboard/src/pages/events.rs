@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
+use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use outbox::timeline::{ListenerState, StoredEvent, TimelineEntry};
@@ -15,7 +16,7 @@ use uuid::Uuid;
 use crate::audit::OperatorRetry;
 use crate::auth::Viewer;
 use crate::error::{DashboardError, Result};
-use crate::pages::layout::{link, page, time};
+use crate::pages::layout::{Refresh, link, page, time};
 use crate::state::AppState;
 
 const SHOWN: i64 = 200;
@@ -113,6 +114,7 @@ pub(crate) struct TimelineQuery {
 pub(crate) async fn timeline(
     State(state): State<Arc<AppState>>,
     viewer: Viewer,
+    uri: Uri,
     Query(query): Query<TimelineQuery>,
 ) -> Result<Response> {
     let (Some(kind), Some(id)) = (
@@ -191,7 +193,13 @@ pub(crate) async fn timeline(
             }
         }
     };
-    Ok(page("Timeline", &viewer, Some(state.config.refresh), body).into_response())
+    Ok(page(
+        "Timeline",
+        &viewer,
+        Some(Refresh::of(state.config.refresh, &uri)),
+        body,
+    )
+    .into_response())
 }
 
 /// The queues of listeners still waiting for an event that no worker

@@ -194,6 +194,7 @@ fn edit_page(viewer: &Viewer, job: &FailedJob, text: &str, problem: Option<&str>
             @if let Some(operator) = &viewer.operator {
                 form.edit method="post" action=(format!("/failed/{}/edit", job.id)) {
                     (csrf_field(operator))
+                    label for="payload-editor" { "The CloudEvents document to retry with (JSON)" }
                     textarea #payload-editor name="payload" rows="24" spellcheck="false" { (text) }
                     div.actions {
                         button type="submit" #submit-edit { "Retry with this payload" }

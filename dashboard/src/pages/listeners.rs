@@ -5,16 +5,17 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use maud::html;
 
 use crate::auth::Viewer;
 use crate::error::Result;
-use crate::pages::layout::{link, page, time};
+use crate::pages::layout::{Refresh, link, page, time};
 use crate::state::AppState;
 
 /// `GET /listeners`.
-pub(crate) async fn show(State(state): State<Arc<AppState>>, viewer: Viewer) -> Result<Response> {
+pub(crate) async fn show(State(state): State<Arc<AppState>>, viewer: Viewer, uri: Uri) -> Result<Response> {
     let (registered, failed, retrying) = state
         .db(|conn| {
             Ok((
@@ -91,7 +92,13 @@ pub(crate) async fn show(State(state): State<Arc<AppState>>, viewer: Viewer) -> 
             p.hint { "Dead-lettered counts the copies kept in " code { "<queue>.dead" } "; retrying or forgetting a failed job leaves its copy (" code { "outbox topology purge-dead" } " empties them)." }
         }
     };
-    Ok(page("Listeners", &viewer, Some(state.config.refresh), body).into_response())
+    Ok(page(
+        "Listeners",
+        &viewer,
+        Some(Refresh::of(state.config.refresh, &uri)),
+        body,
+    )
+    .into_response())
 }
 
 fn depth(depth: Option<u32>) -> String {

@@ -915,3 +915,31 @@ async fn a_timeline_keeps_a_retried_failure_and_names_listeners_not_running() ->
     dashboard.stop().await?;
     Ok(())
 }
+
+/// Pages whose figures move reload themselves only once the viewer asked
+/// (`?refresh=on`, linked from the page), and say how to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_reload_themselves_only_when_asked() -> Result<()> {
+    let dashboard = Dashboard::start(true).await?;
+    let http = client()?;
+    for path in ["/", "/listeners", "/timeline?aggregate_type=site&aggregate_id=7"] {
+        let page = http.get(dashboard.url(path)).send().await?.text().await?;
+        ensure!(!page.contains("http-equiv=\"refresh\""), "{path} reloads unasked");
+        ensure!(page.contains("id=\"refresh-on\""), "{path} offers no reload");
+        let on = if path.contains('?') {
+            format!("{path}&refresh=on")
+        } else {
+            format!("{path}?refresh=on")
+        };
+        let page = http.get(dashboard.url(&on)).send().await?.text().await?;
+        ensure!(
+            page.contains("http-equiv=\"refresh\" content=\"60\""),
+            "{on}: {page}"
+        );
+        ensure!(page.contains("id=\"refresh-off\""), "{on} has no way to stop");
+    }
+    let page = http.get(dashboard.url("/failed")).send().await?.text().await?;
+    ensure!(!page.contains("refresh-on"), "a list to act on never reloads");
+    dashboard.stop().await?;
+    Ok(())
+}
