@@ -420,6 +420,8 @@ async fn drive(browser: &Client, dashboard: &Dashboard, failed_at_start: i64, xs
         ),
     );
     ensure!(handled == 1, "the retried notification was handled");
+    // The failure stays on the timeline with who retried it.
+    wait_for_text(browser, "#timeline .retried", "retried by dana").await?;
     screenshot(browser, "timeline").await?;
 
     // Edit and retry another: the JSON is checked, both versions kept.
@@ -501,7 +503,12 @@ async fn drive(browser: &Client, dashboard: &Dashboard, failed_at_start: i64, xs
         .await?;
     wait_for_text(browser, "#paused-state", "incident 42 (by dana)").await?;
     ensure!(outbox::control::is_paused(&mut conn)?);
-    browser.find(Locator::Css("#pause button")).await?.click().await?;
+    // Resume from the keyboard: the action is a real button in a form.
+    browser
+        .find(Locator::Css("#pause button"))
+        .await?
+        .send_keys(&fantoccini::key::Key::Enter.to_string())
+        .await?;
     wait_for_text(browser, "#paused-state", "Running").await?;
     ensure!(!outbox::control::is_paused(&mut conn)?);
 
