@@ -861,6 +861,11 @@ async fn a_timeline_keeps_a_retried_failure_and_names_listeners_not_running() ->
         listener_item(&page, "idle_ticks").contains("not running"),
         "no worker consumes the queue: {page}"
     );
+    let listeners = http.get(dashboard.url("/listeners")).send().await?.text().await?;
+    ensure!(
+        listener_item(&listeners, "idle_ticks").contains("not running"),
+        "the listeners page says so too: {listeners}"
+    );
 
     // An operator retries it: the row is deleted, the story stays.
     let csrf = log_in(&dashboard, &http, "alice").await?;
@@ -910,6 +915,11 @@ async fn a_timeline_keeps_a_retried_failure_and_names_listeners_not_running() ->
     ensure!(
         idle.contains("not handled yet") && !idle.contains("not running"),
         "a consumer runs the queue: {idle}"
+    );
+    let listeners = http.get(dashboard.url("/listeners")).send().await?.text().await?;
+    ensure!(
+        listener_item(&listeners, "idle_ticks").contains("1 consumer"),
+        "the listeners page counts the consumer: {listeners}"
     );
     let _ = connection.close(200, "done".into()).await;
     dashboard.stop().await?;
