@@ -21,6 +21,11 @@ use crate::config::Role;
 /// how many the retry took).
 pub(crate) const DESCRIBED_JOBS: usize = 1_000;
 
+/// How many bytes of each error a retry's audit row keeps (the timeline shows
+/// 200): a row of [`DESCRIBED_JOBS`] jobs of ten tries each
+/// stays under about 4 MB.
+const DESCRIBED_ERROR_BYTES: usize = 300;
+
 /// What an action did, as its audit row keeps it.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Entry {
@@ -86,8 +91,11 @@ impl Entry {
                     "listener": job.listener,
                     "event_id": job.event_id,
                     "attempts": job.attempts,
-                    "tries": job.errors,
-                    "error": outbox::text::bounded_text(&job.exception, 1000),
+                    "tries": job.errors.iter().map(|t| AttemptError {
+                        error: outbox::text::bounded_text(&t.error, DESCRIBED_ERROR_BYTES),
+                        ..t.clone()
+                    }).collect::<Vec<_>>(),
+                    "error": outbox::text::bounded_text(&job.exception, DESCRIBED_ERROR_BYTES),
                     "failed_at": job.failed_at,
                 })
             })
