@@ -324,6 +324,20 @@ fn validate_one_amqp_url(url: &str) -> Result<()> {
 /// does not exist. Each probe uses a channel of its own, since the
 /// broker closes the channel of a passive declare of a missing queue.
 pub async fn queue_depth(connection: &Connection, name: &str) -> Result<Option<u32>> {
+    Ok(declare_passive(connection, name)
+        .await?
+        .map(|queue| queue.message_count()))
+}
+
+/// How many consumers queue `name` has (a worker running its listener is
+/// one), read like [`queue_depth`]; `None` when the queue does not exist.
+pub async fn queue_consumers(connection: &Connection, name: &str) -> Result<Option<u32>> {
+    Ok(declare_passive(connection, name)
+        .await?
+        .map(|queue| queue.consumer_count()))
+}
+
+async fn declare_passive(connection: &Connection, name: &str) -> Result<Option<lapin::Queue>> {
     let channel = open_channel(connection, false).await?;
     let declared = channel
         .queue_declare(
@@ -338,7 +352,7 @@ pub async fn queue_depth(connection: &Connection, name: &str) -> Result<Option<u
     match declared {
         Ok(queue) => {
             let _ = channel.close(200, "done".into()).await;
-            Ok(Some(queue.message_count()))
+            Ok(Some(queue))
         }
         Err(error) if matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) => {
             Ok(None)

@@ -173,6 +173,9 @@ pub struct ListenerOutcome {
     pub app: String,
     /// The listener.
     pub listener: String,
+    /// Its queue (`<app>.<listener>`), whose consumers say whether a
+    /// worker runs it.
+    pub queue: String,
     /// Where it stands.
     pub state: ListenerState,
 }
@@ -303,6 +306,7 @@ fn outcomes(event: &StoredEvent, listeners: &[RegisteredListener], marks: &Marks
         .map(|l| ListenerOutcome {
             app: l.app.clone(),
             listener: l.listener.clone(),
+            queue: l.queue.clone(),
             state: match marks.state(&l.listener, event.event_id) {
                 ListenerState::Pending if l.inbox == Some(false) && event.published_at.is_some() => {
                     ListenerState::Untracked

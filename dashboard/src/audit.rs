@@ -12,7 +12,19 @@ use diesel::prelude::*;
 use diesel::sql_types::Double;
 use outbox::schema::dashboard_audit;
 
+use outbox::failed_jobs::{AttemptError, FailedJob};
+use uuid::Uuid;
+
 use crate::config::Role;
+
+/// The most failed jobs one retry's audit row describes (its count says
+/// how many the retry took).
+pub(crate) const DESCRIBED_JOBS: usize = 1_000;
+
+/// How many bytes of each error a retry's audit row keeps (the timeline shows
+/// 200): a row of [`DESCRIBED_JOBS`] jobs of ten tries each
+/// stays under about 4 MB.
+const DESCRIBED_ERROR_BYTES: usize = 300;
 
 /// What an action did, as its audit row keeps it.
 #[derive(Debug, Clone, Default)]
@@ -25,7 +37,9 @@ pub(crate) struct Entry {
     pub(crate) selection: Option<String>,
     /// How many jobs (or rows) the action took.
     pub(crate) count: Option<i64>,
-    /// Edit-and-retry: the payload before the edit.
+    /// Edit-and-retry: the payload before the edit. A retry: the failed
+    /// jobs as they were before it deleted them (see [`Entry::retried`]),
+    /// which is how an event's timeline keeps its failure and the retry.
     pub(crate) before: Option<serde_json::Value>,
     /// Edit-and-retry: the payload retried.
     pub(crate) after: Option<serde_json::Value>,
@@ -61,6 +75,32 @@ impl Entry {
     pub(crate) fn edit(mut self, before: serde_json::Value, after: serde_json::Value) -> Self {
         self.before = Some(before);
         self.after = Some(after);
+        self
+    }
+
+    /// A retry of `jobs` (the first [`DESCRIBED_JOBS`]): each one's id,
+    /// listener, event, failed tries and final error, kept in `before`
+    /// because the retry deletes the rows.
+    pub(crate) fn retried(mut self, jobs: &[FailedJob]) -> Self {
+        let described = jobs
+            .iter()
+            .take(DESCRIBED_JOBS)
+            .map(|job| {
+                serde_json::json!({
+                    "failed_job": job.id,
+                    "listener": job.listener,
+                    "event_id": job.event_id,
+                    "attempts": job.attempts,
+                    "tries": job.errors.iter().map(|t| AttemptError {
+                        error: outbox::text::bounded_text(&t.error, DESCRIBED_ERROR_BYTES),
+                        ..t.clone()
+                    }).collect::<Vec<_>>(),
+                    "error": outbox::text::bounded_text(&job.exception, DESCRIBED_ERROR_BYTES),
+                    "failed_at": job.failed_at,
+                })
+            })
+            .collect();
+        self.before = Some(serde_json::Value::Array(described));
         self
     }
 
@@ -191,4 +231,70 @@ pub(crate) fn page(conn: &mut PgConnection, filter: &AuditFilter) -> outbox::Res
     let more = rows.len() as i64 > filter.limit;
     rows.truncate(usize::try_from(filter.limit).unwrap_or(usize::MAX));
     Ok((rows, more))
+}
+
+/// An operator's retry of a failed job of one event, as its audit row
+/// described the job before the retry deleted it.
+#[derive(Debug, Clone)]
+pub(crate) struct OperatorRetry {
+    pub(crate) operator: String,
+    pub(crate) at: DateTime<Utc>,
+    pub(crate) event_id: Uuid,
+    pub(crate) listener: String,
+    pub(crate) failed_job: i64,
+    pub(crate) failed_at: Option<DateTime<Utc>>,
+    pub(crate) error: String,
+    pub(crate) tries: Vec<AttemptError>,
+}
+
+#[derive(QueryableByName)]
+struct RetryRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    operator: String,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    at: DateTime<Utc>,
+    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+    job: serde_json::Value,
+}
+
+/// The retries the audit trail recorded of failed jobs of `event_ids`,
+/// oldest first. Reads every retry row kept (the audit retention bounds
+/// them); a row whose description does not parse is skipped.
+pub(crate) fn retries_of(conn: &mut PgConnection, event_ids: &[Uuid]) -> outbox::Result<Vec<OperatorRetry>> {
+    if event_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = event_ids.iter().map(Uuid::to_string).collect();
+    let rows: Vec<RetryRow> = diesel::sql_query(
+        "SELECT a.operator, a.at, job FROM dashboard_audit a, \
+         jsonb_array_elements(CASE WHEN jsonb_typeof(a.before) = 'array' THEN a.before ELSE '[]'::jsonb END) job \
+         WHERE a.action IN ('retry', 'retry_matching') AND job->>'event_id' = ANY($1) ORDER BY a.at, a.id",
+    )
+    .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&ids)
+    .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let job = &row.job;
+            Some(OperatorRetry {
+                operator: row.operator,
+                at: row.at,
+                event_id: job.get("event_id")?.as_str()?.parse().ok()?,
+                listener: job.get("listener")?.as_str()?.to_owned(),
+                failed_job: job.get("failed_job")?.as_i64()?,
+                failed_at: job
+                    .get("failed_at")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok()),
+                error: job
+                    .get("error")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+                tries: job
+                    .get("tries")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect())
 }

@@ -29,7 +29,8 @@ pub struct DashboardConfig {
     pub bind: SocketAddr,
     /// Who may change things; `None` makes the dashboard read-only.
     pub credentials: Option<Credentials>,
-    /// How often pages whose figures move reload themselves. Default 5 s.
+    /// How often pages whose figures move reload themselves once a viewer
+    /// asks (`?refresh=on`, linked from the page). Default 5 s.
     pub refresh: Duration,
     /// Longest wait for the broker's confirm of a retry. Default 10 s.
     pub confirm_timeout: Duration,

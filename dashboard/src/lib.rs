@@ -4,7 +4,7 @@
 //! `outbox dashboard` in a process of its own (relays stay lean). Pages are
 //! rendered on the server with maud (every value escaped), work without
 //! JavaScript (the policy forbids scripts), and reload themselves where
-//! figures move.
+//! figures move once the viewer asks.
 //!
 //! ## Map of the crate
 //!
@@ -12,16 +12,16 @@
 //! | --- | --- |
 //! | settings, tokens | `config.rs`: [`DashboardConfig`], [`Credentials`] |
 //! | logins, roles, sessions (in Postgres), CSRF, the one door of every action | `auth.rs` |
-//! | the audit trail: rows, retention, the page's query | `audit.rs` |
+//! | the audit trail: rows, retention, the page's query, the retries a timeline shows | `audit.rs` |
 //! | security headers (CSP, framing, caching) | `security.rs` |
 //! | pool, broker link, settings shared by handlers | `state.rs` |
 //! | failures as pages (400 says why; 500 details only in the log) | `error.rs`: [`DashboardError`] |
-//! | the page frame, navigation, forms' common parts | `pages/layout.rs` |
+//! | the page frame, navigation, the opt-in reload, forms' common parts | `pages/layout.rs` |
 //! | overview: backlog, chart, relays, pause, relay-failed rows | `pages/overview.rs` |
 //! | listeners: queues, retry and dead-letter depths, failures | `pages/listeners.rs` |
 //! | failed jobs: filters, keyset pages, bulk actions, error groups | `pages/failed.rs` |
 //! | one failed job: envelope, tries, edits; retry, forget, edit-and-retry | `pages/job.rs` |
-//! | "where is my event?": search and an aggregate's timeline | `pages/events.rs` |
+//! | "where is my event?": search and an aggregate's timeline (retries by operators, listeners not running) | `pages/events.rs` |
 //! | the audit trail, filterable | `pages/audit.rs` |
 //! | reading filter and form input into 400s, not 500s | `pages/params.rs` |
 //! | the published-per-minute chart (inline SVG) | `chart.rs` |

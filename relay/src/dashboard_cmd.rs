@@ -29,7 +29,7 @@ pub struct DashboardArgs {
     /// RabbitMQ URL, for queue depths and retries; several, comma separated, for the nodes of a cluster.
     #[arg(long, env = outbox::settings::AMQP_URL_ENV, default_value = outbox::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
-    /// How often the overview, listeners and timeline pages reload themselves.
+    /// How often the overview, listeners and timeline pages reload themselves once a viewer asks (their "Reload this page every ..." link).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     refresh: Duration,
     /// Longest wait for the broker's confirm of a retried job.

@@ -156,6 +156,8 @@ fn audit_row(row: &AuditRow) -> maud::Markup {
                 @if let (Some(before), Some(after)) = (&row.before, &row.after) {
                     details.edit-before { summary { "before" } pre.json { (pretty(before)) } }
                     details.edit-after { summary { "after" } pre.json { (pretty(after)) } }
+                } @else if let Some(before) = &row.before {
+                    details.retried-jobs { summary { "the jobs as retried" } pre.json { (pretty(before)) } }
                 }
             }
         }

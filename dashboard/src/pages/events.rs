@@ -6,14 +6,17 @@
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
+use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
-use outbox::timeline::{ListenerState, StoredEvent};
+use outbox::timeline::{ListenerState, StoredEvent, TimelineEntry};
 use serde::Deserialize;
+use uuid::Uuid;
 
+use crate::audit::OperatorRetry;
 use crate::auth::Viewer;
 use crate::error::{DashboardError, Result};
-use crate::pages::layout::{link, page, time};
+use crate::pages::layout::{Refresh, link, page, time};
 use crate::state::AppState;
 
 const SHOWN: i64 = 200;
@@ -111,6 +114,7 @@ pub(crate) struct TimelineQuery {
 pub(crate) async fn timeline(
     State(state): State<Arc<AppState>>,
     viewer: Viewer,
+    uri: Uri,
     Query(query): Query<TimelineQuery>,
 ) -> Result<Response> {
     let (Some(kind), Some(id)) = (
@@ -127,9 +131,15 @@ pub(crate) async fn timeline(
         ));
     }
     let (k, i) = (kind.clone(), id.clone());
-    let entries = state
-        .db(move |conn| outbox::timeline::aggregate_timeline(conn, &k, &i, outbox::timeline::MAX_EVENTS))
+    let (entries, retries) = state
+        .db(move |conn| {
+            let entries = outbox::timeline::aggregate_timeline(conn, &k, &i, outbox::timeline::MAX_EVENTS)?;
+            let ids: Vec<_> = entries.iter().map(|e| e.event.event_id).collect();
+            let retries = crate::audit::retries_of(conn, &ids)?;
+            Ok((entries, retries))
+        })
         .await?;
+    let idle = idle_queues(&state, &entries).await;
     let body = html! {
         h1 { "Timeline of " (kind) " " code { (id) } }
         @if entries.is_empty() {
@@ -163,9 +173,13 @@ pub(crate) async fn timeline(
                                             ListenerState::Retrying { attempts, at } => {
                                                 span.warn { "retrying (" (attempts) " failed tries, last " } (time(*at)) span.warn { ")" }
                                             }
+                                            ListenerState::Pending if idle.contains(&outcome.queue) => {
+                                                span.bad.not-running { "not running" } ": no worker consumes " code { (outcome.queue) }
+                                            }
                                             ListenerState::Pending => { span.pending { "not handled yet" } }
                                             ListenerState::Untracked => { span.pending { "delivered; this listener keeps no inbox, so its handling is not recorded" } }
                                         }
+                                        (retried_by(&retries, entry.event.event_id, &outcome.listener))
                                     }
                                 }
                             }
@@ -179,5 +193,65 @@ pub(crate) async fn timeline(
             }
         }
     };
-    Ok(page("Timeline", &viewer, Some(state.config.refresh), body).into_response())
+    Ok(page(
+        "Timeline",
+        &viewer,
+        Some(Refresh::of(state.config.refresh, &uri)),
+        body,
+    )
+    .into_response())
+}
+
+/// The queues of listeners still waiting for an event that no worker
+/// consumes (a passive declare's consumer count is 0, or the queue is
+/// gone): those listeners are registered but not running. Best effort:
+/// with the broker away none is named, and the page says "not handled yet".
+async fn idle_queues(state: &AppState, entries: &[TimelineEntry]) -> Vec<String> {
+    let mut waiting: Vec<&str> = entries
+        .iter()
+        .flat_map(|e| &e.listeners)
+        .filter(|o| o.state == ListenerState::Pending)
+        .map(|o| o.queue.as_str())
+        .collect();
+    waiting.sort_unstable();
+    waiting.dedup();
+    if waiting.is_empty() {
+        return Vec::new();
+    }
+    let Ok((connection, _)) = state.broker().await else {
+        return Vec::new();
+    };
+    let mut idle = Vec::new();
+    for queue in waiting {
+        match outbox::amqp::queue_consumers(&connection, queue).await {
+            Ok(Some(0) | None) => idle.push(queue.to_owned()),
+            Ok(Some(_)) => {}
+            Err(error) => {
+                tracing::debug!(queue, error = %outbox::error_chain(&error), "cannot count a queue's consumers");
+            }
+        }
+    }
+    idle
+}
+
+/// The operators' retries of `listener`'s failed job for `event_id`: who
+/// and when, and the failed tries the job had.
+fn retried_by(retries: &[OperatorRetry], event_id: Uuid, listener: &str) -> Markup {
+    html! {
+        @for retry in retries.iter().filter(|r| r.event_id == event_id && r.listener == listener) {
+            div.retried data-failed-job=(retry.failed_job) {
+                "failed job " (retry.failed_job)
+                @if let Some(at) = retry.failed_at { " failed " (time(at)) }
+                " after " (retry.tries.len()) " tries · " span.operator { "retried by " strong { (retry.operator) } } " " (time(retry.at))
+                @if !retry.error.is_empty() { " · " span.error { (outbox::text::bounded_text(&retry.error, 200)) } }
+                @if !retry.tries.is_empty() {
+                    details { summary { "failed tries" }
+                        ol.tries { @for attempt in &retry.tries {
+                            li { "try " (attempt.attempt) " " (time(attempt.at)) ": " (outbox::text::bounded_text(&attempt.error, 200)) }
+                        } }
+                    }
+                }
+            }
+        }
+    }
 }

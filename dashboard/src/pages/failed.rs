@@ -11,7 +11,7 @@ use axum_extra::extract::Form;
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use crate::audit::Entry;
+use crate::audit::{DESCRIBED_JOBS, Entry};
 use crate::auth::{Operator, Viewer, audit};
 use crate::config::Role;
 use crate::error::{DashboardError, Result};
@@ -130,11 +130,23 @@ pub(crate) async fn retry_selected(
     operator.check_csrf(&form.csrf)?;
     let ids = ids(&form.id)?;
     let needed = state.config.role_for_bulk(ids.len() as u64);
+    let wanted = ids.clone();
+    let jobs = state
+        .db(move |conn| {
+            wanted
+                .iter()
+                .take(DESCRIBED_JOBS)
+                .filter_map(|id| outbox::failed_jobs::get(conn, *id).transpose())
+                .collect::<outbox::Result<Vec<_>>>()
+        })
+        .await?;
     audit(
         &state,
         &operator,
         needed,
-        Entry::new("retry").selection(format!("failed jobs {ids:?}"), ids.len() as i64),
+        Entry::new("retry")
+            .selection(format!("failed jobs {ids:?}"), ids.len() as i64)
+            .retried(&jobs),
     )
     .await?;
     let (_, channel) = state.broker().await?;
@@ -297,11 +309,20 @@ async fn confirmed(
             now - expected
         )));
     }
+    let mut entry = Entry::new(bulk.action()).selection(described(&filter), expected);
+    if bulk == Bulk::Retry {
+        let mut described_jobs = filter.clone();
+        described_jobs.limit = Some(DESCRIBED_JOBS as i64);
+        let jobs = state
+            .db(move |conn| outbox::failed_jobs::list(conn, &described_jobs))
+            .await?;
+        entry = entry.retried(&jobs);
+    }
     audit(
         state,
         operator,
         state.config.role_for_bulk(u64::try_from(expected).unwrap_or(0)),
-        Entry::new(bulk.action()).selection(described(&filter), expected),
+        entry,
     )
     .await?;
     Ok(filter)

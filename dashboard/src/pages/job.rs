@@ -130,7 +130,14 @@ pub(crate) async fn retry(
 ) -> Result<Response> {
     operator.check_csrf(&form.csrf)?;
     let id = job_id(&id)?;
-    audit(&state, &operator, Role::Operator, Entry::new("retry").job(id)).await?;
+    let job = state.db(move |conn| outbox::failed_jobs::get(conn, id)).await?;
+    audit(
+        &state,
+        &operator,
+        Role::Operator,
+        Entry::new("retry").job(id).retried(job.as_slice()),
+    )
+    .await?;
     let (_, channel) = state.broker().await?;
     let job = outbox::failed_jobs::retry(&state.pool, &channel, id, state.config.confirm_timeout).await?;
     let text = format!("Retried failed job {} ({}).", job.id, job.listener);
@@ -187,6 +194,7 @@ fn edit_page(viewer: &Viewer, job: &FailedJob, text: &str, problem: Option<&str>
             @if let Some(operator) = &viewer.operator {
                 form.edit method="post" action=(format!("/failed/{}/edit", job.id)) {
                     (csrf_field(operator))
+                    label for="payload-editor" { "The CloudEvents document to retry with (JSON)" }
                     textarea #payload-editor name="payload" rows="24" spellcheck="false" { (text) }
                     div.actions {
                         button type="submit" #submit-edit { "Retry with this payload" }

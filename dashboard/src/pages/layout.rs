@@ -12,16 +12,78 @@ use crate::auth::{Operator, Viewer};
 
 const STYLESHEET: &str = include_str!("../../assets/style.css");
 
-/// A whole page. `refresh` makes it reload itself (figures that move).
-pub(crate) fn page(title: &str, viewer: &Viewer, refresh: Option<Duration>, body: Markup) -> Markup {
+/// A page whose figures move may reload itself, but only once the viewer
+/// asked (`?refresh=on`, a link on the page): a timed reload nobody chose
+/// fails WCAG 2.2.1 (axe-core's `meta-refresh` rule) and moves a
+/// screen reader's place.
+#[derive(Debug, Clone)]
+pub(crate) struct Refresh {
+    every: Duration,
+    on: bool,
+    path: String,
+    /// The query's pairs without `refresh`.
+    pairs: Vec<(String, String)>,
+}
+
+impl Refresh {
+    /// Every `every`, when `uri`'s query says `refresh=on`.
+    pub(crate) fn of(every: Duration, uri: &axum::http::Uri) -> Self {
+        let mut on = false;
+        let pairs = url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+            .filter(|(key, value)| {
+                if key == "refresh" {
+                    on = value == "on";
+                }
+                // A notice belongs to the redirect that set it, not to
+                // every reload.
+                key != "refresh" && key != "notice"
+            })
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        Self {
+            every,
+            on,
+            path: uri.path().to_owned(),
+            pairs,
+        }
+    }
+
+    fn link(&self, on: bool) -> String {
+        let mut pairs: Vec<(&str, Option<&str>)> = self
+            .pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+            .collect();
+        if on {
+            pairs.push(("refresh", Some("on")));
+        }
+        link(&self.path, &pairs)
+    }
+
+    fn control(&self) -> Markup {
+        let every = humantime::format_duration(Duration::from_secs(self.every.as_secs().max(1)));
+        html! {
+            p.refresh #refresh {
+                @if self.on {
+                    "This page reloads every " (every) ". " a #refresh-off href=(self.link(false)) { "Stop reloading" }
+                } @else {
+                    a #refresh-on href=(self.link(true)) { "Reload this page every " (every) }
+                }
+            }
+        }
+    }
+}
+
+/// A whole page; `refresh` offers (and, once asked, does) a timed reload.
+pub(crate) fn page(title: &str, viewer: &Viewer, refresh: Option<Refresh>, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
-                @if let Some(every) = refresh {
-                    meta http-equiv="refresh" content=(every.as_secs().max(1));
+                @if let Some(refresh) = refresh.as_ref().filter(|r| r.on) {
+                    meta http-equiv="refresh" content=(refresh.every.as_secs().max(1));
                 }
                 title { (title) " · outbox" }
                 link rel="stylesheet" href="/assets/style.css";
@@ -51,7 +113,10 @@ pub(crate) fn page(title: &str, viewer: &Viewer, refresh: Option<Duration>, body
                         }
                     }
                 }
-                main { (body) }
+                main {
+                    (body)
+                    @if let Some(refresh) = &refresh { (refresh.control()) }
+                }
             }
         }
     }

@@ -1,20 +1,22 @@
 //! Listeners: every listener workers registered (`outbox_listeners`), with
-//! its queue, retry and dead-letter depths (passive declares over AMQP),
+//! its queue, retry and dead-letter depths and its consumers (passive
+//! declares over AMQP; no consumer: not running),
 //! the events it is retrying and its failed jobs.
 
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use maud::html;
 
 use crate::auth::Viewer;
 use crate::error::Result;
-use crate::pages::layout::{link, page, time};
+use crate::pages::layout::{Refresh, link, page, time};
 use crate::state::AppState;
 
 /// `GET /listeners`.
-pub(crate) async fn show(State(state): State<Arc<AppState>>, viewer: Viewer) -> Result<Response> {
+pub(crate) async fn show(State(state): State<Arc<AppState>>, viewer: Viewer, uri: Uri) -> Result<Response> {
     let (registered, failed, retrying) = state
         .db(|conn| {
             Ok((
@@ -27,11 +29,20 @@ pub(crate) async fn show(State(state): State<Arc<AppState>>, viewer: Viewer) -> 
     // Depths are best effort: the page still lists the listeners when the
     // broker is away, and says so.
     let mut depths = Vec::with_capacity(registered.len());
+    // Consumers on each listener's queue: a worker running it is one, so
+    // none means registered but not running.
+    let mut consumers: Vec<Option<u32>> = Vec::with_capacity(registered.len());
     let mut broker_error = None;
     if !registered.is_empty() {
         match state.broker().await {
             Ok((connection, _)) => {
                 for listener in &registered {
+                    consumers.push(
+                        outbox::amqp::queue_consumers(&connection, &listener.queue)
+                            .await
+                            .ok()
+                            .map(|n| n.unwrap_or(0)),
+                    );
                     match outbox::consumer::topology::measure_depths(
                         &connection,
                         &listener.queue,
@@ -62,7 +73,7 @@ pub(crate) async fn show(State(state): State<Arc<AppState>>, viewer: Viewer) -> 
             table #listeners {
                 thead { tr {
                     th { "app" } th { "listener" } th { "queue" } th.num { "ready" } th.num { "in retry queues" }
-                    th.num { "dead-lettered" } th.num { "retrying" } th.num { "failed jobs" } th { "event types" } th { "registered" }
+                    th.num { "dead-lettered" } th.num { "retrying" } th.num { "failed jobs" } th { "event types" } th { "running" } th { "registered" }
                 } }
                 tbody {
                     @for (i, listener) in registered.iter().enumerate() {
@@ -83,6 +94,13 @@ pub(crate) async fn show(State(state): State<Arc<AppState>>, viewer: Viewer) -> 
                                 } @else { "0" }
                             }
                             td { (listener.event_types.join(", ")) }
+                            td.running {
+                                @match consumers.get(i).copied().flatten() {
+                                    Some(0) => { span.bad { "not running" } }
+                                    Some(n) => { span.ok { (n) " consumer" @if n > 1 { "s" } } }
+                                    None => { "?" }
+                                }
+                            }
                             td { (time(listener.registered_at)) " by " code { (listener.worker_id) } }
                         }
                     }
@@ -91,7 +109,13 @@ pub(crate) async fn show(State(state): State<Arc<AppState>>, viewer: Viewer) -> 
             p.hint { "Dead-lettered counts the copies kept in " code { "<queue>.dead" } "; retrying or forgetting a failed job leaves its copy (" code { "outbox topology purge-dead" } " empties them)." }
         }
     };
-    Ok(page("Listeners", &viewer, Some(state.config.refresh), body).into_response())
+    Ok(page(
+        "Listeners",
+        &viewer,
+        Some(Refresh::of(state.config.refresh, &uri)),
+        body,
+    )
+    .into_response())
 }
 
 fn depth(depth: Option<u32>) -> String {

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
+use axum::http::Uri;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum_extra::extract::Form;
 use maud::html;
@@ -16,7 +17,7 @@ use crate::auth::{Operator, Viewer, audit};
 use crate::chart;
 use crate::config::Role;
 use crate::error::{DashboardError, Result};
-use crate::pages::layout::{age, csrf_field, link, notice, page, time};
+use crate::pages::layout::{Refresh, age, csrf_field, link, notice, page, time};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -29,6 +30,7 @@ pub(crate) struct NoticeQuery {
 pub(crate) async fn show(
     State(state): State<Arc<AppState>>,
     viewer: Viewer,
+    uri: Uri,
     Query(query): Query<NoticeQuery>,
 ) -> Result<Response> {
     let (stats, by_type, minutes, relays, paused_by) = state
@@ -125,7 +127,13 @@ pub(crate) async fn show(
             }
         }
     };
-    Ok(page("Overview", &viewer, Some(state.config.refresh), body).into_response())
+    Ok(page(
+        "Overview",
+        &viewer,
+        Some(Refresh::of(state.config.refresh, &uri)),
+        body,
+    )
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]

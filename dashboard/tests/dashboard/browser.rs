@@ -133,6 +133,86 @@ async fn screenshot(browser: &Client, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// axe-core's `axe.min.js`, installed once by `npm ci` from the committed
+/// package.json and package-lock.json of tests/axe into the target dir.
+/// Fails with what npm said when it cannot install: the test never skips.
+fn axe_source() -> Result<String> {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/axe");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-axe");
+    std::fs::create_dir_all(&dir)?;
+    let lock = std::fs::read(fixture.join("package-lock.json"))?;
+    let script = dir.join("node_modules/axe-core/axe.min.js");
+    let installed = script.exists()
+        && std::fs::read(dir.join("package-lock.json")).ok().as_deref() == Some(lock.as_slice());
+    if !installed {
+        for file in ["package.json", "package-lock.json"] {
+            std::fs::copy(fixture.join(file), dir.join(file))?;
+        }
+        let out = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--ignore-scripts"])
+            .current_dir(&dir)
+            .output()
+            .context("cannot run npm (node and npm are needed for the accessibility check)")?;
+        ensure!(
+            out.status.success(),
+            "npm ci of axe-core failed in {} (is the npm registry reachable?):\n{}{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::read_to_string(&script).with_context(|| format!("cannot read {}", script.display()))
+}
+
+/// Runs axe-core on the page `browser` shows and returns its serious and
+/// critical violations, one line each (empty when none), plus any action
+/// not reachable by keyboard (a click handler or a link without href).
+/// axe.min.js goes in through WebDriver's script execution, which the
+/// page's CSP (no inline script) does not govern in Chromium.
+async fn accessibility_problems(browser: &Client, axe: &str) -> Result<Vec<String>> {
+    browser.execute(axe, vec![]).await?;
+    let found = browser
+        .execute_async(
+            r#"const done = arguments[arguments.length - 1];
+            const keyboard = [...document.querySelectorAll('[onclick], a:not([href]), [tabindex^="-"], form')]
+                .filter(e => e.tagName !== 'FORM' || !e.querySelector('button, input[type=submit]'))
+                .map(e => 'not reachable by keyboard: ' + e.outerHTML.slice(0, 120));
+            axe.run(document, { resultTypes: ['violations'] })
+                .then(r => done(keyboard.concat(r.violations
+                    .filter(v => v.impact === 'serious' || v.impact === 'critical')
+                    .map(v => v.impact + ' ' + v.id + ' (' + v.help + '): '
+                        + v.nodes.map(n => n.target.join(' ') + ' ' + (n.failureSummary || '').replace(/\s+/g, ' ')).join(' | ')))))
+                .catch(e => done(['axe-core failed: ' + e]));"#,
+            vec![],
+        )
+        .await?;
+    Ok(serde_json::from_value(found)?)
+}
+
+/// Visits each of `paths` and fails listing every page's serious and
+/// critical axe-core violations.
+async fn check_accessibility(
+    browser: &Client,
+    dashboard: &Dashboard,
+    axe: &str,
+    paths: &[String],
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for path in paths {
+        browser.goto(&dashboard.url(path)).await?;
+        for problem in accessibility_problems(browser, axe).await? {
+            problems.push(format!("{path}: {problem}"));
+        }
+    }
+    ensure!(
+        problems.is_empty(),
+        "{} accessibility problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    Ok(())
+}
+
 fn failed_notifications(conn: &mut diesel::PgConnection) -> i64 {
     count(
         conn,
@@ -249,6 +329,8 @@ async fn an_operator_fixes_a_notifier_outage_in_the_browser() -> Result<()> {
 
 async fn drive(browser: &Client, dashboard: &Dashboard, failed_at_start: i64, xss_job: i64) -> Result<()> {
     let mut conn = dashboard.db.connect()?;
+    let axe = axe_source()?;
+    check_accessibility(browser, dashboard, &axe, &["/login".into()]).await?;
     // Log in.
     browser.goto(&dashboard.url("/login")).await?;
     browser
@@ -338,6 +420,8 @@ async fn drive(browser: &Client, dashboard: &Dashboard, failed_at_start: i64, xs
         ),
     );
     ensure!(handled == 1, "the retried notification was handled");
+    // The failure stays on the timeline with who retried it.
+    wait_for_text(browser, "#timeline .retried", "retried by dana").await?;
     screenshot(browser, "timeline").await?;
 
     // Edit and retry another: the JSON is checked, both versions kept.
@@ -419,7 +503,12 @@ async fn drive(browser: &Client, dashboard: &Dashboard, failed_at_start: i64, xs
         .await?;
     wait_for_text(browser, "#paused-state", "incident 42 (by dana)").await?;
     ensure!(outbox::control::is_paused(&mut conn)?);
-    browser.find(Locator::Css("#pause button")).await?.click().await?;
+    // Resume from the keyboard: the action is a real button in a form.
+    browser
+        .find(Locator::Css("#pause button"))
+        .await?
+        .send_keys(&fantoccini::key::Key::Enter.to_string())
+        .await?;
     wait_for_text(browser, "#paused-state", "Running").await?;
     ensure!(!outbox::control::is_paused(&mut conn)?);
 
@@ -438,6 +527,34 @@ async fn drive(browser: &Client, dashboard: &Dashboard, failed_at_start: i64, xs
         "no img element"
     );
     ensure!(browser.get_alert_text().await.is_err(), "no alert opened");
+
+    // axe-core on every page an admin sees (the roles test covers the
+    // operator's refusal page).
+    let timeline_path = timeline
+        .find("/timeline")
+        .map(|at| timeline[at..].to_owned())
+        .ok_or_else(|| anyhow!("no timeline path in {timeline}"))?;
+    check_accessibility(
+        browser,
+        dashboard,
+        &axe,
+        &[
+            "/".into(),
+            "/listeners".into(),
+            "/failed".into(),
+            format!("/failed/{xss_job}"),
+            format!("/failed/{xss_job}/edit"),
+            "/failed/groups".into(),
+            "/failed/retry-matching?listener=record_audit_log".into(),
+            "/failed/forget-matching?listener=record_audit_log".into(),
+            format!("/events?q={}", event_id.trim()),
+            "/events".into(),
+            timeline_path,
+            "/audit".into(),
+            "/failed/999999999".into(),
+        ],
+    )
+    .await?;
     Ok(())
 }
 
@@ -518,6 +635,8 @@ async fn drive_roles(browser: &Client, dashboard: &Dashboard, job: i64) -> Resul
         refusal.contains("needs the admin role") && refusal.contains("with the operator role"),
         "{refusal}"
     );
+    let axe = axe_source()?;
+    check_accessibility(browser, dashboard, &axe, &[format!("/failed/{job}/edit")]).await?;
 
     // The two card errors are one group; retry it.
     browser.goto(&dashboard.url("/failed/groups")).await?;

@@ -781,3 +781,175 @@ async fn error_search_has_a_trigram_index_where_pg_trgm_exists() -> Result<()> {
     );
     dashboard.stop().await
 }
+
+/// The `<li data-listener="...">` of `listener` on a timeline page, up to
+/// the next listener's.
+fn listener_item<'a>(page: &'a str, listener: &str) -> &'a str {
+    let marker = format!("data-listener=\"{listener}\"");
+    let Some(at) = page.find(&marker) else {
+        return "";
+    };
+    let rest = &page[at..];
+    let end = rest[marker.len()..]
+        .find("data-listener=")
+        .map_or(rest.len(), |n| n + marker.len());
+    &rest[..end]
+}
+
+/// Issue 30: a failure an operator retried stays on its event's timeline
+/// (its failed tries, who retried it and when), and a listener registered
+/// but with no worker consuming its queue reads "not running" rather than
+/// "not handled yet" until a consumer appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeline_keeps_a_retried_failure_and_names_listeners_not_running() -> Result<()> {
+    use diesel::RunQueryDsl;
+    use outbox::failed_jobs::{AttemptError, NewFailedJob};
+
+    let dashboard = Dashboard::start(true).await?;
+    let queue = TestQueue::declare().await?;
+    let mut conn = dashboard.db.connect()?;
+    let aggregate = format!("story-{}", uuid::Uuid::now_v7().simple());
+    let event_id = outbox::testing::record_ticks(&mut conn, &aggregate, 1..2)?[0];
+    // Two listeners of counter.ticked registered by a worker that is gone:
+    // `count_ticks`, whose job failed, and `idle_ticks`, still waiting.
+    for listener in ["count_ticks", "idle_ticks"] {
+        diesel::sql_query(
+            "INSERT INTO outbox_listeners (app, listener, exchange, queue, retry_queues, dead_queue, \
+             event_types, worker_id, registered_at, inbox) \
+             VALUES ('story', $1, 'outbox_test.none', $2, '{}', $2 || '.dead', ARRAY['counter.ticked'], \
+             'worker-gone', now(), true)",
+        )
+        .bind::<diesel::sql_types::Text, _>(listener)
+        .bind::<diesel::sql_types::Text, _>(&queue.name)
+        .execute(&mut conn)?;
+    }
+    let tries: Vec<AttemptError> = (1..=2)
+        .map(|attempt| AttemptError {
+            attempt,
+            at: chrono::Utc::now(),
+            error: format!("tick store refused try {attempt}"),
+        })
+        .collect();
+    let payload = serde_json::json!({
+        "specversion": "1.0", "id": event_id.to_string(), "type": "counter.ticked",
+        "source": "/outbox/test", "subject": aggregate, "aggregatetype": "counter", "data": {"n": 1},
+    });
+    let (job, _) = outbox::failed_jobs::insert(
+        &mut conn,
+        &NewFailedJob {
+            queue: &queue.name,
+            listener: "count_ticks",
+            event_id: Some(event_id),
+            event_type: Some("counter.ticked"),
+            payload: &payload,
+            exception: "tick store refused try 2",
+            attempts: 2,
+            errors: &tries,
+            uuid: None,
+        },
+    )?;
+    let http = client()?;
+    let timeline = dashboard.url(&format!(
+        "/timeline?aggregate_type=counter&aggregate_id={aggregate}"
+    ));
+    let page = http.get(&timeline).send().await?.text().await?;
+    ensure!(
+        listener_item(&page, "count_ticks").contains(&format!("failed job {job}")),
+        "the failure before the retry: {page}"
+    );
+    ensure!(
+        listener_item(&page, "idle_ticks").contains("not running"),
+        "no worker consumes the queue: {page}"
+    );
+    let listeners = http.get(dashboard.url("/listeners")).send().await?.text().await?;
+    ensure!(
+        listener_item(&listeners, "idle_ticks").contains("not running"),
+        "the listeners page says so too: {listeners}"
+    );
+
+    // An operator retries it: the row is deleted, the story stays.
+    let csrf = log_in(&dashboard, &http, "alice").await?;
+    let response = http
+        .post(dashboard.url(&format!("/failed/{job}/retry")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await?;
+    ensure!(response.status() == 303, "retry: {}", response.status());
+    ensure!(
+        count(
+            &mut conn,
+            &format!("SELECT count(*) AS n FROM failed_jobs WHERE id = {job}")
+        ) == 0,
+        "the retry deleted the row"
+    );
+    let page = http.get(&timeline).send().await?.text().await?;
+    let story = listener_item(&page, "count_ticks");
+    ensure!(
+        story.contains(&format!("data-failed-job=\"{job}\""))
+            && story.contains("retried by <strong>alice</strong>")
+            && story.contains("after 2 tries")
+            && story.contains("tick store refused try 1")
+            && story.contains("tick store refused try 2"),
+        "the retried failure on the timeline: {story}"
+    );
+    ensure!(
+        !listener_item(&page, "idle_ticks").contains("retried by"),
+        "the retry is count_ticks' alone"
+    );
+    let audit = http.get(dashboard.url("/audit")).send().await?.text().await?;
+    ensure!(audit.contains("the jobs as retried"), "{audit}");
+
+    // A worker consumes the queue again: waiting, no longer "not running".
+    let connection = outbox::amqp::connect(outbox::DEFAULT_AMQP_URL, "dashboard story test").await?;
+    let channel = connection.create_channel().await?;
+    let _consumer = channel
+        .basic_consume(
+            queue.name.as_str().into(),
+            "story-consumer".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    let page = http.get(&timeline).send().await?.text().await?;
+    let idle = listener_item(&page, "idle_ticks");
+    ensure!(
+        idle.contains("not handled yet") && !idle.contains("not running"),
+        "a consumer runs the queue: {idle}"
+    );
+    let listeners = http.get(dashboard.url("/listeners")).send().await?.text().await?;
+    ensure!(
+        listener_item(&listeners, "idle_ticks").contains("1 consumer"),
+        "the listeners page counts the consumer: {listeners}"
+    );
+    let _ = connection.close(200, "done".into()).await;
+    dashboard.stop().await?;
+    Ok(())
+}
+
+/// Pages whose figures move reload themselves only once the viewer asked
+/// (`?refresh=on`, linked from the page), and say how to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_reload_themselves_only_when_asked() -> Result<()> {
+    let dashboard = Dashboard::start(true).await?;
+    let http = client()?;
+    for path in ["/", "/listeners", "/timeline?aggregate_type=site&aggregate_id=7"] {
+        let page = http.get(dashboard.url(path)).send().await?.text().await?;
+        ensure!(!page.contains("http-equiv=\"refresh\""), "{path} reloads unasked");
+        ensure!(page.contains("id=\"refresh-on\""), "{path} offers no reload");
+        let on = if path.contains('?') {
+            format!("{path}&refresh=on")
+        } else {
+            format!("{path}?refresh=on")
+        };
+        let page = http.get(dashboard.url(&on)).send().await?.text().await?;
+        ensure!(
+            page.contains("http-equiv=\"refresh\" content=\"60\""),
+            "{on}: {page}"
+        );
+        ensure!(page.contains("id=\"refresh-off\""), "{on} has no way to stop");
+    }
+    let page = http.get(dashboard.url("/failed")).send().await?.text().await?;
+    ensure!(!page.contains("refresh-on"), "a list to act on never reloads");
+    dashboard.stop().await?;
+    Ok(())
+}
