@@ -65,6 +65,8 @@ pub struct Endpoint {
     pub failing_since: Option<DateTime<Utc>>,
     /// When it was added.
     pub created_at: DateTime<Utc>,
+    /// At most this many deliveries per second, per worker process.
+    pub rate_limit: Option<u32>,
 }
 
 #[derive(Queryable, Selectable)]
@@ -84,6 +86,7 @@ struct Row {
     failed_deliveries: i32,
     failing_since: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
+    rate_limit: Option<i32>,
 }
 
 fn from_row(row: Row) -> Endpoint {
@@ -113,11 +116,12 @@ fn from_row(row: Row) -> Endpoint {
         failed_deliveries: row.failed_deliveries,
         failing_since: row.failing_since,
         created_at: row.created_at,
+        rate_limit: row.rate_limit.and_then(|n| u32::try_from(n).ok()),
     }
 }
 
 /// An endpoint to add.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewEndpoint {
     /// Where deliveries go (checked by the [`OutboundPolicy`]).
     pub url: String,
@@ -127,6 +131,35 @@ pub struct NewEndpoint {
     pub event_types: Vec<String>,
     /// OAuth2 client credentials, if deliveries need a bearer token.
     pub oauth: Option<OAuthSettings>,
+    /// At most this many deliveries per second (1 to [`MAX_RATE_LIMIT`]),
+    /// per worker process; `None`: no limit. Default none.
+    pub rate_limit: Option<u32>,
+}
+
+/// The highest per-endpoint rate limit, deliveries per second.
+pub const MAX_RATE_LIMIT: u32 = 1_000_000;
+
+fn check_rate_limit(rate_limit: Option<u32>) -> Result<Option<i32>> {
+    match rate_limit {
+        None => Ok(None),
+        Some(n) if (1..=MAX_RATE_LIMIT).contains(&n) => Ok(i32::try_from(n).ok()),
+        Some(n) => Err(Error::InvalidInput(format!(
+            "a rate limit is 1 to {MAX_RATE_LIMIT} deliveries per second, not {n}"
+        ))),
+    }
+}
+
+/// Sets or (with `None`) lifts endpoint `id`'s rate limit. Workers see it
+/// within [`ENDPOINT_CACHE`](super::ENDPOINT_CACHE).
+pub fn set_rate_limit(conn: &mut PgConnection, id: i64, rate_limit: Option<u32>) -> Result<()> {
+    let rate_limit = check_rate_limit(rate_limit)?;
+    let changed = diesel::update(webhook_endpoints::table.find(id))
+        .set((
+            webhook_endpoints::rate_limit.eq(rate_limit),
+            webhook_endpoints::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)?;
+    must_exist(changed, id)
 }
 
 /// Whether `pattern` is an event-type filter: `*`, `site.*`, `site.created`.
@@ -204,6 +237,7 @@ pub fn add(
             ));
         }
     }
+    let rate_limit = check_rate_limit(new.rate_limit)?;
     let secret = new_secret();
     let id = conn.transaction::<i64, Error, _>(|conn| {
         let id: i64 = diesel::insert_into(webhook_endpoints::table)
@@ -216,6 +250,7 @@ pub fn add(
                 webhook_endpoints::oauth_client_secret
                     .eq(new.oauth.as_ref().map(|o| o.client_secret.expose())),
                 webhook_endpoints::oauth_scope.eq(new.oauth.as_ref().and_then(|o| o.scope.as_deref())),
+                webhook_endpoints::rate_limit.eq(rate_limit),
             ))
             .returning(webhook_endpoints::id)
             .get_result(conn)?;

@@ -55,6 +55,13 @@ enum Mode {
     Slow,
     /// 401 to the first token issued (`tok-1`, as if revoked), 200 to others.
     RevokedFirstToken,
+    /// 410 Gone.
+    Gone,
+    /// 429 with `Retry-After: 2` to the first request, 204 after.
+    TooManyFirst,
+    /// 503 with `Retry-After` an HTTP date 3 s ahead to the first request,
+    /// 204 after.
+    UnavailableFirst,
 }
 
 #[derive(Clone, Debug)]
@@ -74,13 +81,33 @@ async fn receive(
     State(receiver): State<Receiver>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> StatusCode {
-    receiver.got.lock().unwrap().push(Received {
-        headers: headers.clone(),
-        body: body.to_vec(),
-        at: Instant::now(),
-    });
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let first = {
+        let mut got = receiver.got.lock().unwrap();
+        got.push(Received {
+            headers: headers.clone(),
+            body: body.to_vec(),
+            at: Instant::now(),
+        });
+        got.len() == 1
+    };
     match receiver.mode {
+        Mode::TooManyFirst if first => {
+            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "2".to_owned())]).into_response()
+        }
+        Mode::UnavailableFirst if first => {
+            let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
+            (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", date)]).into_response()
+        }
+        mode => answer(mode, &headers).await.into_response(),
+    }
+}
+
+async fn answer(mode: Mode, headers: &HeaderMap) -> StatusCode {
+    match mode {
+        Mode::Gone => StatusCode::GONE,
+        Mode::TooManyFirst | Mode::UnavailableFirst => StatusCode::NO_CONTENT,
         Mode::Ok => StatusCode::NO_CONTENT,
         Mode::Fail => StatusCode::INTERNAL_SERVER_ERROR,
         Mode::Hang => {
@@ -188,17 +215,17 @@ impl Rig {
     }
 
     fn add(&mut self, url: &str, types: &[&str], oauth: Option<OAuthSettings>) -> (i64, Secret) {
-        let (endpoint, secret) = webhooks::add(
-            &mut self.conn,
-            &NewEndpoint {
-                url: url.to_owned(),
-                description: "test receiver".into(),
-                event_types: types.iter().map(|t| (*t).to_owned()).collect(),
-                oauth,
-            },
-            &self.policy,
-        )
-        .unwrap();
+        self.add_endpoint(NewEndpoint {
+            url: url.to_owned(),
+            description: "test receiver".into(),
+            event_types: types.iter().map(|t| (*t).to_owned()).collect(),
+            oauth,
+            ..NewEndpoint::default()
+        })
+    }
+
+    fn add_endpoint(&mut self, new: NewEndpoint) -> (i64, Secret) {
+        let (endpoint, secret) = webhooks::add(&mut self.conn, &new, &self.policy).unwrap();
         (endpoint.id, secret)
     }
 
@@ -514,6 +541,7 @@ async fn unsafe_urls_are_refused_and_a_name_resolving_to_loopback_is_not_called(
                 description: String::new(),
                 event_types: vec!["*".into()],
                 oauth: None,
+                ..NewEndpoint::default()
             },
             &strict,
         );
@@ -650,6 +678,7 @@ async fn a_worker_running_webhook_delivery_prunes_the_delivery_log_past_its_rete
             description: "log only".into(),
             event_types: vec!["*".into()],
             oauth: None,
+            ..NewEndpoint::default()
         },
         &OutboundPolicy::allowing("127.0.0.1").unwrap(),
     )
@@ -682,4 +711,150 @@ async fn a_worker_running_webhook_delivery_prunes_the_delivery_log_past_its_rete
         "the recent try is kept"
     );
     worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_410_is_disabled_at_once_with_the_event_recorded() {
+    let mut rig = Rig::start(local()).await;
+    let (gone_addr, gone_got) = receiver(Mode::Gone).await;
+    let (gone, _) = rig.add(&format!("http://{gone_addr}/hook"), &["*"], None);
+    record(&mut rig.conn, "site.created", 1);
+    let conn = &mut rig.conn;
+    eventually("the endpoint is disabled", LIMIT, || {
+        webhooks::get(conn, gone).unwrap().is_some_and(|e| !e.is_active())
+    })
+    .await;
+    eventually("the delivery is a failed job", LIMIT, || {
+        !webhooks::failed_delivery_jobs(conn, gone).unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(gone_got.lock().unwrap().len(), 1, "one answer, no retry");
+    assert_eq!(
+        count(
+            &mut rig.conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE event_type = 'webhook.endpoint_disabled' AND payload->>'reason' LIKE '%410 Gone%'"
+        ),
+        1,
+        "the disabling is recorded with its reason"
+    );
+    let endpoint = webhooks::get(&mut rig.conn, gone).unwrap().unwrap();
+    assert!(
+        format!("{:?}", endpoint.status).contains("410"),
+        "{:?}",
+        endpoint.status
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_of_a_429_or_503_holds_the_next_try_back() {
+    // The backoff is 100 ms and 200 ms: only Retry-After makes it wait.
+    let mut rig = Rig::start(local()).await;
+    let (busy_addr, busy_got) = receiver(Mode::TooManyFirst).await;
+    let (down_addr, down_got) = receiver(Mode::UnavailableFirst).await;
+    rig.add(&format!("http://{busy_addr}/hook"), &["site.created"], None);
+    rig.add(&format!("http://{down_addr}/hook"), &["site.deleted"], None);
+    record(&mut rig.conn, "site.created", 1);
+    record(&mut rig.conn, "site.deleted", 1);
+    for (name, got) in [("429", &busy_got), ("503", &down_got)] {
+        eventually(&format!("the {name} endpoint gets its second try"), LIMIT, || {
+            got.lock().unwrap().len() >= 2
+        })
+        .await;
+        let got = got.lock().unwrap();
+        let waited = got[1].at.duration_since(got[0].at);
+        assert!(
+            waited >= Duration::from_secs(2),
+            "{name}: the second try came {waited:?} after the first"
+        );
+        assert_eq!(got.len(), 2, "{name}: delivered on the second try");
+    }
+    assert_eq!(
+        count(
+            &mut rig.conn,
+            "SELECT count(*) AS n FROM webhook_deliveries WHERE error LIKE '%Retry-After%'"
+        ),
+        0,
+        "held-back deliveries log no try"
+    );
+    assert_eq!(count(&mut rig.conn, "SELECT count(*) AS n FROM failed_jobs"), 0);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_endpoint_never_gets_more_than_its_limit_in_a_second_and_others_are_not_held() {
+    const EVENTS: usize = 30;
+    const LIMIT_PER_SECOND: u32 = 5;
+    let mut rig = Rig::start(local()).await;
+    let (limited_addr, limited_got) = receiver(Mode::Ok).await;
+    let (free_addr, free_got) = receiver(Mode::Ok).await;
+    let (limited, _) = rig.add_endpoint(NewEndpoint {
+        url: format!("http://{limited_addr}/hook"),
+        event_types: vec!["*".into()],
+        rate_limit: Some(LIMIT_PER_SECOND),
+        ..NewEndpoint::default()
+    });
+    rig.add(&format!("http://{free_addr}/hook"), &["*"], None);
+    let started = Instant::now();
+    for i in 0..EVENTS {
+        record(&mut rig.conn, "site.created", i as i64);
+    }
+    eventually("the unlimited endpoint gets every event", LIMIT, || {
+        free_got.lock().unwrap().len() >= EVENTS
+    })
+    .await;
+    let free_took = started.elapsed();
+    eventually("the limited endpoint gets every event", LIMIT, || {
+        limited_got.lock().unwrap().len() >= EVENTS
+    })
+    .await;
+    let times: Vec<Instant> = limited_got.lock().unwrap().iter().map(|r| r.at).collect();
+    let busiest = times
+        .iter()
+        .map(|start| {
+            times
+                .iter()
+                .filter(|t| **t >= *start && t.duration_since(*start) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let limited_took = times
+        .iter()
+        .max()
+        .unwrap()
+        .duration_since(*times.iter().min().unwrap());
+    eprintln!(
+        "limited: {busiest} in the busiest second, all in {limited_took:?}; unlimited: all {EVENTS} in {free_took:?}"
+    );
+    assert!(
+        busiest <= LIMIT_PER_SECOND as usize,
+        "{busiest} deliveries within one second at the limited endpoint"
+    );
+    assert!(
+        limited_took >= Duration::from_secs(5),
+        "30 at 5/s take 5 s at least: {limited_took:?}"
+    );
+    assert!(
+        free_took < Duration::from_secs(5),
+        "the unlimited endpoint took {free_took:?}"
+    );
+    assert_eq!(times.len(), EVENTS, "each delivered once");
+    assert_eq!(
+        count(
+            &mut rig.conn,
+            &format!("SELECT count(*) AS n FROM webhook_deliveries WHERE endpoint_id = {limited}")
+        ),
+        EVENTS as i64,
+        "one logged try each: held-back deliveries are not tries"
+    );
+    assert_eq!(count(&mut rig.conn, "SELECT count(*) AS n FROM failed_jobs"), 0);
+    // Lifted, the endpoint gets a burst at once.
+    webhooks::set_rate_limit(&mut rig.conn, limited, None).unwrap();
+    assert_eq!(
+        webhooks::get(&mut rig.conn, limited).unwrap().unwrap().rate_limit,
+        None
+    );
+    assert!(webhooks::set_rate_limit(&mut rig.conn, limited, Some(0)).is_err());
+    rig.stop().await;
 }
