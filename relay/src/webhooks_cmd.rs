@@ -117,9 +117,22 @@ pub struct AddArgs {
     /// process (1 to 1000000) [default: no limit].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(webhooks::MAX_RATE_LIMIT)))]
     rate_limit: Option<u32>,
+    /// How deliveries are signed: hmac (v1, a shared whsec_ secret) or
+    /// ed25519 (v1a: the subscriber gets the whpk_ public key only).
+    #[arg(long, value_enum, default_value_t = SigningArg::Hmac)]
+    signing: SigningArg,
     /// Print JSON (`endpoint`, `secret`) instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// `--signing` of `outbox webhooks add`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SigningArg {
+    /// v1: HMAC-SHA256 under a shared whsec_ secret.
+    Hmac,
+    /// v1a: ed25519; the subscriber verifies with the whpk_ public key.
+    Ed25519,
 }
 
 /// `--json` alone.
@@ -265,10 +278,17 @@ pub fn run(database_url: &str, command: &WebhooksCommand) -> anyhow::Result<()> 
         }
         WebhooksCommand::Show(args) => {
             let endpoint = found(&mut conn, args.id)?;
+            let public_keys =
+                webhooks::public_keys(&mut conn, args.id).context("cannot read the public keys")?;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&endpoint)?);
+                let mut value = serde_json::to_value(&endpoint)?;
+                value["public_keys"] = serde_json::json!(public_keys);
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 show(&endpoint);
+                for key in &public_keys {
+                    println!("public key:    {key}");
+                }
             }
             Ok(())
         }
@@ -459,16 +479,36 @@ fn add(conn: &mut diesel::PgConnection, args: &AddArgs) -> anyhow::Result<()> {
             event_types: args.event_types.clone(),
             oauth,
             rate_limit: args.rate_limit,
+            signing: match args.signing {
+                SigningArg::Hmac => webhooks::Signing::Hmac,
+                SigningArg::Ed25519 => webhooks::Signing::Ed25519,
+            },
         },
         &policy,
     )
     .context("cannot add the endpoint")?;
+    let public_key = webhooks::public_key(&secret).context("cannot derive the public key")?;
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"endpoint": endpoint, "secret": secret.expose()})
+                &serde_json::json!({"endpoint": endpoint, "secret": secret.expose(), "public_key": public_key})
             )?
+        );
+    } else if let Some(public_key) = public_key {
+        println!(
+            "endpoint {} added: {} gets {} (signed v1a, ed25519)",
+            endpoint.id,
+            endpoint.url,
+            endpoint.event_types.join(", ")
+        );
+        println!(
+            "public key (give it to the receiver; `outbox webhooks show {}` shows it again): {public_key}",
+            endpoint.id
+        );
+        println!(
+            "secret key (shown once; rotate-secret makes a new pair): {}",
+            secret.expose()
         );
     } else {
         println!(

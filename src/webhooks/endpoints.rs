@@ -10,7 +10,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::outbound::OutboundPolicy;
-use super::signing::{Secret, new_secret};
+use super::signing::{Secret, is_ed25519, new_ed25519_secret, new_secret};
 use crate::error::{Error, Result};
 use crate::schema::{webhook_deliveries, webhook_endpoints, webhook_secrets};
 
@@ -134,6 +134,20 @@ pub struct NewEndpoint {
     /// At most this many deliveries per second (1 to [`MAX_RATE_LIMIT`]),
     /// per worker process; `None`: no limit. Default none.
     pub rate_limit: Option<u32>,
+    /// How deliveries are signed. Default HMAC (`v1`).
+    pub signing: Signing,
+}
+
+/// How an endpoint's deliveries are signed (Standard Webhooks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signing {
+    /// `v1`: HMAC-SHA256 under a shared `whsec_` secret.
+    #[default]
+    Hmac,
+    /// `v1a`: ed25519 under a `whsk_` secret key; subscribers verify with
+    /// its `whpk_` public key and hold no secret.
+    Ed25519,
 }
 
 /// The highest per-endpoint rate limit, deliveries per second.
@@ -238,7 +252,10 @@ pub fn add(
         }
     }
     let rate_limit = check_rate_limit(new.rate_limit)?;
-    let secret = new_secret();
+    let secret = match new.signing {
+        Signing::Hmac => new_secret(),
+        Signing::Ed25519 => new_ed25519_secret(),
+    };
     let id = conn.transaction::<i64, Error, _>(|conn| {
         let id: i64 = diesel::insert_into(webhook_endpoints::table)
             .values((
@@ -338,9 +355,11 @@ pub fn remove(conn: &mut PgConnection, id: i64) -> Result<()> {
 /// Returns the new secret.
 pub fn rotate_secret(conn: &mut PgConnection, id: i64, overlap: Duration) -> Result<Secret> {
     let overlap_secs = overlap.as_secs_f64();
-    let secret = new_secret();
-    conn.transaction::<(), Error, _>(|conn| {
+    let secret = conn.transaction::<Secret, Error, _>(|conn| {
         must_exist(webhook_endpoints::table.find(id).count().get_result::<i64>(conn)? as usize, id)?;
+        // The new secret signs as the current one does (HMAC or ed25519).
+        let ed25519 = signing_secrets(conn, id)?.first().is_some_and(is_ed25519);
+        let secret = if ed25519 { new_ed25519_secret() } else { new_secret() };
         diesel::sql_query(
             "UPDATE webhook_secrets SET retires_at = LEAST(COALESCE(retires_at, 'infinity'), now() + make_interval(secs => $2))
              WHERE endpoint_id = $1",
@@ -353,9 +372,19 @@ pub fn rotate_secret(conn: &mut PgConnection, id: i64, overlap: Duration) -> Res
             .execute(conn)?;
         diesel::delete(webhook_secrets::table.filter(webhook_secrets::endpoint_id.eq(id)).filter(webhook_secrets::retires_at.lt(diesel::dsl::now)))
             .execute(conn)?;
-        Ok(())
+        Ok(secret)
     })?;
     Ok(secret)
+}
+
+/// The public keys (`whpk_...`) that verify `id`'s ed25519 signatures now,
+/// newest first; none for an HMAC endpoint.
+pub fn public_keys(conn: &mut PgConnection, id: i64) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    for secret in signing_secrets(conn, id)? {
+        keys.extend(super::signing::public_key(&secret)?);
+    }
+    Ok(keys)
 }
 
 /// The secrets that sign `id`'s deliveries now, newest first.

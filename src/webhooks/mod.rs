@@ -39,12 +39,15 @@ pub use delivery::{
     TestOutcome, WebhookDelivery, WebhookFanout,
 };
 pub use endpoints::{
-    DeliveryTry, Endpoint, EndpointStatus, MAX_RATE_LIMIT, NewEndpoint, OAuthSettings, add, deliveries,
-    disable, enable, get, list, pattern_matches, prune_deliveries, remove, rotate_secret, set_rate_limit,
-    signing_secrets, subscribed, validate_pattern,
+    DeliveryTry, Endpoint, EndpointStatus, MAX_RATE_LIMIT, NewEndpoint, OAuthSettings, Signing, add,
+    deliveries, disable, enable, get, list, pattern_matches, prune_deliveries, public_keys, remove,
+    rotate_secret, set_rate_limit, signing_secrets, subscribed, validate_pattern,
 };
 pub use outbound::{ALLOW_ENV, OutboundPolicy, is_public};
-pub use signing::{SECRET_PREFIX, Secret, new_secret, sign, signature_header, validate_secret};
+pub use signing::{
+    ED25519_SECRET_PREFIX, PUBLIC_KEY_PREFIX, SECRET_PREFIX, Secret, is_ed25519, new_ed25519_secret,
+    new_secret, public_key, sign, signature_header, validate_secret,
+};
 
 use crate::error::{Error, Result};
 

@@ -858,3 +858,44 @@ async fn a_rate_limited_endpoint_never_gets_more_than_its_limit_in_a_second_and_
     assert!(webhooks::set_rate_limit(&mut rig.conn, limited, Some(0)).is_err());
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ed25519_endpoints_get_v1a_signatures_that_their_public_key_verifies() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut rig = Rig::start(local()).await;
+    let (addr, got) = receiver(Mode::Ok).await;
+    let (id, secret) = rig.add_endpoint(NewEndpoint {
+        url: format!("http://{addr}/hook"),
+        event_types: vec!["*".into()],
+        signing: webhooks::Signing::Ed25519,
+        ..NewEndpoint::default()
+    });
+    assert!(secret.expose().starts_with("whsk_"));
+    let public = webhooks::public_keys(&mut rig.conn, id).unwrap();
+    assert_eq!(public.len(), 1);
+    assert_eq!(Some(public[0].clone()), webhooks::public_key(&secret).unwrap());
+    record(&mut rig.conn, "site.created", 1);
+    eventually("the delivery arrives", LIMIT, || !got.lock().unwrap().is_empty()).await;
+    let received = got.lock().unwrap()[0].clone();
+    let header = |name: &str| received.headers[name].to_str().unwrap().to_owned();
+    let signature = header("webhook-signature");
+    let raw = b64
+        .decode(signature.strip_prefix("v1a,").expect("a v1a signature"))
+        .unwrap();
+    let mut signed = format!("{}.{}.", header("webhook-id"), header("webhook-timestamp")).into_bytes();
+    signed.extend_from_slice(&received.body);
+    let key_bytes = b64.decode(public[0].strip_prefix("whpk_").unwrap()).unwrap();
+    let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key_bytes);
+    assert!(
+        key.verify(&signed, &raw).is_ok(),
+        "the public key verifies the delivery"
+    );
+    signed.push(b' ');
+    assert!(key.verify(&signed, &raw).is_err(), "and nothing else");
+    // A rotation keeps the scheme: a new key pair, both public keys listed.
+    let rotated = webhooks::rotate_secret(&mut rig.conn, id, Duration::from_secs(60)).unwrap();
+    assert!(rotated.expose().starts_with("whsk_"));
+    assert_eq!(webhooks::public_keys(&mut rig.conn, id).unwrap().len(), 2);
+    rig.stop().await;
+}
