@@ -189,6 +189,8 @@ pub struct WebhookDelivery {
     held: Arc<Mutex<HashMap<i64, Instant>>>,
     /// Send times given to rate-limited endpoints.
     limiter: Arc<EndpointLimiter>,
+    /// One token fetch at a time per endpoint.
+    fetching: Arc<Mutex<HashMap<i64, Arc<Mutex<()>>>>>,
 }
 
 type CachedEndpoint = (Option<Endpoint>, Vec<Secret>, Instant);
@@ -258,6 +260,7 @@ impl WebhookDelivery {
             log: Arc::default(),
             held: Arc::default(),
             limiter: Arc::default(),
+            fetching: Arc::default(),
         })
     }
 
@@ -320,19 +323,35 @@ impl WebhookDelivery {
             .remove(&id);
     }
 
-    fn token(&self, endpoint: &Endpoint, fresh: bool) -> Result<Option<String>, String> {
+    /// The endpoint's bearer token: the cached one unless it expired or is
+    /// `rejected` (answered 401), else fetched. One fetch at a time per
+    /// endpoint: concurrent deliveries wait for it and share its token.
+    fn token(&self, endpoint: &Endpoint, rejected: Option<&str>) -> Result<Option<String>, String> {
         let Some(oauth) = &endpoint.oauth else {
             return Ok(None);
         };
-        if !fresh
-            && let Some((token, until)) = self
-                .tokens
+        let cached = || {
+            self.tokens
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(&endpoint.id)
-            && *until > Instant::now()
-        {
-            return Ok(Some(token.clone()));
+                .filter(|(token, until)| *until > Instant::now() && Some(token.as_str()) != rejected)
+                .map(|(token, _)| token.clone())
+        };
+        if let Some(token) = cached() {
+            return Ok(Some(token));
+        }
+        let gate = Arc::clone(
+            self.fetching
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(endpoint.id)
+                .or_default(),
+        );
+        // On the blocking pool: waiting here blocks no async thread.
+        let _turn = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(token) = cached() {
+            return Ok(Some(token));
         }
         let (token, lifetime) = runtime()?.block_on(super::oauth::fetch_token(&self.client, oauth))?;
         // Cached until shortly before it expires.
@@ -362,9 +381,9 @@ impl WebhookDelivery {
             Ok(signature) => signature,
             Err(error) => return failed(error.to_string()),
         };
-        let mut fresh = false;
+        let mut rejected: Option<String> = None;
         loop {
-            let token = match self.token(endpoint, fresh) {
+            let token = match self.token(endpoint, rejected.as_deref()) {
                 Ok(token) => token,
                 Err(error) => return failed(format!("OAuth2 token: {error}")),
             };
@@ -408,8 +427,8 @@ impl WebhookDelivery {
                 }
             });
             // A 401 with a cached token: fetch a new one once.
-            if answer.status == Some(401) && token.is_some() && !fresh {
-                fresh = true;
+            if answer.status == Some(401) && token.is_some() && rejected.is_none() {
+                rejected = token;
                 continue;
             }
             return answer;

@@ -150,6 +150,11 @@ async fn receiver(mode: Mode) -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
 /// A token server counting its requests; `tok-1`, `tok-2`, ... for the
 /// client secret `right-secret`, 401 otherwise.
 async fn token_server() -> (SocketAddr, Arc<Mutex<u32>>) {
+    token_server_answering_after(Duration::ZERO).await
+}
+
+/// [`token_server`] answering each request after `delay`.
+async fn token_server_answering_after(delay: Duration) -> (SocketAddr, Arc<Mutex<u32>>) {
     let issued = Arc::new(Mutex::new(0u32));
     let counter = Arc::clone(&issued);
     let app = axum::Router::new().route(
@@ -158,6 +163,7 @@ async fn token_server() -> (SocketAddr, Arc<Mutex<u32>>) {
             let counter = Arc::clone(&counter);
             async move {
                 use base64::Engine;
+                tokio::time::sleep(delay).await;
                 let expected = format!(
                     "Basic {}",
                     base64::engine::general_purpose::STANDARD.encode("client-1:right-secret")
@@ -897,5 +903,41 @@ async fn ed25519_endpoints_get_v1a_signatures_that_their_public_key_verifies() {
     let rotated = webhooks::rotate_secret(&mut rig.conn, id, Duration::from_secs(60)).unwrap();
     assert!(rotated.expose().starts_with("whsk_"));
     assert_eq!(webhooks::public_keys(&mut rig.conn, id).unwrap().len(), 2);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_share_one_token_fetch() {
+    let mut rig = Rig::start(local()).await;
+    let (tokens_addr, issued) = token_server_answering_after(Duration::from_millis(300)).await;
+    let (addr, got) = receiver(Mode::Ok).await;
+    rig.add(
+        &format!("http://{addr}/hook"),
+        &["*"],
+        Some(OAuthSettings {
+            token_url: format!("http://{tokens_addr}/token"),
+            client_id: "client-1".into(),
+            client_secret: Secret::new("right-secret"),
+            scope: None,
+        }),
+    );
+    for i in 0..12 {
+        record(&mut rig.conn, "site.created", i);
+    }
+    eventually("every delivery arrives", LIMIT, || {
+        got.lock().unwrap().len() >= 12
+    })
+    .await;
+    assert_eq!(
+        *issued.lock().unwrap(),
+        1,
+        "one token fetch for concurrent deliveries"
+    );
+    assert!(
+        got.lock()
+            .unwrap()
+            .iter()
+            .all(|r| r.headers["authorization"] == "Bearer tok-1")
+    );
     rig.stop().await;
 }
