@@ -213,6 +213,27 @@ pub enum ListenerError {
     Transient(BoxError),
     /// Give up now: a failed-jobs row and the dead-letter queue.
     Permanent(BoxError),
+    /// A transient failure whose next try must wait at least `at_least`
+    /// (the other side asked, as with HTTP `Retry-After`): counted like
+    /// [`Transient`](Self::Transient), then held in the retry queue of the
+    /// smallest delay at or above both `at_least` and the backoff delay (the
+    /// longest one if none is that long).
+    RetryAfter {
+        /// What failed.
+        error: BoxError,
+        /// The least wait before the next try.
+        at_least: Duration,
+    },
+    /// Not a failure: the event was not handled now (a rate limit held it
+    /// back) and goes back to wait at least `at_least`, in the retry queue
+    /// chosen as for [`RetryAfter`](Self::RetryAfter), without counting a
+    /// try: it never becomes a failed job this way.
+    Deferred {
+        /// Why it was held back.
+        reason: BoxError,
+        /// The least wait before it is handled again.
+        at_least: Duration,
+    },
 }
 
 impl ListenerError {
@@ -226,15 +247,42 @@ impl ListenerError {
         Self::Permanent(error.into())
     }
 
+    /// A failure worth retrying, but not before `at_least` has passed.
+    pub fn retry_after(error: impl Into<BoxError>, at_least: Duration) -> Self {
+        Self::RetryAfter {
+            error: error.into(),
+            at_least,
+        }
+    }
+
+    /// Not handled now and not a failure: handle it again no earlier than
+    /// `at_least` from now, this try not counted.
+    pub fn deferred(reason: impl Into<BoxError>, at_least: Duration) -> Self {
+        Self::Deferred {
+            reason: reason.into(),
+            at_least,
+        }
+    }
+
     /// Whether this failure ends the job at once.
     pub fn is_permanent(&self) -> bool {
         matches!(self, Self::Permanent(_))
+    }
+
+    /// The least wait before the next try that this error asks for.
+    pub fn at_least(&self) -> Option<Duration> {
+        match self {
+            Self::RetryAfter { at_least, .. } | Self::Deferred { at_least, .. } => Some(*at_least),
+            Self::Transient(_) | Self::Permanent(_) => None,
+        }
     }
 
     /// The underlying error.
     pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         match self {
             Self::Transient(e) | Self::Permanent(e) => e.as_ref(),
+            Self::RetryAfter { error, .. } => error.as_ref(),
+            Self::Deferred { reason, .. } => reason.as_ref(),
         }
     }
 }

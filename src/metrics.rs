@@ -65,7 +65,9 @@ pub const MAINTENANCE_FAILURES_TOTAL: &str = "outbox_maintenance_failures_total"
 // The worker's.
 /// Messages handled, by `listener` and `outcome`: `success`, `duplicate`
 /// (inbox hit, handler skipped), `foreign` (a source the worker does not
-/// accept: dead-lettered unapplied), `retry` (sent to a retry queue), `failed`
+/// accept: dead-lettered unapplied), `retry` (sent to a retry queue),
+/// `deferred` (sent to a retry queue without counting a try: the listener
+/// returned `ListenerError::Deferred`), `failed`
 /// (failed job + dead-letter queue), `returned` (left unacknowledged at
 /// shutdown or connection loss, back to the queue).
 pub const LISTENER_OUTCOMES_TOTAL: &str = "outbox_listener_outcomes_total";

@@ -183,6 +183,7 @@ async fn outbox_round(
                     description: "bench receiver".into(),
                     event_types: vec!["*".into()],
                     oauth: None,
+                    ..NewEndpoint::default()
                 },
                 &endpoint_policy,
             )?;

@@ -58,6 +58,10 @@ pub enum WebhooksCommand {
     ///
     /// Example: outbox webhooks rotate-secret 3 --overlap 24h
     RotateSecret(RotateArgs),
+    /// Change an endpoint's settings.
+    ///
+    /// Example: outbox webhooks update 3 --rate-limit 50
+    Update(UpdateArgs),
     /// Delete an endpoint and its secrets.
     ///
     /// Example: outbox webhooks remove 3
@@ -109,9 +113,26 @@ pub struct AddArgs {
     /// OAuth2 scope to ask for.
     #[arg(long)]
     oauth_scope: Option<String>,
+    /// At most this many deliveries per second to it, from each worker
+    /// process (1 to 1000000) [default: no limit].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(webhooks::MAX_RATE_LIMIT)))]
+    rate_limit: Option<u32>,
+    /// How deliveries are signed: hmac (v1, a shared whsec_ secret) or
+    /// ed25519 (v1a: the subscriber gets the whpk_ public key only).
+    #[arg(long, value_enum, default_value_t = SigningArg::Hmac)]
+    signing: SigningArg,
     /// Print JSON (`endpoint`, `secret`) instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// `--signing` of `outbox webhooks add`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SigningArg {
+    /// v1: HMAC-SHA256 under a shared whsec_ secret.
+    Hmac,
+    /// v1a: ed25519; the subscriber verifies with the whpk_ public key.
+    Ed25519,
 }
 
 /// `--json` alone.
@@ -147,6 +168,34 @@ pub struct DisableArgs {
     /// Why (shown by list and show).
     #[arg(long)]
     reason: String,
+}
+
+/// Options of `outbox webhooks update`.
+#[derive(Debug, clap::Args)]
+pub struct UpdateArgs {
+    /// The endpoint's id.
+    id: i64,
+    /// At most this many deliveries per second, from each worker process
+    /// (1 to 1000000), or `none` to lift the limit.
+    #[arg(long, value_parser = parse_rate_limit)]
+    rate_limit: Option<RateLimitArg>,
+}
+
+/// A rate limit given on the command line: a number or `none`.
+#[derive(Debug, Clone, Copy)]
+struct RateLimitArg(Option<u32>);
+
+fn parse_rate_limit(text: &str) -> Result<RateLimitArg, String> {
+    if text == "none" {
+        return Ok(RateLimitArg(None));
+    }
+    match text.parse::<u32>() {
+        Ok(n) if (1..=webhooks::MAX_RATE_LIMIT).contains(&n) => Ok(RateLimitArg(Some(n))),
+        _ => Err(format!(
+            "a rate limit is 1 to {} deliveries per second, or none",
+            webhooks::MAX_RATE_LIMIT
+        )),
+    }
 }
 
 /// Options of `outbox webhooks rotate-secret`.
@@ -229,10 +278,17 @@ pub fn run(database_url: &str, command: &WebhooksCommand) -> anyhow::Result<()> 
         }
         WebhooksCommand::Show(args) => {
             let endpoint = found(&mut conn, args.id)?;
+            let public_keys =
+                webhooks::public_keys(&mut conn, args.id).context("cannot read the public keys")?;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&endpoint)?);
+                let mut value = serde_json::to_value(&endpoint)?;
+                value["public_keys"] = serde_json::json!(public_keys);
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 show(&endpoint);
+                for key in &public_keys {
+                    println!("public key:    {key}");
+                }
             }
             Ok(())
         }
@@ -260,6 +316,18 @@ pub fn run(database_url: &str, command: &WebhooksCommand) -> anyhow::Result<()> 
                 "the previous secret signs beside it for {}",
                 humantime::format_duration(args.overlap)
             );
+            Ok(())
+        }
+        WebhooksCommand::Update(args) => {
+            let Some(RateLimitArg(rate_limit)) = args.rate_limit else {
+                bail!("nothing to change: give --rate-limit N or --rate-limit none");
+            };
+            webhooks::set_rate_limit(&mut conn, args.id, rate_limit)
+                .with_context(|| format!("cannot update endpoint {}", args.id))?;
+            match rate_limit {
+                Some(n) => println!("endpoint {}: at most {n} deliveries per second", args.id),
+                None => println!("endpoint {}: no rate limit", args.id),
+            }
             Ok(())
         }
         WebhooksCommand::Remove(args) => {
@@ -362,6 +430,9 @@ fn show(endpoint: &Endpoint) {
     println!("description:   {}", endpoint.description);
     println!("event types:   {}", endpoint.event_types.join(", "));
     println!("status:        {}", status_text(endpoint));
+    if let Some(n) = endpoint.rate_limit {
+        println!("rate limit:    {n} deliveries/s per worker process");
+    }
     if let Some(oauth) = &endpoint.oauth {
         println!(
             "oauth2:        client {} at {} (scope {})",
@@ -407,16 +478,37 @@ fn add(conn: &mut diesel::PgConnection, args: &AddArgs) -> anyhow::Result<()> {
             description: args.description.clone(),
             event_types: args.event_types.clone(),
             oauth,
+            rate_limit: args.rate_limit,
+            signing: match args.signing {
+                SigningArg::Hmac => webhooks::Signing::Hmac,
+                SigningArg::Ed25519 => webhooks::Signing::Ed25519,
+            },
         },
         &policy,
     )
     .context("cannot add the endpoint")?;
+    let public_key = webhooks::public_key(&secret).context("cannot derive the public key")?;
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"endpoint": endpoint, "secret": secret.expose()})
+                &serde_json::json!({"endpoint": endpoint, "secret": secret.expose(), "public_key": public_key})
             )?
+        );
+    } else if let Some(public_key) = public_key {
+        println!(
+            "endpoint {} added: {} gets {} (signed v1a, ed25519)",
+            endpoint.id,
+            endpoint.url,
+            endpoint.event_types.join(", ")
+        );
+        println!(
+            "public key (give it to the receiver; `outbox webhooks show {}` shows it again): {public_key}",
+            endpoint.id
+        );
+        println!(
+            "secret key (shown once; rotate-secret makes a new pair): {}",
+            secret.expose()
         );
     } else {
         println!(

@@ -185,6 +185,31 @@ pub(crate) fn record_failure(
     })
 }
 
+/// Notes a deferred event's copy (no failed try counted) on the event's
+/// attempts row, if it has one (it failed before): where the copy waits
+/// and until when, so the retry repairer does not take it for overdue. An
+/// event that never failed has no row, and its deferred copy is not
+/// watched by the repairer.
+pub(crate) fn note_deferred(
+    conn: &mut PgConnection,
+    listener: &str,
+    event_id: Uuid,
+    retry_queue: &str,
+    delay: Duration,
+) -> Result<()> {
+    diesel::sql_query(
+        "UPDATE listener_attempts
+         SET retry_queue = $3, retry_due_at = now() + make_interval(secs => $4), retry_repairs = 0
+         WHERE listener = $1 AND event_id = $2",
+    )
+    .bind::<Text, _>(listener)
+    .bind::<SqlUuid, _>(event_id)
+    .bind::<Text, _>(retry_queue)
+    .bind::<Double, _>(delay.as_secs_f64())
+    .execute(conn)?;
+    Ok(())
+}
+
 /// Records a message that cannot name its event (malformed): a failed job
 /// at once, keyed by a hash of listener and body.
 pub(crate) fn record_malformed(

@@ -356,7 +356,7 @@ async fn process(
         return set_aside_foreign(shared, delivery, &event).await;
     }
     if let Err(error) = upcast {
-        return fail_event(shared, delivery, &event, &error.to_string(), true).await;
+        return fail_event(shared, delivery, &event, &error.to_string(), true, None).await;
     }
     if !shared.registration.handles(&event.event_type) {
         let text = format!(
@@ -364,10 +364,11 @@ async fn process(
             event.event_type,
             shared.registration.event_types().join(", ")
         );
-        return fail_event(shared, delivery, &event, &text, true).await;
+        return fail_event(shared, delivery, &event, &text, true, None).await;
     }
     let mut previous = 0;
-    if delivery.redelivered || has_header(&delivery.properties, RETRY_HEADER) {
+    let retried = has_header(&delivery.properties, RETRY_HEADER);
+    if delivery.redelivered || retried {
         let (name, id) = (listener.to_owned(), event.event_id);
         let state = db_step(shared, move |conn| attempts::delivery_state(conn, &name, id)).await?;
         if let Some(job_id) = state.failed_job {
@@ -384,7 +385,7 @@ async fn process(
                 "delivered {} times without being acknowledged: the worker crashed, timed out or lost its connection while handling it",
                 deliveries + 1
             );
-            return fail_event(shared, delivery, &event, &text, true).await;
+            return fail_event(shared, delivery, &event, &text, true, None).await;
         }
     }
     let attempt = previous + 1;
@@ -393,7 +394,8 @@ async fn process(
     let mut busy_wait = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
     loop {
         let started = Instant::now();
-        let run = run_handler(shared, &event, attempt, previous > 0, permit).await;
+        // A deferred copy may have an attempts row with no failure in it.
+        let run = run_handler(shared, &event, attempt, previous > 0 || retried, permit).await;
         metrics::histogram!(LISTENER_DURATION_SECONDS, "listener" => listener.to_owned())
             .record(started.elapsed().as_secs_f64());
         match run {
@@ -404,17 +406,24 @@ async fn process(
                     // count these lines as deliveries more than once.
                     tracing::info!(listener, event_id = %event.event_id, event_type = %event.event_type, "duplicate delivery: the inbox already holds this event; acknowledged without running the listener");
                 }
-                if previous > 0 && !options.inbox {
+                if (previous > 0 || retried) && !options.inbox {
                     let (name, id) = (listener.to_owned(), event.event_id);
                     db_step(shared, move |conn| attempts::clear_attempts(conn, &name, id)).await?;
                 }
                 return Ok(if duplicate { "duplicate" } else { "success" });
             }
+            HandlerRun::Failed(ListenerError::Deferred { reason, at_least })
+                if shared.queues.retry_queue_at_least(at_least).is_some() =>
+            {
+                let reason = error_chain(reason.as_ref());
+                tracing::debug!(listener, event_id = %event.event_id, %reason, at_least = ?at_least, "deferred, not counted as a try");
+                return defer(shared, delivery, &event, previous, at_least).await;
+            }
             HandlerRun::Failed(error) => {
                 let permanent = error.is_permanent();
                 let text = error.to_string();
                 tracing::warn!(listener, event_id = %event.event_id, event_type = %event.event_type, attempt, tries = options.tries, permanent, error = %text, "listener failed");
-                return fail_event(shared, delivery, &event, &text, permanent).await;
+                return fail_event(shared, delivery, &event, &text, permanent, error.at_least()).await;
             }
             HandlerRun::Busy => {
                 tracing::debug!(listener, event_id = %event.event_id, retry_in = ?busy_wait.upcoming(), "another delivery of this event is being handled; waiting");
@@ -437,6 +446,7 @@ async fn fail_event(
     event: &Arc<ReceivedEvent>,
     error: &str,
     permanent: bool,
+    at_least: Option<Duration>,
 ) -> std::result::Result<&'static str, Stopped> {
     let options = shared.registration.options();
     let tries = options.tries;
@@ -444,10 +454,18 @@ async fn fail_event(
     let (event_id, event_type) = (event.event_id, event.event_type.clone());
     let body = delivery.data.clone();
     let error_text = error.to_owned();
+    // The retry queue after `failures` failed tries: the backoff delay's,
+    // or with `at_least` the smallest queue holding at least both.
+    let retry_after = |failures: u32| {
+        let delay = options.delay_after(failures);
+        match at_least {
+            Some(at_least) => shared.queues.retry_queue_at_least(delay.max(at_least)),
+            None => shared.queues.retry_queue(delay).map(|queue| (delay, queue)),
+        }
+    };
     let schedule: attempts::RetrySchedule = (1..tries)
         .map(|failures| {
-            let delay = options.delay_after(failures);
-            let queue = shared.queues.retry_queue(delay).unwrap_or_default();
+            let (delay, queue) = retry_after(failures).unwrap_or((options.delay_after(failures), ""));
             (delay, queue.to_owned())
         })
         .collect();
@@ -470,8 +488,7 @@ async fn fail_event(
     .await?;
     match outcome {
         FailureOutcome::Retry { attempts } => {
-            let delay = options.delay_after(attempts);
-            let Some(retry_queue) = shared.queues.retry_queue(delay) else {
+            let Some((delay, retry_queue)) = retry_after(attempts) else {
                 // Cannot happen: every delay of the first tries-1 failures
                 // has a queue. Fail rather than loop.
                 return fail_malformed(
@@ -482,14 +499,13 @@ async fn fail_event(
                 )
                 .await;
             };
-            let mut headers = copied_headers(&delivery.properties);
-            headers.insert(RETRY_HEADER.into(), AMQPValue::LongInt(attempts.min(1000) as i32));
-            let properties = delivery
-                .properties
-                .clone()
-                .with_headers(headers)
-                .with_delivery_mode(2);
-            publish_step(shared, retry_queue, &delivery.data, properties).await?;
+            publish_step(
+                shared,
+                retry_queue,
+                &delivery.data,
+                retry_properties(delivery, attempts),
+            )
+            .await?;
             tracing::info!(listener = shared.registration.name(), event_id = %event.event_id, attempts, tries, retry_in = ?delay, "retry scheduled");
             Ok("retry")
         }
@@ -507,6 +523,58 @@ async fn fail_event(
             Ok("failed")
         }
     }
+}
+
+/// A deferred event ([`ListenerError::Deferred`]): its copy goes to the
+/// retry queue of at least `at_least` with the retry marker and no failed
+/// try counted (see [`attempts::note_deferred`] for the repairer).
+async fn defer(
+    shared: &Arc<ListenerShared>,
+    delivery: &Delivery,
+    event: &Arc<ReceivedEvent>,
+    previous: u32,
+    at_least: Duration,
+) -> std::result::Result<&'static str, Stopped> {
+    let Some((delay, retry_queue)) = shared.queues.retry_queue_at_least(at_least) else {
+        // The caller checked there is one.
+        return fail_event(
+            shared,
+            delivery,
+            event,
+            "deferred, but the listener has no retry queue",
+            false,
+            None,
+        )
+        .await;
+    };
+    let retry_queue = retry_queue.to_owned();
+    if previous > 0 {
+        let (listener, event_id) = (shared.registration.name().to_owned(), event.event_id);
+        let noted_queue = retry_queue.clone();
+        db_step(shared, move |conn| {
+            attempts::note_deferred(conn, &listener, event_id, &noted_queue, delay)
+        })
+        .await?;
+    }
+    publish_step(
+        shared,
+        &retry_queue,
+        &delivery.data,
+        retry_properties(delivery, previous),
+    )
+    .await?;
+    Ok("deferred")
+}
+
+/// The properties of `delivery`'s retry copy after `attempts` failed tries.
+fn retry_properties(delivery: &Delivery, attempts: u32) -> BasicProperties {
+    let mut headers = copied_headers(&delivery.properties);
+    headers.insert(RETRY_HEADER.into(), AMQPValue::LongInt(attempts.min(1000) as i32));
+    delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
 }
 
 /// A message that does not name a usable event: failed_jobs and the

@@ -88,6 +88,20 @@ impl ListenerQueues {
             .map(|(_, name)| name.as_str())
     }
 
+    /// The retry queue of the smallest delay of at least `wanted`, or of
+    /// the longest delay when none is that long; `None` without retry
+    /// queues (one try).
+    pub fn retry_queue_at_least(&self, wanted: Duration) -> Option<(Duration, &str)> {
+        let longer = self
+            .retries
+            .iter()
+            .filter(|(delay, _)| *delay >= wanted)
+            .min_by_key(|(delay, _)| *delay);
+        longer
+            .or_else(|| self.retries.iter().max_by_key(|(delay, _)| *delay))
+            .map(|(delay, name)| (*delay, name.as_str()))
+    }
+
     /// Every queue name, main queue first.
     pub fn all_queues(&self) -> Vec<&str> {
         let mut names = vec![self.queue.as_str(), self.dead.as_str()];
@@ -319,6 +333,30 @@ mod tests {
                 .get("x-quorum-initial-group-size"),
             Some(&AMQPValue::LongInt(3))
         );
+    }
+
+    #[test]
+    fn retry_queues_at_least_a_wait() {
+        let options =
+            ListenerOptions::default().retries(4, &[Duration::from_secs(1), Duration::from_secs(10)]);
+        let queues = listener_queues("app", "audit", &[], &options).unwrap_or_else(|e| panic!("{e}"));
+        let delay = |wanted| queues.retry_queue_at_least(wanted).map(|(delay, _)| delay);
+        assert_eq!(delay(Duration::from_millis(10)), Some(Duration::from_secs(1)));
+        assert_eq!(delay(Duration::from_secs(1)), Some(Duration::from_secs(1)));
+        assert_eq!(delay(Duration::from_secs(2)), Some(Duration::from_secs(10)));
+        assert_eq!(
+            delay(Duration::from_secs(60)),
+            Some(Duration::from_secs(10)),
+            "the longest"
+        );
+        let one_try = listener_queues(
+            "app",
+            "audit",
+            &[],
+            &ListenerOptions::default().retries(1, &[Duration::from_secs(1)]),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(one_try.retry_queue_at_least(Duration::from_secs(1)).is_none());
     }
 
     #[test]

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::endpoints::{self, Endpoint};
+use super::rate_limit::EndpointLimiter;
 use super::signing::{Secret, signature_header};
 use super::try_log::TryLog;
 use super::{DELIVERY_REQUESTED, ENDPOINT_DISABLED, WebhookConfig};
@@ -184,6 +185,12 @@ pub struct WebhookDelivery {
     endpoints: Arc<Mutex<HashMap<i64, CachedEndpoint>>>,
     /// The delivery log, written for concurrent deliveries together.
     log: Arc<TryLog>,
+    /// Endpoints that answered `Retry-After`, until when.
+    held: Arc<Mutex<HashMap<i64, Instant>>>,
+    /// Send times given to rate-limited endpoints.
+    limiter: Arc<EndpointLimiter>,
+    /// One token fetch at a time per endpoint.
+    fetching: Arc<Mutex<HashMap<i64, Arc<Mutex<()>>>>>,
 }
 
 type CachedEndpoint = (Option<Endpoint>, Vec<Secret>, Instant);
@@ -205,6 +212,37 @@ struct Answer {
     status: Option<u16>,
     excerpt: Option<String>,
     error: Option<String>,
+    /// A `429` or `503` answer's `Retry-After`, at most [`MAX_RETRY_AFTER`].
+    retry_after: Option<Duration>,
+}
+
+impl Answer {
+    fn failed(error: String) -> Self {
+        Self {
+            status: None,
+            excerpt: None,
+            error: Some(error),
+            retry_after: None,
+        }
+    }
+}
+
+/// The longest `Retry-After` honoured: a longer one (or a date further
+/// ahead) waits this long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// A `Retry-After` value: delay seconds or an HTTP date, capped at
+/// [`MAX_RETRY_AFTER`]; `None` when it is neither.
+pub(crate) fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or_default(),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 impl WebhookDelivery {
@@ -220,6 +258,9 @@ impl WebhookDelivery {
             tokens: Arc::new(Mutex::new(HashMap::new())),
             endpoints: Arc::new(Mutex::new(HashMap::new())),
             log: Arc::default(),
+            held: Arc::default(),
+            limiter: Arc::default(),
+            fetching: Arc::default(),
         })
     }
 
@@ -248,6 +289,33 @@ impl WebhookDelivery {
         Ok((endpoint, secrets))
     }
 
+    /// Holds deliveries to endpoint `id` back for `wait` (its
+    /// `Retry-After`), in this process.
+    fn hold_off(&self, id: i64, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = held.entry(id).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// How long deliveries to `id` are still held back, if they are.
+    fn held_off(&self, id: i64) -> Option<Duration> {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let until = *held.get(&id)?;
+        let now = Instant::now();
+        if until <= now {
+            held.remove(&id);
+            return None;
+        }
+        Some(until - now)
+    }
+
     fn forget_endpoint(&self, id: i64) {
         self.endpoints
             .lock()
@@ -255,19 +323,35 @@ impl WebhookDelivery {
             .remove(&id);
     }
 
-    fn token(&self, endpoint: &Endpoint, fresh: bool) -> Result<Option<String>, String> {
+    /// The endpoint's bearer token: the cached one unless it expired or is
+    /// `rejected` (answered 401), else fetched. One fetch at a time per
+    /// endpoint: concurrent deliveries wait for it and share its token.
+    fn token(&self, endpoint: &Endpoint, rejected: Option<&str>) -> Result<Option<String>, String> {
         let Some(oauth) = &endpoint.oauth else {
             return Ok(None);
         };
-        if !fresh
-            && let Some((token, until)) = self
-                .tokens
+        let cached = || {
+            self.tokens
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(&endpoint.id)
-            && *until > Instant::now()
-        {
-            return Ok(Some(token.clone()));
+                .filter(|(token, until)| *until > Instant::now() && Some(token.as_str()) != rejected)
+                .map(|(token, _)| token.clone())
+        };
+        if let Some(token) = cached() {
+            return Ok(Some(token));
+        }
+        let gate = Arc::clone(
+            self.fetching
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(endpoint.id)
+                .or_default(),
+        );
+        // On the blocking pool: waiting here blocks no async thread.
+        let _turn = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(token) = cached() {
+            return Ok(Some(token));
         }
         let (token, lifetime) = runtime()?.block_on(super::oauth::fetch_token(&self.client, oauth))?;
         // Cached until shortly before it expires.
@@ -283,11 +367,7 @@ impl WebhookDelivery {
     }
 
     fn send(&self, endpoint: &Endpoint, secrets: &[Secret], delivery: &DeliveryRequested) -> Answer {
-        let failed = |error: String| Answer {
-            status: None,
-            excerpt: None,
-            error: Some(error),
-        };
+        let failed = Answer::failed;
         if let Err(error) = self.config.policy.check_url(&endpoint.url) {
             return failed(error.to_string());
         }
@@ -301,9 +381,9 @@ impl WebhookDelivery {
             Ok(signature) => signature,
             Err(error) => return failed(error.to_string()),
         };
-        let mut fresh = false;
+        let mut rejected: Option<String> = None;
         loop {
-            let token = match self.token(endpoint, fresh) {
+            let token = match self.token(endpoint, rejected.as_deref()) {
                 Ok(token) => token,
                 Err(error) => return failed(format!("OAuth2 token: {error}")),
             };
@@ -326,23 +406,29 @@ impl WebhookDelivery {
                 match request.send().await {
                     Ok(response) => {
                         let status = response.status().as_u16();
+                        let retry_after = if matches!(status, 429 | 503) {
+                            response
+                                .headers()
+                                .get(reqwest::header::RETRY_AFTER)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()))
+                        } else {
+                            None
+                        };
                         let excerpt = super::read_bounded(response, self.config.max_response_bytes).await;
                         Answer {
                             status: Some(status),
                             excerpt: Some(excerpt),
                             error: None,
+                            retry_after,
                         }
                     }
-                    Err(error) => Answer {
-                        status: None,
-                        excerpt: None,
-                        error: Some(super::describe(&error)),
-                    },
+                    Err(error) => Answer::failed(super::describe(&error)),
                 }
             });
             // A 401 with a cached token: fetch a new one once.
-            if answer.status == Some(401) && token.is_some() && !fresh {
-                fresh = true;
+            if answer.status == Some(401) && token.is_some() && rejected.is_none() {
+                rejected = token;
                 continue;
             }
             return answer;
@@ -457,17 +543,35 @@ impl QueuedListener for WebhookDelivery {
             tracing::info!(endpoint = endpoint.id, event_id = %delivery.event_id, "webhook endpoint disabled; delivery dropped");
             return Ok(());
         }
-        let (at, started) = (Utc::now(), Instant::now());
+        if let Some(wait) = self.held_off(endpoint.id) {
+            return Err(ListenerError::deferred(
+                format!("endpoint {} asked to wait (Retry-After)", endpoint.id),
+                wait,
+            ));
+        }
         let circuit_open = endpoint.failed_deliveries >= self.config.circuit_after_failures;
-        let answer = if circuit_open && !last_try {
-            Answer {
-                status: None,
-                excerpt: None,
-                error: Some(format!(
-                    "not sent: the endpoint's last {} deliveries failed (sent again on the last try)",
-                    endpoint.failed_deliveries
-                )),
+        // Held until the answer is in (see rate_limit.rs); waits on the
+        // handler's thread (the blocking pool) at most MAX_WAIT.
+        let _room = match endpoint.rate_limit {
+            Some(per_second) if !circuit_open || last_try => {
+                match self.limiter.acquire(endpoint.id, per_second) {
+                    Ok(permit) => Some(permit),
+                    Err(wait) => {
+                        return Err(ListenerError::deferred(
+                            format!("endpoint {} is limited to {per_second} deliveries/s", endpoint.id),
+                            wait,
+                        ));
+                    }
+                }
             }
+            _ => None,
+        };
+        let (at, started) = (Utc::now(), Instant::now());
+        let answer = if circuit_open && !last_try {
+            Answer::failed(format!(
+                "not sent: the endpoint's last {} deliveries failed (sent again on the last try)",
+                endpoint.failed_deliveries
+            ))
         } else {
             self.send(&endpoint, &secrets, &delivery)
         };
@@ -502,14 +606,50 @@ impl QueuedListener for WebhookDelivery {
             return Ok(());
         }
         let error = error.unwrap_or_default();
+        if answer.status == Some(410) {
+            // Standard Webhooks: 410 Gone asks for no more deliveries.
+            super::health::gone(conn, &endpoint).map_err(ListenerError::transient)?;
+            self.forget_endpoint(endpoint.id);
+            return Err(ListenerError::permanent(format!(
+                "delivery to endpoint {} ({}): {error}: the endpoint is gone and was disabled",
+                endpoint.id, endpoint.url
+            )));
+        }
         if last_try {
             super::health::failed_for_good(conn, &endpoint, &self.config)
                 .map_err(ListenerError::transient)?;
             self.forget_endpoint(endpoint.id);
         }
-        Err(ListenerError::transient(format!(
-            "delivery to endpoint {} ({}): {error}",
-            endpoint.id, endpoint.url
-        )))
+        let error = format!("delivery to endpoint {} ({}): {error}", endpoint.id, endpoint.url);
+        match answer.retry_after {
+            Some(wait) if !last_try => {
+                // Every delivery to this endpoint waits, not only this one.
+                self.hold_off(endpoint.id, wait);
+                Err(ListenerError::retry_after(
+                    format!("{error} (Retry-After: {} s)", wait.as_secs()),
+                    wait,
+                ))
+            }
+            _ => Err(ListenerError::transient(error)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates_and_is_capped() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("5", now), Some(Duration::from_secs(5)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(120));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(120)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(120));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-3", now), None);
     }
 }

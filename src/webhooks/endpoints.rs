@@ -10,7 +10,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::outbound::OutboundPolicy;
-use super::signing::{Secret, new_secret};
+use super::signing::{Secret, is_ed25519, new_ed25519_secret, new_secret};
 use crate::error::{Error, Result};
 use crate::schema::{webhook_deliveries, webhook_endpoints, webhook_secrets};
 
@@ -65,6 +65,8 @@ pub struct Endpoint {
     pub failing_since: Option<DateTime<Utc>>,
     /// When it was added.
     pub created_at: DateTime<Utc>,
+    /// At most this many deliveries per second, per worker process.
+    pub rate_limit: Option<u32>,
 }
 
 #[derive(Queryable, Selectable)]
@@ -84,6 +86,7 @@ struct Row {
     failed_deliveries: i32,
     failing_since: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
+    rate_limit: Option<i32>,
 }
 
 fn from_row(row: Row) -> Endpoint {
@@ -113,11 +116,12 @@ fn from_row(row: Row) -> Endpoint {
         failed_deliveries: row.failed_deliveries,
         failing_since: row.failing_since,
         created_at: row.created_at,
+        rate_limit: row.rate_limit.and_then(|n| u32::try_from(n).ok()),
     }
 }
 
 /// An endpoint to add.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewEndpoint {
     /// Where deliveries go (checked by the [`OutboundPolicy`]).
     pub url: String,
@@ -127,6 +131,49 @@ pub struct NewEndpoint {
     pub event_types: Vec<String>,
     /// OAuth2 client credentials, if deliveries need a bearer token.
     pub oauth: Option<OAuthSettings>,
+    /// At most this many deliveries per second (1 to [`MAX_RATE_LIMIT`]),
+    /// per worker process; `None`: no limit. Default none.
+    pub rate_limit: Option<u32>,
+    /// How deliveries are signed. Default HMAC (`v1`).
+    pub signing: Signing,
+}
+
+/// How an endpoint's deliveries are signed (Standard Webhooks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signing {
+    /// `v1`: HMAC-SHA256 under a shared `whsec_` secret.
+    #[default]
+    Hmac,
+    /// `v1a`: ed25519 under a `whsk_` secret key; subscribers verify with
+    /// its `whpk_` public key and hold no secret.
+    Ed25519,
+}
+
+/// The highest per-endpoint rate limit, deliveries per second.
+pub const MAX_RATE_LIMIT: u32 = 1_000_000;
+
+fn check_rate_limit(rate_limit: Option<u32>) -> Result<Option<i32>> {
+    match rate_limit {
+        None => Ok(None),
+        Some(n) if (1..=MAX_RATE_LIMIT).contains(&n) => Ok(i32::try_from(n).ok()),
+        Some(n) => Err(Error::InvalidInput(format!(
+            "a rate limit is 1 to {MAX_RATE_LIMIT} deliveries per second, not {n}"
+        ))),
+    }
+}
+
+/// Sets or (with `None`) lifts endpoint `id`'s rate limit. Workers see it
+/// within [`ENDPOINT_CACHE`](super::ENDPOINT_CACHE).
+pub fn set_rate_limit(conn: &mut PgConnection, id: i64, rate_limit: Option<u32>) -> Result<()> {
+    let rate_limit = check_rate_limit(rate_limit)?;
+    let changed = diesel::update(webhook_endpoints::table.find(id))
+        .set((
+            webhook_endpoints::rate_limit.eq(rate_limit),
+            webhook_endpoints::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)?;
+    must_exist(changed, id)
 }
 
 /// Whether `pattern` is an event-type filter: `*`, `site.*`, `site.created`.
@@ -204,7 +251,11 @@ pub fn add(
             ));
         }
     }
-    let secret = new_secret();
+    let rate_limit = check_rate_limit(new.rate_limit)?;
+    let secret = match new.signing {
+        Signing::Hmac => new_secret(),
+        Signing::Ed25519 => new_ed25519_secret(),
+    };
     let id = conn.transaction::<i64, Error, _>(|conn| {
         let id: i64 = diesel::insert_into(webhook_endpoints::table)
             .values((
@@ -216,6 +267,7 @@ pub fn add(
                 webhook_endpoints::oauth_client_secret
                     .eq(new.oauth.as_ref().map(|o| o.client_secret.expose())),
                 webhook_endpoints::oauth_scope.eq(new.oauth.as_ref().and_then(|o| o.scope.as_deref())),
+                webhook_endpoints::rate_limit.eq(rate_limit),
             ))
             .returning(webhook_endpoints::id)
             .get_result(conn)?;
@@ -303,9 +355,11 @@ pub fn remove(conn: &mut PgConnection, id: i64) -> Result<()> {
 /// Returns the new secret.
 pub fn rotate_secret(conn: &mut PgConnection, id: i64, overlap: Duration) -> Result<Secret> {
     let overlap_secs = overlap.as_secs_f64();
-    let secret = new_secret();
-    conn.transaction::<(), Error, _>(|conn| {
+    let secret = conn.transaction::<Secret, Error, _>(|conn| {
         must_exist(webhook_endpoints::table.find(id).count().get_result::<i64>(conn)? as usize, id)?;
+        // The new secret signs as the current one does (HMAC or ed25519).
+        let ed25519 = signing_secrets(conn, id)?.first().is_some_and(is_ed25519);
+        let secret = if ed25519 { new_ed25519_secret() } else { new_secret() };
         diesel::sql_query(
             "UPDATE webhook_secrets SET retires_at = LEAST(COALESCE(retires_at, 'infinity'), now() + make_interval(secs => $2))
              WHERE endpoint_id = $1",
@@ -318,9 +372,19 @@ pub fn rotate_secret(conn: &mut PgConnection, id: i64, overlap: Duration) -> Res
             .execute(conn)?;
         diesel::delete(webhook_secrets::table.filter(webhook_secrets::endpoint_id.eq(id)).filter(webhook_secrets::retires_at.lt(diesel::dsl::now)))
             .execute(conn)?;
-        Ok(())
+        Ok(secret)
     })?;
     Ok(secret)
+}
+
+/// The public keys (`whpk_...`) that verify `id`'s ed25519 signatures now,
+/// newest first; none for an HMAC endpoint.
+pub fn public_keys(conn: &mut PgConnection, id: i64) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    for secret in signing_secrets(conn, id)? {
+        keys.extend(super::signing::public_key(&secret)?);
+    }
+    Ok(keys)
 }
 
 /// The secrets that sign `id`'s deliveries now, newest first.

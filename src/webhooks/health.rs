@@ -30,6 +30,19 @@ pub(crate) fn succeeded(conn: &mut PgConnection, id: i64) -> Result<bool> {
     Ok(reset > 0)
 }
 
+/// `endpoint` answered `410 Gone`: disabled at once (if active), with a
+/// `webhook.endpoint_disabled` event in the same transaction.
+pub(crate) fn gone(conn: &mut PgConnection, endpoint: &Endpoint) -> Result<bool> {
+    conn.transaction::<bool, Error, _>(|conn| {
+        disable_recorded(
+            conn,
+            endpoint,
+            "answered 410 Gone".into(),
+            endpoint.failed_deliveries,
+        )
+    })
+}
+
 /// A delivery to `endpoint` failed after its last try. Returns whether
 /// the endpoint was disabled for it.
 pub(crate) fn failed_for_good(
@@ -38,16 +51,24 @@ pub(crate) fn failed_for_good(
     config: &WebhookConfig,
 ) -> Result<bool> {
     conn.transaction::<bool, Error, _>(|conn| {
-        let (failed, since): (i32, Option<chrono::DateTime<Utc>>) = diesel::update(webhook_endpoints::table.find(endpoint.id))
-            .set((
-                webhook_endpoints::failed_deliveries.eq(webhook_endpoints::failed_deliveries + 1),
-                webhook_endpoints::failing_since.eq(diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>>(
-                    "COALESCE(failing_since, now())",
-                )),
-            ))
-            .returning((webhook_endpoints::failed_deliveries, webhook_endpoints::failing_since))
-            .get_result(conn)?;
-        let failing_for = since.map(|s| (Utc::now() - s).to_std().unwrap_or_default()).unwrap_or_default();
+        let (failed, since): (i32, Option<chrono::DateTime<Utc>>) =
+            diesel::update(webhook_endpoints::table.find(endpoint.id))
+                .set((
+                    webhook_endpoints::failed_deliveries.eq(webhook_endpoints::failed_deliveries + 1),
+                    webhook_endpoints::failing_since.eq(diesel::dsl::sql::<
+                        diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>,
+                    >(
+                        "COALESCE(failing_since, now())"
+                    )),
+                ))
+                .returning((
+                    webhook_endpoints::failed_deliveries,
+                    webhook_endpoints::failing_since,
+                ))
+                .get_result(conn)?;
+        let failing_for = since
+            .map(|s| (Utc::now() - s).to_std().unwrap_or_default())
+            .unwrap_or_default();
         let reason = if failed >= config.disable_after_failures {
             format!("{failed} deliveries in a row failed")
         } else if failing_for >= config.disable_after {
@@ -55,31 +76,42 @@ pub(crate) fn failed_for_good(
         } else {
             return Ok(false);
         };
-        let disabled = diesel::update(
-            webhook_endpoints::table
-                .find(endpoint.id)
-                .filter(webhook_endpoints::status.eq("active")),
-        )
-        .set((
-            webhook_endpoints::status.eq("disabled"),
-            webhook_endpoints::disabled_reason.eq(&reason),
-            webhook_endpoints::disabled_at.eq(diesel::dsl::now),
-        ))
-        .execute(conn)?;
-        if disabled == 1 {
-            tracing::warn!(endpoint = endpoint.id, url = %endpoint.url, reason = %reason, "webhook endpoint disabled");
-            crate::record(
-                conn,
-                &EndpointDisabled {
-                    endpoint_id: endpoint.id,
-                    url: endpoint.url.clone(),
-                    reason,
-                    failed_deliveries: failed,
-                },
-            )?;
-        }
-        Ok(disabled == 1)
+        disable_recorded(conn, endpoint, reason, failed)
     })
+}
+
+/// Disables `endpoint` if it is active and records why; inside the
+/// caller's transaction. Returns whether it was disabled now.
+fn disable_recorded(
+    conn: &mut PgConnection,
+    endpoint: &Endpoint,
+    reason: String,
+    failed: i32,
+) -> Result<bool> {
+    let disabled = diesel::update(
+        webhook_endpoints::table
+            .find(endpoint.id)
+            .filter(webhook_endpoints::status.eq("active")),
+    )
+    .set((
+        webhook_endpoints::status.eq("disabled"),
+        webhook_endpoints::disabled_reason.eq(&reason),
+        webhook_endpoints::disabled_at.eq(diesel::dsl::now),
+    ))
+    .execute(conn)?;
+    if disabled == 1 {
+        tracing::warn!(endpoint = endpoint.id, url = %endpoint.url, reason = %reason, "webhook endpoint disabled");
+        crate::record(
+            conn,
+            &EndpointDisabled {
+                endpoint_id: endpoint.id,
+                url: endpoint.url.clone(),
+                reason,
+                failed_deliveries: failed,
+            },
+        )?;
+    }
+    Ok(disabled == 1)
 }
 
 fn humanize(duration: std::time::Duration) -> String {

@@ -12,6 +12,7 @@
 //! | writing concurrent deliveries' log rows in one statement | `try_log.rs` |
 //! | pruning the delivery log | `maintenance/webhook_log_pruner.rs` (a worker running [`WebhookDelivery`]) |
 //! | OAuth2 client credentials | `oauth.rs` |
+//! | per-endpoint rate limits (per worker process) | `rate_limit.rs` |
 //!
 //! A service enables webhooks by registering [`WebhookFanout`] for the
 //! event types endpoints may subscribe to and [`WebhookDelivery`] for
@@ -25,6 +26,7 @@ mod endpoints;
 mod health;
 mod oauth;
 mod outbound;
+mod rate_limit;
 mod signing;
 mod try_log;
 
@@ -33,16 +35,19 @@ use std::time::Duration;
 use diesel::prelude::*;
 
 pub use delivery::{
-    DELIVERY_LISTENER, DeliveryRequested, ENDPOINT_CACHE, EndpointDisabled, FANOUT_LISTENER, TestOutcome,
-    WebhookDelivery, WebhookFanout,
+    DELIVERY_LISTENER, DeliveryRequested, ENDPOINT_CACHE, EndpointDisabled, FANOUT_LISTENER, MAX_RETRY_AFTER,
+    TestOutcome, WebhookDelivery, WebhookFanout,
 };
 pub use endpoints::{
-    DeliveryTry, Endpoint, EndpointStatus, NewEndpoint, OAuthSettings, add, deliveries, disable, enable, get,
-    list, pattern_matches, prune_deliveries, remove, rotate_secret, signing_secrets, subscribed,
-    validate_pattern,
+    DeliveryTry, Endpoint, EndpointStatus, MAX_RATE_LIMIT, NewEndpoint, OAuthSettings, Signing, add,
+    deliveries, disable, enable, get, list, pattern_matches, prune_deliveries, public_keys, remove,
+    rotate_secret, set_rate_limit, signing_secrets, subscribed, validate_pattern,
 };
 pub use outbound::{ALLOW_ENV, OutboundPolicy, is_public};
-pub use signing::{SECRET_PREFIX, Secret, new_secret, sign, signature_header, validate_secret};
+pub use signing::{
+    ED25519_SECRET_PREFIX, PUBLIC_KEY_PREFIX, SECRET_PREFIX, Secret, is_ed25519, new_ed25519_secret,
+    new_secret, public_key, sign, signature_header, validate_secret,
+};
 
 use crate::error::{Error, Result};
 

@@ -55,6 +55,13 @@ enum Mode {
     Slow,
     /// 401 to the first token issued (`tok-1`, as if revoked), 200 to others.
     RevokedFirstToken,
+    /// 410 Gone.
+    Gone,
+    /// 429 with `Retry-After: 2` to the first request, 204 after.
+    TooManyFirst,
+    /// 503 with `Retry-After` an HTTP date 3 s ahead to the first request,
+    /// 204 after.
+    UnavailableFirst,
 }
 
 #[derive(Clone, Debug)]
@@ -74,13 +81,33 @@ async fn receive(
     State(receiver): State<Receiver>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> StatusCode {
-    receiver.got.lock().unwrap().push(Received {
-        headers: headers.clone(),
-        body: body.to_vec(),
-        at: Instant::now(),
-    });
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let first = {
+        let mut got = receiver.got.lock().unwrap();
+        got.push(Received {
+            headers: headers.clone(),
+            body: body.to_vec(),
+            at: Instant::now(),
+        });
+        got.len() == 1
+    };
     match receiver.mode {
+        Mode::TooManyFirst if first => {
+            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "2".to_owned())]).into_response()
+        }
+        Mode::UnavailableFirst if first => {
+            let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
+            (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", date)]).into_response()
+        }
+        mode => answer(mode, &headers).await.into_response(),
+    }
+}
+
+async fn answer(mode: Mode, headers: &HeaderMap) -> StatusCode {
+    match mode {
+        Mode::Gone => StatusCode::GONE,
+        Mode::TooManyFirst | Mode::UnavailableFirst => StatusCode::NO_CONTENT,
         Mode::Ok => StatusCode::NO_CONTENT,
         Mode::Fail => StatusCode::INTERNAL_SERVER_ERROR,
         Mode::Hang => {
@@ -123,6 +150,11 @@ async fn receiver(mode: Mode) -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
 /// A token server counting its requests; `tok-1`, `tok-2`, ... for the
 /// client secret `right-secret`, 401 otherwise.
 async fn token_server() -> (SocketAddr, Arc<Mutex<u32>>) {
+    token_server_answering_after(Duration::ZERO).await
+}
+
+/// [`token_server`] answering each request after `delay`.
+async fn token_server_answering_after(delay: Duration) -> (SocketAddr, Arc<Mutex<u32>>) {
     let issued = Arc::new(Mutex::new(0u32));
     let counter = Arc::clone(&issued);
     let app = axum::Router::new().route(
@@ -131,6 +163,7 @@ async fn token_server() -> (SocketAddr, Arc<Mutex<u32>>) {
             let counter = Arc::clone(&counter);
             async move {
                 use base64::Engine;
+                tokio::time::sleep(delay).await;
                 let expected = format!(
                     "Basic {}",
                     base64::engine::general_purpose::STANDARD.encode("client-1:right-secret")
@@ -188,17 +221,17 @@ impl Rig {
     }
 
     fn add(&mut self, url: &str, types: &[&str], oauth: Option<OAuthSettings>) -> (i64, Secret) {
-        let (endpoint, secret) = webhooks::add(
-            &mut self.conn,
-            &NewEndpoint {
-                url: url.to_owned(),
-                description: "test receiver".into(),
-                event_types: types.iter().map(|t| (*t).to_owned()).collect(),
-                oauth,
-            },
-            &self.policy,
-        )
-        .unwrap();
+        self.add_endpoint(NewEndpoint {
+            url: url.to_owned(),
+            description: "test receiver".into(),
+            event_types: types.iter().map(|t| (*t).to_owned()).collect(),
+            oauth,
+            ..NewEndpoint::default()
+        })
+    }
+
+    fn add_endpoint(&mut self, new: NewEndpoint) -> (i64, Secret) {
+        let (endpoint, secret) = webhooks::add(&mut self.conn, &new, &self.policy).unwrap();
         (endpoint.id, secret)
     }
 
@@ -514,6 +547,7 @@ async fn unsafe_urls_are_refused_and_a_name_resolving_to_loopback_is_not_called(
                 description: String::new(),
                 event_types: vec!["*".into()],
                 oauth: None,
+                ..NewEndpoint::default()
             },
             &strict,
         );
@@ -650,6 +684,7 @@ async fn a_worker_running_webhook_delivery_prunes_the_delivery_log_past_its_rete
             description: "log only".into(),
             event_types: vec!["*".into()],
             oauth: None,
+            ..NewEndpoint::default()
         },
         &OutboundPolicy::allowing("127.0.0.1").unwrap(),
     )
@@ -682,4 +717,227 @@ async fn a_worker_running_webhook_delivery_prunes_the_delivery_log_past_its_rete
         "the recent try is kept"
     );
     worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_410_is_disabled_at_once_with_the_event_recorded() {
+    let mut rig = Rig::start(local()).await;
+    let (gone_addr, gone_got) = receiver(Mode::Gone).await;
+    let (gone, _) = rig.add(&format!("http://{gone_addr}/hook"), &["*"], None);
+    record(&mut rig.conn, "site.created", 1);
+    let conn = &mut rig.conn;
+    eventually("the endpoint is disabled", LIMIT, || {
+        webhooks::get(conn, gone).unwrap().is_some_and(|e| !e.is_active())
+    })
+    .await;
+    eventually("the delivery is a failed job", LIMIT, || {
+        !webhooks::failed_delivery_jobs(conn, gone).unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(gone_got.lock().unwrap().len(), 1, "one answer, no retry");
+    assert_eq!(
+        count(
+            &mut rig.conn,
+            "SELECT count(*) AS n FROM outbox_events WHERE event_type = 'webhook.endpoint_disabled' AND payload->>'reason' LIKE '%410 Gone%'"
+        ),
+        1,
+        "the disabling is recorded with its reason"
+    );
+    let endpoint = webhooks::get(&mut rig.conn, gone).unwrap().unwrap();
+    assert!(
+        format!("{:?}", endpoint.status).contains("410"),
+        "{:?}",
+        endpoint.status
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_of_a_429_or_503_holds_the_next_try_back() {
+    // The backoff is 100 ms and 200 ms: only Retry-After makes it wait.
+    let mut rig = Rig::start(local()).await;
+    let (busy_addr, busy_got) = receiver(Mode::TooManyFirst).await;
+    let (down_addr, down_got) = receiver(Mode::UnavailableFirst).await;
+    rig.add(&format!("http://{busy_addr}/hook"), &["site.created"], None);
+    rig.add(&format!("http://{down_addr}/hook"), &["site.deleted"], None);
+    record(&mut rig.conn, "site.created", 1);
+    record(&mut rig.conn, "site.deleted", 1);
+    for (name, got) in [("429", &busy_got), ("503", &down_got)] {
+        eventually(&format!("the {name} endpoint gets its second try"), LIMIT, || {
+            got.lock().unwrap().len() >= 2
+        })
+        .await;
+        let got = got.lock().unwrap();
+        let waited = got[1].at.duration_since(got[0].at);
+        assert!(
+            waited >= Duration::from_secs(2),
+            "{name}: the second try came {waited:?} after the first"
+        );
+        assert_eq!(got.len(), 2, "{name}: delivered on the second try");
+    }
+    assert_eq!(
+        count(
+            &mut rig.conn,
+            "SELECT count(*) AS n FROM webhook_deliveries WHERE error LIKE '%Retry-After%'"
+        ),
+        0,
+        "held-back deliveries log no try"
+    );
+    assert_eq!(count(&mut rig.conn, "SELECT count(*) AS n FROM failed_jobs"), 0);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_endpoint_never_gets_more_than_its_limit_in_a_second_and_others_are_not_held() {
+    const EVENTS: usize = 30;
+    const LIMIT_PER_SECOND: u32 = 5;
+    let mut rig = Rig::start(local()).await;
+    let (limited_addr, limited_got) = receiver(Mode::Ok).await;
+    let (free_addr, free_got) = receiver(Mode::Ok).await;
+    let (limited, _) = rig.add_endpoint(NewEndpoint {
+        url: format!("http://{limited_addr}/hook"),
+        event_types: vec!["*".into()],
+        rate_limit: Some(LIMIT_PER_SECOND),
+        ..NewEndpoint::default()
+    });
+    rig.add(&format!("http://{free_addr}/hook"), &["*"], None);
+    let started = Instant::now();
+    for i in 0..EVENTS {
+        record(&mut rig.conn, "site.created", i as i64);
+    }
+    eventually("the unlimited endpoint gets every event", LIMIT, || {
+        free_got.lock().unwrap().len() >= EVENTS
+    })
+    .await;
+    let free_took = started.elapsed();
+    eventually("the limited endpoint gets every event", LIMIT, || {
+        limited_got.lock().unwrap().len() >= EVENTS
+    })
+    .await;
+    let times: Vec<Instant> = limited_got.lock().unwrap().iter().map(|r| r.at).collect();
+    let busiest = times
+        .iter()
+        .map(|start| {
+            times
+                .iter()
+                .filter(|t| **t >= *start && t.duration_since(*start) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let limited_took = times
+        .iter()
+        .max()
+        .unwrap()
+        .duration_since(*times.iter().min().unwrap());
+    eprintln!(
+        "limited: {busiest} in the busiest second, all in {limited_took:?}; unlimited: all {EVENTS} in {free_took:?}"
+    );
+    assert!(
+        busiest <= LIMIT_PER_SECOND as usize,
+        "{busiest} deliveries within one second at the limited endpoint"
+    );
+    assert!(
+        limited_took >= Duration::from_secs(5),
+        "30 at 5/s take 5 s at least: {limited_took:?}"
+    );
+    assert!(
+        free_took < Duration::from_secs(5),
+        "the unlimited endpoint took {free_took:?}"
+    );
+    assert_eq!(times.len(), EVENTS, "each delivered once");
+    assert_eq!(
+        count(
+            &mut rig.conn,
+            &format!("SELECT count(*) AS n FROM webhook_deliveries WHERE endpoint_id = {limited}")
+        ),
+        EVENTS as i64,
+        "one logged try each: held-back deliveries are not tries"
+    );
+    assert_eq!(count(&mut rig.conn, "SELECT count(*) AS n FROM failed_jobs"), 0);
+    // Lifted, the endpoint gets a burst at once.
+    webhooks::set_rate_limit(&mut rig.conn, limited, None).unwrap();
+    assert_eq!(
+        webhooks::get(&mut rig.conn, limited).unwrap().unwrap().rate_limit,
+        None
+    );
+    assert!(webhooks::set_rate_limit(&mut rig.conn, limited, Some(0)).is_err());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ed25519_endpoints_get_v1a_signatures_that_their_public_key_verifies() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut rig = Rig::start(local()).await;
+    let (addr, got) = receiver(Mode::Ok).await;
+    let (id, secret) = rig.add_endpoint(NewEndpoint {
+        url: format!("http://{addr}/hook"),
+        event_types: vec!["*".into()],
+        signing: webhooks::Signing::Ed25519,
+        ..NewEndpoint::default()
+    });
+    assert!(secret.expose().starts_with("whsk_"));
+    let public = webhooks::public_keys(&mut rig.conn, id).unwrap();
+    assert_eq!(public.len(), 1);
+    assert_eq!(Some(public[0].clone()), webhooks::public_key(&secret).unwrap());
+    record(&mut rig.conn, "site.created", 1);
+    eventually("the delivery arrives", LIMIT, || !got.lock().unwrap().is_empty()).await;
+    let received = got.lock().unwrap()[0].clone();
+    let header = |name: &str| received.headers[name].to_str().unwrap().to_owned();
+    let signature = header("webhook-signature");
+    let raw = b64
+        .decode(signature.strip_prefix("v1a,").expect("a v1a signature"))
+        .unwrap();
+    let mut signed = format!("{}.{}.", header("webhook-id"), header("webhook-timestamp")).into_bytes();
+    signed.extend_from_slice(&received.body);
+    let key_bytes = b64.decode(public[0].strip_prefix("whpk_").unwrap()).unwrap();
+    let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key_bytes);
+    assert!(
+        key.verify(&signed, &raw).is_ok(),
+        "the public key verifies the delivery"
+    );
+    signed.push(b' ');
+    assert!(key.verify(&signed, &raw).is_err(), "and nothing else");
+    // A rotation keeps the scheme: a new key pair, both public keys listed.
+    let rotated = webhooks::rotate_secret(&mut rig.conn, id, Duration::from_secs(60)).unwrap();
+    assert!(rotated.expose().starts_with("whsk_"));
+    assert_eq!(webhooks::public_keys(&mut rig.conn, id).unwrap().len(), 2);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_share_one_token_fetch() {
+    let mut rig = Rig::start(local()).await;
+    let (tokens_addr, issued) = token_server_answering_after(Duration::from_millis(300)).await;
+    let (addr, got) = receiver(Mode::Ok).await;
+    rig.add(
+        &format!("http://{addr}/hook"),
+        &["*"],
+        Some(OAuthSettings {
+            token_url: format!("http://{tokens_addr}/token"),
+            client_id: "client-1".into(),
+            client_secret: Secret::new("right-secret"),
+            scope: None,
+        }),
+    );
+    for i in 0..12 {
+        record(&mut rig.conn, "site.created", i);
+    }
+    eventually("every delivery arrives", LIMIT, || {
+        got.lock().unwrap().len() >= 12
+    })
+    .await;
+    assert_eq!(
+        *issued.lock().unwrap(),
+        1,
+        "one token fetch for concurrent deliveries"
+    );
+    assert!(
+        got.lock()
+            .unwrap()
+            .iter()
+            .all(|r| r.headers["authorization"] == "Bearer tok-1")
+    );
+    rig.stop().await;
 }

@@ -116,3 +116,48 @@ fn endpoints_are_managed_and_secrets_shown_once() {
     assert_eq!(status, 1);
     assert!(stderr.contains("no webhook endpoint"), "{stderr}");
 }
+
+#[test]
+fn rate_limits_are_set_and_lifted_and_ed25519_endpoints_show_their_public_key() {
+    let db = TestDatabase::create().unwrap();
+    let url = db.url();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--database-url", url, "webhooks"];
+        all.extend_from_slice(args);
+        run_outbox(&all, &[])
+    };
+    let add = [
+        "add",
+        "--url",
+        "https://hooks.example.com/x",
+        "--event-type",
+        "*",
+        "--rate-limit",
+        "5",
+        "--signing",
+        "ed25519",
+    ];
+    let (status, stdout, stderr) = run(&add);
+    assert_eq!(status, 0, "{stderr}");
+    let public = stdout
+        .split_whitespace()
+        .find(|word| word.starts_with("whpk_"))
+        .unwrap_or_else(|| panic!("a public key in {stdout}"))
+        .to_owned();
+    assert!(stdout.contains("whsk_"), "the secret key, once: {stdout}");
+    let (status, stdout, _) = run(&["show", "1"]);
+    assert_eq!(status, 0);
+    assert!(stdout.contains("5 deliveries/s"), "{stdout}");
+    assert!(stdout.contains(&public), "{stdout}");
+    assert!(!stdout.contains("whsk_"), "no secret key in show: {stdout}");
+    let (status, stdout, stderr) = run(&["update", "1", "--rate-limit", "none"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("no rate limit"), "{stdout}");
+    let (_, stdout, _) = run(&["show", "1"]);
+    assert!(!stdout.contains("deliveries/s"), "{stdout}");
+    let (status, _, stderr) = run(&["update", "1", "--rate-limit", "0"]);
+    assert_eq!(status, 2, "{stderr}");
+    assert!(stderr.contains("1 to 1000000"), "{stderr}");
+    let (status, _, stderr) = run(&["update", "9", "--rate-limit", "3"]);
+    assert_eq!(status, 1, "{stderr}");
+}

@@ -42,6 +42,7 @@ async fn a_subscriber_gets_the_site_events_it_asked_for_signed_and_only_those() 
             description: "site dashboard of a partner".into(),
             event_types: vec!["site.*".into()],
             oauth: None,
+            ..NewEndpoint::default()
         },
         &policy,
     )
