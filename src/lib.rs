@@ -139,3 +139,32 @@ pub use testing::TestDatabase;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The guides' examples (`docs/`), compiled as doc tests too.
+#[cfg(doctest)]
+pub mod guide_doctests {
+    /// `docs/consuming.md`.
+    #[doc = include_str!("../docs/consuming.md")]
+    pub struct Consuming;
+    /// `docs/operating.md`.
+    #[doc = include_str!("../docs/operating.md")]
+    pub struct Operating;
+    /// `docs/dashboard.md`.
+    #[doc = include_str!("../docs/dashboard.md")]
+    pub struct Dashboard;
+    /// `docs/webhooks.md`.
+    #[doc = include_str!("../docs/webhooks.md")]
+    pub struct Webhooks;
+    /// `docs/event-log.md`.
+    #[doc = include_str!("../docs/event-log.md")]
+    pub struct EventLog;
+    /// `docs/cluster.md`.
+    #[doc = include_str!("../docs/cluster.md")]
+    pub struct Cluster;
+    /// `docs/tracing-and-alerts.md`.
+    #[doc = include_str!("../docs/tracing-and-alerts.md")]
+    pub struct TracingAndAlerts;
+    /// `docs/guarantees.md`.
+    #[doc = include_str!("../docs/guarantees.md")]
+    pub struct Guarantees;
+}

@@ -42,8 +42,8 @@
 //!
 //! - Claims take turns on one lock. What a claim reads, why that does not
 //!   grow with what was published or with what other relays hold, and the
-//!   arithmetic for 16 relays at 100,000 events/s are in the README
-//!   ("What a claim reads: the claim floor").
+//!   arithmetic for 16 relays at 100,000 events/s are in
+//!   `docs/operating.md` ("What a claim reads: the claim floor").
 //! - Marking costs Postgres about 10 to 20 µs of CPU a row (an UPDATE that
 //!   rewrites the row and two index entries); 100,000 events/s is 1 to 2
 //!   cores for marks alone. Retention 0 (delete on publish) costs about a

@@ -1,5 +1,5 @@
 //! A worker running as a RabbitMQ user limited to its own queues (the
-//! permissions the README's "Least privilege and TLS" section lists): it
+//! permissions `docs/operating.md`'s "Least privilege and TLS" lists): it
 //! consumes, retries and dead-letters as usual, but the broker refuses its
 //! publishing to the events exchange (ACCESS_REFUSED).
 

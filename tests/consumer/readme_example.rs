@@ -1,6 +1,6 @@
-//! The README's consuming section is `examples/orders.rs`, shown whole:
-//! this runs it against a database and broker names of its own, and checks
-//! that the README shows exactly that file.
+//! The consuming guide (`docs/consuming.md`) shows `examples/orders.rs`
+//! whole: this runs it against a database and broker names of its own, and
+//! checks that the guide shows exactly that file.
 
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
@@ -14,11 +14,11 @@ mod orders;
 
 #[test]
 fn the_readme_shows_the_example_file_verbatim() {
-    let readme = include_str!("../../README.md");
+    let readme = include_str!("../../docs/consuming.md");
     let example = include_str!("../../examples/orders.rs");
     assert!(
         readme.contains(&format!("```rust,no_run\n{example}```\n")),
-        "README.md's consuming section must be examples/orders.rs, whole and unchanged"
+        "docs/consuming.md must show examples/orders.rs, whole and unchanged"
     );
 }
 

@@ -62,13 +62,13 @@ use outbox::{ListenerOptions, Registry};
 
 pub use activity_feed::{TENANT_ACTIVITY, TenantActivity};
 pub use audit_log::RecordAuditLog;
+#[allow(deprecated)]
+pub use metrics::PHASE2_COUNTERS;
 pub use metrics::{
     ACCOUNT_COUNTERS, BACKUP_DURATION_SECONDS, BACKUP_SIZE_BYTES, BACKUPS_COMPLETED_TOTAL,
     BACKUPS_CREATED_TOTAL, BACKUPS_FAILED_TOTAL, RecordMetrics, SITES_CREATED_TOTAL, SITES_DELETED_TOTAL,
     SITES_PROVISIONED_TOTAL, SITES_PROVISIONING_FAILED_TOTAL, describe as describe_metrics,
 };
-#[allow(deprecated)]
-pub use metrics::PHASE2_COUNTERS;
 pub use notification::{
     DatabaseNotifier, Notification, Notifier, NotifierError, OutageSwitch, SendNotification,
     SwitchableNotifier,

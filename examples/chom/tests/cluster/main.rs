@@ -214,7 +214,7 @@ async fn broker_failovers(cluster: &Arc<RabbitCluster>) {
         }
         // The group size is a queue argument like the others: declaring
         // a queue again with another one (or none) is refused, so it must
-        // be chosen before the queues are created (README).
+        // be chosen before the queues are created (docs/cluster.md).
         let other = queues[0].clone().with_quorum_initial_group_size(None);
         let refused = topology::declare_listener(&channel, &exchange, &other).await;
         let message = format!("{:?}", refused.err());
