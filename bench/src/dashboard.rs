@@ -202,7 +202,7 @@ async fn measure(
         ),
         ("error text, a third match", "/failed?error=deadlock".to_owned()),
         (
-            "error text, nothing matches (full scan)",
+            "error text, nothing matches",
             "/failed?error=no-such-text".to_owned(),
         ),
         ("last week (time range)", "/failed?since=7d&until=1h".to_owned()),
