@@ -15,7 +15,7 @@ use outbox::schema::dashboard_audit;
 use outbox::failed_jobs::{AttemptError, FailedJob};
 use uuid::Uuid;
 
-use crate::config::Role;
+use crate::role::Role;
 
 /// The most failed jobs one retry's audit row describes (its count says
 /// how many the retry took).

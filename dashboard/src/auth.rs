@@ -28,9 +28,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::audit::Entry;
-use crate::config::{Role, checked_operator};
+use crate::config::checked_operator;
 use crate::error::{DashboardError, Result};
-use crate::pages::layout;
+use crate::layout;
+pub(crate) use crate::operator::{Operator, Viewer};
+use crate::role::Role;
 use crate::state::AppState;
 
 /// The session cookie.
@@ -111,45 +113,6 @@ fn random_token() -> String {
 
 fn same(a: &str, b: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()
-}
-
-/// Who is looking: an operator when logged in, and whether mutations are
-/// possible at all.
-#[derive(Debug, Clone)]
-pub(crate) struct Viewer {
-    /// The logged-in operator.
-    pub(crate) operator: Option<Operator>,
-    /// Credentials are configured (else the dashboard is read-only).
-    pub(crate) can_log_in: bool,
-}
-
-impl Viewer {
-    /// The logged-in operator when their role is at least `role` (pages
-    /// show an action's form only to those who may use it).
-    pub(crate) fn may(&self, role: Role) -> Option<&Operator> {
-        self.operator.as_ref().filter(|o| o.role >= role)
-    }
-}
-
-/// A logged-in operator, extracted from the session cookie.
-#[derive(Clone)]
-pub(crate) struct Operator {
-    /// Their name, logged with every action.
-    pub(crate) name: String,
-    /// What they may do, from their token at login.
-    pub(crate) role: Role,
-    /// The session's CSRF token, put in every form.
-    pub(crate) csrf: String,
-    session: String,
-}
-
-impl std::fmt::Debug for Operator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Operator")
-            .field("name", &self.name)
-            .field("role", &self.role)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Operator {

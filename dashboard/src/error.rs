@@ -5,7 +5,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::pages::layout;
+use crate::layout;
 
 /// A failed request.
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +26,9 @@ pub enum DashboardError {
         /// What was refused.
         action: String,
         /// The least role that may do it.
-        needed: crate::config::Role,
+        needed: crate::role::Role,
         /// The operator's role.
-        held: crate::config::Role,
+        held: crate::role::Role,
     },
     /// The thing asked for does not exist.
     #[error("{0}")]

@@ -11,12 +11,14 @@
 //! | concern | file |
 //! | --- | --- |
 //! | settings, tokens | `config.rs`: [`DashboardConfig`], [`Credentials`] |
-//! | logins, roles, sessions (in Postgres), CSRF, the one door of every action | `auth.rs` |
+//! | logins, sessions (in Postgres), CSRF, the one door of every action | `auth.rs` |
+//! | the roles and what each may do | `role.rs`: [`Role`] |
+//! | who is looking: the viewer, the logged-in operator | `operator.rs` |
 //! | the audit trail: rows, retention, the page's query, the retries a timeline shows | `audit.rs` |
 //! | security headers (CSP, framing, caching) | `security.rs` |
 //! | pool, broker link, settings shared by handlers | `state.rs` |
 //! | failures as pages (400 says why; 500 details only in the log) | `error.rs`: [`DashboardError`] |
-//! | the page frame, navigation, the opt-in reload, forms' common parts | `pages/layout.rs` |
+//! | the page frame, navigation, the opt-in reload, forms' common parts | `layout.rs` |
 //! | overview: backlog, chart, relays, pause, relay-failed rows | `pages/overview.rs` |
 //! | listeners: queues, retry and dead-letter depths, failures | `pages/listeners.rs` |
 //! | failed jobs: filters, keyset pages, bulk actions, error groups | `pages/failed.rs` |
@@ -48,7 +50,10 @@ mod auth;
 mod chart;
 mod config;
 mod error;
+mod layout;
+mod operator;
 mod pages;
+mod role;
 mod security;
 mod state;
 
@@ -134,8 +139,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/audit", get(audit::show))
         .route("/login", get(auth::login_form).post(auth::login))
         .route("/logout", post(auth::logout))
-        .route("/assets/style.css", get(pages::layout::stylesheet))
-        .fallback(pages::layout::not_found)
+        .route("/assets/style.css", get(layout::stylesheet))
+        .fallback(layout::not_found)
         .layer(axum::middleware::from_fn(security::headers))
         .with_state(state)
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::audit::{AuditFilter, AuditRow, page as audit_page};
 use crate::auth::Viewer;
 use crate::error::{DashboardError, Result};
-use crate::pages::layout::{link, page, time};
+use crate::layout::{link, page, time};
 use crate::pages::params::parse_time;
 use crate::state::AppState;
 

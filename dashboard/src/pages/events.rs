@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::audit::OperatorRetry;
 use crate::auth::Viewer;
 use crate::error::{DashboardError, Result};
-use crate::pages::layout::{Refresh, link, page, time};
+use crate::layout::{Refresh, link, page, time};
 use crate::state::AppState;
 
 const SHOWN: i64 = 200;

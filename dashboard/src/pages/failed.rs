@@ -13,10 +13,10 @@ use serde::Deserialize;
 
 use crate::audit::{DESCRIBED_JOBS, Entry};
 use crate::auth::{Operator, Viewer, audit};
-use crate::config::Role;
 use crate::error::{DashboardError, Result};
-use crate::pages::layout::{csrf_field, link, notice, page, time};
+use crate::layout::{csrf_field, link, notice, page, time};
 use crate::pages::params::{FilterQuery, ids};
+use crate::role::Role;
 use crate::state::AppState;
 
 /// `GET /failed`.

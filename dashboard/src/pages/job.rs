@@ -15,9 +15,9 @@ use serde::Deserialize;
 
 use crate::audit::Entry;
 use crate::auth::{CsrfForm, Operator, Viewer, audit};
-use crate::config::Role;
 use crate::error::{DashboardError, Result};
-use crate::pages::layout::{csrf_field, link, page, time};
+use crate::layout::{csrf_field, link, page, time};
+use crate::role::Role;
 use crate::state::AppState;
 
 fn job_id(text: &str) -> Result<i64> {

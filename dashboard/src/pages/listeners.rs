@@ -12,7 +12,7 @@ use maud::html;
 
 use crate::auth::Viewer;
 use crate::error::Result;
-use crate::pages::layout::{Refresh, link, page, time};
+use crate::layout::{Refresh, link, page, time};
 use crate::state::AppState;
 
 /// `GET /listeners`.

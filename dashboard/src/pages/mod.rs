@@ -4,7 +4,6 @@ pub(crate) mod audit;
 pub(crate) mod events;
 pub(crate) mod failed;
 pub(crate) mod job;
-pub(crate) mod layout;
 pub(crate) mod listeners;
 pub(crate) mod overview;
 pub(crate) mod params;

@@ -15,9 +15,9 @@ use serde::Deserialize;
 use crate::audit::Entry;
 use crate::auth::{Operator, Viewer, audit};
 use crate::chart;
-use crate::config::Role;
 use crate::error::{DashboardError, Result};
-use crate::pages::layout::{Refresh, age, csrf_field, link, notice, page, time};
+use crate::layout::{Refresh, age, csrf_field, link, notice, page, time};
+use crate::role::Role;
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]

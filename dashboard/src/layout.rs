@@ -8,9 +8,9 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
 
-use crate::auth::{Operator, Viewer};
+use crate::operator::{Operator, Viewer};
 
-const STYLESHEET: &str = include_str!("../../assets/style.css");
+const STYLESHEET: &str = include_str!("../assets/style.css");
 
 /// A page whose figures move may reload itself, but only once the viewer
 /// asked (`?refresh=on`, a link on the page): a timed reload nobody chose
