@@ -31,7 +31,7 @@ use super::endpoints::{self, Endpoint};
 use super::rate_limit::EndpointLimiter;
 use super::signing::{Secret, signature_header};
 use super::try_log::TryLog;
-use super::{DELIVERY_REQUESTED, ENDPOINT_DISABLED, WebhookConfig};
+use super::{DELIVERY_REQUESTED, WebhookConfig};
 use crate::consumer::{HandlerContext, ListenerOptions, QueuedListener, ReceivedEvent};
 use crate::error::{Error, ListenerError};
 use crate::event::DomainEvent;
@@ -67,31 +67,6 @@ impl DomainEvent for DeliveryRequested {
     }
     fn aggregate_id(&self) -> String {
         format!("{}.{}", self.endpoint_id, self.event_id)
-    }
-}
-
-/// Recorded when an endpoint is disabled for failing.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EndpointDisabled {
-    /// The endpoint.
-    pub endpoint_id: i64,
-    /// Its URL.
-    pub url: String,
-    /// Why.
-    pub reason: String,
-    /// Deliveries that failed in a row.
-    pub failed_deliveries: i32,
-}
-
-impl DomainEvent for EndpointDisabled {
-    fn event_type(&self) -> &'static str {
-        ENDPOINT_DISABLED
-    }
-    fn aggregate_type(&self) -> &'static str {
-        "webhook_endpoint"
-    }
-    fn aggregate_id(&self) -> String {
-        self.endpoint_id.to_string()
     }
 }
 

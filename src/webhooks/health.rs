@@ -5,12 +5,38 @@
 
 use chrono::Utc;
 use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
 
-use super::WebhookConfig;
-use super::delivery::EndpointDisabled;
 use super::endpoints::Endpoint;
+use super::{ENDPOINT_DISABLED, WebhookConfig};
+use crate::DomainEvent;
 use crate::error::{Error, Result};
 use crate::schema::webhook_endpoints;
+
+/// Recorded when an endpoint is disabled for failing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointDisabled {
+    /// The endpoint.
+    pub endpoint_id: i64,
+    /// Its URL.
+    pub url: String,
+    /// Why.
+    pub reason: String,
+    /// Deliveries that failed in a row.
+    pub failed_deliveries: i32,
+}
+
+impl DomainEvent for EndpointDisabled {
+    fn event_type(&self) -> &'static str {
+        ENDPOINT_DISABLED
+    }
+    fn aggregate_type(&self) -> &'static str {
+        "webhook_endpoint"
+    }
+    fn aggregate_id(&self) -> String {
+        self.endpoint_id.to_string()
+    }
+}
 
 /// A delivery to `id` succeeded: the endpoint is healthy again. Returns
 /// whether it had been failing.

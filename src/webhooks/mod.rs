@@ -8,7 +8,7 @@
 //! | signing (`webhook-id`, `webhook-timestamp`, `webhook-signature`) | `signing.rs`: [`sign`], [`Secret`] |
 //! | where deliveries may go (HTTPS, public addresses, the allow-list) | `outbound.rs`: [`OutboundPolicy`] |
 //! | the fan-out and delivery listeners | `delivery.rs`: [`WebhookFanout`], [`WebhookDelivery`] |
-//! | failure counts, disabling | `health.rs` |
+//! | failure counts, disabling and the event it records | `health.rs`: [`EndpointDisabled`] |
 //! | writing concurrent deliveries' log rows in one statement | `try_log.rs` |
 //! | pruning the delivery log | `maintenance/webhook_log_pruner.rs` (a worker running [`WebhookDelivery`]) |
 //! | OAuth2 client credentials | `oauth.rs` |
@@ -24,6 +24,7 @@
 mod delivery;
 mod endpoints;
 mod health;
+pub use health::EndpointDisabled;
 mod oauth;
 mod outbound;
 mod rate_limit;
@@ -35,8 +36,8 @@ use std::time::Duration;
 use diesel::prelude::*;
 
 pub use delivery::{
-    DELIVERY_LISTENER, DeliveryRequested, ENDPOINT_CACHE, EndpointDisabled, FANOUT_LISTENER, MAX_RETRY_AFTER,
-    TestOutcome, WebhookDelivery, WebhookFanout,
+    DELIVERY_LISTENER, DeliveryRequested, ENDPOINT_CACHE, FANOUT_LISTENER, MAX_RETRY_AFTER, TestOutcome,
+    WebhookDelivery, WebhookFanout,
 };
 pub use endpoints::{
     DeliveryTry, Endpoint, EndpointStatus, MAX_RATE_LIMIT, NewEndpoint, OAuthSettings, Signing, add,
