@@ -144,6 +144,14 @@ struct Committed {
     n: i64,
 }
 
+/// Every committed event with its aggregate and tick, in commit order.
+fn committed_events(conn: &mut PgConnection) -> QueryResult<Vec<Committed>> {
+    diesel::sql_query(
+        "SELECT event_id, aggregate_id AS aggregate, (payload->>'n')::bigint AS n FROM outbox_events ORDER BY seq",
+    )
+    .load(conn)
+}
+
 #[derive(QueryableByName)]
 struct FailedJob {
     #[diesel(sql_type = Text)]
@@ -158,11 +166,7 @@ struct FailedJob {
 /// the first broken one.
 pub fn verify(conn: &mut PgConnection, seed: u64, writers: &[WriterLog]) -> Figures {
     let mut figures = Figures::default();
-    let committed: Vec<Committed> = diesel::sql_query(
-        "SELECT event_id, aggregate_id AS aggregate, (payload->>'n')::bigint AS n FROM outbox_events ORDER BY seq",
-    )
-    .load(conn)
-    .expect("committed events");
+    let committed = committed_events(conn).expect("committed events");
     figures.committed = committed.len();
     let committed_ids: HashSet<Uuid> = committed.iter().map(|c| c.event_id).collect();
 
@@ -377,23 +381,11 @@ pub fn delivery_reports(
     logs: &std::path::Path,
 ) -> QueryResult<Vec<DeliveryReport>> {
     #[derive(QueryableByName)]
-    struct Event {
-        #[diesel(sql_type = SqlUuid)]
-        event_id: Uuid,
-        #[diesel(sql_type = Text)]
-        aggregate: String,
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    #[derive(QueryableByName)]
     struct Id {
         #[diesel(sql_type = SqlUuid)]
         event_id: Uuid,
     }
-    let committed: Vec<Event> = diesel::sql_query(
-        "SELECT event_id, aggregate_id AS aggregate, (payload->>'n')::bigint AS n FROM outbox_events ORDER BY seq",
-    )
-    .load(conn)?;
+    let committed = committed_events(conn)?;
     let in_doubt: HashSet<Uuid> = writers.iter().flat_map(|w| w.in_doubt.iter().copied()).collect();
     let duplicates = logged_duplicates(logs);
     let mut reports = Vec::new();
